@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cpu/cpu_fast.h"
 #include "fbn_config.h"
 #include "internal.h"
 
@@ -190,7 +191,16 @@ fbn_status fbn_module_create(const fbn_module_options *options, fbn_module **out
   if (st != FBN_STATUS_SUCCESS)
     return st;
 
-  const fbn_backend *backend = fbn_backend_cpu();
+  /* CPU: the fast backend, or the reference with FBN_CPU_BACKEND=reference. */
+  const fbn_backend *backend = fbn_backend_cpu_fast();
+  const char *cpu_choice = options->device == FBN_DEVICE_CPU ? getenv("FBN_CPU_BACKEND") : NULL;
+  if (cpu_choice != NULL && strcmp(cpu_choice, "reference") == 0)
+    backend = fbn_backend_cpu();
+  else if (cpu_choice != NULL && cpu_choice[0] != '\0' && strcmp(cpu_choice, "fast") != 0)
+    return fbn_error(FBN_STATUS_INVALID_VALUE,
+                     "%s: FBN_CPU_BACKEND = \"%s\": must be \"fast\" (the default) or "
+                     "\"reference\"",
+                     fn, cpu_choice);
   if (options->device == FBN_DEVICE_CUDA) {
 #if FBN_HAVE_CUDA
     backend = fbn_backend_cuda();
@@ -488,7 +498,7 @@ static fbn_status fbn_check_workspace(const char *fn, const fbn_module *module,
     return fbn_error(FBN_STATUS_INSUFFICIENT_WORKSPACE,
                      "%s: workspace_bytes = %zu: this call needs at least %zu bytes", fn,
                      workspace_bytes, need);
-  if (need > 0 && (uintptr_t)workspace % FBN_WORKSPACE_ALIGNMENT != 0)
+  if ((uintptr_t)workspace % FBN_WORKSPACE_ALIGNMENT != 0)
     return fbn_error(FBN_STATUS_INSUFFICIENT_WORKSPACE,
                      "%s: workspace = %p: must be aligned to %d bytes", fn, workspace,
                      FBN_WORKSPACE_ALIGNMENT);

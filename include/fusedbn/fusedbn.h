@@ -190,7 +190,7 @@ typedef struct fbn_module_options {
   bool track_running_stats;
   /** dtype of weight, bias, running stats and gradients: FBN_DTYPE_FLOAT32
    *  (default; for float32/float16/bfloat16 x) or FBN_DTYPE_FLOAT64 (for
-   *  float64 x). */
+   *  float64 x). Any other value is FBN_STATUS_INVALID_VALUE. */
   fbn_dtype param_dtype;
   /** Where parameters live and computation happens. Default CPU. */
   fbn_device_type device;
@@ -242,9 +242,11 @@ typedef enum fbn_buffer {
  *  an unknown buffer. */
 FBN_API bool fbn_module_has_buffer(const fbn_module *module, fbn_buffer which);
 
-/** Copy a buffer to host memory, converting to dtype (FLOAT32 or FLOAT64).
- *  count must equal num_features. FBN_STATUS_ABSENT if the module has no
- *  such buffer. Synchronous. */
+/** Copy a buffer to host memory, converting to dtype (FLOAT32 or FLOAT64;
+ *  FLOAT16/BFLOAT16 are FBN_STATUS_UNSUPPORTED, other values
+ *  FBN_STATUS_INVALID_VALUE). count must equal num_features
+ *  (FBN_STATUS_SHAPE_MISMATCH). FBN_STATUS_ABSENT if the module has no such
+ *  buffer. Synchronous. */
 FBN_API fbn_status fbn_module_read_buffer(const fbn_module *module, fbn_buffer which,
                                           fbn_dtype dtype, void *dst, size_t count);
 
@@ -313,7 +315,8 @@ FBN_API fbn_status fbn_module_backward_workspace_size(const fbn_module *module,
  * @param workspace  NULL (workspace_bytes ignored): the library uses its
  *                   own cached buffer. Otherwise at least
  *                   fbn_module_forward_workspace_size() bytes, 256-byte
- *                   aligned, on the module's device.
+ *                   aligned (checked even when 0 bytes are needed), on the
+ *                   module's device; else FBN_STATUS_INSUFFICIENT_WORKSPACE.
  */
 FBN_API fbn_status fbn_module_forward(fbn_module *module, const fbn_tensor_desc *desc,
                                       const void *x, const void *addend, void *y,

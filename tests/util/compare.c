@@ -1,0 +1,107 @@
+/* Element-by-element comparison with a float64 reference. */
+#include <inttypes.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+
+#include <cmocka.h>
+
+#include "fbn_testutil.h"
+
+static bool close_enough(double got, double want, double rtol, double atol) {
+  if (isnan(want)) {
+    return isnan(got);
+  }
+  if (isnan(got)) {
+    return false;
+  }
+  if (isinf(want) || isinf(got)) {
+    return got == want;
+  }
+  return fabs(got - want) <= atol + rtol * fabs(want);
+}
+
+bool fbnt_check_close(const char *what, const double *got, const double *want, size_t count,
+                      double rtol, double atol, const fbn_tensor_desc *desc) {
+  size_t bad = 0;
+  size_t first = 0;
+  double worst = 0.0;
+  size_t worst_i = 0;
+  for (size_t i = 0; i < count; i++) {
+    if (!close_enough(got[i], want[i], rtol, atol)) {
+      if (bad == 0) {
+        first = i;
+      }
+      bad++;
+      double excess = fabs(got[i] - want[i]) / (atol + rtol * fabs(want[i]));
+      if (isnan(excess) || excess > worst || bad == 1) {
+        worst = isnan(excess) ? INFINITY : excess;
+        worst_i = i;
+      }
+    }
+  }
+  if (bad == 0) {
+    return true;
+  }
+  char where[128];
+  if (desc != NULL) {
+    size_t i = first;
+    int64_t w = (int64_t)(i % (size_t)desc->w);
+    i /= (size_t)desc->w;
+    int64_t h = (int64_t)(i % (size_t)desc->h);
+    i /= (size_t)desc->h;
+    int64_t c = (int64_t)(i % (size_t)desc->c);
+    int64_t n = (int64_t)(i / (size_t)desc->c);
+    snprintf(where, sizeof where, "(n=%" PRId64 ",c=%" PRId64 ",h=%" PRId64 ",w=%" PRId64 ")", n,
+             c, h, w);
+  } else {
+    snprintf(where, sizeof where, "[%zu]", first);
+  }
+  print_error("%s: %zu of %zu elements differ (rtol %.3g, atol %.3g); first at %s: got %.17g, "
+              "want %.17g; worst at [%zu]: got %.17g, want %.17g; FBN_TEST_SEED=%" PRIu64 "\n",
+              what, bad, count, rtol, atol, where, got[first], want[first], worst_i, got[worst_i],
+              want[worst_i], fbnt_seed());
+  return false;
+}
+
+double fbnt_max_abs(const double *v, size_t count) {
+  double m = 0.0;
+  for (size_t i = 0; i < count; i++) {
+    if (!isnan(v[i]) && fabs(v[i]) > m) {
+      m = fabs(v[i]);
+    }
+  }
+  return m;
+}
+
+fbnt_tol fbnt_tol_for(fbn_dtype dtype, double scale) {
+  double r;
+  switch (dtype) {
+  case FBN_DTYPE_FLOAT64:
+    r = 1e-10;
+    break;
+  case FBN_DTYPE_FLOAT32:
+    r = 2e-5;
+    break;
+  case FBN_DTYPE_FLOAT16:
+    r = 5e-3;
+    break;
+  case FBN_DTYPE_BFLOAT16:
+  default:
+    r = 4e-2;
+    break;
+  }
+  fbnt_tol t = {r, r * (scale > 0.0 ? scale : 1e-6)};
+  return t;
+}
+
+void fbnt_parse_args(int argc, char **argv) {
+  fbnt_print_seed();
+  if (argc > 1 && argv[1] != NULL && argv[1][0] != '\0') {
+    cmocka_set_test_filter(argv[1]);
+  }
+}
