@@ -1,0 +1,186 @@
+/*
+ * fusedbn-bench: shared declarations.
+ *
+ * Layout of the program:
+ *   bench_main.c          options, shapes table, device choice, main()
+ *   bench_util.c          timing (clock, median), buffers, random data, dtypes
+ *   bench_report.c        text table and CSV output
+ *   bench_unfused_cpu.c   the unfused CPU baseline (BN pass, add pass, ReLU pass)
+ *   bench_cpu.c           CPU mode: fusedbn CPU module against that baseline
+ *   bench_cuda.c          GPU mode (only with the CUDA backend): fusedbn CUDA
+ *                         module against the unfused cuDNN sequence
+ */
+#ifndef FUSEDBN_BENCH_BENCH_H
+#define FUSEDBN_BENCH_BENCH_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "fusedbn/fusedbn.h"
+
+#define BENCH_MAX_SHAPES 32
+#define BENCH_DEFAULT_REPS 20
+#define BENCH_DEFAULT_WARMUP 2
+
+/* ---- configuration ------------------------------------------------------ */
+
+typedef struct bench_shape {
+  int64_t n, c, h, w;
+} bench_shape;
+
+typedef enum bench_pass {
+  BENCH_PASS_TRAIN_FWD = 0, /* training forward with addend (batch stats) */
+  BENCH_PASS_EVAL_FWD = 1,  /* eval forward with addend (running stats) */
+  BENCH_PASS_TRAIN_BWD = 2, /* backward of a training forward: dx, daddend */
+  BENCH_PASS_COUNT = 3,
+} bench_pass;
+
+typedef enum bench_device {
+  BENCH_DEVICE_AUTO = 0,
+  BENCH_DEVICE_CPU = 1,
+  BENCH_DEVICE_CUDA = 2,
+} bench_device;
+
+/* One (dtype, layout) combination to run every shape with. */
+typedef struct bench_variant {
+  fbn_dtype dtype;
+  fbn_layout layout;
+} bench_variant;
+
+typedef struct bench_config {
+  bench_shape shapes[BENCH_MAX_SHAPES];
+  int num_shapes;
+  bench_variant variants[8];
+  int num_variants;
+  bool passes[BENCH_PASS_COUNT];
+  /* Repetitions: reps_forced true means exactly `reps`; otherwise `reps`
+   * is the default count, lowered (never below min_reps) for runs that
+   * would exceed time_budget_s. */
+  int reps;
+  bool reps_forced;
+  int min_reps;
+  double time_budget_s;
+  int warmup;
+  bench_device device; /* CPU or CUDA after device selection */
+  bool csv;
+  bool quick;
+  /* Why GPU mode was not used under --device auto ("" if it was). */
+  char fallback_reason[256];
+} bench_config;
+
+/* ---- timing and statistics (bench_util.c) -------------------------------- */
+
+/* Monotonic wall clock in seconds. */
+double bench_now_s(void);
+/* Median of values[0..count) (sorts the array in place). */
+double bench_median(double *values, int count);
+double bench_min(const double *values, int count);
+
+/* Timings of one implementation for one row; reps == 0: not measured. */
+typedef struct bench_timing {
+  int reps;
+  double median_ms;
+  double min_ms;
+} bench_timing;
+
+/* Fill t from samples[0..count) in milliseconds. */
+void bench_timing_from_samples(bench_timing *t, double *samples_ms, int count);
+
+/* Number of timed repetitions for a run whose single execution takes about
+ * one_run_s (all implementations of a row together). */
+int bench_choose_reps(const bench_config *cfg, double one_run_s);
+
+/* ---- buffers and data (bench_util.c) ------------------------------------- */
+
+/* 64-byte aligned host allocation of `bytes`, every page written (so no
+ * page fault happens later). Exits with a message when out of memory. */
+void *bench_alloc_touched(size_t bytes);
+void bench_free(void *p);
+
+typedef struct bench_rng {
+  uint64_t state;
+} bench_rng;
+
+void bench_rng_seed(bench_rng *rng, uint64_t seed);
+/* Uniform in [-1, 1). */
+double bench_rng_uniform(bench_rng *rng);
+
+/* Element count of a shape (validated: positive and no overflow). */
+int64_t bench_shape_numel(const bench_shape *s);
+/* Fill dst (numel elements of dtype) with values: channel offset +
+ * scale * uniform, so that channels have distinct means/variances.
+ * Layout matters for which element belongs to which channel. */
+void bench_fill_random(void *dst, const bench_shape *s, fbn_dtype dtype, fbn_layout layout,
+                       double offset_per_channel, double scale, bench_rng *rng);
+
+/* IEEE binary16 / bfloat16 bits of a double (round to nearest even). */
+uint16_t bench_float_to_half(double v);
+uint16_t bench_float_to_bfloat16(double v);
+
+double bench_half_to_double(uint16_t h);
+double bench_bfloat16_to_double(uint16_t b);
+/* Element i of p (numel elements of dtype) as a double. */
+double bench_load(const void *p, fbn_dtype dtype, int64_t i);
+/* Largest |a - b| / (1 + |b|) over host arrays; NaN if any is NaN. */
+double bench_max_rel_diff(const void *a, const void *b, fbn_dtype dtype, int64_t numel);
+/* Agreement expected between fusedbn and a baseline for that data type. */
+double bench_agreement_tolerance(fbn_dtype dtype);
+
+const char *bench_dtype_name(fbn_dtype dtype);
+const char *bench_layout_name(fbn_layout layout);
+const char *bench_pass_name(bench_pass pass);
+
+/* ---- results and reporting (bench_report.c) ------------------------------ */
+
+typedef struct bench_row {
+  bench_shape shape;
+  fbn_dtype dtype;
+  fbn_layout layout;
+  bench_pass pass;
+  /* Bytes the pass must move at minimum, counted for GB/s: 3 tensors for a
+   * forward (x, addend, y), 5 for a backward (x, y, dy, dx, daddend). */
+  double bytes;
+  bench_timing fused;   /* fusedbn module (default bn_mode) */
+  bench_timing unfused; /* the unfused baseline of this device */
+  bench_timing general; /* GPU only: fusedbn with bn_mode SPATIAL */
+  /* Short note (path taken, baseline mode), may be "". */
+  char note[160];
+} bench_row;
+
+/* Append "max rel diff D" (prefixed; flagged MISMATCH, with a warning on
+ * stderr, beyond bench_agreement_tolerance()) to row->note. Returns whether
+ * the outputs agree. */
+bool bench_note_agreement(bench_row *row, const char *prefix, double diff);
+/* Append text to row->note ("; "-separated). */
+void bench_note_append(bench_row *row, const char *text);
+
+/* Tensors counted per element of x for GB/s. */
+int bench_pass_tensors(bench_pass pass);
+
+typedef struct bench_report_info {
+  const char *device_desc;   /* "cpu: ..." or "cuda: <GPU name> ..." */
+  const char *baseline_desc; /* what "unfused" is */
+  double copy_gbps;          /* copy bandwidth (read + write bytes) */
+  const char *copy_desc;     /* how it was measured */
+} bench_report_info;
+
+void bench_report_begin(const bench_config *cfg, const bench_report_info *info);
+void bench_report_row(const bench_config *cfg, const bench_report_info *info,
+                      const bench_row *row);
+void bench_report_end(const bench_config *cfg);
+
+/* ---- modes --------------------------------------------------------------- */
+
+/* CPU mode (bench_cpu.c). Returns a process exit status. */
+int bench_run_cpu(const bench_config *cfg);
+
+/* GPU mode (bench_cuda.c, only built with the CUDA backend). */
+/* true if a CUDA device is usable; else false with the reason in why. */
+bool bench_cuda_available(char *why, size_t why_size);
+int bench_run_cuda(const bench_config *cfg);
+
+/* Print "fusedbn-bench: <call> failed: <status>: <message>" and return 1. */
+int bench_fail_status(const char *call, fbn_status status);
+
+#endif /* FUSEDBN_BENCH_BENCH_H */

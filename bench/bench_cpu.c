@@ -1,0 +1,420 @@
+/*
+ * fusedbn-bench: CPU mode.
+ *
+ * For each shape and (dtype, layout): a fusedbn CPU module (the library's
+ * default CPU backend, or the float64 reference with --cpu-backend
+ * reference) against the unfused baseline of bench_unfused_cpu.c,
+ * for the training forward (with addend, filling a saved object), the eval
+ * forward and the training backward (dx and daddend). Before timing a pass
+ * both implementations run once on the same data and their outputs are
+ * compared (the "note" column), so that a broken path is never timed.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "bench.h"
+#include "bench_unfused_cpu.h"
+
+typedef struct cpu_case {
+  bench_shape shape;
+  fbn_tensor_desc desc;
+  size_t tensor_bytes;
+  fbn_module *module;
+  fbn_saved *saved;
+  bench_unfused_cpu unfused;
+  /* fusedbn's inputs/outputs; *_ref are the baseline's outputs. */
+  void *x, *addend, *dy;
+  void *y, *dx, *daddend;
+  void *y_ref, *dx_ref, *daddend_ref;
+  void *fwd_ws, *bwd_ws;
+  size_t fwd_ws_bytes, bwd_ws_bytes;
+} cpu_case;
+
+typedef fbn_status (*cpu_op)(cpu_case *k);
+
+/* ---- the operations being timed ------------------------------------------ */
+
+static fbn_status fused_forward_train(cpu_case *k) {
+  return fbn_module_forward(k->module, &k->desc, k->x, k->addend, k->y, k->saved, k->fwd_ws,
+                            k->fwd_ws_bytes);
+}
+
+static fbn_status fused_forward_eval(cpu_case *k) {
+  return fbn_module_forward(k->module, &k->desc, k->x, k->addend, k->y, NULL, k->fwd_ws,
+                            k->fwd_ws_bytes);
+}
+
+static fbn_status fused_backward(cpu_case *k) {
+  return fbn_module_backward(k->module, k->saved, &k->desc, k->x, k->y, k->dy, k->dx,
+                             k->daddend, k->bwd_ws, k->bwd_ws_bytes);
+}
+
+static fbn_status unfused_forward_train(cpu_case *k) {
+  bench_unfused_cpu_train_forward(&k->unfused, k->x, k->addend, k->y_ref);
+  return FBN_STATUS_SUCCESS;
+}
+
+static fbn_status unfused_forward_eval(cpu_case *k) {
+  bench_unfused_cpu_eval_forward(&k->unfused, k->x, k->addend, k->y_ref);
+  return FBN_STATUS_SUCCESS;
+}
+
+static fbn_status unfused_backward(cpu_case *k) {
+  bench_unfused_cpu_train_backward(&k->unfused, k->x, k->y_ref, k->dy, k->dx_ref,
+                                   k->daddend_ref);
+  return FBN_STATUS_SUCCESS;
+}
+
+/* ---- timing ------------------------------------------------------------- */
+
+/* Runs shorter than this are timed in batches of back-to-back calls (the
+ * sample is the batch time divided by its size), so that clock resolution
+ * and call overhead do not dominate tiny shapes. */
+#define MIN_SAMPLE_S 0.5e-3
+#define MAX_BATCH 10000
+
+static fbn_status time_op(cpu_op op, cpu_case *k, int batch, double *ms) {
+  fbn_status status = FBN_STATUS_SUCCESS;
+  const double t0 = bench_now_s();
+  for (int i = 0; i < batch && status == FBN_STATUS_SUCCESS; i++) {
+    status = op(k);
+  }
+  *ms = (bench_now_s() - t0) * 1e3 / batch;
+  return status;
+}
+
+static int batch_size(double one_run_ms) {
+  if (one_run_ms * 1e-3 >= MIN_SAMPLE_S) {
+    return 1;
+  }
+  const double b = MIN_SAMPLE_S / fmax(one_run_ms * 1e-3, 1e-8);
+  return b > MAX_BATCH ? MAX_BATCH : (int)b + 1;
+}
+
+/* Warm up both, pick the repetition count, then alternate fused and
+ * unfused samples so that both see the same machine conditions. Without
+ * warm-up runs, check_ms (the agreement check's fused and unfused runs,
+ * which warmed both up) estimates one run of the pair. */
+static int measure_pair(const bench_config *cfg, cpu_case *k, const char *what, cpu_op fused,
+                        cpu_op unfused, double check_ms, bench_row *row) {
+  double fused_ms = check_ms / 2, unfused_ms = check_ms / 2;
+  fbn_status status;
+  for (int i = 0; i < cfg->warmup; i++) {
+    if ((status = time_op(fused, k, 1, &fused_ms)) != FBN_STATUS_SUCCESS) {
+      return bench_fail_status(what, status);
+    }
+    (void)time_op(unfused, k, 1, &unfused_ms);
+  }
+  const int reps = bench_choose_reps(cfg, (fused_ms + unfused_ms) * 1e-3);
+  /* Tiny shapes: without a warm-up the split of check_ms is a guess, and
+   * batching only needs the order of magnitude. */
+  const int fused_batch = batch_size(fused_ms), unfused_batch = batch_size(unfused_ms);
+  double *samples = malloc(2 * (size_t)reps * sizeof(double));
+  if (samples == NULL) {
+    fprintf(stderr, "fusedbn-bench: out of memory\n");
+    return 1;
+  }
+  for (int r = 0; r < reps; r++) {
+    if ((status = time_op(fused, k, fused_batch, &samples[r])) != FBN_STATUS_SUCCESS) {
+      free(samples);
+      return bench_fail_status(what, status);
+    }
+    (void)time_op(unfused, k, unfused_batch, &samples[reps + r]);
+  }
+  bench_timing_from_samples(&row->fused, samples, reps);
+  bench_timing_from_samples(&row->unfused, samples + reps, reps);
+  free(samples);
+  return 0;
+}
+
+/* ---- agreement check ---------------------------------------------------- */
+
+static void poison(void *p, fbn_dtype dtype, int64_t numel) {
+  for (int64_t i = 0; i < numel; i++) {
+    if (dtype == FBN_DTYPE_FLOAT32) {
+      ((float *)p)[i] = NAN;
+    } else {
+      ((double *)p)[i] = NAN;
+    }
+  }
+}
+
+/* Run one fused and one unfused pass on fresh (poisoned) outputs and
+ * compare. For the backward, both first run their own training forward. */
+static int check_pass(cpu_case *k, bench_row *row) {
+  const int64_t numel = bench_shape_numel(&k->shape);
+  const fbn_dtype dt = k->desc.dtype;
+  fbn_status status;
+  switch (row->pass) {
+  case BENCH_PASS_TRAIN_FWD:
+  case BENCH_PASS_EVAL_FWD: {
+    const bool train = row->pass == BENCH_PASS_TRAIN_FWD;
+    poison(k->y, dt, numel);
+    poison(k->y_ref, dt, numel);
+    status = train ? fused_forward_train(k) : fused_forward_eval(k);
+    if (status != FBN_STATUS_SUCCESS) {
+      return bench_fail_status("fbn_module_forward", status);
+    }
+    (void)(train ? unfused_forward_train(k) : unfused_forward_eval(k));
+    (void)bench_note_agreement(row, "", bench_max_rel_diff(k->y, k->y_ref, dt, numel));
+    return 0;
+  }
+  case BENCH_PASS_TRAIN_BWD: {
+    if ((status = fused_forward_train(k)) != FBN_STATUS_SUCCESS) {
+      return bench_fail_status("fbn_module_forward", status);
+    }
+    (void)unfused_forward_train(k);
+    /* Same ReLU mask for both: an element within rounding of 0 may be
+     * positive in one forward and not in the other. */
+    memcpy(k->y_ref, k->y, k->tensor_bytes);
+    poison(k->dx, dt, numel);
+    poison(k->daddend, dt, numel);
+    poison(k->dx_ref, dt, numel);
+    poison(k->daddend_ref, dt, numel);
+    if ((status = fused_backward(k)) != FBN_STATUS_SUCCESS) {
+      return bench_fail_status("fbn_module_backward", status);
+    }
+    (void)unfused_backward(k);
+    const double d_dx = bench_max_rel_diff(k->dx, k->dx_ref, dt, numel);
+    const double d_da = bench_max_rel_diff(k->daddend, k->daddend_ref, dt, numel);
+    (void)bench_note_agreement(row, "", isnan(d_dx) || isnan(d_da) ? NAN : fmax(d_dx, d_da));
+    return 0;
+  }
+  case BENCH_PASS_COUNT:
+    break;
+  }
+  return 0;
+}
+
+/* ---- one shape ------------------------------------------------------------ */
+
+static void *tensor(const cpu_case *k) { return bench_alloc_touched(k->tensor_bytes); }
+
+static int case_init(cpu_case *k, const bench_shape *shape, const bench_variant *v) {
+  memset(k, 0, sizeof *k);
+  k->shape = *shape;
+  k->desc = fbn_tensor_desc_make(shape->n, shape->c, shape->h, shape->w, v->dtype, v->layout);
+  k->tensor_bytes = (size_t)bench_shape_numel(shape) * fbn_dtype_size(v->dtype);
+
+  fbn_module_options opts;
+  fbn_module_options_init(&opts);
+  opts.num_features = shape->c;
+  opts.param_dtype = v->dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
+  opts.device = FBN_DEVICE_CPU;
+  fbn_status status = fbn_module_create(&opts, &k->module);
+  if (status != FBN_STATUS_SUCCESS) {
+    return bench_fail_status("fbn_module_create", status);
+  }
+  if ((status = fbn_saved_create(&k->saved)) != FBN_STATUS_SUCCESS) {
+    return bench_fail_status("fbn_saved_create", status);
+  }
+  status = fbn_module_forward_workspace_size(k->module, &k->desc, true, &k->fwd_ws_bytes);
+  if (status != FBN_STATUS_SUCCESS) {
+    return bench_fail_status("fbn_module_forward_workspace_size", status);
+  }
+  status = fbn_module_backward_workspace_size(k->module, &k->desc, true, &k->bwd_ws_bytes);
+  if (status != FBN_STATUS_SUCCESS) {
+    return bench_fail_status("fbn_module_backward_workspace_size", status);
+  }
+  k->fwd_ws = k->fwd_ws_bytes > 0 ? bench_alloc_touched(k->fwd_ws_bytes) : NULL;
+  k->bwd_ws = k->bwd_ws_bytes > 0 ? bench_alloc_touched(k->bwd_ws_bytes) : NULL;
+
+  bench_unfused_cpu_init(&k->unfused, shape, v->dtype, v->layout);
+  k->x = tensor(k);
+  k->addend = tensor(k);
+  k->dy = tensor(k);
+  k->y = tensor(k);
+  k->dx = tensor(k);
+  k->daddend = tensor(k);
+  k->y_ref = tensor(k);
+  k->dx_ref = tensor(k);
+  k->daddend_ref = tensor(k);
+
+  bench_rng rng;
+  bench_rng_seed(&rng, (uint64_t)(shape->n * 1000003 + shape->c * 1009 + shape->h * 31 + shape->w));
+  bench_fill_random(k->x, shape, v->dtype, v->layout, 2.0, 1.5, &rng);
+  bench_fill_random(k->addend, shape, v->dtype, v->layout, 0.0, 1.0, &rng);
+  bench_fill_random(k->dy, shape, v->dtype, v->layout, 0.0, 1.0, &rng);
+  return 0;
+}
+
+static void case_fini(cpu_case *k) {
+  void *buffers[] = {k->x,     k->addend, k->dy,          k->y,         k->dx,
+                     k->daddend, k->y_ref, k->dx_ref, k->daddend_ref, k->fwd_ws, k->bwd_ws};
+  for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) {
+    bench_free(buffers[i]);
+  }
+  if (k->unfused.tmp != NULL) {
+    bench_unfused_cpu_fini(&k->unfused);
+  }
+  fbn_saved_destroy(k->saved);
+  fbn_module_destroy(k->module);
+}
+
+/* Give the baseline the module's running statistics so that both eval
+ * forwards normalize with the same values. */
+static int sync_running_stats(cpu_case *k) {
+  const size_t c = (size_t)k->shape.c;
+  fbn_status status = fbn_module_read_buffer(k->module, FBN_BUFFER_RUNNING_MEAN, k->unfused.dtype,
+                                             k->unfused.running_mean, c);
+  if (status == FBN_STATUS_SUCCESS) {
+    status = fbn_module_read_buffer(k->module, FBN_BUFFER_RUNNING_VAR, k->unfused.dtype,
+                                    k->unfused.running_var, c);
+  }
+  return status == FBN_STATUS_SUCCESS ? 0 : bench_fail_status("fbn_module_read_buffer", status);
+}
+
+static int run_case(const bench_config *cfg, const bench_report_info *info,
+                    const bench_shape *shape, const bench_variant *v) {
+  cpu_case k;
+  int rc = case_init(&k, shape, v);
+  for (int p = 0; rc == 0 && p < BENCH_PASS_COUNT; p++) {
+    if (!cfg->passes[p]) {
+      continue;
+    }
+    bench_row row;
+    memset(&row, 0, sizeof row);
+    row.shape = *shape;
+    row.dtype = v->dtype;
+    row.layout = v->layout;
+    row.pass = (bench_pass)p;
+    row.bytes = (double)bench_pass_tensors(row.pass) * (double)k.tensor_bytes;
+
+    const bool train = row.pass != BENCH_PASS_EVAL_FWD;
+    fbn_status status = fbn_module_set_training(k.module, train);
+    if (status != FBN_STATUS_SUCCESS) {
+      rc = bench_fail_status("fbn_module_set_training", status);
+      break;
+    }
+    if (!train && (rc = sync_running_stats(&k)) != 0) {
+      break;
+    }
+    const double t0 = bench_now_s();
+    if ((rc = check_pass(&k, &row)) != 0) {
+      break;
+    }
+    const double check_ms = (bench_now_s() - t0) * 1e3;
+    switch (row.pass) {
+    case BENCH_PASS_TRAIN_FWD:
+      rc = measure_pair(cfg, &k, "fbn_module_forward (training)", fused_forward_train,
+                        unfused_forward_train, check_ms, &row);
+      break;
+    case BENCH_PASS_EVAL_FWD:
+      rc = measure_pair(cfg, &k, "fbn_module_forward (eval)", fused_forward_eval,
+                        unfused_forward_eval, check_ms, &row);
+      break;
+    case BENCH_PASS_TRAIN_BWD:
+      rc = measure_pair(cfg, &k, "fbn_module_backward", fused_backward, unfused_backward,
+                        check_ms, &row);
+      break;
+    case BENCH_PASS_COUNT:
+      break;
+    }
+    if (rc == 0) {
+      bench_report_row(cfg, info, &row);
+    }
+  }
+  case_fini(&k);
+  return rc;
+}
+
+/* ---- copy bandwidth --------------------------------------------------------- */
+
+/* memcpy between two large buffers (well beyond the last-level cache);
+ * GB/s counts bytes read plus bytes written. */
+static double measure_copy_gbps(size_t bytes, int reps, char *desc, size_t desc_size) {
+  char *src = bench_alloc_touched(bytes);
+  char *dst = bench_alloc_touched(bytes);
+  memset(src, 0x5a, bytes);
+  double *samples = malloc((size_t)reps * sizeof(double));
+  if (samples == NULL) {
+    fprintf(stderr, "fusedbn-bench: out of memory\n");
+    exit(1);
+  }
+  memcpy(dst, src, bytes); /* warm-up */
+  for (int r = 0; r < reps; r++) {
+    const double t0 = bench_now_s();
+    memcpy(dst, src, bytes);
+    samples[r] = bench_now_s() - t0;
+    src[r % bytes] = (char)r; /* keep the copies observable */
+  }
+  const double seconds = bench_median(samples, reps);
+  free(samples);
+  bench_free(src);
+  bench_free(dst);
+  snprintf(desc, desc_size, "memcpy of %zu MiB, read+write bytes, median of %d", bytes >> 20,
+           reps);
+  return 2.0 * (double)bytes / seconds / 1e9;
+}
+
+int bench_run_cpu(const bench_config *cfg) {
+  for (int v = 0; v < cfg->num_variants; v++) {
+    const fbn_dtype dt = cfg->variants[v].dtype;
+    if (dt != FBN_DTYPE_FLOAT32 && dt != FBN_DTYPE_FLOAT64) {
+      fprintf(stderr,
+              "fusedbn-bench: --dtype %s: the CPU backend supports float32 and float64 only\n",
+              bench_dtype_name(dt));
+      return 2;
+    }
+  }
+  char copy_desc[128], device_desc[320], baseline_desc[256];
+  const char *backend = getenv("FBN_CPU_BACKEND");
+  const int threads = bench_cpu_threads();
+  if (backend != NULL && strcmp(backend, "reference") == 0) {
+    snprintf(device_desc, sizeof device_desc,
+             "cpu: fusedbn CPU reference backend (FBN_CPU_BACKEND=reference; float64, one "
+             "thread)");
+  } else {
+    snprintf(device_desc, sizeof device_desc,
+             "cpu: fusedbn fast CPU backend (the default; OpenMP, %d thread(s) for tensors of "
+             "64Ki elements or more)",
+             threads);
+  }
+  snprintf(baseline_desc, sizeof baseline_desc,
+           "BN (mean pass, variance pass, normalize into a temp) -> add pass -> ReLU pass, plain "
+           "C loops in this program, accumulation in the data type, OpenMP, %d thread(s) for "
+           "tensors of %d elements or more",
+           threads, BENCH_PARALLEL_MIN);
+  /* Other processes on the cores make OpenMP barriers (and so both sides'
+   * timings) erratic: say so. */
+  double load = 0.0;
+  FILE *f = fopen("/proc/loadavg", "r");
+  if (f != NULL) {
+    if (fscanf(f, "%lf", &load) != 1) {
+      load = 0.0;
+    }
+    fclose(f);
+  }
+  const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  if (cores > 0 && load > 0.5 * (double)cores) {
+    fprintf(stderr,
+            "fusedbn-bench: warning: the machine is busy (load average %.1f on %ld cores): CPU "
+            "timings will be noisy; OpenMP threads that spin while others are descheduled can "
+            "be 100x slower (try OMP_WAIT_POLICY=passive or OMP_NUM_THREADS=1)\n",
+            load, cores);
+    const size_t used = strlen(device_desc);
+    snprintf(device_desc + used, sizeof device_desc - used, "; BUSY machine: load %.1f on %ld cores",
+             load, cores);
+  }
+  bench_report_info info;
+  info.device_desc = device_desc;
+  info.baseline_desc = baseline_desc;
+  info.copy_gbps = measure_copy_gbps(cfg->quick ? (size_t)64 << 20 : (size_t)256 << 20,
+                                     cfg->quick ? 5 : 10, copy_desc, sizeof copy_desc);
+  info.copy_desc = copy_desc;
+
+  bench_report_begin(cfg, &info);
+  for (int s = 0; s < cfg->num_shapes; s++) {
+    for (int v = 0; v < cfg->num_variants; v++) {
+      const int rc = run_case(cfg, &info, &cfg->shapes[s], &cfg->variants[v]);
+      if (rc != 0) {
+        return rc;
+      }
+    }
+  }
+  bench_report_end(cfg);
+  return 0;
+}

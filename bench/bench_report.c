@@ -1,0 +1,139 @@
+/*
+ * fusedbn-bench: the text table and the CSV output.
+ *
+ * One row per (shape, layout, dtype, pass). Columns: fused (fusedbn),
+ * unfused (the device's baseline), and on the GPU general (fusedbn forced
+ * to its general, non-persistent path). GB/s counts the minimum bytes a
+ * pass must move (bench_pass_tensors() tensors of x's size).
+ */
+#include <math.h>
+#include <stdio.h>
+
+#include "bench.h"
+
+static double gbps(double bytes, const bench_timing *t) {
+  if (t->reps == 0 || !(t->median_ms > 0.0)) {
+    return NAN;
+  }
+  return bytes / (t->median_ms * 1e-3) / 1e9;
+}
+
+static bool is_gpu(const bench_config *cfg) { return cfg->device == BENCH_DEVICE_CUDA; }
+
+void bench_report_begin(const bench_config *cfg, const bench_report_info *info) {
+  if (cfg->csv) {
+    printf("device,n,c,h,w,layout,dtype,pass,bytes,copy_gbps,"
+           "fused_reps,fused_ms,fused_min_ms,fused_gbps,fused_copy_frac,"
+           "unfused_reps,unfused_ms,unfused_min_ms,unfused_gbps,"
+           "general_reps,general_ms,general_gbps,fused_over_unfused,speedup,note\n");
+    fflush(stdout);
+    return;
+  }
+  printf("fusedbn-bench (libfusedbn %d.%d.%d)\n", fbn_version() / 10000, fbn_version() / 100 % 100,
+         fbn_version() % 100);
+  if (cfg->fallback_reason[0] != '\0') {
+    printf("note:     --device auto fell back to the CPU: %s\n", cfg->fallback_reason);
+  }
+  printf("device:   %s\n", info->device_desc);
+  printf("unfused:  %s\n", info->baseline_desc);
+  printf("copy:     %.1f GB/s (%s)\n", info->copy_gbps, info->copy_desc);
+  printf("timing:   median of `reps` timed runs; each pass first runs once untimed for the "
+         "agreement check (note), then %d more warm-up run(s)%s\n",
+         cfg->warmup, cfg->quick ? " (--quick)" : "");
+  printf("GB/s:     minimum bytes moved / median time; forward counts 3 tensors (x, addend, y),\n"
+         "          backward 5 (x, y, dy read; dx, daddend written)\n");
+  printf("%%copy:    fused GB/s / copy GB/s;  f/unf: fused ms / unfused ms (< 1: fused is "
+         "faster);  speedup: unfused ms / fused ms\n\n");
+  printf("%-17s %-6s %-8s %-9s %4s %10s %7s %6s %11s %7s", "shape", "layout", "dtype", "pass",
+         "reps", "fused ms", "GB/s", "%copy", "unfused ms", "GB/s");
+  if (is_gpu(cfg)) {
+    printf(" %11s %7s", "general ms", "GB/s");
+  }
+  printf(" %6s %7s  %s\n", "f/unf", "speedup", "note");
+  fflush(stdout);
+}
+
+static void print_ms_text(const bench_timing *t, double bytes, int ms_width) {
+  if (t->reps == 0) {
+    printf(" %*s %7s", ms_width, "-", "-");
+    return;
+  }
+  const double g = gbps(bytes, t);
+  printf(" %*.4g %7.1f", ms_width, t->median_ms, g);
+}
+
+static void print_opt_csv(const bench_timing *t, double value, int precision) {
+  if (t->reps == 0 || isnan(value)) {
+    printf(",");
+  } else {
+    printf(",%.*f", precision, value);
+  }
+}
+
+void bench_report_row(const bench_config *cfg, const bench_report_info *info,
+                      const bench_row *row) {
+  const double fused_gbps = gbps(row->bytes, &row->fused);
+  const double copy_frac = fused_gbps / info->copy_gbps;
+  const bool have_ratio = row->fused.reps > 0 && row->unfused.reps > 0;
+  const double ratio = have_ratio ? row->fused.median_ms / row->unfused.median_ms : NAN;
+  const double speedup = have_ratio ? row->unfused.median_ms / row->fused.median_ms : NAN;
+
+  if (cfg->csv) {
+    printf("%s,%lld,%lld,%lld,%lld,%s,%s,%s,%.0f,%.3f", is_gpu(cfg) ? "cuda" : "cpu",
+           (long long)row->shape.n, (long long)row->shape.c, (long long)row->shape.h,
+           (long long)row->shape.w, bench_layout_name(row->layout), bench_dtype_name(row->dtype),
+           bench_pass_name(row->pass), row->bytes, info->copy_gbps);
+    printf(",%d", row->fused.reps);
+    print_opt_csv(&row->fused, row->fused.median_ms, 6);
+    print_opt_csv(&row->fused, row->fused.min_ms, 6);
+    print_opt_csv(&row->fused, fused_gbps, 3);
+    print_opt_csv(&row->fused, copy_frac, 4);
+    printf(",%d", row->unfused.reps);
+    print_opt_csv(&row->unfused, row->unfused.median_ms, 6);
+    print_opt_csv(&row->unfused, row->unfused.min_ms, 6);
+    print_opt_csv(&row->unfused, gbps(row->bytes, &row->unfused), 3);
+    printf(",%d", row->general.reps);
+    print_opt_csv(&row->general, row->general.median_ms, 6);
+    print_opt_csv(&row->general, gbps(row->bytes, &row->general), 3);
+    print_opt_csv(&row->fused, ratio, 4);
+    print_opt_csv(&row->fused, speedup, 4);
+    /* The note is free text: quote it, doubling any quote. */
+    printf(",\"");
+    for (const char *q = row->note; *q != '\0'; q++) {
+      printf(*q == '"' ? "\"\"" : "%c", *q);
+    }
+    printf("\"\n");
+    fflush(stdout);
+    return;
+  }
+
+  char shape[64];
+  snprintf(shape, sizeof shape, "(%lld,%lld,%lld,%lld)", (long long)row->shape.n,
+           (long long)row->shape.c, (long long)row->shape.h, (long long)row->shape.w);
+  printf("%-17s %-6s %-8s %-9s %4d", shape, bench_layout_name(row->layout),
+         bench_dtype_name(row->dtype), bench_pass_name(row->pass), row->fused.reps);
+  print_ms_text(&row->fused, row->bytes, 10);
+  if (row->fused.reps > 0) {
+    printf(" %5.1f%%", 100.0 * copy_frac);
+  } else {
+    printf(" %6s", "-");
+  }
+  print_ms_text(&row->unfused, row->bytes, 11);
+  if (is_gpu(cfg)) {
+    print_ms_text(&row->general, row->bytes, 11);
+  }
+  if (have_ratio) {
+    printf(" %6.2f %6.2fx", ratio, speedup);
+  } else {
+    printf(" %6s %7s", "-", "-");
+  }
+  printf("  %s\n", row->note);
+  fflush(stdout);
+}
+
+void bench_report_end(const bench_config *cfg) {
+  if (!cfg->csv) {
+    printf("\n");
+  }
+  fflush(stdout);
+}

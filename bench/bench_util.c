@@ -1,0 +1,304 @@
+/*
+ * fusedbn-bench: timing, statistics, host buffers, random data, dtypes.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "bench.h"
+
+/* ---- timing and statistics ----------------------------------------------- */
+
+double bench_now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int compare_double(const void *a, const void *b) {
+  const double x = *(const double *)a;
+  const double y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+double bench_median(double *values, int count) {
+  if (count <= 0) {
+    return NAN;
+  }
+  qsort(values, (size_t)count, sizeof(double), compare_double);
+  if (count % 2 == 1) {
+    return values[count / 2];
+  }
+  return 0.5 * (values[count / 2 - 1] + values[count / 2]);
+}
+
+double bench_min(const double *values, int count) {
+  double m = INFINITY;
+  for (int i = 0; i < count; i++) {
+    if (values[i] < m) {
+      m = values[i];
+    }
+  }
+  return m;
+}
+
+void bench_timing_from_samples(bench_timing *t, double *samples_ms, int count) {
+  t->reps = count;
+  t->min_ms = bench_min(samples_ms, count);
+  t->median_ms = bench_median(samples_ms, count);
+}
+
+int bench_choose_reps(const bench_config *cfg, double one_run_s) {
+  if (cfg->reps_forced || one_run_s <= 0.0) {
+    return cfg->reps;
+  }
+  int reps = cfg->reps;
+  if (one_run_s * reps > cfg->time_budget_s) {
+    reps = (int)(cfg->time_budget_s / one_run_s);
+    if (reps < cfg->min_reps) {
+      reps = cfg->min_reps;
+    }
+  }
+  return reps;
+}
+
+/* ---- buffers ------------------------------------------------------------- */
+
+void *bench_alloc_touched(size_t bytes) {
+  const size_t page = 4096;
+  size_t rounded = (bytes + page - 1) / page * page;
+  if (rounded == 0) {
+    rounded = page;
+  }
+  void *p = aligned_alloc(page, rounded);
+  if (p == NULL) {
+    fprintf(stderr, "fusedbn-bench: out of memory allocating %zu bytes\n", bytes);
+    exit(1);
+  }
+  /* Write every page now: a first-touch page fault costs microseconds and
+   * must not land inside a timed region. */
+  memset(p, 0, rounded);
+  return p;
+}
+
+void bench_free(void *p) { free(p); }
+
+/* ---- random data ----------------------------------------------------------- */
+
+void bench_rng_seed(bench_rng *rng, uint64_t seed) {
+  rng->state = seed * 0x9E3779B97F4A7C15ull + 0x2545F4914F6CDD1Dull;
+  if (rng->state == 0) {
+    rng->state = 1;
+  }
+}
+
+double bench_rng_uniform(bench_rng *rng) {
+  /* xorshift64* */
+  uint64_t x = rng->state;
+  x ^= x >> 12;
+  x ^= x << 25;
+  x ^= x >> 27;
+  rng->state = x;
+  const uint64_t r = x * 0x2545F4914F6CDD1Dull;
+  return (double)(r >> 11) * (2.0 / 9007199254740992.0) - 1.0;
+}
+
+int64_t bench_shape_numel(const bench_shape *s) { return s->n * s->c * s->h * s->w; }
+
+static uint16_t shift_round_even(uint32_t value, int shift) {
+  const uint32_t q = value >> shift;
+  const uint32_t rem = value & ((1u << shift) - 1u);
+  const uint32_t half = 1u << (shift - 1);
+  return (uint16_t)(q + ((rem > half || (rem == half && (q & 1u))) ? 1u : 0u));
+}
+
+uint16_t bench_float_to_half(double v) {
+  const float f = (float)v;
+  uint32_t bits;
+  memcpy(&bits, &f, sizeof bits);
+  const uint16_t sign = (uint16_t)((bits >> 16) & 0x8000u);
+  const int exp = (int)((bits >> 23) & 0xffu);
+  uint32_t mant = bits & 0x7fffffu;
+  if (exp == 0xff) {
+    return (uint16_t)(sign | 0x7c00u | (mant != 0 ? 0x200u : 0u));
+  }
+  const int e = exp - 127 + 15;
+  if (e >= 31) {
+    return (uint16_t)(sign | 0x7c00u);
+  }
+  if (e <= 0) {
+    if (e < -10) {
+      return sign;
+    }
+    mant |= 0x800000u; /* subnormal half: bits = value * 2^24 = mant >> (14 - e) */
+    return (uint16_t)(sign | shift_round_even(mant, 14 - e));
+  }
+  /* Rounding may carry into the exponent, up to infinity: both correct. */
+  return (uint16_t)(sign | shift_round_even(((uint32_t)e << 23) | mant, 13));
+}
+
+uint16_t bench_float_to_bfloat16(double v) {
+  const float f = (float)v;
+  uint32_t bits;
+  memcpy(&bits, &f, sizeof bits);
+  if (isnan(f)) {
+    return (uint16_t)(((bits >> 16) & 0x8000u) | 0x7fc0u);
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return (uint16_t)(bits >> 16);
+}
+
+double bench_half_to_double(uint16_t h) {
+  const int sign = (h >> 15) & 1;
+  const int exp = (h >> 10) & 0x1f;
+  const int mant = h & 0x3ff;
+  double v;
+  if (exp == 0) {
+    v = ldexp((double)mant, -24);
+  } else if (exp == 31) {
+    v = mant != 0 ? NAN : INFINITY;
+  } else {
+    v = ldexp((double)(mant | 0x400), exp - 25);
+  }
+  return sign ? -v : v;
+}
+
+double bench_bfloat16_to_double(uint16_t b) {
+  const uint32_t bits = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &bits, sizeof f);
+  return (double)f;
+}
+
+double bench_load(const void *p, fbn_dtype dtype, int64_t i) {
+  switch (dtype) {
+  case FBN_DTYPE_FLOAT32:
+    return (double)((const float *)p)[i];
+  case FBN_DTYPE_FLOAT64:
+    return ((const double *)p)[i];
+  case FBN_DTYPE_FLOAT16:
+    return bench_half_to_double(((const uint16_t *)p)[i]);
+  case FBN_DTYPE_BFLOAT16:
+    return bench_bfloat16_to_double(((const uint16_t *)p)[i]);
+  }
+  return NAN;
+}
+
+double bench_max_rel_diff(const void *a, const void *b, fbn_dtype dtype, int64_t numel) {
+  double worst = 0.0;
+  for (int64_t i = 0; i < numel; i++) {
+    const double va = bench_load(a, dtype, i), vb = bench_load(b, dtype, i);
+    if (isnan(va) || isnan(vb)) {
+      return NAN;
+    }
+    const double d = fabs(va - vb) / (1.0 + fabs(vb));
+    if (d > worst) {
+      worst = d;
+    }
+  }
+  return worst;
+}
+
+double bench_agreement_tolerance(fbn_dtype dtype) {
+  switch (dtype) {
+  case FBN_DTYPE_FLOAT64:
+    return 1e-9;
+  case FBN_DTYPE_FLOAT32:
+    return 1e-3;
+  case FBN_DTYPE_FLOAT16:
+    return 2e-2;
+  case FBN_DTYPE_BFLOAT16:
+    return 5e-2;
+  }
+  return 0.0;
+}
+
+bool bench_note_agreement(bench_row *row, const char *prefix, double diff) {
+  const bool ok = !isnan(diff) && diff <= bench_agreement_tolerance(row->dtype);
+  const size_t used = strlen(row->note);
+  snprintf(row->note + used, sizeof row->note - used, "%s%s%smax rel diff %.1e",
+           used > 0 ? "; " : "", prefix, ok ? "" : "MISMATCH ", diff);
+  if (!ok) {
+    fprintf(stderr,
+            "fusedbn-bench: warning: %s%s outputs disagree with the unfused baseline (%g)\n",
+            prefix, bench_pass_name(row->pass), diff);
+  }
+  return ok;
+}
+
+void bench_note_append(bench_row *row, const char *text) {
+  const size_t used = strlen(row->note);
+  snprintf(row->note + used, sizeof row->note - used, "%s%s", used > 0 ? "; " : "", text);
+}
+
+static void store_value(void *dst, int64_t i, fbn_dtype dtype, double v) {
+  switch (dtype) {
+  case FBN_DTYPE_FLOAT32:
+    ((float *)dst)[i] = (float)v;
+    break;
+  case FBN_DTYPE_FLOAT64:
+    ((double *)dst)[i] = v;
+    break;
+  case FBN_DTYPE_FLOAT16:
+    ((uint16_t *)dst)[i] = bench_float_to_half(v);
+    break;
+  case FBN_DTYPE_BFLOAT16:
+    ((uint16_t *)dst)[i] = bench_float_to_bfloat16(v);
+    break;
+  }
+}
+
+void bench_fill_random(void *dst, const bench_shape *s, fbn_dtype dtype, fbn_layout layout,
+                       double offset_per_channel, double scale, bench_rng *rng) {
+  const int64_t hw = s->h * s->w;
+  const int64_t numel = bench_shape_numel(s);
+  for (int64_t i = 0; i < numel; i++) {
+    const int64_t c = layout == FBN_LAYOUT_NCHW ? (i / hw) % s->c : i % s->c;
+    const double channel_mean = offset_per_channel * (double)(c % 11 - 5) / 5.0;
+    store_value(dst, i, dtype, channel_mean + scale * bench_rng_uniform(rng));
+  }
+}
+
+/* ---- names --------------------------------------------------------------- */
+
+const char *bench_dtype_name(fbn_dtype dtype) {
+  switch (dtype) {
+  case FBN_DTYPE_FLOAT32:
+    return "float32";
+  case FBN_DTYPE_FLOAT64:
+    return "float64";
+  case FBN_DTYPE_FLOAT16:
+    return "float16";
+  case FBN_DTYPE_BFLOAT16:
+    return "bfloat16";
+  }
+  return "?";
+}
+
+const char *bench_layout_name(fbn_layout layout) {
+  return layout == FBN_LAYOUT_NCHW ? "nchw" : layout == FBN_LAYOUT_NHWC ? "nhwc" : "?";
+}
+
+const char *bench_pass_name(bench_pass pass) {
+  switch (pass) {
+  case BENCH_PASS_TRAIN_FWD:
+    return "train-fwd";
+  case BENCH_PASS_EVAL_FWD:
+    return "eval-fwd";
+  case BENCH_PASS_TRAIN_BWD:
+    return "train-bwd";
+  case BENCH_PASS_COUNT:
+    break;
+  }
+  return "?";
+}
+
+int bench_pass_tensors(bench_pass pass) { return pass == BENCH_PASS_TRAIN_BWD ? 5 : 3; }
+
+int bench_fail_status(const char *call, fbn_status status) {
+  fprintf(stderr, "fusedbn-bench: %s failed: %s: %s\n", call, fbn_status_string(status),
+          fbn_last_error_message());
+  return 1;
+}
