@@ -1,0 +1,161 @@
+/*
+ * fusedbn CUDA/cuDNN interop: per-call streams, a caller's cuDNN handle,
+ * caller-provided saved-state memory and the path query of the cuDNN backend.
+ *
+ * Include this header only where the CUDA toolkit headers are available; it
+ * pulls in <cuda_runtime_api.h> for cudaStream_t.  It does not include
+ * cudnn.h: a cudnnHandle_t converts to `struct cudnnContext *` implicitly.
+ *
+ * Streams and synchronization
+ *   fbn_module_forward()/fbn_module_backward() of <fusedbn/fusedbn.h> run a
+ *   CUDA module on the legacy default stream (0) with the module's own cuDNN
+ *   handle.  fbn_cuda_module_forward()/backward() take an fbn_cuda_exec: the
+ *   stream the work is queued on and, optionally, a cuDNN handle of the
+ *   caller's (created on the module's device).  A caller's handle gets the
+ *   call's stream for the duration of the call and its previous stream back
+ *   before the call returns.  Forward and backward are asynchronous with
+ *   respect to the host: outputs are ready when the stream says so.
+ *   Buffer reads/writes (fbn_module_read_buffer, ...) wait for the module's
+ *   last queued work first.
+ *
+ * Device memory
+ *   x, addend, y, dy, dx, daddend and workspace are device memory of the
+ *   module's device (or managed memory), aligned to their element size.
+ *   Host memory there is rejected with FBN_STATUS_INVALID_VALUE.
+ *   With a caller workspace (and, for a saved object, caller saved memory
+ *   or a payload already big enough) forward and backward neither allocate
+ *   device memory nor synchronize.  With workspace == NULL the module keeps
+ *   a cached buffer that it grows (cudaFree/cudaMalloc, which synchronize)
+ *   when a call needs more; work queued on different streams is ordered by
+ *   an event so the cached buffer is never used by two calls at once.
+ *
+ * Ownership (CUDA modules)
+ *   weight, bias, running stats, gradients   module (device, param_dtype)
+ *   ones/zeros for affine == false          module (device)
+ *   cuDNN handle                            module, or the caller's exec
+ *   workspace (cuDNN workspace, reductions) caller, or the module's cache
+ *   saved mean / inverse std, ReLU bit mask
+ *   or cuDNN reserve space                  fbn_saved (device), or caller
+ *                                           memory via fbn_cuda_saved_set_memory
+ */
+#ifndef FUSEDBN_FUSEDBN_CUDA_H
+#define FUSEDBN_FUSEDBN_CUDA_H
+
+#include <cuda_runtime_api.h>
+
+#include "fusedbn/fusedbn.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* cudnnHandle_t is `struct cudnnContext *` (cudnn_graph.h). */
+struct cudnnContext;
+
+/** Launch context of one call. Zero-initialize for the defaults. */
+typedef struct fbn_cuda_exec {
+  /** Stream the work is queued on; 0 is the legacy default stream. */
+  cudaStream_t stream;
+  /** A cudnnHandle_t of the caller's on the module's device, or NULL to use
+   *  the module's own handle. */
+  struct cudnnContext *cudnn;
+} fbn_cuda_exec;
+
+/** How the cuDNN backend computes a call (docs/cuda-backend.md has the table). */
+typedef enum fbn_cuda_path {
+  /** The configuration cannot run on the CUDA backend. */
+  FBN_CUDA_PATH_NONE = 0,
+  /** Training: cudnnBatchNormalizationForwardTrainingEx / BackwardEx with
+   *  CUDNN_BATCHNORM_OPS_BN_ADD_ACTIVATION (addend) or
+   *  CUDNN_BATCHNORM_OPS_BN_ACTIVATION (no addend), mode
+   *  CUDNN_BATCHNORM_SPATIAL_PERSISTENT, ReLU propagating NaN. */
+  FBN_CUDA_PATH_FUSED = 1,
+  /** Training: cuDNN batch norm (CUDNN_BATCHNORM_OPS_BN, mode
+   *  CUDNN_BATCHNORM_SPATIAL), then fusedbn's add + ReLU kernel writing a
+   *  1-bit-per-element mask; backward dz = dy * mask into cuDNN's backward. */
+  FBN_CUDA_PATH_GENERAL = 2,
+  /** Training without cuDNN: fusedbn's own statistics, apply and backward
+   *  kernels (float64 accumulation). Taken where cuDNN's limits are exceeded
+   *  (descriptor dimensions or element count above INT32_MAX, N above
+   *  880801) or where cuDNN rejects the dtype at run time. */
+  FBN_CUDA_PATH_KERNELS = 3,
+  /** Evaluation with running statistics: fusedbn's single-pass kernel
+   *  (folded per-channel scale/shift, add, ReLU, mask) and its backward
+   *  (statistics are constants). */
+  FBN_CUDA_PATH_EVAL = 4,
+} fbn_cuda_path;
+
+/** Static name of a path ("fused", "general", "kernels", "eval", "none"). */
+FBN_API const char *fbn_cuda_path_name(fbn_cuda_path path);
+
+/**
+ * The path a CUDA module created with *options would take for a forward of
+ * desc: batch_stats is true in training mode (or without tracked running
+ * statistics), false in eval mode with tracked statistics.  A pure host
+ * function: needs no device.  It assumes cuDNN accepts bfloat16 in its fused
+ * and batch-norm calls; fbn_cuda_module_path() also knows what the device
+ * refused at run time.  Fails like fbn_module_forward's validation would
+ * (e.g. FBN_STATUS_SHAPE_MISMATCH when desc->c != num_features), with
+ * *path = FBN_CUDA_PATH_NONE.
+ */
+FBN_API fbn_status fbn_cuda_plan_path(const fbn_module_options *options,
+                                      const fbn_tensor_desc *desc, bool has_addend,
+                                      bool batch_stats, fbn_cuda_path *path);
+
+/** The path the module's next forward of desc will take, in its current
+ *  mode, including run-time fallbacks already learnt (e.g. bfloat16
+ *  refused by cuDNN). */
+FBN_API fbn_status fbn_cuda_module_path(const fbn_module *module, const fbn_tensor_desc *desc,
+                                        bool has_addend, fbn_cuda_path *path);
+
+/** The path the forward that filled saved took (FBN_CUDA_PATH_NONE for an
+ *  empty saved object or one filled by a CPU module). */
+FBN_API fbn_status fbn_cuda_saved_path(const fbn_saved *saved, fbn_cuda_path *path);
+
+/** The CUDA device ordinal of a CUDA module (FBN_STATUS_INVALID_VALUE for a
+ *  CPU module). */
+FBN_API fbn_status fbn_cuda_module_device(const fbn_module *module, int *device);
+
+/** fbn_module_forward() with an explicit launch context (NULL exec = the
+ *  defaults). See fusedbn.h for the arguments. */
+FBN_API fbn_status fbn_cuda_module_forward(fbn_module *module, const fbn_cuda_exec *exec,
+                                           const fbn_tensor_desc *desc, const void *x,
+                                           const void *addend, void *y, fbn_saved *saved,
+                                           void *workspace, size_t workspace_bytes);
+
+/** fbn_module_backward() with an explicit launch context. */
+FBN_API fbn_status fbn_cuda_module_backward(fbn_module *module, const fbn_cuda_exec *exec,
+                                            const fbn_saved *saved, const fbn_tensor_desc *desc,
+                                            const void *x, const void *y, const void *dy,
+                                            void *dx, void *daddend, void *workspace,
+                                            size_t workspace_bytes);
+
+/** Bytes of device memory the saved state of a forward of desc needs in the
+ *  module's current mode (saved mean and inverse std, then the ReLU mask or
+ *  cuDNN's reserve space). */
+FBN_API fbn_status fbn_cuda_saved_size(const fbn_module *module, const fbn_tensor_desc *desc,
+                                       bool has_addend, size_t *bytes);
+
+/**
+ * Let saved keep its payload in caller memory: device memory of the module's
+ * device, 256-byte aligned, at least fbn_cuda_saved_size() bytes for the
+ * forwards it will receive (a smaller one fails the forward with
+ * FBN_STATUS_INSUFFICIENT_WORKSPACE).  The memory stays the caller's: it
+ * must outlive the saved object's use and is never freed by fusedbn.
+ * Frees a payload the saved object had allocated and empties it.
+ * device_memory == NULL goes back to library-allocated payloads.
+ */
+FBN_API fbn_status fbn_cuda_saved_set_memory(fbn_saved *saved, void *device_memory,
+                                             size_t bytes);
+
+/** Device pointers to the per-channel mean and inverse standard deviation
+ *  (param_dtype, num_features each) recorded by the forward that filled
+ *  saved; valid until the next forward into saved. */
+FBN_API fbn_status fbn_cuda_saved_stats(const fbn_saved *saved, const void **mean,
+                                        const void **invstd);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FUSEDBN_FUSEDBN_CUDA_H */

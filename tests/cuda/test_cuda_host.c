@@ -1,0 +1,702 @@
+/*
+ * Host-only tests of the cuDNN backend (suite 'cuda-host'): everything that
+ * runs without a GPU.
+ *
+ *   descriptors   every cuDNN path x dtype x layout x addend: the engine's
+ *                 tensor / batch-norm / activation descriptors, read back
+ *                 with cuDNN's own getters; the int-overflow gate
+ *   path table    docs/cuda-backend.md's table, parsed and checked against
+ *                 fbn_cuda_plan_path() for every combination it covers, and
+ *                 that its rows cover each combination exactly once; the
+ *                 size gates and run-time refusals of the selection function
+ *   factor        the API layer's factor sequence (momentum, cumulative
+ *                 average) put through cuDNN's update formula (bn_math.h)
+ *                 reproduces the CPU module's running statistics; the
+ *                 shifted one-pass statistics; the backward coefficients
+ *   no device     fbn_module_create(CUDA) is FBN_STATUS_NO_DEVICE with the
+ *                 CUDA error text, 200 times (skipped where a GPU exists)
+ */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include <cuda_runtime_api.h>
+#include <cudnn.h>
+
+#include "bn_math.h"
+#include "cuda_paths.h"
+#include "cudnn_engine.h"
+#include "fbn_testutil.h"
+#include "fusedbn/fusedbn_cuda.h"
+
+#ifndef FBN_DOCS_DIR
+#  error "FBN_DOCS_DIR must name the docs directory"
+#endif
+
+static const fbn_dtype all_dtypes[] = {FBN_DTYPE_FLOAT32, FBN_DTYPE_FLOAT64, FBN_DTYPE_FLOAT16,
+                                       FBN_DTYPE_BFLOAT16};
+static const fbn_layout all_layouts[] = {FBN_LAYOUT_NCHW, FBN_LAYOUT_NHWC};
+
+static bool device_present(void) {
+  int count = 0;
+  cudaError_t e = cudaGetDeviceCount(&count);
+  (void)cudaGetLastError();
+  return e == cudaSuccess && count > 0;
+}
+
+/* ---- descriptors ---------------------------------------------------------- */
+
+static cudnnDataType_t expected_data_type(fbn_dtype d) {
+  switch (d) {
+  case FBN_DTYPE_FLOAT64: return CUDNN_DATA_DOUBLE;
+  case FBN_DTYPE_FLOAT16: return CUDNN_DATA_HALF;
+  case FBN_DTYPE_BFLOAT16: return CUDNN_DATA_BFLOAT16;
+  default: return CUDNN_DATA_FLOAT;
+  }
+}
+
+static void check_plan(const fbn_tensor_desc *d, int path, bool has_addend) {
+  fbn_dnn_plan plan;
+  fbn_dnn_error e = fbn_dnn_plan_init(&plan, d, path, has_addend);
+  if (!fbn_dnn_ok(e)) {
+    char text[512];
+    fbn_dnn_describe(e, text, sizeof text);
+    fail_msg("plan %s %s %s addend=%d: %s", fbn_cuda_path_id_name(path), fbnt_dtype_str(d->dtype),
+             fbnt_layout_str(d->layout), has_addend, text);
+  }
+  assert_int_equal(plan.path, path);
+  assert_int_equal(plan.has_addend, has_addend);
+
+  /* x/y/z/dy/dx/dz descriptor: dims and the packed strides of the layout */
+  cudnnDataType_t dt;
+  int n, c, h, w, sn, sc, sh, sw;
+  assert_int_equal(cudnnGetTensor4dDescriptor((cudnnTensorDescriptor_t)plan.x_desc, &dt, &n, &c,
+                                              &h, &w, &sn, &sc, &sh, &sw),
+                   CUDNN_STATUS_SUCCESS);
+  assert_int_equal(dt, expected_data_type(d->dtype));
+  assert_int_equal(plan.data_type, (int)dt);
+  assert_int_equal(n, d->n);
+  assert_int_equal(c, d->c);
+  assert_int_equal(h, d->h);
+  assert_int_equal(w, d->w);
+  if (d->layout == FBN_LAYOUT_NCHW) {
+    assert_int_equal(sw, 1);
+    assert_int_equal(sh, d->w);
+    assert_int_equal(sc, d->h * d->w);
+    assert_int_equal(sn, d->c * d->h * d->w);
+  } else {
+    assert_int_equal(sc, 1);
+    assert_int_equal(sw, d->c);
+    assert_int_equal(sh, d->w * d->c);
+    assert_int_equal(sn, d->h * d->w * d->c);
+  }
+
+  /* scale/bias/mean/var descriptor: 1xCx1x1, float (double for double) */
+  assert_int_equal(cudnnGetTensor4dDescriptor((cudnnTensorDescriptor_t)plan.bn_desc, &dt, &n, &c,
+                                              &h, &w, &sn, &sc, &sh, &sw),
+                   CUDNN_STATUS_SUCCESS);
+  assert_int_equal(dt, d->dtype == FBN_DTYPE_FLOAT64 ? CUDNN_DATA_DOUBLE : CUDNN_DATA_FLOAT);
+  assert_int_equal(plan.param_type, (int)dt);
+  assert_int_equal(n, 1);
+  assert_int_equal(c, d->c);
+  assert_int_equal(h, 1);
+  assert_int_equal(w, 1);
+
+  if (path == FBN_CUDA_PATH_ID_FUSED) {
+    assert_int_equal(plan.mode, CUDNN_BATCHNORM_SPATIAL_PERSISTENT);
+    assert_int_equal(plan.bn_ops, has_addend ? CUDNN_BATCHNORM_OPS_BN_ADD_ACTIVATION
+                                             : CUDNN_BATCHNORM_OPS_BN_ACTIVATION);
+    assert_non_null(plan.act_desc);
+    cudnnActivationMode_t mode;
+    cudnnNanPropagation_t nan;
+    double coef = -1.0;
+    assert_int_equal(cudnnGetActivationDescriptor((cudnnActivationDescriptor_t)plan.act_desc,
+                                                  &mode, &nan, &coef),
+                     CUDNN_STATUS_SUCCESS);
+    assert_int_equal(mode, CUDNN_ACTIVATION_RELU);
+    assert_int_equal(nan, CUDNN_PROPAGATE_NAN);
+    assert_true(coef == 0.0);
+  } else {
+    assert_int_equal(plan.mode, CUDNN_BATCHNORM_SPATIAL);
+    assert_int_equal(plan.bn_ops, CUDNN_BATCHNORM_OPS_BN);
+    assert_null(plan.act_desc);
+  }
+  fbn_dnn_plan_fini(&plan);
+  assert_null(plan.x_desc);
+  assert_null(plan.bn_desc);
+  assert_null(plan.act_desc);
+}
+
+static void test_cuda_host_descriptors_every_path(void **state) {
+  (void)state;
+  static const int64_t shapes[][4] = {{2, 64, 7, 5}, {3, 3, 1, 1}, {1, 1, 2, 3}, {32, 256, 56, 56}};
+  const int paths[] = {FBN_CUDA_PATH_ID_FUSED, FBN_CUDA_PATH_ID_GENERAL};
+  int built = 0;
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
+    for (size_t p = 0; p < 2; p++)
+      for (size_t t = 0; t < 4; t++)
+        for (size_t l = 0; l < 2; l++)
+          for (int addend = 0; addend < 2; addend++) {
+            fbn_tensor_desc d = fbn_tensor_desc_make(shapes[s][0], shapes[s][1], shapes[s][2],
+                                                     shapes[s][3], all_dtypes[t], all_layouts[l]);
+            check_plan(&d, paths[p], addend != 0);
+            built++;
+          }
+  assert_int_equal(built, 4 * 2 * 4 * 2 * 2);
+}
+
+static void test_cuda_host_descriptors_reject_int_overflow(void **state) {
+  (void)state;
+  /* 4 * 1024 * 1024 * 1024 elements: every dimension fits int, the count
+   * (and N's stride) does not. */
+  const fbn_tensor_desc big[] = {
+      fbn_tensor_desc_make(4, 1024, 1024, 1024, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC),
+      fbn_tensor_desc_make((int64_t)INT32_MAX + 1, 1, 1, 1, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW),
+      fbn_tensor_desc_make(1, 1, (int64_t)1 << 40, 1, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW),
+  };
+  for (size_t i = 0; i < sizeof big / sizeof big[0]; i++) {
+    assert_false(fbn_cuda_desc_fits_int(&big[i], INT32_MAX));
+    fbn_dnn_plan plan;
+    fbn_dnn_error e = fbn_dnn_plan_init(&plan, &big[i], FBN_CUDA_PATH_ID_GENERAL, false);
+    assert_int_equal(e.code, CUDNN_STATUS_BAD_PARAM_OUT_OF_BOUND);
+    assert_non_null(e.call);
+    assert_null(plan.x_desc);
+  }
+  /* The largest count that fits is accepted. */
+  fbn_tensor_desc edge = fbn_tensor_desc_make(1, 1, 1, INT32_MAX, FBN_DTYPE_FLOAT32,
+                                              FBN_LAYOUT_NCHW);
+  assert_true(fbn_cuda_desc_fits_int(&edge, INT32_MAX));
+  /* Eval is not a cuDNN path: the engine refuses to build it. */
+  fbn_tensor_desc d = fbn_tensor_desc_make(2, 4, 3, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW);
+  fbn_dnn_plan plan;
+  fbn_dnn_error e = fbn_dnn_plan_init(&plan, &d, FBN_CUDA_PATH_ID_EVAL, false);
+  assert_int_equal(e.code, CUDNN_STATUS_BAD_PARAM);
+}
+
+static void test_cuda_host_error_text_names_call(void **state) {
+  (void)state;
+  fbn_dnn_error e = {(int)CUDNN_STATUS_NOT_SUPPORTED_DATA_TYPE,
+                     "cudnnBatchNormalizationForwardTrainingEx(h, mode, ...)"};
+  char text[512];
+  fbn_dnn_describe(e, text, sizeof text);
+  assert_non_null(strstr(text, "cudnnBatchNormalizationForwardTrainingEx returned"));
+  assert_null(strstr(text, "(h, mode"));
+  assert_non_null(strstr(text, cudnnGetErrorString(CUDNN_STATUS_NOT_SUPPORTED_DATA_TYPE)));
+  assert_true(fbn_dnn_is_not_supported(e));
+  assert_false(fbn_dnn_is_bad_param(e));
+  e.code = (int)CUDNN_STATUS_BAD_PARAM_NULL_POINTER;
+  assert_true(fbn_dnn_is_bad_param(e));
+  assert_false(fbn_dnn_is_not_supported(e));
+  assert_true(fbn_dnn_version() >= 90000);
+}
+
+/* ---- the documented path table ----------------------------------------------- */
+
+typedef struct table_row {
+  unsigned dtypes;  /* bit per fbn_dtype */
+  unsigned layouts; /* bit per fbn_layout */
+  unsigned c_class; /* bit 0: C%4==0, bit 1: C%4!=0 */
+  unsigned addend;  /* bit 0: no, bit 1: yes */
+  unsigned modes;   /* bit per fbn_bn_mode */
+  unsigned stats;   /* bit 0: eval, bit 1: training (batch statistics) */
+  fbn_cuda_path path;
+  int line;
+} table_row;
+
+static char *trim(char *s) {
+  while (*s == ' ' || *s == '\t')
+    s++;
+  char *e = s + strlen(s);
+  while (e > s && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\n' || e[-1] == '\r'))
+    *--e = '\0';
+  return s;
+}
+
+/* Parse "a, b" against names[]; "any" is every bit. */
+static unsigned parse_set(char *cell, const char *const *names, unsigned count, int line) {
+  cell = trim(cell);
+  if (strcmp(cell, "any") == 0)
+    return (1u << count) - 1u;
+  unsigned bits = 0;
+  for (char *tok = strtok(cell, ","); tok != NULL; tok = strtok(NULL, ",")) {
+    tok = trim(tok);
+    unsigned i;
+    for (i = 0; i < count; i++)
+      if (names[i] != NULL && strcmp(tok, names[i]) == 0)
+        break;
+    if (i == count)
+      fail_msg("docs/cuda-backend.md line %d: unknown value \"%s\"", line, tok);
+    bits |= 1u << i;
+  }
+  return bits;
+}
+
+static size_t load_table(table_row *rows, size_t max) {
+  const char *path = FBN_DOCS_DIR "/cuda-backend.md";
+  FILE *f = fopen(path, "r");
+  if (f == NULL)
+    fail_msg("cannot open %s", path);
+  static const char *const dtype_names[] = {"float32", "float64", "float16", "bfloat16"};
+  static const char *const layout_names[] = {"NCHW", "NHWC"};
+  static const char *const c_names[] = {"C%4==0", "C%4!=0"};
+  static const char *const addend_names[] = {"no", "yes"};
+  static const char *const mode_names[] = {"AUTO", "SPATIAL"};
+  static const char *const stats_names[] = {"eval", "training"};
+  static const char *const path_names[] = {"none", "fused", "general", "kernels", "eval"};
+  char line[1024];
+  int lineno = 0;
+  bool inside = false;
+  size_t n = 0;
+  while (fgets(line, sizeof line, f) != NULL) {
+    lineno++;
+    if (strstr(line, "<!-- path-table: begin -->") != NULL) {
+      inside = true;
+      continue;
+    }
+    if (strstr(line, "<!-- path-table: end -->") != NULL)
+      break;
+    if (!inside || line[0] != '|' || strstr(line, "---") != NULL ||
+        strstr(line, "| dtype |") != NULL)
+      continue;
+    char *cells[8];
+    int ncell = 0;
+    char *p = line + 1;
+    while (ncell < 8) {
+      char *bar = strchr(p, '|');
+      if (bar == NULL)
+        break;
+      *bar = '\0';
+      cells[ncell++] = p;
+      p = bar + 1;
+    }
+    if (ncell != 7)
+      fail_msg("docs/cuda-backend.md line %d: %d cells, want 7", lineno, ncell);
+    if (n == max)
+      fail_msg("docs/cuda-backend.md: more than %zu table rows", max);
+    table_row *r = &rows[n++];
+    r->line = lineno;
+    r->dtypes = parse_set(cells[0], dtype_names, 4, lineno);
+    r->layouts = parse_set(cells[1], layout_names, 2, lineno);
+    r->c_class = parse_set(cells[2], c_names, 2, lineno);
+    r->addend = parse_set(cells[3], addend_names, 2, lineno);
+    r->modes = parse_set(cells[4], mode_names, 2, lineno);
+    r->stats = parse_set(cells[5], stats_names, 2, lineno);
+    unsigned pbits = parse_set(cells[6], path_names, 5, lineno);
+    if (pbits == 0 || (pbits & (pbits - 1)) != 0)
+      fail_msg("docs/cuda-backend.md line %d: one path per row", lineno);
+    r->path = (fbn_cuda_path)__builtin_ctz(pbits);
+  }
+  fclose(f);
+  if (n == 0)
+    fail_msg("docs/cuda-backend.md has no path table between the path-table markers");
+  return n;
+}
+
+static void test_cuda_host_path_table_matches_docs(void **state) {
+  (void)state;
+  table_row rows[32];
+  const size_t nrows = load_table(rows, 32);
+  static const int64_t c_values[2][3] = {{4, 64, 256}, {1, 3, 6}};
+  int checked = 0;
+  for (unsigned t = 0; t < 4; t++)
+    for (unsigned l = 0; l < 2; l++)
+      for (unsigned cc = 0; cc < 2; cc++)
+        for (unsigned a = 0; a < 2; a++)
+          for (unsigned mo = 0; mo < 2; mo++)
+            for (unsigned st = 0; st < 2; st++) {
+              const table_row *match = NULL;
+              for (size_t i = 0; i < nrows; i++) {
+                const table_row *r = &rows[i];
+                if ((r->dtypes >> t & 1) && (r->layouts >> l & 1) && (r->c_class >> cc & 1) &&
+                    (r->addend >> a & 1) && (r->modes >> mo & 1) && (r->stats >> st & 1)) {
+                  if (match != NULL)
+                    fail_msg("docs/cuda-backend.md lines %d and %d both cover dtype %s layout %s "
+                             "C-class %u addend %u mode %u stats %u",
+                             match->line, r->line, fbnt_dtype_str(all_dtypes[t]),
+                             fbnt_layout_str(all_layouts[l]), cc, a, mo, st);
+                  match = r;
+                }
+              }
+              if (match == NULL)
+                fail_msg("docs/cuda-backend.md: no row covers dtype %s layout %s C-class %u "
+                         "addend %u mode %u stats %u",
+                         fbnt_dtype_str(all_dtypes[t]), fbnt_layout_str(all_layouts[l]), cc, a,
+                         mo, st);
+              for (int k = 0; k < 3; k++) {
+                const fbn_dtype dtype = (fbn_dtype)t;
+                fbn_module_options o;
+                fbn_module_options_init(&o);
+                o.num_features = c_values[cc][k];
+                o.device = FBN_DEVICE_CUDA;
+                o.param_dtype =
+                    dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
+                o.bn_mode = (fbn_bn_mode)mo;
+                fbn_tensor_desc d = fbn_tensor_desc_make(2, o.num_features, 3, 5, dtype,
+                                                         (fbn_layout)l);
+                fbn_cuda_path got = (fbn_cuda_path)-1;
+                fbn_status s = fbn_cuda_plan_path(&o, &d, a == 1, st == 1, &got);
+                if (s != FBN_STATUS_SUCCESS)
+                  fail_msg("fbn_cuda_plan_path: %s: %s", fbn_status_string(s),
+                           fbn_last_error_message());
+                if (got != match->path)
+                  fail_msg("%s %s C=%lld addend=%u bn_mode=%u %s: fbn_cuda_plan_path says %s, "
+                           "docs/cuda-backend.md line %d says %s",
+                           fbnt_dtype_str(dtype), fbnt_layout_str(d.layout),
+                           (long long)o.num_features, a, mo, st ? "training" : "eval",
+                           fbn_cuda_path_name(got), match->line, fbn_cuda_path_name(match->path));
+                checked++;
+              }
+            }
+  assert_int_equal(checked, 4 * 2 * 2 * 2 * 2 * 2 * 3);
+}
+
+static void test_cuda_host_path_size_gates_and_refusals(void **state) {
+  (void)state;
+  const fbn_cuda_limits lim = fbn_cuda_default_limits();
+  const char *why = NULL;
+  /* numel > INT32_MAX: kernels in training, eval stays eval */
+  fbn_tensor_desc big = fbn_tensor_desc_make(64, 256, 512, 512, FBN_DTYPE_FLOAT16,
+                                             FBN_LAYOUT_NHWC);
+  assert_int_equal(fbn_cuda_select_path(&lim, NULL, FBN_BN_MODE_AUTO, 1e-5, &big, true, true, &why),
+                   FBN_CUDA_PATH_ID_KERNELS);
+  assert_non_null(strstr(why, "int"));
+  assert_int_equal(
+      fbn_cuda_select_path(&lim, NULL, FBN_BN_MODE_AUTO, 1e-5, &big, true, false, NULL),
+      FBN_CUDA_PATH_ID_EVAL);
+  /* N at and above the 880801 limit */
+  fbn_tensor_desc at = fbn_tensor_desc_make(880801, 4, 1, 1, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC);
+  fbn_tensor_desc above = fbn_tensor_desc_make(880802, 4, 1, 1, FBN_DTYPE_FLOAT16,
+                                               FBN_LAYOUT_NHWC);
+  assert_int_equal(fbn_cuda_select_path(&lim, NULL, FBN_BN_MODE_AUTO, 1e-5, &at, true, true, NULL),
+                   FBN_CUDA_PATH_ID_FUSED);
+  assert_int_equal(
+      fbn_cuda_select_path(&lim, NULL, FBN_BN_MODE_AUTO, 1e-5, &above, true, true, &why),
+      FBN_CUDA_PATH_ID_KERNELS);
+  assert_non_null(strstr(why, "N above"));
+  /* the public query agrees */
+  fbn_module_options o;
+  fbn_module_options_init(&o);
+  o.num_features = 4;
+  o.device = FBN_DEVICE_CUDA;
+  fbn_cuda_path p;
+  assert_int_equal(fbn_cuda_plan_path(&o, &above, true, true, &p), FBN_STATUS_SUCCESS);
+  assert_int_equal(p, FBN_CUDA_PATH_KERNELS);
+  /* eps below cuDNN's minimum (a hypothetical cuDNN with minimum 1e-5) */
+  fbn_cuda_limits strict = lim;
+  strict.min_epsilon = 1e-5;
+  fbn_tensor_desc d = fbn_tensor_desc_make(8, 16, 4, 4, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW);
+  assert_int_equal(fbn_cuda_select_path(&strict, NULL, FBN_BN_MODE_AUTO, 1e-6, &d, false, true,
+                                        NULL),
+                   FBN_CUDA_PATH_ID_KERNELS);
+  assert_int_equal(fbn_cuda_select_path(&strict, NULL, FBN_BN_MODE_AUTO, 1e-5, &d, false, true,
+                                        NULL),
+                   FBN_CUDA_PATH_ID_GENERAL);
+  /* run-time refusals walk the chain fused -> general -> kernels, per dtype */
+  fbn_cuda_refusals ref;
+  memset(&ref, 0, sizeof ref);
+  fbn_tensor_desc bf = fbn_tensor_desc_make(8, 16, 4, 4, FBN_DTYPE_BFLOAT16, FBN_LAYOUT_NHWC);
+  fbn_tensor_desc hf = fbn_tensor_desc_make(8, 16, 4, 4, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC);
+  assert_int_equal(fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, true, true, NULL),
+                   FBN_CUDA_PATH_ID_FUSED);
+  *fbn_cuda_fused_refusal(&ref, &bf, true) = true;
+  assert_true(ref.fused[FBN_DTYPE_BFLOAT16][1][1]);
+  assert_int_equal(fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, true, true, NULL),
+                   FBN_CUDA_PATH_ID_GENERAL);
+  /* only that class: without an addend bfloat16 still tries the fused op */
+  assert_int_equal(
+      fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, false, true, NULL),
+      FBN_CUDA_PATH_ID_FUSED);
+  assert_int_equal(fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &hf, true, true, NULL),
+                   FBN_CUDA_PATH_ID_FUSED);
+  ref.bn[FBN_DTYPE_BFLOAT16] = true;
+  assert_int_equal(fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, true, true, NULL),
+                   FBN_CUDA_PATH_ID_KERNELS);
+  assert_int_equal(
+      fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, true, false, NULL),
+      FBN_CUDA_PATH_ID_EVAL);
+  assert_int_equal(fbn_cuda_fallback_path(FBN_CUDA_PATH_ID_FUSED), FBN_CUDA_PATH_ID_GENERAL);
+  assert_int_equal(fbn_cuda_fallback_path(FBN_CUDA_PATH_ID_GENERAL), FBN_CUDA_PATH_ID_KERNELS);
+  assert_int_equal(fbn_cuda_fallback_path(FBN_CUDA_PATH_ID_KERNELS), FBN_CUDA_PATH_ID_NONE);
+  assert_int_equal(fbn_cuda_fallback_path(FBN_CUDA_PATH_ID_EVAL), FBN_CUDA_PATH_ID_NONE);
+  assert_string_equal(fbn_cuda_path_name(FBN_CUDA_PATH_FUSED), "fused");
+  assert_string_equal(fbn_cuda_path_name((fbn_cuda_path)99), "none");
+}
+
+static void test_cuda_host_plan_path_validates(void **state) {
+  (void)state;
+  fbn_module_options o;
+  fbn_module_options_init(&o);
+  o.num_features = 8;
+  o.device = FBN_DEVICE_CUDA;
+  fbn_cuda_path p = FBN_CUDA_PATH_FUSED;
+  fbn_tensor_desc d = fbn_tensor_desc_make(2, 6, 3, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW);
+  assert_int_equal(fbn_cuda_plan_path(&o, &d, false, true, &p), FBN_STATUS_SHAPE_MISMATCH);
+  assert_int_equal(p, FBN_CUDA_PATH_NONE);
+  assert_non_null(strstr(fbn_last_error_message(), "fbn_cuda_plan_path"));
+  d = fbn_tensor_desc_make(1, 8, 1, 1, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW);
+  assert_int_equal(fbn_cuda_plan_path(&o, &d, false, true, &p), FBN_STATUS_INVALID_SHAPE);
+  assert_int_equal(fbn_cuda_plan_path(&o, &d, false, false, &p), FBN_STATUS_SUCCESS);
+  assert_int_equal(p, FBN_CUDA_PATH_EVAL);
+  d = fbn_tensor_desc_make(2, 8, 3, 3, FBN_DTYPE_FLOAT64, FBN_LAYOUT_NCHW);
+  assert_int_equal(fbn_cuda_plan_path(&o, &d, false, true, &p), FBN_STATUS_UNSUPPORTED);
+  o.param_dtype = FBN_DTYPE_FLOAT64;
+  assert_int_equal(fbn_cuda_plan_path(&o, &d, false, true, &p), FBN_STATUS_SUCCESS);
+  assert_int_equal(p, FBN_CUDA_PATH_GENERAL);
+  assert_int_equal(fbn_cuda_plan_path(NULL, &d, false, true, &p), FBN_STATUS_NULL_POINTER);
+  assert_int_equal(fbn_cuda_plan_path(&o, NULL, false, true, &p), FBN_STATUS_NULL_POINTER);
+  assert_int_equal(fbn_cuda_plan_path(&o, &d, false, true, NULL), FBN_STATUS_NULL_POINTER);
+  o.bn_mode = (fbn_bn_mode)7;
+  assert_int_equal(fbn_cuda_plan_path(&o, &d, false, true, &p), FBN_STATUS_INVALID_VALUE);
+}
+
+/* ---- factor sequence and formulas ------------------------------------------ */
+
+/* Run steps training forwards on a CPU module and, beside it, the cuDNN
+ * update formula with the factor sequence the API layer hands the backend
+ * (momentum, or 1/num_batches_tracked after the increment). */
+static void factor_sequence(bool cumulative, double momentum, int64_t initial_count) {
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, cumulative ? "factor_cumulative" : "factor_momentum");
+  const int64_t N = 3, C = 4, H = 5, W = 2, M = N * H * W;
+  fbn_module_options o;
+  fbn_module_options_init(&o);
+  o.num_features = C;
+  o.param_dtype = FBN_DTYPE_FLOAT64;
+  o.momentum = momentum;
+  o.cumulative_average = cumulative;
+  fbn_module *m = NULL;
+  assert_int_equal(fbn_module_create(&o, &m), FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_module_set_num_batches_tracked(m, initial_count), FBN_STATUS_SUCCESS);
+  double run_mean[4], run_var[4];
+  fbnt_fill_vector(&rng, run_mean, C, -1.0, 1.0, true, false);
+  fbnt_fill_vector(&rng, run_var, C, 0.5, 2.0, false, false);
+  assert_int_equal(fbn_module_write_buffer(m, FBN_BUFFER_RUNNING_MEAN, FBN_DTYPE_FLOAT64,
+                                           run_mean, (size_t)C),
+                   FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_module_write_buffer(m, FBN_BUFFER_RUNNING_VAR, FBN_DTYPE_FLOAT64, run_var,
+                                           (size_t)C),
+                   FBN_STATUS_SUCCESS);
+  fbn_tensor_desc d = fbn_tensor_desc_make(N, C, H, W, FBN_DTYPE_FLOAT64, FBN_LAYOUT_NCHW);
+  double *x = fbnt_tensor_alloc(&d), *y = fbnt_tensor_alloc(&d);
+  int64_t count = initial_count;
+  for (int step = 0; step < 7; step++) {
+    fbnt_fill_channels(&rng, &d, x, NULL);
+    assert_int_equal(fbn_module_forward(m, &d, x, NULL, y, NULL, NULL, 0), FBN_STATUS_SUCCESS);
+    count++;
+    const double factor = cumulative ? 1.0 / (double)count : momentum;
+    for (int64_t c = 0; c < C; c++) {
+      double sum = 0.0, sumsq = 0.0;
+      const double shift = x[c * H * W];
+      for (int64_t n = 0; n < N; n++)
+        for (int64_t s = 0; s < H * W; s++) {
+          const double v = x[(n * C + c) * H * W + s] - shift;
+          sum += v;
+          sumsq += v * v;
+        }
+      const fbn_bn_stats st = fbn_bn_stats_from_sums(shift, sum, sumsq, M);
+      run_mean[c] = fbn_bn_running_update(run_mean[c], st.mean, factor);
+      run_var[c] = fbn_bn_running_update(run_var[c], st.var_unbiased, factor);
+    }
+    double got_mean[4], got_var[4];
+    assert_int_equal(fbn_module_read_buffer(m, FBN_BUFFER_RUNNING_MEAN, FBN_DTYPE_FLOAT64,
+                                            got_mean, (size_t)C),
+                     FBN_STATUS_SUCCESS);
+    assert_int_equal(fbn_module_read_buffer(m, FBN_BUFFER_RUNNING_VAR, FBN_DTYPE_FLOAT64, got_var,
+                                            (size_t)C),
+                     FBN_STATUS_SUCCESS);
+    assert_true(fbnt_check_close("running_mean", got_mean, run_mean, (size_t)C, 1e-12, 1e-13,
+                                 NULL));
+    assert_true(fbnt_check_close("running_var", got_var, run_var, (size_t)C, 1e-12, 1e-13, NULL));
+    int64_t nbt = -1;
+    assert_int_equal(fbn_module_get_num_batches_tracked(m, &nbt), FBN_STATUS_SUCCESS);
+    assert_int_equal(nbt, count);
+  }
+  fbnt_free(x);
+  fbnt_free(y);
+  fbn_module_destroy(m);
+}
+
+static void test_cuda_host_factor_sequence_momentum(void **state) {
+  (void)state;
+  factor_sequence(false, 0.1, 0);
+  factor_sequence(false, 0.0, 5);
+  factor_sequence(false, 1.0, 0);
+}
+
+static void test_cuda_host_factor_sequence_cumulative(void **state) {
+  (void)state;
+  /* first factor 1.0 replaces the initial statistics */
+  factor_sequence(true, 0.1, 0);
+  /* resuming: 1/(k+1) */
+  factor_sequence(true, 0.1, 9);
+}
+
+static void test_cuda_host_shifted_statistics(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  /* |mean| >> std: the shifted one-pass variance matches a two-pass one */
+  const int count = 4096;
+  double *v = malloc(sizeof(double) * (size_t)count);
+  assert_non_null(v);
+  for (int i = 0; i < count; i++)
+    v[i] = 1.0e4 + 1.0e-2 * fbnt_rng_normal(&rng);
+  double mean2 = 0.0;
+  for (int i = 0; i < count; i++)
+    mean2 += v[i];
+  mean2 /= count;
+  double var2 = 0.0;
+  for (int i = 0; i < count; i++)
+    var2 += (v[i] - mean2) * (v[i] - mean2);
+  var2 /= count;
+  double sum = 0.0, sumsq = 0.0;
+  for (int i = 0; i < count; i++) {
+    sum += v[i] - v[0];
+    sumsq += (v[i] - v[0]) * (v[i] - v[0]);
+  }
+  fbn_bn_stats st = fbn_bn_stats_from_sums(v[0], sum, sumsq, count);
+  assert_true(fabs(st.mean - mean2) <= 1e-10 * fabs(mean2));
+  assert_true(fabs(st.var - var2) <= 1e-8 * var2);
+  assert_true(fabs(st.var_unbiased - var2 * count / (count - 1)) <= 1e-8 * var2);
+  free(v);
+  /* a constant channel has variance exactly 0, never negative */
+  st = fbn_bn_stats_from_sums(3.0, 0.0, 0.0, 10);
+  assert_true(st.var == 0.0 && st.mean == 3.0);
+  /* NaN stays NaN */
+  st = fbn_bn_stats_from_sums(NAN, NAN, NAN, 10);
+  assert_true(isnan(st.mean) && isnan(st.var));
+}
+
+static void test_cuda_host_grad_coefficients(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  /* dx = k g + b (x - mean) + d equals w*invstd*(g - mean(g) - xhat*mean(g*xhat)) */
+  const int count = 50;
+  double x[50], g[50];
+  double mean = 0.0, var = 0.0;
+  for (int i = 0; i < count; i++) {
+    x[i] = 2.0 + 3.0 * fbnt_rng_normal(&rng);
+    g[i] = fbnt_rng_normal(&rng);
+    mean += x[i];
+  }
+  mean /= count;
+  for (int i = 0; i < count; i++)
+    var += (x[i] - mean) * (x[i] - mean);
+  var /= count;
+  const double eps = 1e-3, w = 0.7, invstd = 1.0 / sqrt(var + eps);
+  double sg = 0.0, sgx = 0.0;
+  for (int i = 0; i < count; i++) {
+    sg += g[i];
+    sgx += g[i] * (x[i] - mean) * invstd;
+  }
+  fbn_bn_grad_coef k = fbn_bn_grad_coef_make(w, invstd, sg, sgx, count, 1);
+  fbn_bn_grad_coef ke = fbn_bn_grad_coef_make(w, invstd, sg, sgx, count, 0);
+  for (int i = 0; i < count; i++) {
+    const double xhat = (x[i] - mean) * invstd;
+    const double want = w * invstd * (g[i] - sg / count - xhat * sgx / count);
+    const double got = k.k * g[i] + k.b * (x[i] - mean) + k.d;
+    assert_true(fabs(got - want) <= 1e-12 * (1.0 + fabs(want)));
+    const double got_eval = ke.k * g[i] + ke.b * (x[i] - mean) + ke.d;
+    assert_true(fabs(got_eval - w * invstd * g[i]) <= 1e-15 * (1.0 + fabs(g[i])));
+  }
+  /* reduction slices: at least one, capped, more for longer channels */
+  assert_int_equal(fbn_bn_reduce_slices(1, 1), 1);
+  assert_int_equal(fbn_bn_reduce_slices(100000000, 1), FBN_BN_MAX_BLOCKS);
+  assert_int_equal(fbn_bn_reduce_slices(100000000, 4096), 1);
+  assert_true(fbn_bn_reduce_slices(32 * 56 * 56, 64) > 1);
+}
+
+/* ---- no device ------------------------------------------------------------------- */
+
+static void test_cuda_host_no_device(void **state) {
+  (void)state;
+  if (device_present())
+    skip(); /* this machine has a GPU: the 'gpu' suite covers creation */
+  fbn_module_options o;
+  fbn_module_options_init(&o);
+  o.num_features = 16;
+  o.device = FBN_DEVICE_CUDA;
+  for (int i = 0; i < 200; i++) {
+    o.affine = (i & 1) != 0;
+    o.track_running_stats = (i & 2) != 0;
+    fbn_module *m = (fbn_module *)&o; /* must be reset to NULL */
+    fbn_status s = fbn_module_create(&o, &m);
+    assert_int_equal(s, FBN_STATUS_NO_DEVICE);
+    assert_null(m);
+    const char *msg = fbn_last_error_message();
+    if (strstr(msg, "fbn_module_create") == NULL ||
+        (strstr(msg, "cudaGetDeviceCount") == NULL && strstr(msg, "cudaSetDevice") == NULL &&
+         strstr(msg, "cuDNN") == NULL))
+      fail_msg("NO_DEVICE message lacks the call and CUDA text: \"%s\"", msg);
+    if (i == 0)
+      print_message("# NO_DEVICE message: %s\n", msg);
+  }
+  /* the queries that need a CUDA module say so, and don't crash */
+  fbn_module_options cpu;
+  fbn_module_options_init(&cpu);
+  cpu.num_features = 4;
+  fbn_module *m = NULL;
+  assert_int_equal(fbn_module_create(&cpu, &m), FBN_STATUS_SUCCESS);
+  fbn_tensor_desc d = fbn_tensor_desc_make(2, 4, 3, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW);
+  fbn_cuda_path p;
+  int dev = -1;
+  size_t bytes = 1;
+  assert_int_equal(fbn_cuda_module_path(m, &d, false, &p), FBN_STATUS_INVALID_VALUE);
+  assert_int_equal(fbn_cuda_module_device(m, &dev), FBN_STATUS_INVALID_VALUE);
+  assert_int_equal(fbn_cuda_saved_size(m, &d, false, &bytes), FBN_STATUS_INVALID_VALUE);
+  assert_int_equal(bytes, 0);
+  /* the CUDA entry points run CPU modules too (the launch context is unused) */
+  float x[72], y[72];
+  for (int i = 0; i < 72; i++)
+    x[i] = (float)((i * 37) % 11) - 5.0f;
+  fbn_saved *saved = NULL;
+  assert_int_equal(fbn_saved_create(&saved), FBN_STATUS_SUCCESS);
+  fbn_cuda_exec exec = {0, NULL};
+  assert_int_equal(fbn_cuda_module_forward(m, &exec, &d, x, NULL, y, saved, NULL, 0),
+                   FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_cuda_saved_path(saved, &p), FBN_STATUS_SUCCESS);
+  assert_int_equal(p, FBN_CUDA_PATH_NONE); /* filled by a CPU module */
+  float dy[72], dx[72];
+  for (int i = 0; i < 72; i++)
+    dy[i] = 1.0f;
+  assert_int_equal(fbn_cuda_module_backward(m, NULL, saved, &d, x, y, dy, dx, NULL, NULL, 0),
+                   FBN_STATUS_SUCCESS);
+  const void *mean, *invstd;
+  assert_int_equal(fbn_cuda_saved_stats(saved, &mean, &invstd), FBN_STATUS_INVALID_STATE);
+  /* caller memory for the payload: alignment checked, then the object is empty */
+  char *fake = (char *)(uintptr_t)0x100000;
+  assert_int_equal(fbn_cuda_saved_set_memory(saved, fake + 8, 4096),
+                   FBN_STATUS_INSUFFICIENT_WORKSPACE);
+  assert_int_equal(fbn_cuda_saved_set_memory(saved, fake, 0), FBN_STATUS_INVALID_VALUE);
+  assert_int_equal(fbn_cuda_saved_set_memory(saved, NULL, 0), FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_module_backward(m, saved, &d, x, y, dy, dx, NULL, NULL, 0),
+                   FBN_STATUS_INVALID_STATE);
+  fbn_saved_destroy(saved);
+  fbn_module_destroy(m);
+}
+
+int main(int argc, char **argv) {
+  fbnt_parse_args(argc, argv);
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_cuda_host_descriptors_every_path),
+      cmocka_unit_test(test_cuda_host_descriptors_reject_int_overflow),
+      cmocka_unit_test(test_cuda_host_error_text_names_call),
+      cmocka_unit_test(test_cuda_host_path_table_matches_docs),
+      cmocka_unit_test(test_cuda_host_path_size_gates_and_refusals),
+      cmocka_unit_test(test_cuda_host_plan_path_validates),
+      cmocka_unit_test(test_cuda_host_factor_sequence_momentum),
+      cmocka_unit_test(test_cuda_host_factor_sequence_cumulative),
+      cmocka_unit_test(test_cuda_host_shifted_statistics),
+      cmocka_unit_test(test_cuda_host_grad_coefficients),
+      cmocka_unit_test(test_cuda_host_no_device),
+  };
+  return cmocka_run_group_tests_name("cuda-host", tests, NULL, NULL);
+}
