@@ -13,8 +13,12 @@
  *   stream the work is queued on and, optionally, a cuDNN handle of the
  *   caller's (created on the module's device).  A caller's handle gets the
  *   call's stream for the duration of the call and its previous stream back
- *   before the call returns.  Forward and backward are asynchronous with
- *   respect to the host: outputs are ready when the stream says so.
+ *   before the call returns (the module's own handle goes back to stream 0
+ *   after a call on another stream).  Forward and backward are asynchronous
+ *   with respect to the host: outputs are ready when the stream says so.
+ *   The module's running statistics and gradients are updated in stream
+ *   order: calls on different streams that use one module must be ordered
+ *   by the caller (events), as for any tensor shared between streams.
  *   Buffer reads/writes (fbn_module_read_buffer, ...) wait for the module's
  *   last queued work first.
  *

@@ -45,6 +45,13 @@ static size_t align_up(size_t v) { return (v + ALIGN - 1) / ALIGN * ALIGN; }
  * bytes: always give them at least one aligned block. */
 static size_t dnn_ws_bytes(size_t queried) { return align_up(queried > 0 ? queried : 1); }
 
+/* cudaFree whose failure is not reported (teardown, regrowing a cache): its
+ * error must not linger for the next launch check. */
+static void free_quietly(void *p) {
+  if (p != NULL && cudaFree(p) != cudaSuccess)
+    (void)cudaGetLastError();
+}
+
 /* ---- state --------------------------------------------------------------- */
 
 typedef struct cuda_state {
@@ -67,7 +74,9 @@ typedef struct cuda_state {
   size_t ws_bytes;
   cudaEvent_t ws_event;
   bool ws_pending;
-  cudaStream_t ws_stream;
+  /* cudaStreamGetId of the stream that last used the cache: unlike the
+   * cudaStream_t value, never reused by a later stream. */
+  unsigned long long ws_stream_id;
   /* One cached plan (descriptors + cuDNN sizes). */
   bool plan_valid;
   fbn_dnn_plan plan;
@@ -102,7 +111,11 @@ static fbn_status cuda_status_of(cudaError_t e) {
   return e == cudaErrorMemoryAllocation ? FBN_STATUS_OUT_OF_MEMORY : FBN_STATUS_DEVICE_ERROR;
 }
 
+/* Every failure is reported here (and by launch_check): clear the runtime's
+ * last error so that a non-sticky one is not reported again by the next
+ * kernel launch's cudaGetLastError() check. */
 static fbn_status cuda_fail(const char *fn, const char *call, cudaError_t e) {
+  (void)cudaGetLastError();
   return fbn_error(cuda_status_of(e), "%s: %s failed: %s (%s)", fn, call, cudaGetErrorName(e),
                    cudaGetErrorString(e));
 }
@@ -162,11 +175,11 @@ static void cuda_state_free(cuda_state *st) {
   if (st->plan_valid)
     fbn_dnn_plan_fini(&st->plan);
   if (st->ws != NULL)
-    (void)cudaFree(st->ws);
+    free_quietly(st->ws);
   if (st->ws_event != NULL)
     (void)cudaEventDestroy(st->ws_event);
   if (st->arena != NULL)
-    (void)cudaFree(st->arena);
+    free_quietly(st->arena);
   fbn_dnn_destroy(st->dnn);
   free(st);
 }
@@ -628,7 +641,7 @@ static void cuda_saved_free(fbn_saved *saved) {
   cuda_payload *p = saved->payload;
   if (p != NULL) {
     if (!p->external && p->mem != NULL)
-      (void)cudaFree(p->mem);
+      free_quietly(p->mem);
     free(p);
   }
   saved->payload = NULL;
@@ -664,7 +677,7 @@ static fbn_status cuda_saved_prepare(const fbn_module *m, const fbn_tensor_desc 
   }
   if (saved->external != NULL) {
     if (!p->external && p->mem != NULL)
-      (void)cudaFree(p->mem);
+      free_quietly(p->mem);
     p->mem = saved->external;
     p->bytes = saved->external_bytes;
     p->external = true;
@@ -686,7 +699,7 @@ static fbn_status cuda_saved_prepare(const fbn_module *m, const fbn_tensor_desc 
     }
     if (p->bytes < total) {
       if (p->mem != NULL)
-        (void)cudaFree(p->mem);
+        free_quietly(p->mem);
       p->mem = NULL;
       p->bytes = 0;
       cudaError_t e = cudaMalloc(&p->mem, total);
@@ -817,7 +830,7 @@ static fbn_status ctx_workspace(call_ctx *cx, void *caller_ws, size_t caller_byt
     return FBN_STATUS_SUCCESS;
   if (st->ws_bytes < need) {
     if (st->ws != NULL)
-      (void)cudaFree(st->ws); /* synchronizes the device: no user left */
+      free_quietly(st->ws); /* synchronizes the device: no user left */
     st->ws = NULL;
     st->ws_bytes = 0;
     st->ws_pending = false;
@@ -831,8 +844,19 @@ static fbn_status ctx_workspace(call_ctx *cx, void *caller_ws, size_t caller_byt
     }
     st->ws_bytes = bytes;
   }
-  if (st->ws_pending && st->ws_stream != cx->stream)
-    CUDA_TRY(cx->fn, cudaStreamWaitEvent(cx->stream, st->ws_event, 0));
+  /* Order this call after the last one that used the cache when that ran on
+   * another stream. Streams are compared by id: a destroyed stream's handle
+   * value can come back for a new stream while the old one's work still
+   * runs. The same stream needs no wait (and must not get one while it is
+   * being captured into a CUDA graph). */
+  if (st->ws_pending) {
+    unsigned long long id = 0;
+    cudaError_t e = cudaStreamGetId(cx->stream, &id);
+    if (e != cudaSuccess)
+      (void)cudaGetLastError();
+    if (e != cudaSuccess || id != st->ws_stream_id)
+      CUDA_TRY(cx->fn, cudaStreamWaitEvent(cx->stream, st->ws_event, 0));
+  }
   cx->ws = st->ws;
   cx->ws_bytes = st->ws_bytes;
   cx->ws_cached = true;
@@ -845,13 +869,19 @@ static fbn_status ctx_end(call_ctx *cx, fbn_status s) {
     cudaError_t e = cudaEventRecord(st->ws_event, cx->stream);
     if (e == cudaSuccess) {
       st->ws_pending = true;
-      st->ws_stream = cx->stream;
+      if (cudaStreamGetId(cx->stream, &st->ws_stream_id) != cudaSuccess) {
+        (void)cudaGetLastError();
+        st->ws_stream_id = ~0ull; /* unknown: the next user waits */
+      }
     } else if (s == FBN_STATUS_SUCCESS) {
       s = cuda_fail(cx->fn, "cudaEventRecord", e);
     }
   }
-  if (cx->caller_handle && cx->dnn_stream_set) {
-    fbn_dnn_error e = fbn_dnn_set_stream(cx->dnn, cx->dnn_saved_stream);
+  if (cx->dnn_stream_set && (cx->caller_handle || cx->stream != 0)) {
+    /* A caller's handle gets its own stream back; the module's handle goes
+     * back to the legacy default stream, so it never keeps a caller stream
+     * that may be destroyed before the module (cudnnDestroy, later calls). */
+    fbn_dnn_error e = fbn_dnn_set_stream(cx->dnn, cx->caller_handle ? cx->dnn_saved_stream : 0);
     if (!fbn_dnn_ok(e) && s == FBN_STATUS_SUCCESS)
       s = dnn_fail(cx->fn, e);
   }
@@ -877,6 +907,7 @@ static void *carve(carver *c, size_t bytes) {
 static fbn_status launch_check(const call_ctx *cx, const char *kernel, cudaError_t e) {
   if (e == cudaSuccess)
     return FBN_STATUS_SUCCESS;
+  (void)cudaGetLastError();
   return fbn_error(cuda_status_of(e), "%s: launching %s failed: %s (%s)", cx->fn, kernel,
                    cudaGetErrorName(e), cudaGetErrorString(e));
 }

@@ -239,7 +239,13 @@ static unsigned parse_set(char *cell, const char *const *names, unsigned count, 
 }
 
 static size_t load_table(table_row *rows, size_t max) {
-  const char *path = FBN_DOCS_DIR "/cuda-backend.md";
+  /* FBN_DOCS_DIR in the environment wins over the compiled-in source path, so
+   * a build carried to another machine (scripts/gpu-check --prebuilt) still
+   * finds the table of its own checkout. */
+  char path[4096];
+  const char *dir = getenv("FBN_DOCS_DIR");
+  snprintf(path, sizeof path, "%s/cuda-backend.md",
+           dir != NULL && dir[0] != '\0' ? dir : FBN_DOCS_DIR);
   FILE *f = fopen(path, "r");
   if (f == NULL)
     fail_msg("cannot open %s", path);
