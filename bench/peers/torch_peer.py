@@ -1,0 +1,129 @@
+#!/usr/bin/python3
+"""PyTorch CPU peer of fbn-peers-bench: the same shapes, passes and CSV.
+
+    y = torch.nn.BatchNorm2d(C)(x) (training), then y.add_(z), y.relu_()
+    eval:      the same module in eval mode (running statistics)
+    backward:  autograd of that forward: dx, daddend, dweight, dbias
+
+NHWC is torch.channels_last. Threads are set explicitly (torch defaults to
+half the cores here). PyTorch allocates its outputs on every call and has no
+CPU caching allocator; run this script with
+
+    GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+
+so that freed tensors stay in the heap and are reused instead of being
+unmapped and faulted in again (~7 us per 4 KiB page on these machines); the
+minor page faults per call are reported ("# ... faults/call") so that a run
+without it shows up. Output: CSV rows as fbn-peers-bench's, impl "pytorch".
+"""
+import argparse
+import resource
+import statistics
+import sys
+import time
+
+RESNET50 = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14),
+            (32, 2048, 7, 7)]
+QUICK = [(2, c, h, w) for (_, c, h, w) in RESNET50]
+
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    times = []
+    f0 = faults()
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times, (faults() - f0) / reps
+
+
+def run_shape(torch, shape, layout, args):
+    n, c, h, w = shape
+    fmt = torch.channels_last if layout == "NHWC" else torch.contiguous_format
+    gen = torch.Generator().manual_seed(1)
+
+    def tensor(lo, hi):
+        t = torch.empty(shape).uniform_(lo, hi, generator=gen)
+        return t.contiguous(memory_format=fmt)
+
+    x, z, dy = tensor(-1.5, 2.5), tensor(-1.0, 1.0), tensor(-1.0, 1.0)
+    bn = torch.nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=gen)
+        bn.bias.uniform_(-0.5, 0.5, generator=gen)
+
+    def forward():
+        y = bn(x)
+        y.add_(z)
+        y.relu_()
+        return y
+
+    results = []
+    with torch.no_grad():
+        bn.train()
+        y = forward()
+        assert y.is_contiguous(memory_format=fmt), "BatchNorm2d changed the layout"
+        results.append(("train_fwd",) + timed(forward, args.warmup, args.reps))
+        bn.eval()
+        results.append(("eval_fwd",) + timed(forward, args.warmup, args.reps))
+    bn.train()
+    xg = x.detach().requires_grad_(True)
+    zg = z.detach().requires_grad_(True)
+    yg = bn(xg)
+    yg = yg.add_(zg)
+    yg = yg.relu_()
+    inputs = (xg, zg, bn.weight, bn.bias)
+
+    def backward():
+        return torch.autograd.grad(yg, inputs, dy, retain_graph=True)
+
+    results.append(("bwd",) + timed(backward, args.warmup, args.reps))
+    for name, times, fpc in results:
+        print("%s,%d,%d,%d,%d,%s,pytorch,%.4f,%.4f,%d" %
+              (name, n, c, h, w, layout, 1e3 * statistics.median(times), 1e3 * min(times),
+               args.reps))
+        print("# pytorch %s (%d,%d,%d,%d) %s: %.1f minor page faults/call" %
+              (name, n, c, h, w, layout, fpc))
+    sys.stdout.flush()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=25)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="batch 2 instead of 32")
+    p.add_argument("--shape", help="N,C,H,W: only this shape")
+    p.add_argument("--layout", choices=["nchw", "nhwc", "both"], default="both")
+    p.add_argument("--header", action="store_true", help="print the CSV header line")
+    args = p.parse_args()
+    try:
+        import torch
+    except ImportError as e:
+        print("# pytorch: not available (%s)" % e)
+        return 0
+    torch.set_num_threads(args.threads)
+    backend = [l.strip() for l in torch.__config__.parallel_info().splitlines()
+               if "parallel backend" in l]
+    print("# pytorch %s, threads=%d, %s" % (torch.__version__, torch.get_num_threads(),
+                                              backend[0] if backend else "parallel backend ?"))
+    if args.header:
+        print("pass,n,c,h,w,layout,impl,median_ms,min_ms,reps")
+    shapes = QUICK if args.quick else RESNET50
+    if args.shape:
+        shapes = [tuple(int(v) for v in args.shape.split(","))]
+    layouts = {"nchw": ["NCHW"], "nhwc": ["NHWC"], "both": ["NCHW", "NHWC"]}[args.layout]
+    for shape in shapes:
+        for layout in layouts:
+            run_shape(torch, shape, layout, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,924 @@
+/*
+ * Fast CPU backend: the same module semantics as the reference backend
+ * (cpu_ref.c, docs/semantics.md) at memory speed. The default for CPU
+ * modules; FBN_CPU_BACKEND=reference selects the reference instead.
+ *
+ *   threads       OpenMP (OMP_NUM_THREADS): over groups of channels (NCHW) or
+ *                 chunks of rows (NHWC), handed out dynamically; one thread
+ *                 for tensors under FBN_FAST_MIN_PARALLEL elements
+ *   forward       training: one statistics pass (float64 sums of the data
+ *                 shifted by a value of the channel: no E[x^2] - E[x]^2 in
+ *                 float) and one fused normalize + add + ReLU pass; eval: the
+ *                 fused pass only
+ *   backward      one reduction pass (sum g, sum g*(x - mean)) and one pass
+ *                 writing dx and daddend; eval-mode backward without affine
+ *                 gradients skips the reduction
+ *   memory        NCHW channel groups are sized so that their data comes
+ *                 back from the caches in the second pass; outputs of 8 MiB
+ *                 and more are written with non-temporal stores; no
+ *                 temporary tensors (per-module scratch: per-thread partial
+ *                 sums and per-channel coefficients)
+ *   inner loops   cpu_fast_impl.h: plain `omp simd` loops compiled for
+ *                 x86-64-v3 (AVX2, FMA) and the baseline, chosen at load time
+ *
+ * Degenerate channels take the exact path: a channel whose statistics or
+ * coefficients are not finite (NaN or infinity in x, running stats or
+ * parameters; a zero variance with eps = 0) or whose coefficients do not fit
+ * the tensor's dtype is computed with the reference backend's arithmetic
+ * (float64, same order of summation), so NaN and infinity come out exactly
+ * where the reference puts them.
+ *
+ * Saved payload: two arrays of C doubles (mean and inverse standard
+ * deviation that normalized x, as the reference backend's), then for
+ * float32 tensors the ReLU bitmask of the forward's y (path = 1): one bit
+ * per element, y > 0, each tensor row on a byte. Backward takes the mask
+ * from it instead of reading y (the API requires y unchanged since the
+ * forward), which saves a quarter of its first pass's reads.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu/cpu_fast.h"
+#include "internal.h"
+
+/* ---- compiler plumbing -------------------------------------------------- */
+
+#define FBN_STR(...) #__VA_ARGS__
+#ifdef _OPENMP
+#define FBN_OMP(...) _Pragma(FBN_STR(__VA_ARGS__))
+#define FBN_SIMD _Pragma("omp simd")
+#define FBN_SIMD_REDUCTION(a, b) _Pragma(FBN_STR(omp simd reduction(+ : a, b)))
+#else
+#define FBN_OMP(...)
+#define FBN_SIMD
+#define FBN_SIMD_REDUCTION(a, b)
+#endif
+
+/* x86-64 with GCC and ifunc support: build each inner loop for AVX2+FMA
+ * and for the baseline, dispatched once at load time. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__ELF__) && \
+    defined(__linux__) && !defined(FBN_FAST_NO_CLONES)
+#define FBN_FAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FBN_FAST_CLONES
+#endif
+#define FBN_FAST_INLINE inline __attribute__((always_inline))
+
+/* Without it GCC keeps `y > 0 ? dy : 0` as a branch inside the float->double
+ * reductions of backward (an ordered compare may raise FE_INVALID) and does
+ * not vectorize them. It changes no result, only whether floating-point
+ * exception flags are exact; the library never reads them. */
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+/* ---- tuning ------------------------------------------------------------- */
+
+/* Most channels in one NCHW group (stack arrays of this length). */
+#define FBN_FAST_MAX_GROUP 64
+/* Bytes of x (or of x, y and dy in backward) one NCHW group aims for. A
+ * group's data is read twice, so it should come back from the caches the
+ * second time; but each group is N strided runs, and short runs cost more
+ * than the reuse gains (measured on 2-core AMD EPYC VMs: runs of 3 KB ran
+ * at 60% of the speed of runs of 100 KB), so groups are sized for the
+ * L2 + L3 share of a core rather than L2 alone. */
+#define FBN_FAST_GROUP_BYTES ((int64_t)1 << 20)
+#define FBN_FAST_GROUP_BYTES_SHORT_ROWS ((int64_t)4 << 20)
+/* Elements of one NHWC block (P rows, P*C >= this) per vector loop. */
+#define FBN_FAST_NHWC_BLOCK 4096
+/* Bytes of x in one NHWC unit of work (threads take units dynamically). */
+#define FBN_FAST_NHWC_CHUNK_BYTES ((int64_t)256 << 10)
+/* NCHW with H*W below this runs channel groups as channels-last blocks of
+ * about FBN_FAST_NCHW_VEC_LEN elements (fbn_fast_nchw_plan). */
+#define FBN_FAST_NCHW_VEC_HW 256
+#define FBN_FAST_NCHW_VEC_LEN 32768
+/* Tensors with fewer elements run on one thread. */
+#define FBN_FAST_MIN_PARALLEL (64 * 1024)
+/* Outputs of at least this many bytes are written with non-temporal stores
+ * (they would not stay in the caches anyway). */
+#define FBN_FAST_STREAM_BYTES ((int64_t)8 << 20)
+/* Bytes of one chunk of the chunked loops (cpu_fast_impl.h): the on-stack
+ * buffers for the expanded ReLU mask and for streamed outputs. */
+#define FBN_FAST_CHUNK_BYTES 4096
+/* Padding between scratch arrays, so that no two of them are a multiple of
+ * 4 KiB apart (loads that alias a recent store modulo 4 KiB stall). */
+#define FBN_FAST_SCRATCH_PAD 448
+
+/* ---- types shared with cpu_fast_impl.h ---------------------------------- */
+
+/* What backward knows of one channel. */
+typedef struct fbn_fast_bwd_chan {
+  double mean, invstd, weight;
+  double sum_g, sum_gxhat;
+  bool finite; /* mean, invstd and weight are finite */
+} fbn_fast_bwd_chan;
+
+/* Scratch of an NHWC call, carved from the module's scratch buffer. */
+typedef struct fbn_fast_nhwc_plan {
+  int64_t rows_per_block;  /* P */
+  int64_t chunk_rows;      /* rows per unit of work, a multiple of P */
+  int64_t block;           /* P * C */
+  double *partial;         /* per thread: two arrays of `block` partial sums */
+  int64_t partial_stride;  /* doubles from one partial array to the next */
+  double *shift;           /* block: per-element shift (forward) / mean (backward) */
+  double *mean, *invstd;   /* C each (forward) */
+  fbn_fast_bwd_chan *chan; /* C (backward) */
+  void *coef[4];           /* 4 arrays of `block` elements of the tensor's dtype */
+  bool *fast;              /* C */
+} fbn_fast_nhwc_plan;
+
+/*
+ * Scratch of an NCHW call with short rows (H*W < FBN_FAST_NCHW_VEC_HW): a
+ * group of channels is handled like a channels-last block, its N runs of
+ * group*H*W contiguous elements with per-element accumulators and
+ * coefficients. Each thread has its own arrays (fbn_fast_nchw_view).
+ */
+typedef struct fbn_fast_nchw_plan {
+  int64_t group;      /* channels per group */
+  int64_t len;        /* group * H * W */
+  size_t elem;        /* bytes of one tensor element */
+  size_t per_thread;  /* bytes of one thread's arrays */
+  char *base;
+} fbn_fast_nchw_plan;
+
+typedef struct fbn_fast_nchw_view {
+  double *s1, *s2, *shift; /* len each */
+  double *mean, *invstd;   /* group each */
+  fbn_fast_bwd_chan *chan; /* group */
+  void *coef[4];           /* len elements each */
+  bool *fast;              /* group */
+} fbn_fast_nchw_view;
+
+/* Partial sums `which` (0 or 1) of thread t. */
+static inline double *fbn_fast_partial(const fbn_fast_nhwc_plan *plan, int t, int which) {
+  return plan->partial + (2 * (size_t)t + (size_t)which) * (size_t)plan->partial_stride;
+}
+
+typedef struct fbn_fast_state {
+  void *scratch;
+  size_t scratch_bytes;
+} fbn_fast_state;
+
+/* ---- small helpers ------------------------------------------------------ */
+
+static inline bool fbn_fast_finite(double v) { return isfinite(v); }
+
+static inline int fbn_fast_thread_num(void) {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+static inline int fbn_fast_num_threads(void) {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+/* Threads for a tensor of numel elements. */
+static int fbn_fast_threads(int64_t numel) {
+#ifdef _OPENMP
+  if (numel < FBN_FAST_MIN_PARALLEL)
+    return 1;
+  const int t = omp_get_max_threads();
+  return t < 1 ? 1 : t;
+#else
+  (void)numel;
+  return 1;
+#endif
+}
+
+static inline double fbn_fast_load(const void *p, fbn_dtype dtype, int64_t i) {
+  return dtype == FBN_DTYPE_FLOAT64 ? ((const double *)p)[i] : (double)((const float *)p)[i];
+}
+
+static inline void fbn_fast_store(void *p, fbn_dtype dtype, int64_t i, double v) {
+  if (dtype == FBN_DTYPE_FLOAT64)
+    ((double *)p)[i] = v;
+  else
+    ((float *)p)[i] = (float)v;
+}
+
+static inline double fbn_fast_param(const fbn_module *m, fbn_buffer which, int64_t c) {
+  return fbn_fast_load(m->buffers[which], m->options.param_dtype, c);
+}
+
+static inline double fbn_fast_weight(const fbn_module *m, int64_t c) {
+  return m->options.affine ? fbn_fast_param(m, FBN_BUFFER_WEIGHT, c) : 1.0;
+}
+
+static inline double fbn_fast_bias(const fbn_module *m, int64_t c) {
+  return m->options.affine ? fbn_fast_param(m, FBN_BUFFER_BIAS, c) : 0.0;
+}
+
+/* Index of (n, c, s), s = h*W + w. */
+static inline int64_t fbn_fast_index(const fbn_tensor_desc *d, int64_t hw, int64_t n, int64_t c,
+                                     int64_t s) {
+  return d->layout == FBN_LAYOUT_NCHW ? (n * d->c + c) * hw + s : (n * hw + s) * d->c + c;
+}
+
+/* a[0..c) copied p - 1 more times behind itself (elements of size bytes). */
+static void fbn_fast_repeat(void *a, size_t size, int64_t c, int64_t p) {
+  for (int64_t i = 1; i < p; i++)
+    memcpy((char *)a + (size_t)(i * c) * size, a, (size_t)c * size);
+}
+
+/* Channels per NCHW group: about FBN_FAST_GROUP_BYTES of data, at most
+ * FBN_FAST_MAX_GROUP, and at least 4 groups per thread when C allows. */
+static int64_t fbn_fast_nchw_group(int64_t c, int64_t bytes_per_channel, int nt) {
+  int64_t g = FBN_FAST_GROUP_BYTES / (bytes_per_channel > 0 ? bytes_per_channel : 1);
+  if (g > FBN_FAST_MAX_GROUP)
+    g = FBN_FAST_MAX_GROUP;
+  const int64_t balanced = c / (4 * (int64_t)nt);
+  if (g > balanced)
+    g = balanced;
+  return g < 1 ? 1 : g;
+}
+
+static inline bool fbn_fast_stream_output(int64_t bytes) { return bytes >= FBN_FAST_STREAM_BYTES; }
+
+/* ---- non-temporal stores ------------------------------------------------ */
+
+/* dst[0..n) = src[0..n) with non-temporal stores where dst is aligned
+ * (SSE2: part of x86-64's baseline); plain stores elsewhere. Inlined into
+ * each clone of the inner loops. fbn_fast_stream_fence() orders them before
+ * the stores that follow (and before the end of the parallel region). */
+#if defined(__x86_64__) && defined(__SSE2__)
+#include <emmintrin.h>
+FBN_FAST_INLINE void fbn_fast_stream_f32(float *restrict dst, const float *restrict src,
+                                         int64_t n) {
+  int64_t i = 0;
+  for (; i < n && ((uintptr_t)(dst + i) & 15) != 0; i++)
+    dst[i] = src[i];
+  for (; i + 4 <= n; i += 4)
+    _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+  for (; i < n; i++)
+    dst[i] = src[i];
+}
+FBN_FAST_INLINE void fbn_fast_stream_f64(double *restrict dst, const double *restrict src,
+                                         int64_t n) {
+  int64_t i = 0;
+  for (; i < n && ((uintptr_t)(dst + i) & 15) != 0; i++)
+    dst[i] = src[i];
+  for (; i + 2 <= n; i += 2)
+    _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
+  for (; i < n; i++)
+    dst[i] = src[i];
+}
+FBN_FAST_INLINE void fbn_fast_stream_fence(void) { _mm_sfence(); }
+#else
+FBN_FAST_INLINE void fbn_fast_stream_f32(float *restrict dst, const float *restrict src,
+                                         int64_t n) {
+  memcpy(dst, src, (size_t)n * sizeof *dst);
+}
+FBN_FAST_INLINE void fbn_fast_stream_f64(double *restrict dst, const double *restrict src,
+                                         int64_t n) {
+  memcpy(dst, src, (size_t)n * sizeof *dst);
+}
+FBN_FAST_INLINE void fbn_fast_stream_fence(void) {}
+#endif
+
+/* ---- chunks and mask bits ----------------------------------------------- */
+
+/* Iterator over the chunks of a block of `rows` rows of len elements: whole
+ * rows, as many as fit in `chunk` elements, or pieces of `chunk` elements
+ * (a multiple of 8) of one row. */
+typedef struct fbn_fast_chunk {
+  int64_t rows, len, chunk;
+  int64_t off;   /* first element, from the start of the block */
+  int64_t n;     /* elements */
+  int64_t row;   /* first row */
+  int64_t nrows; /* rows it touches */
+  int64_t seg;   /* offset in the row (pieces of one row), else 0 */
+} fbn_fast_chunk;
+
+static inline void fbn_fast_chunk_start(fbn_fast_chunk *ck, int64_t rows, int64_t len,
+                                        int64_t chunk) {
+  ck->rows = rows;
+  ck->len = len;
+  ck->chunk = chunk;
+  ck->off = ck->n = ck->row = ck->nrows = ck->seg = 0;
+}
+
+static inline bool fbn_fast_chunk_next(fbn_fast_chunk *ck) {
+  if (ck->len <= ck->chunk) {
+    const int64_t per = ck->chunk / ck->len;
+    ck->row += ck->nrows;
+    if (ck->row >= ck->rows)
+      return false;
+    ck->nrows = ck->rows - ck->row < per ? ck->rows - ck->row : per;
+    ck->off = ck->row * ck->len;
+    ck->n = ck->nrows * ck->len;
+    return true;
+  }
+  if (ck->nrows == 0) {
+    ck->nrows = 1;
+    ck->seg = 0;
+  } else {
+    ck->seg += ck->chunk;
+    if (ck->seg >= ck->len) {
+      ck->seg = 0;
+      ck->row++;
+    }
+  }
+  if (ck->row >= ck->rows)
+    return false;
+  ck->off = ck->row * ck->len + ck->seg;
+  ck->n = ck->len - ck->seg < ck->chunk ? ck->len - ck->seg : ck->chunk;
+  return true;
+}
+
+/* 8 values -> one byte of v > 0; one byte -> 8 lane masks (all ones where
+ * set). SSE2 on x86-64, plain loops elsewhere. */
+#if defined(__x86_64__) && defined(__SSE2__)
+FBN_FAST_INLINE uint8_t fbn_fast_pack8_f32(const float *v) {
+  const __m128 zero = _mm_setzero_ps();
+  return (uint8_t)(_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(v), zero)) |
+                   (_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(v + 4), zero)) << 4));
+}
+FBN_FAST_INLINE uint8_t fbn_fast_pack8_f64(const double *v) {
+  const __m128d zero = _mm_setzero_pd();
+  int b = 0;
+  for (int k = 0; k < 4; k++)
+    b |= _mm_movemask_pd(_mm_cmpgt_pd(_mm_loadu_pd(v + 2 * k), zero)) << (2 * k);
+  return (uint8_t)b;
+}
+FBN_FAST_INLINE void fbn_fast_expand8_f32(uint8_t b, int32_t *out) {
+  const __m128i v = _mm_set1_epi32(b);
+  const __m128i lo = _mm_setr_epi32(1, 2, 4, 8), hi = _mm_setr_epi32(16, 32, 64, 128);
+  _mm_storeu_si128((__m128i *)(void *)out, _mm_cmpeq_epi32(_mm_and_si128(v, lo), lo));
+  _mm_storeu_si128((__m128i *)(void *)(out + 4), _mm_cmpeq_epi32(_mm_and_si128(v, hi), hi));
+}
+#else
+FBN_FAST_INLINE uint8_t fbn_fast_pack8_f32(const float *v) {
+  unsigned b = 0;
+  for (int k = 0; k < 8; k++)
+    b |= (unsigned)(v[k] > 0.0f) << k;
+  return (uint8_t)b;
+}
+FBN_FAST_INLINE uint8_t fbn_fast_pack8_f64(const double *v) {
+  unsigned b = 0;
+  for (int k = 0; k < 8; k++)
+    b |= (unsigned)(v[k] > 0.0) << k;
+  return (uint8_t)b;
+}
+FBN_FAST_INLINE void fbn_fast_expand8_f32(uint8_t b, int32_t *out) {
+  for (int k = 0; k < 8; k++)
+    out[k] = (b >> k) & 1 ? -1 : 0;
+}
+#endif
+FBN_FAST_INLINE void fbn_fast_expand8_f64(uint8_t b, int64_t *out) {
+  for (int k = 0; k < 8; k++)
+    out[k] = (b >> k) & 1 ? -1 : 0;
+}
+
+/* The saved ReLU bitmask (float32 tensors): one bit per element, y > 0,
+ * each row of the tensor (NCHW: the H*W of one (n, c); NHWC: the C of one
+ * (n, h, w)) starting on a byte. Backward reads it instead of y. */
+static int64_t fbn_fast_mask_row_len(const fbn_tensor_desc *d) {
+  return d->layout == FBN_LAYOUT_NCHW ? d->h * d->w : d->c;
+}
+static int64_t fbn_fast_mask_bpr(const fbn_tensor_desc *d) {
+  return (fbn_fast_mask_row_len(d) + 7) / 8;
+}
+static size_t fbn_fast_mask_bytes(const fbn_tensor_desc *d) {
+  if (d->dtype != FBN_DTYPE_FLOAT32)
+    return 0;
+  return (size_t)(fbn_desc_numel(d) / fbn_fast_mask_row_len(d) * fbn_fast_mask_bpr(d));
+}
+
+/* Set or clear the mask bit of element (n, c, s). */
+static void fbn_fast_mask_set(const fbn_tensor_desc *d, uint8_t *bits, int64_t n, int64_t c,
+                              int64_t s, bool on) {
+  const int64_t hw = d->h * d->w, bpr = fbn_fast_mask_bpr(d);
+  const int64_t row = d->layout == FBN_LAYOUT_NCHW ? n * d->c + c : n * hw + s;
+  const int64_t pos = d->layout == FBN_LAYOUT_NCHW ? s : c;
+  uint8_t *byte = bits + row * bpr + pos / 8;
+  if (on)
+    *byte = (uint8_t)(*byte | (1u << (pos % 8)));
+  else
+    *byte = (uint8_t)(*byte & ~(1u << (pos % 8)));
+}
+
+/* ---- per-channel statistics (shared by both dtypes) --------------------- */
+
+static void fbn_fast_save(const fbn_forward_args *a, int64_t c, double mean, double invstd) {
+  if (a->saved != NULL) {
+    double *p = a->saved->payload;
+    p[c] = mean;
+    p[a->desc->c + c] = invstd;
+  }
+}
+
+/* Mean and sum of squared deviations of channel c, as the reference backend
+ * computes them (two passes, float64, n-major order). */
+static void fbn_fast_exact_stats(const fbn_tensor_desc *d, const void *x, int64_t c,
+                                 double *mean_out, double *sq_out) {
+  const int64_t hw = d->h * d->w, count = d->n * hw;
+  double sum = 0.0;
+  for (int64_t n = 0; n < d->n; n++)
+    for (int64_t s = 0; s < hw; s++)
+      sum += fbn_fast_load(x, d->dtype, fbn_fast_index(d, hw, n, c, s));
+  const double mean = sum / (double)count;
+  double sq = 0.0;
+  for (int64_t n = 0; n < d->n; n++)
+    for (int64_t s = 0; s < hw; s++) {
+      const double v = fbn_fast_load(x, d->dtype, fbn_fast_index(d, hw, n, c, s)) - mean;
+      sq += v * v;
+    }
+  *mean_out = mean;
+  *sq_out = sq;
+}
+
+/*
+ * Batch statistics of channel c from its shifted sums s1 = sum (x - k),
+ * s2 = sum (x - k)^2: running-statistics update, saved mean/invstd.
+ * Non-finite sums, or a variance that would give an infinite invstd, are
+ * recomputed the reference's way.
+ */
+static void fbn_fast_batch_stats(fbn_module *m, const fbn_forward_args *a, int64_t c, double k,
+                                 double s1, double s2, double *mean_out, double *invstd_out) {
+  const fbn_tensor_desc *d = a->desc;
+  const fbn_module_options *o = &m->options;
+  const int64_t count = d->n * d->h * d->w;
+  double mean, sq;
+  bool ok = isfinite(s1) && isfinite(s2);
+  if (ok) {
+    const double mu = s1 / (double)count;
+    sq = s2 - s1 * mu;
+    if (sq < 0.0)
+      sq = 0.0;
+    mean = k + mu;
+    ok = sq / (double)count + o->eps > 0.0;
+  }
+  if (!ok)
+    fbn_fast_exact_stats(d, a->x, c, &mean, &sq);
+  const double var = sq / (double)count; /* biased: normalizes */
+  if (a->update_running) {
+    const fbn_dtype pt = o->param_dtype;
+    const double unbiased = sq / (double)(count - 1);
+    void *rm = m->buffers[FBN_BUFFER_RUNNING_MEAN], *rv = m->buffers[FBN_BUFFER_RUNNING_VAR];
+    fbn_fast_store(rm, pt, c, (1.0 - a->factor) * fbn_fast_load(rm, pt, c) + a->factor * mean);
+    fbn_fast_store(rv, pt, c, (1.0 - a->factor) * fbn_fast_load(rv, pt, c) + a->factor * unbiased);
+  }
+  const double invstd = 1.0 / sqrt(var + o->eps);
+  fbn_fast_save(a, c, mean, invstd);
+  *mean_out = mean;
+  *invstd_out = invstd;
+}
+
+static void fbn_fast_running_stats(const fbn_module *m, const fbn_forward_args *a, int64_t c,
+                                   double *mean_out, double *invstd_out) {
+  const double mean = fbn_fast_param(m, FBN_BUFFER_RUNNING_MEAN, c);
+  const double var = fbn_fast_param(m, FBN_BUFFER_RUNNING_VAR, c);
+  const double invstd = 1.0 / sqrt(var + m->options.eps);
+  fbn_fast_save(a, c, mean, invstd);
+  *mean_out = mean;
+  *invstd_out = invstd;
+}
+
+/* y of channel c with the reference's arithmetic (and its mask bits). */
+static void fbn_fast_exact_normalize(const fbn_module *m, const fbn_forward_args *a, int64_t c,
+                                     double mean, double invstd, uint8_t *bits, int64_t bpr) {
+  (void)bpr;
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t hw = d->h * d->w;
+  const double weight = fbn_fast_weight(m, c), bias = fbn_fast_bias(m, c);
+  for (int64_t n = 0; n < d->n; n++)
+    for (int64_t s = 0; s < hw; s++) {
+      const int64_t i = fbn_fast_index(d, hw, n, c, s);
+      double v = (fbn_fast_load(a->x, d->dtype, i) - mean) * invstd * weight + bias;
+      if (a->addend != NULL)
+        v += fbn_fast_load(a->addend, d->dtype, i);
+      fbn_fast_store(a->y, d->dtype, i, v > 0.0 || isnan(v) ? v : 0.0);
+      if (bits != NULL)
+        fbn_fast_mask_set(d, bits, n, c, s, fbn_fast_load(a->y, d->dtype, i) > 0.0);
+    }
+}
+
+/* ---- per-channel backward ----------------------------------------------- */
+
+static void fbn_fast_bwd_chan_init(const fbn_module *m, const fbn_backward_args *a, int64_t c,
+                                   fbn_fast_bwd_chan *ch) {
+  const double *p = a->saved->payload;
+  ch->mean = p[c];
+  ch->invstd = p[a->desc->c + c];
+  ch->weight = fbn_fast_weight(m, c);
+  ch->sum_g = ch->sum_gxhat = 0.0;
+  ch->finite = isfinite(ch->mean) && isfinite(ch->invstd) && isfinite(ch->weight);
+}
+
+/* sum g and sum g * xhat of channel c the reference's way. */
+static void fbn_fast_exact_bwd_sums(const fbn_backward_args *a, int64_t c, fbn_fast_bwd_chan *ch) {
+  const fbn_tensor_desc *d = a->desc;
+  const fbn_dtype dt = d->dtype;
+  const int64_t hw = d->h * d->w;
+  double sum_g = 0.0, sum_g_xhat = 0.0;
+  for (int64_t n = 0; n < d->n; n++)
+    for (int64_t s = 0; s < hw; s++) {
+      const int64_t i = fbn_fast_index(d, hw, n, c, s);
+      const double g = fbn_fast_load(a->y, dt, i) > 0.0 ? fbn_fast_load(a->dy, dt, i) : 0.0;
+      sum_g += g;
+      sum_g_xhat += g * (fbn_fast_load(a->x, dt, i) - ch->mean) * ch->invstd;
+    }
+  ch->sum_g = sum_g;
+  ch->sum_gxhat = sum_g_xhat;
+}
+
+/*
+ * Complete channel c's sums from the fast reduction (sg = sum g,
+ * sgx = sum g*(x - mean)) or, if the channel is not on the fast path or the
+ * sums are not finite, exactly; accumulate dweight/dbias. Returns whether
+ * the channel stays on the fast path.
+ */
+static bool fbn_fast_bwd_chan_sums(fbn_module *m, const fbn_backward_args *a, int64_t c,
+                                   bool fast, double sg, double sgx, fbn_fast_bwd_chan *ch) {
+  if (fast) {
+    ch->sum_g = sg;
+    ch->sum_gxhat = sgx * ch->invstd;
+    fast = isfinite(ch->sum_g) && isfinite(ch->sum_gxhat);
+  }
+  if (!fast)
+    fbn_fast_exact_bwd_sums(a, c, ch);
+  if (m->options.affine) {
+    const fbn_dtype pt = m->options.param_dtype;
+    void *gw = m->buffers[FBN_BUFFER_WEIGHT_GRAD], *gb = m->buffers[FBN_BUFFER_BIAS_GRAD];
+    fbn_fast_store(gw, pt, c, fbn_fast_load(gw, pt, c) + ch->sum_gxhat);
+    fbn_fast_store(gb, pt, c, fbn_fast_load(gb, pt, c) + ch->sum_g);
+  }
+  return fast;
+}
+
+/* dx and daddend of channel c with the reference's arithmetic. */
+static void fbn_fast_exact_backward_apply(const fbn_module *m, const fbn_backward_args *a,
+                                          int64_t c, const fbn_fast_bwd_chan *ch) {
+  const fbn_tensor_desc *d = a->desc;
+  const fbn_dtype dt = d->dtype;
+  const int64_t hw = d->h * d->w, count = d->n * hw;
+  const double k = ch->weight * ch->invstd;
+  const double mean_g = ch->sum_g / (double)count, mean_g_xhat = ch->sum_gxhat / (double)count;
+  for (int64_t n = 0; n < d->n; n++)
+    for (int64_t s = 0; s < hw; s++) {
+      const int64_t i = fbn_fast_index(d, hw, n, c, s);
+      const double g = fbn_fast_load(a->y, dt, i) > 0.0 ? fbn_fast_load(a->dy, dt, i) : 0.0;
+      if (a->daddend != NULL)
+        fbn_fast_store(a->daddend, dt, i, g);
+      if (a->dx != NULL) {
+        double dx;
+        if (a->saved->batch_stats) {
+          const double xhat = (fbn_fast_load(a->x, dt, i) - ch->mean) * ch->invstd;
+          dx = k * (g - mean_g - xhat * mean_g_xhat);
+        } else {
+          dx = k * g;
+        }
+        fbn_fast_store(a->dx, dt, i, dx);
+      }
+    }
+}
+
+/* ---- scratch ------------------------------------------------------------ */
+
+#define FBN_FAST_ALIGN 64
+
+static size_t fbn_fast_round_up(size_t v) {
+  return (v + FBN_FAST_ALIGN - 1) / FBN_FAST_ALIGN * FBN_FAST_ALIGN;
+}
+
+/* The module's scratch buffer, grown to at least bytes. */
+static void *fbn_fast_scratch(fbn_module *m, size_t bytes, const char *fn) {
+  fbn_fast_state *st = m->backend_state;
+  if (st->scratch_bytes >= bytes)
+    return st->scratch;
+  void *p = aligned_alloc(FBN_FAST_ALIGN, fbn_fast_round_up(bytes));
+  if (p == NULL) {
+    fbn_error(FBN_STATUS_OUT_OF_MEMORY, "%s: out of host memory for %zu bytes of scratch", fn,
+              bytes);
+    return NULL;
+  }
+  free(st->scratch);
+  st->scratch = p;
+  st->scratch_bytes = fbn_fast_round_up(bytes);
+  return p;
+}
+
+/* Carve an NHWC plan for a tensor of `rows` rows of C channels, nt
+ * threads, elements of elem bytes. */
+static fbn_status fbn_fast_nhwc_plan_make(fbn_module *m, int64_t rows, int64_t c, int nt,
+                                          size_t elem, const char *fn,
+                                          fbn_fast_nhwc_plan *plan) {
+  const int64_t p = c >= FBN_FAST_NHWC_BLOCK ? 1 : (FBN_FAST_NHWC_BLOCK + c - 1) / c;
+  /* Units of work: about FBN_FAST_NHWC_CHUNK_BYTES of x, at least 8 per
+   * thread when the tensor allows, whole blocks of P rows. */
+  int64_t cr = FBN_FAST_NHWC_CHUNK_BYTES / (c * (int64_t)elem);
+  const int64_t spread = rows / (8 * (int64_t)nt);
+  if (cr > spread)
+    cr = spread;
+  cr = cr / p * p;
+  plan->chunk_rows = cr < p ? p : cr;
+  const size_t lp = (size_t)(p * c), cs = (size_t)c, pad = FBN_FAST_SCRATCH_PAD;
+  const size_t one_partial = fbn_fast_round_up(lp * sizeof(double)) + pad;
+  const size_t shift = fbn_fast_round_up(lp * sizeof(double)) + pad;
+  const size_t stats = fbn_fast_round_up(2 * cs * sizeof(double));
+  const size_t chan = fbn_fast_round_up(cs * sizeof(fbn_fast_bwd_chan));
+  const size_t one_coef = fbn_fast_round_up(lp * elem) + pad;
+  const size_t fast = fbn_fast_round_up(cs * sizeof(bool));
+  const size_t total = 2 * (size_t)nt * one_partial + shift + stats + chan + 4 * one_coef + fast;
+  char *base = fbn_fast_scratch(m, total, fn);
+  if (base == NULL)
+    return FBN_STATUS_OUT_OF_MEMORY;
+  plan->rows_per_block = p;
+  plan->block = (int64_t)lp;
+  plan->partial = (double *)base;
+  plan->partial_stride = (int64_t)(one_partial / sizeof(double));
+  base += 2 * (size_t)nt * one_partial;
+  plan->shift = (double *)base;
+  base += shift;
+  plan->mean = (double *)base;
+  plan->invstd = plan->mean + c;
+  base += stats;
+  plan->chan = (fbn_fast_bwd_chan *)base;
+  base += chan;
+  for (int i = 0; i < 4; i++) {
+    plan->coef[i] = base;
+    base += one_coef;
+  }
+  plan->fast = (bool *)base;
+  return FBN_STATUS_SUCCESS;
+}
+
+/* Bytes of the arrays of one NCHW view (and, with base, their addresses). */
+static size_t fbn_fast_nchw_carve(const fbn_fast_nchw_plan *plan, char *base,
+                                  fbn_fast_nchw_view *v) {
+  const size_t len = (size_t)plan->len, g = (size_t)plan->group, pad = FBN_FAST_SCRATCH_PAD;
+  const size_t arr = fbn_fast_round_up(len * sizeof(double)) + pad;
+  const size_t coef = fbn_fast_round_up(len * plan->elem) + pad;
+  size_t off = 0;
+  double **dbl[] = {&v->s1, &v->s2, &v->shift};
+  for (size_t i = 0; i < 3; i++, off += arr)
+    *dbl[i] = (double *)(base + off);
+  v->mean = (double *)(base + off);
+  v->invstd = v->mean + g;
+  off += fbn_fast_round_up(2 * g * sizeof(double));
+  v->chan = (fbn_fast_bwd_chan *)(base + off);
+  off += fbn_fast_round_up(g * sizeof(fbn_fast_bwd_chan));
+  for (size_t i = 0; i < 4; i++, off += coef)
+    v->coef[i] = base + off;
+  v->fast = (bool *)(base + off);
+  off += fbn_fast_round_up(g * sizeof(bool));
+  return off;
+}
+
+/* Thread t's view of an NCHW plan. */
+static void fbn_fast_nchw_view_of(const fbn_fast_nchw_plan *plan, int t, fbn_fast_nchw_view *v) {
+  fbn_fast_nchw_carve(plan, plan->base + (size_t)t * plan->per_thread, v);
+}
+
+/* Plan for NCHW with short rows: group of channels and per-thread scratch. */
+static fbn_status fbn_fast_nchw_plan_make(fbn_module *m, const fbn_tensor_desc *d, int nt,
+                                          int64_t bytes_per_channel, const char *fn,
+                                          fbn_fast_nchw_plan *plan) {
+  const int64_t hw = d->h * d->w;
+  int64_t g = FBN_FAST_NCHW_VEC_LEN / hw;
+  const int64_t fits =
+      FBN_FAST_GROUP_BYTES_SHORT_ROWS / (bytes_per_channel > 0 ? bytes_per_channel : 1);
+  if (g > fits)
+    g = fits;
+  const int64_t balanced = d->c / (4 * (int64_t)nt);
+  if (g > balanced)
+    g = balanced;
+  if (g < 1)
+    g = 1;
+  plan->group = g;
+  plan->len = g * hw;
+  plan->elem = fbn_dtype_size(d->dtype);
+  fbn_fast_nchw_view v;
+  plan->per_thread = fbn_fast_nchw_carve(plan, NULL, &v);
+  plan->base = fbn_fast_scratch(m, plan->per_thread * (size_t)nt, fn);
+  return plan->base != NULL ? FBN_STATUS_SUCCESS : FBN_STATUS_OUT_OF_MEMORY;
+}
+
+/* ---- the loops, for float and double ------------------------------------ */
+
+#define FBN_T float
+#define FBN_SFX f32
+#define FBN_MASK_T int32_t
+#define FBN_T_MIN FLT_MIN
+#include "cpu/cpu_fast_impl.h"
+#undef FBN_T
+#undef FBN_SFX
+#undef FBN_MASK_T
+#undef FBN_T_MIN
+
+#define FBN_T double
+#define FBN_SFX f64
+#define FBN_MASK_T int64_t
+#define FBN_T_MIN DBL_MIN
+#include "cpu/cpu_fast_impl.h"
+#undef FBN_T
+#undef FBN_SFX
+#undef FBN_MASK_T
+#undef FBN_T_MIN
+
+/* ---- backend entry points ----------------------------------------------- */
+
+static void fast_module_fini(fbn_module *m) {
+  for (int i = 0; i < FBN_NUM_BUFFERS; i++) {
+    free(m->buffers[i]);
+    m->buffers[i] = NULL;
+  }
+  fbn_fast_state *st = m->backend_state;
+  if (st != NULL) {
+    free(st->scratch);
+    free(st);
+  }
+  m->backend_state = NULL;
+}
+
+static fbn_status fast_module_init(fbn_module *m) {
+  const fbn_module_options *o = &m->options;
+  const size_t bytes = (size_t)o->num_features * fbn_dtype_size(o->param_dtype);
+  m->backend_state = calloc(1, sizeof(fbn_fast_state));
+  if (m->backend_state == NULL)
+    return fbn_error(FBN_STATUS_OUT_OF_MEMORY, "fbn_module_create: out of host memory");
+  for (int i = 0; i < FBN_NUM_BUFFERS; i++) {
+    if (!fbn_options_have_buffer(o, (fbn_buffer)i))
+      continue;
+    m->buffers[i] = malloc(bytes);
+    if (m->buffers[i] == NULL) {
+      fast_module_fini(m);
+      return fbn_error(FBN_STATUS_OUT_OF_MEMORY,
+                       "fbn_module_create: out of host memory for %zu-byte %s", bytes,
+                       fbn_buffer_name((fbn_buffer)i));
+    }
+  }
+  return FBN_STATUS_SUCCESS;
+}
+
+static fbn_status fast_buffer_read(const fbn_module *m, fbn_buffer which, fbn_dtype dtype,
+                                   void *dst) {
+  for (int64_t c = 0; c < m->options.num_features; c++)
+    fbn_fast_store(dst, dtype, c, fbn_fast_load(m->buffers[which], m->options.param_dtype, c));
+  return FBN_STATUS_SUCCESS;
+}
+
+static fbn_status fast_buffer_write(fbn_module *m, fbn_buffer which, fbn_dtype dtype,
+                                    const void *src) {
+  for (int64_t c = 0; c < m->options.num_features; c++)
+    fbn_fast_store(m->buffers[which], m->options.param_dtype, c, fbn_fast_load(src, dtype, c));
+  return FBN_STATUS_SUCCESS;
+}
+
+static fbn_status fast_buffer_fill(fbn_module *m, fbn_buffer which, double value) {
+  for (int64_t c = 0; c < m->options.num_features; c++)
+    fbn_fast_store(m->buffers[which], m->options.param_dtype, c, value);
+  return FBN_STATUS_SUCCESS;
+}
+
+static fbn_status fast_check_desc(const fbn_module *m, const fbn_tensor_desc *d, bool has_addend,
+                                  bool batch_stats) {
+  if (d->dtype != FBN_DTYPE_FLOAT32 && d->dtype != FBN_DTYPE_FLOAT64)
+    return fbn_error(FBN_STATUS_UNSUPPORTED,
+                     "dtype = %s: the CPU backend supports float32 and float64 tensors",
+                     fbn_dtype_name(d->dtype));
+  return FBN_STATUS_SUCCESS;
+}
+
+static fbn_status fast_workspace_size(const fbn_module *m, const fbn_tensor_desc *d,
+                                      bool has_addend, bool batch_stats, bool backward,
+                                      size_t *bytes) {
+  *bytes = 0;
+  return FBN_STATUS_SUCCESS;
+}
+
+static void fast_saved_free(fbn_saved *s) {
+  free(s->payload);
+  s->payload = NULL;
+  s->payload_bytes = 0;
+  s->payload_backend = NULL;
+}
+
+static fbn_status fast_saved_prepare(const fbn_module *m, const fbn_tensor_desc *d,
+                                     bool has_addend, bool batch_stats, fbn_saved *s) {
+  const size_t need = 2 * (size_t)d->c * sizeof(double) + fbn_fast_mask_bytes(d);
+  if (s->payload != NULL && s->payload_bytes >= need)
+    return FBN_STATUS_SUCCESS;
+  double *p = malloc(need);
+  if (p == NULL)
+    return fbn_error(FBN_STATUS_OUT_OF_MEMORY,
+                     "fbn_module_forward: out of host memory for %zu bytes of saved state", need);
+  fast_saved_free(s);
+  s->payload = p;
+  s->payload_bytes = need;
+  s->payload_backend = fbn_backend_cpu_fast();
+  return FBN_STATUS_SUCCESS;
+}
+
+static fbn_status fast_forward(fbn_module *m, const fbn_forward_args *a) {
+  const fbn_tensor_desc *d = a->desc;
+  const bool f32 = d->dtype == FBN_DTYPE_FLOAT32;
+  const int nt = fbn_fast_threads(fbn_desc_numel(d));
+  uint8_t *bits = a->saved != NULL && fbn_fast_mask_bytes(d) > 0
+                      ? (uint8_t *)a->saved->payload + 2 * (size_t)d->c * sizeof(double)
+                      : NULL;
+  const int64_t bpr = fbn_fast_mask_bpr(d);
+  if (d->layout == FBN_LAYOUT_NCHW && d->h * d->w >= FBN_FAST_NCHW_VEC_HW) {
+    if (f32)
+      forward_nchw_f32(m, a, nt, bits, bpr);
+    else
+      forward_nchw_f64(m, a, nt, bits, bpr);
+  } else if (d->layout == FBN_LAYOUT_NCHW) {
+    fbn_fast_nchw_plan plan;
+    fbn_status st = fbn_fast_nchw_plan_make(
+        m, d, nt, d->n * d->h * d->w * (int64_t)fbn_dtype_size(d->dtype), "fbn_module_forward",
+        &plan);
+    if (st != FBN_STATUS_SUCCESS)
+      return st;
+    if (f32)
+      forward_nchw_vec_f32(m, a, nt, &plan, bits, bpr);
+    else
+      forward_nchw_vec_f64(m, a, nt, &plan, bits, bpr);
+  } else {
+    fbn_fast_nhwc_plan plan;
+    fbn_status st = fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt,
+                                            fbn_dtype_size(d->dtype), "fbn_module_forward", &plan);
+    if (st != FBN_STATUS_SUCCESS)
+      return st;
+    if (f32)
+      forward_nhwc_f32(m, a, nt, &plan, bits, bpr);
+    else
+      forward_nhwc_f64(m, a, nt, &plan, bits, bpr);
+  }
+  /* path 1: the payload holds the ReLU bitmask of this forward's y */
+  if (a->saved != NULL)
+    a->saved->path = bits != NULL ? 1 : 0;
+  return FBN_STATUS_SUCCESS;
+}
+
+static fbn_status fast_backward(fbn_module *m, const fbn_backward_args *a) {
+  const fbn_tensor_desc *d = a->desc;
+  const bool f32 = d->dtype == FBN_DTYPE_FLOAT32;
+  const int nt = fbn_fast_threads(fbn_desc_numel(d));
+  const uint8_t *bits =
+      a->saved->path == 1 && a->saved->payload_backend == fbn_backend_cpu_fast() &&
+              fbn_fast_mask_bytes(d) > 0
+          ? (const uint8_t *)a->saved->payload + 2 * (size_t)d->c * sizeof(double)
+          : NULL;
+  const int64_t bpr = fbn_fast_mask_bpr(d);
+  if (d->layout == FBN_LAYOUT_NCHW && d->h * d->w >= FBN_FAST_NCHW_VEC_HW) {
+    if (f32)
+      backward_nchw_f32(m, a, nt, bits, bpr);
+    else
+      backward_nchw_f64(m, a, nt, bits, bpr);
+  } else if (d->layout == FBN_LAYOUT_NCHW) {
+    fbn_fast_nchw_plan plan;
+    fbn_status st = fbn_fast_nchw_plan_make(
+        m, d, nt, (bits != NULL ? 2 : 3) * d->n * d->h * d->w * (int64_t)fbn_dtype_size(d->dtype),
+        "fbn_module_backward", &plan);
+    if (st != FBN_STATUS_SUCCESS)
+      return st;
+    if (f32)
+      backward_nchw_vec_f32(m, a, nt, &plan, bits, bpr);
+    else
+      backward_nchw_vec_f64(m, a, nt, &plan, bits, bpr);
+  } else {
+    fbn_fast_nhwc_plan plan;
+    fbn_status st = fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt,
+                                            fbn_dtype_size(d->dtype), "fbn_module_backward",
+                                            &plan);
+    if (st != FBN_STATUS_SUCCESS)
+      return st;
+    if (f32)
+      backward_nhwc_f32(m, a, nt, &plan, bits, bpr);
+    else
+      backward_nhwc_f64(m, a, nt, &plan, bits, bpr);
+  }
+  return FBN_STATUS_SUCCESS;
+}
+
+static const fbn_backend fast_backend = {
+    .name = "cpu-fast",
+    .module_init = fast_module_init,
+    .module_fini = fast_module_fini,
+    .check_desc = fast_check_desc,
+    .buffer_read = fast_buffer_read,
+    .buffer_write = fast_buffer_write,
+    .buffer_fill = fast_buffer_fill,
+    .workspace_size = fast_workspace_size,
+    .saved_prepare = fast_saved_prepare,
+    .saved_free = fast_saved_free,
+    .forward = fast_forward,
+    .backward = fast_backward,
+};
+
+const fbn_backend *fbn_backend_cpu_fast(void) { return &fast_backend; }

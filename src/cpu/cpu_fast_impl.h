@@ -1,0 +1,926 @@
+/*
+ * Inner loops and drivers of the fast CPU backend, written once for an
+ * element type. Included by cpu_fast.c twice: FBN_T = float (FBN_SFX f32,
+ * FBN_MASK_T int32_t) and FBN_T = double (f64, int64_t).
+ *
+ * Inner loops are plain countable loops over restrict pointers marked
+ * `omp simd`, so that GCC vectorizes them (reductions included) without
+ * -ffast-math; FBN_FAST_CLONES compiles each one for x86-64-v3 (AVX2, FMA)
+ * as well as for the baseline ISA and picks one at load time.
+ *
+ * Element conventions (docs/semantics.md):
+ *   ReLU(v) = v <= 0 ? +0 : v     (NaN compares false: ReLU(NaN) = NaN)
+ *   g       = y > 0 ? dy : 0      (a NaN y passes no gradient)
+ * Statistics are accumulated in double on data shifted by a value k of the
+ * channel itself (shifted-data sums: no cancellation of E[x^2] - E[x]^2 when
+ * |mean| >> std). Normalization runs in FBN_T as
+ *   y = ReLU((x - m) * a + b + z),  m = mean rounded to FBN_T,
+ *   a = weight * invstd,  b = bias - (mean - m) * a
+ * so that x - m is exact near the mean and the rounding of the mean is
+ * folded into b.
+ *
+ * Blocks and chunks. The loops work on blocks of `rows` contiguous rows of
+ * `len` elements (an NCHW row is the H*W of one (n, c); an NHWC row the C
+ * channels of one (n, h, w)), cut into chunks of at most FBN_CHUNK elements
+ * that hold whole rows or, for rows longer than a chunk, a multiple-of-8
+ * piece of one row (fbn_fast_chunk_next). Per chunk:
+ *   - the ReLU mask of backward is expanded into mk[] (from the saved
+ *     bitmask, or from y), so that the arithmetic loops are branch-free;
+ *   - streamed outputs (tensors larger than the caches) are computed into an
+ *     L1-resident buffer and copied out with non-temporal stores
+ *     (fbn_fast_stream_*): no read-for-ownership of the output lines;
+ *   - forward packs y > 0 into the saved bitmask, one bit per element, each
+ *     row starting on a byte (`bpr` bytes per row).
+ */
+#ifndef FBN_T
+#error "define FBN_T, FBN_SFX and FBN_MASK_T before including cpu_fast_impl.h"
+#endif
+
+#define FBN_CAT2(a, b) a##_##b
+#define FBN_CAT(a, b) FBN_CAT2(a, b)
+#define FBN_K(name) FBN_CAT(name, FBN_SFX)
+#define FBN_CHUNK (FBN_FAST_CHUNK_BYTES / (int64_t)sizeof(FBN_T))
+
+/* ======================================================================== */
+/* Masks                                                                    */
+/* ======================================================================== */
+
+/* bits of the chunk's rows <- v > 0 (v: the chunk's n values). */
+FBN_FAST_INLINE void FBN_K(mask_pack)(const FBN_T *v, const fbn_fast_chunk *ck, int64_t len,
+                                      uint8_t *bits, int64_t bpr) {
+  const int64_t per_row = ck->nrows > 1 ? len : ck->n;
+  for (int64_t j = 0; j < ck->nrows; j++) {
+    const FBN_T *vr = v + j * len;
+    uint8_t *br = bits + (ck->row + j) * bpr + ck->seg / 8;
+    int64_t i = 0;
+    for (; i + 8 <= per_row; i += 8)
+      br[i / 8] = FBN_K(fbn_fast_pack8)(vr + i);
+    if (i < per_row) {
+      unsigned b = 0;
+      for (int64_t k = 0; i + k < per_row; k++)
+        b |= (unsigned)(vr[i + k] > (FBN_T)0) << k;
+      br[i / 8] = (uint8_t)b;
+    }
+  }
+}
+
+/* mk[0..n) <- the chunk's bits (all ones where set). */
+FBN_FAST_INLINE void FBN_K(mask_expand)(const uint8_t *bits, const fbn_fast_chunk *ck,
+                                        int64_t len, int64_t bpr, FBN_MASK_T *mk) {
+  const int64_t per_row = ck->nrows > 1 ? len : ck->n;
+  for (int64_t j = 0; j < ck->nrows; j++) {
+    const uint8_t *br = bits + (ck->row + j) * bpr + ck->seg / 8;
+    FBN_MASK_T *mr = mk + j * len;
+    int64_t i = 0;
+    for (; i + 8 <= per_row; i += 8)
+      FBN_K(fbn_fast_expand8)(br[i / 8], mr + i);
+    for (; i < per_row; i++)
+      mr[i] = (br[i / 8] >> (i % 8)) & 1 ? (FBN_MASK_T)-1 : 0;
+  }
+}
+
+/* mk[i] <- y[i] > 0. */
+FBN_FAST_INLINE void FBN_K(mask_from_y)(const FBN_T *restrict y, int64_t n,
+                                        FBN_MASK_T *restrict mk) {
+  FBN_SIMD
+  for (int64_t i = 0; i < n; i++)
+    mk[i] = y[i] > (FBN_T)0 ? (FBN_MASK_T)-1 : 0;
+}
+
+/* mk of one chunk from bits (when not NULL) or from y. */
+FBN_FAST_INLINE void FBN_K(chunk_mask)(const FBN_T *y, const uint8_t *bits, int64_t bpr,
+                                       const fbn_fast_chunk *ck, int64_t len, FBN_MASK_T *mk) {
+  if (bits != NULL)
+    FBN_K(mask_expand)(bits, ck, len, bpr, mk);
+  else
+    FBN_K(mask_from_y)(y + ck->off, ck->n, mk);
+}
+
+/* ======================================================================== */
+/* Statistics                                                               */
+/* ======================================================================== */
+
+/* For each of `rows` contiguous rows of len elements (one channel each):
+ * acc[r][0] += sum (x - k[r]), acc[r][1] += sum (x - k[r])^2. */
+FBN_FAST_CLONES
+static void FBN_K(stats_rows)(const FBN_T *restrict x, int64_t rows, int64_t len,
+                              const double *restrict k, double (*restrict acc)[2]) {
+  for (int64_t r = 0; r < rows; r++, x += len) {
+    const double kr = k[r];
+    double s1 = 0.0, s2 = 0.0;
+    FBN_SIMD_REDUCTION(s1, s2)
+    for (int64_t i = 0; i < len; i++) {
+      const double d = (double)x[i] - kr;
+      s1 += d;
+      s2 += d * d;
+    }
+    acc[r][0] += s1;
+    acc[r][1] += s2;
+  }
+}
+
+/* Per-element sums over nblocks blocks of n elements, block j at
+ * x + j*stride: s1[i] += x[i] - k[i], s2[i] += (x[i] - k[i])^2, four blocks
+ * per trip through the accumulators. */
+FBN_FAST_CLONES
+static void FBN_K(stats_blocks)(const FBN_T *restrict x, int64_t nblocks, int64_t stride,
+                                int64_t n, const double *restrict k, double *restrict s1,
+                                double *restrict s2) {
+  int64_t j = 0;
+  for (; j + 4 <= nblocks; j += 4) {
+    const FBN_T *x0 = x + j * stride, *x1 = x0 + stride, *x2 = x1 + stride, *x3 = x2 + stride;
+    FBN_SIMD
+    for (int64_t i = 0; i < n; i++) {
+      const double ki = k[i];
+      const double d0 = (double)x0[i] - ki, d1 = (double)x1[i] - ki;
+      const double d2 = (double)x2[i] - ki, d3 = (double)x3[i] - ki;
+      s1[i] += (d0 + d1) + (d2 + d3);
+      s2[i] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+    }
+  }
+  for (; j < nblocks; j++) {
+    const FBN_T *xj = x + j * stride;
+    FBN_SIMD
+    for (int64_t i = 0; i < n; i++) {
+      const double d = (double)xj[i] - k[i];
+      s1[i] += d;
+      s2[i] += d * d;
+    }
+  }
+}
+
+/* ======================================================================== */
+/* Forward: y = ReLU((x - m) * a + b [+ z])                                 */
+/* ======================================================================== */
+
+FBN_FAST_INLINE void FBN_K(norm_piece)(const FBN_T *restrict x, const FBN_T *restrict z,
+                                       FBN_T *restrict y, int64_t n, FBN_T m, FBN_T a, FBN_T b) {
+  if (z != NULL) {
+    FBN_SIMD
+    for (int64_t i = 0; i < n; i++) {
+      const FBN_T v = (x[i] - m) * a + b + z[i];
+      y[i] = v <= (FBN_T)0 ? (FBN_T)0 : v;
+    }
+  } else {
+    FBN_SIMD
+    for (int64_t i = 0; i < n; i++) {
+      const FBN_T v = (x[i] - m) * a + b;
+      y[i] = v <= (FBN_T)0 ? (FBN_T)0 : v;
+    }
+  }
+}
+
+FBN_FAST_INLINE void FBN_K(norm_piece_vec)(const FBN_T *restrict x, const FBN_T *restrict z,
+                                           FBN_T *restrict y, int64_t n,
+                                           const FBN_T *restrict m, const FBN_T *restrict a,
+                                           const FBN_T *restrict b) {
+  if (z != NULL) {
+    FBN_SIMD
+    for (int64_t i = 0; i < n; i++) {
+      const FBN_T v = (x[i] - m[i]) * a[i] + b[i] + z[i];
+      y[i] = v <= (FBN_T)0 ? (FBN_T)0 : v;
+    }
+  } else {
+    FBN_SIMD
+    for (int64_t i = 0; i < n; i++) {
+      const FBN_T v = (x[i] - m[i]) * a[i] + b[i];
+      y[i] = v <= (FBN_T)0 ? (FBN_T)0 : v;
+    }
+  }
+}
+
+/*
+ * One block of rows x len. Coefficients per row (m[r], a[r], b[r]) when
+ * per_row, else per element of the block. bits (may be NULL): the block's
+ * first row of the saved bitmask.
+ */
+FBN_FAST_CLONES
+static void FBN_K(norm_block)(const FBN_T *x, const FBN_T *z, FBN_T *y, int64_t rows, int64_t len,
+                              bool per_row, const FBN_T *m, const FBN_T *a, const FBN_T *b,
+                              uint8_t *bits, int64_t bpr, bool stream) {
+  FBN_T tmp[FBN_CHUNK] __attribute__((aligned(64)));
+  fbn_fast_chunk ck;
+  fbn_fast_chunk_start(&ck, rows, len, FBN_CHUNK);
+  while (fbn_fast_chunk_next(&ck)) {
+    FBN_T *out = stream ? tmp : y + ck.off;
+    if (per_row) {
+      for (int64_t j = 0; j < ck.nrows; j++) {
+        const int64_t r = ck.row + j, o = j * len, n = ck.nrows > 1 ? len : ck.n;
+        FBN_K(norm_piece)(x + ck.off + o, z != NULL ? z + ck.off + o : NULL, out + o, n, m[r],
+                          a[r], b[r]);
+      }
+    } else {
+      FBN_K(norm_piece_vec)(x + ck.off, z != NULL ? z + ck.off : NULL, out, ck.n, m + ck.off,
+                            a + ck.off, b + ck.off);
+    }
+    if (bits != NULL)
+      FBN_K(mask_pack)(out, &ck, len, bits, bpr);
+    if (stream)
+      FBN_K(fbn_fast_stream)(y + ck.off, tmp, ck.n);
+  }
+  if (stream)
+    fbn_fast_stream_fence();
+}
+
+/* ======================================================================== */
+/* Backward                                                                 */
+/* ======================================================================== */
+
+/*
+ * Reduction of one block: sum g and sum g * (x - mean), g = mk ? dy : 0.
+ * per_row: acc[r] per row with mean[r]; else per element into sg[], sgx[]
+ * with mean[] per element. gout (may be NULL) receives g.
+ */
+FBN_FAST_CLONES
+static void FBN_K(bwd_reduce_block)(const FBN_T *x, const FBN_T *y, const uint8_t *bits,
+                                    int64_t bpr, const FBN_T *dy, FBN_T *gout, int64_t rows,
+                                    int64_t len, bool per_row, const double *mean,
+                                    double (*acc)[2], double *sg, double *sgx, bool stream) {
+  FBN_MASK_T mk[FBN_CHUNK] __attribute__((aligned(64)));
+  FBN_T tmp[FBN_CHUNK] __attribute__((aligned(64)));
+  fbn_fast_chunk ck;
+  fbn_fast_chunk_start(&ck, rows, len, FBN_CHUNK);
+  while (fbn_fast_chunk_next(&ck)) {
+    FBN_K(chunk_mask)(y, bits, bpr, &ck, len, mk);
+    const FBN_T *xc = x + ck.off, *dyc = dy + ck.off;
+    FBN_T *gc = gout == NULL ? NULL : stream ? tmp : gout + ck.off;
+    if (per_row) {
+      for (int64_t j = 0; j < ck.nrows; j++) {
+        const int64_t o = j * len, n = ck.nrows > 1 ? len : ck.n;
+        const double mr = mean[ck.row + j];
+        const FBN_MASK_T *restrict mo = mk + o;
+        const FBN_T *restrict xo = xc + o, *restrict dyo = dyc + o;
+        double s1 = 0.0, s2 = 0.0;
+        FBN_SIMD_REDUCTION(s1, s2)
+        for (int64_t i = 0; i < n; i++) {
+          const FBN_T dyv = dyo[i];
+          const FBN_T g = mo[i] ? dyv : (FBN_T)0;
+          s1 += (double)g;
+          s2 += (double)g * ((double)xo[i] - mr);
+        }
+        acc[ck.row + j][0] += s1;
+        acc[ck.row + j][1] += s2;
+        if (gc != NULL) {
+          FBN_T *restrict go = gc + o;
+          FBN_SIMD
+          for (int64_t i = 0; i < n; i++) {
+            const FBN_T dyv = dyo[i];
+            go[i] = mo[i] ? dyv : (FBN_T)0;
+          }
+        }
+      }
+    } else {
+      const FBN_MASK_T *restrict mo = mk;
+      const double *restrict me = mean + ck.off;
+      double *restrict s1 = sg + ck.off, *restrict s2 = sgx + ck.off;
+      if (gc != NULL) {
+        FBN_T *restrict go = gc;
+        FBN_SIMD
+        for (int64_t i = 0; i < ck.n; i++) {
+          const FBN_T dyv = dyc[i];
+          const FBN_T g = mo[i] ? dyv : (FBN_T)0;
+          go[i] = g;
+          s1[i] += (double)g;
+          s2[i] += (double)g * ((double)xc[i] - me[i]);
+        }
+      } else {
+        FBN_SIMD
+        for (int64_t i = 0; i < ck.n; i++) {
+          const FBN_T dyv = dyc[i];
+          const FBN_T g = mo[i] ? dyv : (FBN_T)0;
+          s1[i] += (double)g;
+          s2[i] += (double)g * ((double)xc[i] - me[i]);
+        }
+      }
+    }
+    if (gc != NULL && stream)
+      FBN_K(fbn_fast_stream)(gout + ck.off, tmp, ck.n);
+  }
+  if (gout != NULL && stream)
+    fbn_fast_stream_fence();
+}
+
+/* dx (and dz = g) of n elements; g = mk ? dy : 0, or g = dy when mk is NULL
+ * (dy already holds g). Coefficients: scalars (cs, one row) or arrays. */
+FBN_FAST_INLINE void FBN_K(bwd_apply_piece)(const FBN_T *restrict x, const FBN_MASK_T *restrict mk,
+                                            const FBN_T *restrict dy, FBN_T *restrict dx,
+                                            FBN_T *restrict dz, int64_t n, bool full,
+                                            const FBN_T *restrict m, const FBN_T *restrict k,
+                                            const FBN_T *restrict c1, const FBN_T *restrict c0,
+                                            bool cs) {
+  if (dx == NULL) {
+    FBN_SIMD
+    for (int64_t i = 0; i < n; i++) {
+      const FBN_T dyv = dy[i];
+      dz[i] = mk[i] ? dyv : (FBN_T)0;
+    }
+    return;
+  }
+  if (cs) {
+    const FBN_T ms = m[0], ks = k[0], c1s = c1[0], c0s = c0[0];
+    if (dz != NULL && full) {
+      FBN_SIMD
+      for (int64_t i = 0; i < n; i++) {
+        const FBN_T dyv = dy[i];
+        const FBN_T g = mk[i] ? dyv : (FBN_T)0;
+        dz[i] = g;
+        dx[i] = g * ks + (x[i] - ms) * c1s + c0s;
+      }
+    } else if (dz != NULL) {
+      FBN_SIMD
+      for (int64_t i = 0; i < n; i++) {
+        const FBN_T dyv = dy[i];
+        const FBN_T g = mk[i] ? dyv : (FBN_T)0;
+        dz[i] = g;
+        dx[i] = g * ks;
+      }
+    } else if (full) {
+      FBN_SIMD
+      for (int64_t i = 0; i < n; i++) {
+        const FBN_T dyv = dy[i];
+        const FBN_T g = mk[i] ? dyv : (FBN_T)0;
+        dx[i] = g * ks + (x[i] - ms) * c1s + c0s;
+      }
+    } else {
+      FBN_SIMD
+      for (int64_t i = 0; i < n; i++) {
+        const FBN_T dyv = dy[i];
+        const FBN_T g = mk[i] ? dyv : (FBN_T)0;
+        dx[i] = g * ks;
+      }
+    }
+    return;
+  }
+  if (mk == NULL) { /* dy holds g; dz is NULL */
+    if (full) {
+      FBN_SIMD
+      for (int64_t i = 0; i < n; i++)
+        dx[i] = dy[i] * k[i] + (x[i] - m[i]) * c1[i] + c0[i];
+    } else {
+      FBN_SIMD
+      for (int64_t i = 0; i < n; i++)
+        dx[i] = dy[i] * k[i];
+    }
+  } else if (dz != NULL && full) {
+    FBN_SIMD
+    for (int64_t i = 0; i < n; i++) {
+      const FBN_T dyv = dy[i];
+      const FBN_T g = mk[i] ? dyv : (FBN_T)0;
+      dz[i] = g;
+      dx[i] = g * k[i] + (x[i] - m[i]) * c1[i] + c0[i];
+    }
+  } else if (dz != NULL) {
+    FBN_SIMD
+    for (int64_t i = 0; i < n; i++) {
+      const FBN_T dyv = dy[i];
+      const FBN_T g = mk[i] ? dyv : (FBN_T)0;
+      dz[i] = g;
+      dx[i] = g * k[i];
+    }
+  } else if (full) {
+    FBN_SIMD
+    for (int64_t i = 0; i < n; i++) {
+      const FBN_T dyv = dy[i];
+      const FBN_T g = mk[i] ? dyv : (FBN_T)0;
+      dx[i] = g * k[i] + (x[i] - m[i]) * c1[i] + c0[i];
+    }
+  } else {
+    FBN_SIMD
+    for (int64_t i = 0; i < n; i++) {
+      const FBN_T dyv = dy[i];
+      const FBN_T g = mk[i] ? dyv : (FBN_T)0;
+      dx[i] = g * k[i];
+    }
+  }
+}
+
+/*
+ * dx and dz of one block. The mask comes from bits (not NULL) or y; with
+ * g_given, dy already holds g (no mask, dz NULL). Coefficients per row or
+ * per element as in norm_block.
+ */
+FBN_FAST_CLONES
+static void FBN_K(bwd_apply_block)(const FBN_T *x, const FBN_T *y, const uint8_t *bits,
+                                   int64_t bpr, const FBN_T *dy, FBN_T *dx, FBN_T *dz,
+                                   int64_t rows, int64_t len, bool full, bool g_given,
+                                   bool per_row, const FBN_T *m, const FBN_T *k, const FBN_T *c1,
+                                   const FBN_T *c0, bool stream) {
+  FBN_MASK_T mk[FBN_CHUNK] __attribute__((aligned(64)));
+  FBN_T tx[FBN_CHUNK] __attribute__((aligned(64)));
+  FBN_T tz[FBN_CHUNK] __attribute__((aligned(64)));
+  fbn_fast_chunk ck;
+  fbn_fast_chunk_start(&ck, rows, len, FBN_CHUNK);
+  while (fbn_fast_chunk_next(&ck)) {
+    if (!g_given)
+      FBN_K(chunk_mask)(y, bits, bpr, &ck, len, mk);
+    FBN_T *ox = dx == NULL ? NULL : stream ? tx : dx + ck.off;
+    FBN_T *oz = dz == NULL ? NULL : stream ? tz : dz + ck.off;
+    if (per_row) {
+      for (int64_t j = 0; j < ck.nrows; j++) {
+        const int64_t r = ck.row + j, o = j * len, n = ck.nrows > 1 ? len : ck.n;
+        FBN_K(bwd_apply_piece)(x + ck.off + o, mk + o, dy + ck.off + o,
+                               ox != NULL ? ox + o : NULL, oz != NULL ? oz + o : NULL, n, full,
+                               m + r, k + r, c1 + r, c0 + r, true);
+      }
+    } else {
+      FBN_K(bwd_apply_piece)(x + ck.off, g_given ? NULL : mk, dy + ck.off, ox, oz, ck.n, full,
+                             m + ck.off, k + ck.off, c1 + ck.off, c0 + ck.off, false);
+    }
+    if (stream && dx != NULL)
+      FBN_K(fbn_fast_stream)(dx + ck.off, tx, ck.n);
+    if (stream && dz != NULL)
+      FBN_K(fbn_fast_stream)(dz + ck.off, tz, ck.n);
+  }
+  if (stream)
+    fbn_fast_stream_fence();
+}
+
+/* ======================================================================== */
+/* Per-channel coefficients                                                 */
+/* ======================================================================== */
+
+/* Forward coefficients of one channel; false when any of them is not a
+ * finite, normal FBN_T (the channel then takes the exact path). */
+static bool FBN_K(forward_coef)(double mean, double invstd, double w, double b, FBN_T *cm,
+                                FBN_T *ca, FBN_T *cb) {
+  const double ad = invstd * w;
+  const FBN_T mh = (FBN_T)mean;
+  const double bd = b - (mean - (double)mh) * ad;
+  *cm = mh;
+  *ca = (FBN_T)ad;
+  *cb = (FBN_T)bd;
+  return fbn_fast_finite(mean) && fbn_fast_finite(ad) && fbn_fast_finite(bd) &&
+         fbn_fast_finite((double)*cm) && fbn_fast_finite((double)*ca) &&
+         fbn_fast_finite((double)*cb) && (*ca == (FBN_T)0 || fabs((double)*ca) >= FBN_T_MIN);
+}
+
+/* Backward coefficients: dx = g*k + (x - m)*c1 + c0; false as above. */
+static bool FBN_K(backward_coef)(const fbn_fast_bwd_chan *ch, bool full, int64_t count, FBN_T *cm,
+                                 FBN_T *ck, FBN_T *cc1, FBN_T *cc0) {
+  const double k = ch->weight * ch->invstd;
+  double c1 = 0.0, c0 = 0.0;
+  const FBN_T mh = (FBN_T)ch->mean;
+  if (full) {
+    const double mean_g = ch->sum_g / (double)count;
+    const double mean_gxhat = ch->sum_gxhat / (double)count;
+    c1 = -k * ch->invstd * mean_gxhat;
+    c0 = -k * mean_g + c1 * ((double)mh - ch->mean);
+  }
+  *cm = mh;
+  *ck = (FBN_T)k;
+  *cc1 = (FBN_T)c1;
+  *cc0 = (FBN_T)c0;
+  return fbn_fast_finite(ch->mean) && fbn_fast_finite(k) && fbn_fast_finite(c1) &&
+         fbn_fast_finite(c0) && fbn_fast_finite((double)*cm) && fbn_fast_finite((double)*ck) &&
+         fbn_fast_finite((double)*cc1) && fbn_fast_finite((double)*cc0) &&
+         (*ck == (FBN_T)0 || fabs((double)*ck) >= FBN_T_MIN);
+}
+
+/* Copy e[j*hw] to e[j*hw + 1 .. (j+1)*hw) for the gc channels of a group. */
+static void FBN_K(expand)(FBN_T *e, int64_t gc, int64_t hw) {
+  for (int64_t j = 0; j < gc; j++)
+    for (int64_t s = 1; s < hw; s++)
+      e[j * hw + s] = e[j * hw];
+}
+
+/* ======================================================================== */
+/* Forward drivers                                                          */
+/* ======================================================================== */
+
+/*
+ * NCHW, long rows (H*W >= FBN_FAST_NCHW_VEC_HW): threads over groups of
+ * channels; for each n a group's rows are one contiguous run, normalized
+ * with per-row coefficients. A group's data is read twice (statistics,
+ * normalization) and is sized to come back from the caches.
+ */
+static void FBN_K(forward_nchw)(fbn_module *m, const fbn_forward_args *a, int nt, uint8_t *bits,
+                                int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w, count = n_ * hw;
+  const FBN_T *x = a->x, *z = a->addend;
+  FBN_T *y = a->y;
+  const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
+  const int64_t g_ = fbn_fast_nchw_group(c_, count * (int64_t)sizeof(FBN_T), nt);
+  const int64_t ngroups = (c_ + g_ - 1) / g_;
+
+  FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1))
+  for (int64_t gi = 0; gi < ngroups; gi++) {
+    const int64_t c0 = gi * g_;
+    const int64_t gc = c_ - c0 < g_ ? c_ - c0 : g_;
+    double acc[FBN_FAST_MAX_GROUP][2], shift[FBN_FAST_MAX_GROUP];
+    double mean[FBN_FAST_MAX_GROUP], invstd[FBN_FAST_MAX_GROUP];
+    FBN_T cm[FBN_FAST_MAX_GROUP], ca[FBN_FAST_MAX_GROUP], cb[FBN_FAST_MAX_GROUP];
+    bool fast[FBN_FAST_MAX_GROUP];
+
+    if (a->batch_stats) {
+      for (int64_t j = 0; j < gc; j++) {
+        acc[j][0] = acc[j][1] = 0.0;
+        shift[j] = (double)x[(c0 + j) * hw];
+      }
+      for (int64_t n = 0; n < n_; n++)
+        FBN_K(stats_rows)(x + (n * c_ + c0) * hw, gc, hw, shift, acc);
+      for (int64_t j = 0; j < gc; j++)
+        fbn_fast_batch_stats(m, a, c0 + j, shift[j], acc[j][0], acc[j][1], &mean[j],
+                             &invstd[j]);
+    } else {
+      for (int64_t j = 0; j < gc; j++)
+        fbn_fast_running_stats(m, a, c0 + j, &mean[j], &invstd[j]);
+    }
+    for (int64_t j = 0; j < gc; j++)
+      fast[j] = FBN_K(forward_coef)(mean[j], invstd[j], fbn_fast_weight(m, c0 + j),
+                                    fbn_fast_bias(m, c0 + j), &cm[j], &ca[j], &cb[j]);
+
+    /* Channels on the exact path are computed here too, then overwritten. */
+    for (int64_t n = 0; n < n_; n++) {
+      const int64_t off = (n * c_ + c0) * hw;
+      FBN_K(norm_block)(x + off, z != NULL ? z + off : NULL, y + off, gc, hw, true, cm, ca, cb,
+                        bits != NULL ? bits + (n * c_ + c0) * bpr : NULL, bpr, stream);
+    }
+    for (int64_t j = 0; j < gc; j++)
+      if (!fast[j])
+        fbn_fast_exact_normalize(m, a, c0 + j, mean[j], invstd[j], bits, bpr);
+  }
+}
+
+/*
+ * NCHW, short rows: a group of gc channels is, for each n, one run of
+ * gc*H*W contiguous elements; the runs are treated like channels-last
+ * blocks (stride C*H*W) with per-element accumulators and coefficients, so
+ * that the vector loops are long however small H*W is.
+ */
+static void FBN_K(forward_nchw_vec)(fbn_module *m, const fbn_forward_args *a, int nt,
+                                    const fbn_fast_nchw_plan *plan, uint8_t *bits, int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w;
+  const FBN_T *x = a->x, *z = a->addend;
+  FBN_T *y = a->y;
+  const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
+  const int64_t g_ = plan->group, ngroups = (c_ + g_ - 1) / g_;
+
+  FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1))
+  for (int64_t gi = 0; gi < ngroups; gi++) {
+    const int64_t c0 = gi * g_;
+    const int64_t gc = c_ - c0 < g_ ? c_ - c0 : g_, len = gc * hw;
+    fbn_fast_nchw_view v;
+    fbn_fast_nchw_view_of(plan, fbn_fast_thread_num(), &v);
+    FBN_T *cm = v.coef[0], *ca = v.coef[1], *cb = v.coef[2];
+    if (a->batch_stats) {
+      for (int64_t j = 0; j < gc; j++) {
+        const double k = (double)x[(c0 + j) * hw];
+        for (int64_t s = 0; s < hw; s++) {
+          v.shift[j * hw + s] = k;
+          v.s1[j * hw + s] = v.s2[j * hw + s] = 0.0;
+        }
+      }
+      FBN_K(stats_blocks)(x + c0 * hw, n_, c_ * hw, len, v.shift, v.s1, v.s2);
+      for (int64_t j = 0; j < gc; j++) {
+        double t1 = 0.0, t2 = 0.0;
+        for (int64_t s = 0; s < hw; s++) {
+          t1 += v.s1[j * hw + s];
+          t2 += v.s2[j * hw + s];
+        }
+        fbn_fast_batch_stats(m, a, c0 + j, v.shift[j * hw], t1, t2, &v.mean[j], &v.invstd[j]);
+      }
+    } else {
+      for (int64_t j = 0; j < gc; j++)
+        fbn_fast_running_stats(m, a, c0 + j, &v.mean[j], &v.invstd[j]);
+    }
+    for (int64_t j = 0; j < gc; j++)
+      v.fast[j] = FBN_K(forward_coef)(v.mean[j], v.invstd[j], fbn_fast_weight(m, c0 + j),
+                                      fbn_fast_bias(m, c0 + j), &cm[j * hw], &ca[j * hw],
+                                      &cb[j * hw]);
+    FBN_K(expand)(cm, gc, hw);
+    FBN_K(expand)(ca, gc, hw);
+    FBN_K(expand)(cb, gc, hw);
+    for (int64_t n = 0; n < n_; n++) {
+      const int64_t off = (n * c_ + c0) * hw;
+      FBN_K(norm_block)(x + off, z != NULL ? z + off : NULL, y + off, gc, hw, false, cm, ca, cb,
+                        bits != NULL ? bits + (n * c_ + c0) * bpr : NULL, bpr, stream);
+    }
+    for (int64_t j = 0; j < gc; j++)
+      if (!v.fast[j])
+        fbn_fast_exact_normalize(m, a, c0 + j, v.mean[j], v.invstd[j], bits, bpr);
+  }
+}
+
+/*
+ * NHWC: threads over chunks of rows (n, h, w), each row the C channels,
+ * handed out dynamically (a thread that is descheduled on a busy machine
+ * does not hold the others up). Blocks of P rows (P*C >=
+ * FBN_FAST_NHWC_BLOCK elements) share one array of per-element
+ * accumulators / coefficients, so that small C still gives long vector
+ * loops. Statistics: per-thread partial sums, merged by one thread; then
+ * every thread normalizes chunks of rows.
+ */
+static void FBN_K(forward_nhwc)(fbn_module *m, const fbn_forward_args *a, int nt,
+                                const fbn_fast_nhwc_plan *plan, uint8_t *bits, int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t c_ = d->c, rows = d->n * d->h * d->w;
+  const int64_t p_ = plan->rows_per_block, lp = plan->block;
+  const FBN_T *x = a->x, *z = a->addend;
+  FBN_T *y = a->y;
+  const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
+  double *shift = plan->shift, *mean = plan->mean, *invstd = plan->invstd;
+  FBN_T *cm = plan->coef[0], *ca = plan->coef[1], *cb = plan->coef[2];
+  bool *fast = plan->fast;
+
+  const int64_t cr = plan->chunk_rows, nchunks = (rows + cr - 1) / cr;
+  for (int64_t i = 0; i < lp; i++)
+    shift[i] = (double)x[i % c_];
+
+  FBN_OMP(omp parallel num_threads(nt) if (nt > 1))
+  {
+    const int t = fbn_fast_thread_num(), nthreads = fbn_fast_num_threads();
+    if (a->batch_stats) {
+      double *s1 = fbn_fast_partial(plan, t, 0), *s2 = fbn_fast_partial(plan, t, 1);
+      for (int64_t i = 0; i < lp; i++)
+        s1[i] = s2[i] = 0.0;
+      FBN_OMP(omp for schedule(dynamic, 1) nowait)
+      for (int64_t k = 0; k < nchunks; k++) {
+        const int64_t r0 = k * cr, r1 = r0 + cr < rows ? r0 + cr : rows;
+        const int64_t nblocks = (r1 - r0) / p_, rtail = r0 + nblocks * p_;
+        FBN_K(stats_blocks)(x + r0 * c_, nblocks, lp, lp, shift, s1, s2);
+        if (rtail < r1)
+          FBN_K(stats_blocks)(x + rtail * c_, 1, lp, (r1 - rtail) * c_, shift, s1, s2);
+      }
+      FBN_OMP(omp barrier)
+      FBN_OMP(omp single)
+      {
+        for (int64_t c = 0; c < c_; c++) {
+          double t1 = 0.0, t2 = 0.0;
+          for (int tt = 0; tt < nthreads; tt++) {
+            const double *q1 = fbn_fast_partial(plan, tt, 0), *q2 = fbn_fast_partial(plan, tt, 1);
+            for (int64_t p = 0; p < p_; p++) {
+              t1 += q1[p * c_ + c];
+              t2 += q2[p * c_ + c];
+            }
+          }
+          fbn_fast_batch_stats(m, a, c, shift[c], t1, t2, &mean[c], &invstd[c]);
+          fast[c] = FBN_K(forward_coef)(mean[c], invstd[c], fbn_fast_weight(m, c),
+                                        fbn_fast_bias(m, c), &cm[c], &ca[c], &cb[c]);
+        }
+        fbn_fast_repeat(cm, sizeof(FBN_T), c_, p_);
+        fbn_fast_repeat(ca, sizeof(FBN_T), c_, p_);
+        fbn_fast_repeat(cb, sizeof(FBN_T), c_, p_);
+      }
+    } else {
+      FBN_OMP(omp single)
+      {
+        for (int64_t c = 0; c < c_; c++) {
+          fbn_fast_running_stats(m, a, c, &mean[c], &invstd[c]);
+          fast[c] = FBN_K(forward_coef)(mean[c], invstd[c], fbn_fast_weight(m, c),
+                                        fbn_fast_bias(m, c), &cm[c], &ca[c], &cb[c]);
+        }
+        fbn_fast_repeat(cm, sizeof(FBN_T), c_, p_);
+        fbn_fast_repeat(ca, sizeof(FBN_T), c_, p_);
+        fbn_fast_repeat(cb, sizeof(FBN_T), c_, p_);
+      }
+    }
+    FBN_OMP(omp for schedule(dynamic, 1))
+    for (int64_t k = 0; k < nchunks; k++) {
+      const int64_t r1 = (k + 1) * cr < rows ? (k + 1) * cr : rows;
+      for (int64_t r = k * cr; r < r1; r += p_) {
+        const int64_t nr = r + p_ <= r1 ? p_ : r1 - r;
+        FBN_K(norm_block)(x + r * c_, z != NULL ? z + r * c_ : NULL, y + r * c_, nr, c_, false,
+                          cm, ca, cb, bits != NULL ? bits + r * bpr : NULL, bpr, stream);
+      }
+    }
+  }
+  for (int64_t c = 0; c < c_; c++)
+    if (!fast[c])
+      fbn_fast_exact_normalize(m, a, c, mean[c], invstd[c], bits, bpr);
+}
+
+/* ======================================================================== */
+/* Backward drivers                                                         */
+/* ======================================================================== */
+
+/* NCHW, long rows: channel groups as in forward_nchw. */
+static void FBN_K(backward_nchw)(fbn_module *m, const fbn_backward_args *a, int nt,
+                                 const uint8_t *bits, int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w, count = n_ * hw;
+  const FBN_T *x = a->x, *y = a->y, *dy = a->dy;
+  FBN_T *dx = a->dx, *dz = a->daddend;
+  const bool full = a->saved->batch_stats;
+  const bool reduce = full || m->options.affine;
+  const bool apply = dx != NULL || dz != NULL;
+  const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
+  const int64_t per_channel = (bits != NULL ? 2 : 3) * count * (int64_t)sizeof(FBN_T);
+  const int64_t g_ = fbn_fast_nchw_group(c_, per_channel, nt);
+  const int64_t ngroups = (c_ + g_ - 1) / g_;
+
+  FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1))
+  for (int64_t gi = 0; gi < ngroups; gi++) {
+    const int64_t c0 = gi * g_;
+    const int64_t gc = c_ - c0 < g_ ? c_ - c0 : g_;
+    double acc[FBN_FAST_MAX_GROUP][2], shift[FBN_FAST_MAX_GROUP];
+    fbn_fast_bwd_chan ch[FBN_FAST_MAX_GROUP];
+    FBN_T cm[FBN_FAST_MAX_GROUP], ck[FBN_FAST_MAX_GROUP], cc1[FBN_FAST_MAX_GROUP],
+        cc0[FBN_FAST_MAX_GROUP];
+    bool fast[FBN_FAST_MAX_GROUP];
+
+    for (int64_t j = 0; j < gc; j++) {
+      fbn_fast_bwd_chan_init(m, a, c0 + j, &ch[j]);
+      fast[j] = ch[j].finite;
+      shift[j] = ch[j].mean;
+      acc[j][0] = acc[j][1] = 0.0;
+    }
+    if (reduce) {
+      for (int64_t n = 0; n < n_; n++) {
+        const int64_t off = (n * c_ + c0) * hw;
+        FBN_K(bwd_reduce_block)(x + off, y + off, bits != NULL ? bits + (n * c_ + c0) * bpr : NULL,
+                                bpr, dy + off, NULL, gc, hw, true, shift, acc, NULL, NULL, false);
+      }
+    }
+    for (int64_t j = 0; j < gc; j++) {
+      if (reduce)
+        fast[j] = fbn_fast_bwd_chan_sums(m, a, c0 + j, fast[j], acc[j][0], acc[j][1], &ch[j]);
+      cm[j] = ck[j] = cc1[j] = cc0[j] = (FBN_T)0;
+      if (fast[j])
+        fast[j] = FBN_K(backward_coef)(&ch[j], full, count, &cm[j], &ck[j], &cc1[j], &cc0[j]);
+    }
+    if (!apply)
+      continue;
+    for (int64_t n = 0; n < n_; n++) {
+      const int64_t off = (n * c_ + c0) * hw;
+      FBN_K(bwd_apply_block)(x + off, y + off, bits != NULL ? bits + (n * c_ + c0) * bpr : NULL,
+                             bpr, dy + off, dx != NULL ? dx + off : NULL,
+                             dz != NULL ? dz + off : NULL, gc, hw, full, false, true, cm, ck, cc1,
+                             cc0, stream);
+    }
+    for (int64_t j = 0; j < gc; j++)
+      if (!fast[j])
+        fbn_fast_exact_backward_apply(m, a, c0 + j, &ch[j]);
+  }
+}
+
+/* NCHW, short rows, as forward_nchw_vec. */
+static void FBN_K(backward_nchw_vec)(fbn_module *m, const fbn_backward_args *a, int nt,
+                                     const fbn_fast_nchw_plan *plan, const uint8_t *bits,
+                                     int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w, count = n_ * hw;
+  const FBN_T *x = a->x, *y = a->y, *dy = a->dy;
+  FBN_T *dx = a->dx, *dz = a->daddend;
+  const bool full = a->saved->batch_stats;
+  const bool reduce = full || m->options.affine;
+  const bool apply = dx != NULL || dz != NULL;
+  const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
+  const int64_t g_ = plan->group, ngroups = (c_ + g_ - 1) / g_;
+
+  FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1))
+  for (int64_t gi = 0; gi < ngroups; gi++) {
+    const int64_t c0 = gi * g_;
+    const int64_t gc = c_ - c0 < g_ ? c_ - c0 : g_;
+    fbn_fast_nchw_view v;
+    fbn_fast_nchw_view_of(plan, fbn_fast_thread_num(), &v);
+    FBN_T *cm = v.coef[0], *ck = v.coef[1], *cc1 = v.coef[2], *cc0 = v.coef[3];
+    for (int64_t j = 0; j < gc; j++) {
+      fbn_fast_bwd_chan_init(m, a, c0 + j, &v.chan[j]);
+      v.fast[j] = v.chan[j].finite;
+      for (int64_t s = 0; s < hw; s++) {
+        v.shift[j * hw + s] = v.chan[j].mean;
+        v.s1[j * hw + s] = v.s2[j * hw + s] = 0.0;
+      }
+    }
+    if (reduce)
+      for (int64_t n = 0; n < n_; n++) {
+        const int64_t off = (n * c_ + c0) * hw;
+        FBN_K(bwd_reduce_block)(x + off, y + off, bits != NULL ? bits + (n * c_ + c0) * bpr : NULL,
+                                bpr, dy + off, NULL, gc, hw, false, v.shift, NULL, v.s1, v.s2,
+                                false);
+      }
+    for (int64_t j = 0; j < gc; j++) {
+      if (reduce) {
+        double t1 = 0.0, t2 = 0.0;
+        for (int64_t s = 0; s < hw; s++) {
+          t1 += v.s1[j * hw + s];
+          t2 += v.s2[j * hw + s];
+        }
+        v.fast[j] = fbn_fast_bwd_chan_sums(m, a, c0 + j, v.fast[j], t1, t2, &v.chan[j]);
+      }
+      cm[j * hw] = ck[j * hw] = cc1[j * hw] = cc0[j * hw] = (FBN_T)0;
+      if (v.fast[j])
+        v.fast[j] = FBN_K(backward_coef)(&v.chan[j], full, count, &cm[j * hw], &ck[j * hw],
+                                         &cc1[j * hw], &cc0[j * hw]);
+    }
+    if (!apply)
+      continue;
+    FBN_K(expand)(cm, gc, hw);
+    FBN_K(expand)(ck, gc, hw);
+    FBN_K(expand)(cc1, gc, hw);
+    FBN_K(expand)(cc0, gc, hw);
+    for (int64_t n = 0; n < n_; n++) {
+      const int64_t off = (n * c_ + c0) * hw;
+      FBN_K(bwd_apply_block)(x + off, y + off, bits != NULL ? bits + (n * c_ + c0) * bpr : NULL,
+                             bpr, dy + off, dx != NULL ? dx + off : NULL,
+                             dz != NULL ? dz + off : NULL, gc, hw, full, false, false, cm, ck,
+                             cc1, cc0, stream);
+    }
+    for (int64_t j = 0; j < gc; j++)
+      if (!v.fast[j])
+        fbn_fast_exact_backward_apply(m, a, c0 + j, &v.chan[j]);
+  }
+}
+
+/*
+ * NHWC: chunks of rows as in forward_nhwc. The reduction pass also writes
+ * daddend (= g) when it is wanted, so that the second pass reads x and g
+ * only.
+ */
+static void FBN_K(backward_nhwc)(fbn_module *m, const fbn_backward_args *a, int nt,
+                                 const fbn_fast_nhwc_plan *plan, const uint8_t *bits,
+                                 int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t c_ = d->c, rows = d->n * d->h * d->w, count = rows;
+  const int64_t p_ = plan->rows_per_block, lp = plan->block;
+  const FBN_T *x = a->x, *y = a->y, *dy = a->dy;
+  FBN_T *dx = a->dx, *dz = a->daddend;
+  const bool full = a->saved->batch_stats;
+  const bool reduce = full || m->options.affine;
+  const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
+  /* g written by the reduction pass; the second pass then computes dx from it */
+  const bool g_early = reduce && dz != NULL;
+  double *shift = plan->shift;
+  fbn_fast_bwd_chan *ch = plan->chan;
+  FBN_T *cm = plan->coef[0], *ck = plan->coef[1], *cc1 = plan->coef[2], *cc0 = plan->coef[3];
+  bool *fast = plan->fast;
+
+  for (int64_t c = 0; c < c_; c++) {
+    fbn_fast_bwd_chan_init(m, a, c, &ch[c]);
+    fast[c] = ch[c].finite;
+  }
+  const int64_t cr = plan->chunk_rows, nchunks = (rows + cr - 1) / cr;
+  for (int64_t i = 0; i < lp; i++)
+    shift[i] = ch[i % c_].mean;
+
+  FBN_OMP(omp parallel num_threads(nt) if (nt > 1))
+  {
+    const int t = fbn_fast_thread_num(), nthreads = fbn_fast_num_threads();
+    if (reduce) {
+      double *s1 = fbn_fast_partial(plan, t, 0), *s2 = fbn_fast_partial(plan, t, 1);
+      for (int64_t i = 0; i < lp; i++)
+        s1[i] = s2[i] = 0.0;
+      FBN_OMP(omp for schedule(dynamic, 1) nowait)
+      for (int64_t k = 0; k < nchunks; k++) {
+        const int64_t r1 = (k + 1) * cr < rows ? (k + 1) * cr : rows;
+        for (int64_t r = k * cr; r < r1; r += p_) {
+          const int64_t nr = r + p_ <= r1 ? p_ : r1 - r;
+          FBN_K(bwd_reduce_block)(x + r * c_, y + r * c_, bits != NULL ? bits + r * bpr : NULL,
+                                  bpr, dy + r * c_, g_early ? dz + r * c_ : NULL, nr, c_, false,
+                                  shift, NULL, s1, s2, stream);
+        }
+      }
+      FBN_OMP(omp barrier)
+    }
+    FBN_OMP(omp single)
+    {
+      for (int64_t c = 0; c < c_; c++) {
+        if (reduce) {
+          double t1 = 0.0, t2 = 0.0;
+          for (int tt = 0; tt < nthreads; tt++) {
+            const double *q1 = fbn_fast_partial(plan, tt, 0), *q2 = fbn_fast_partial(plan, tt, 1);
+            for (int64_t p = 0; p < p_; p++) {
+              t1 += q1[p * c_ + c];
+              t2 += q2[p * c_ + c];
+            }
+          }
+          fast[c] = fbn_fast_bwd_chan_sums(m, a, c, fast[c], t1, t2, &ch[c]);
+        }
+        cm[c] = ck[c] = cc1[c] = cc0[c] = (FBN_T)0;
+        if (fast[c])
+          fast[c] = FBN_K(backward_coef)(&ch[c], full, count, &cm[c], &ck[c], &cc1[c], &cc0[c]);
+      }
+      fbn_fast_repeat(cm, sizeof(FBN_T), c_, p_);
+      fbn_fast_repeat(ck, sizeof(FBN_T), c_, p_);
+      fbn_fast_repeat(cc1, sizeof(FBN_T), c_, p_);
+      fbn_fast_repeat(cc0, sizeof(FBN_T), c_, p_);
+    }
+    if (dx != NULL || (dz != NULL && !g_early)) {
+      /* g_early: dz holds g; read it instead of the mask and dy. */
+      const FBN_T *pdy = g_early ? dz : dy;
+      FBN_T *pdz = g_early ? NULL : dz;
+      FBN_OMP(omp for schedule(dynamic, 1))
+      for (int64_t k = 0; k < nchunks; k++) {
+        const int64_t r1 = (k + 1) * cr < rows ? (k + 1) * cr : rows;
+        for (int64_t r = k * cr; r < r1; r += p_) {
+          const int64_t nr = r + p_ <= r1 ? p_ : r1 - r;
+          FBN_K(bwd_apply_block)(x + r * c_, y + r * c_, bits != NULL ? bits + r * bpr : NULL,
+                                 bpr, pdy + r * c_, dx != NULL ? dx + r * c_ : NULL,
+                                 pdz != NULL ? pdz + r * c_ : NULL, nr, c_, full, g_early, false,
+                                 cm, ck, cc1, cc0, stream);
+        }
+      }
+    }
+  }
+  if (dx != NULL || dz != NULL)
+    for (int64_t c = 0; c < c_; c++)
+      if (!fast[c])
+        fbn_fast_exact_backward_apply(m, a, c, &ch[c]);
+}
+
+#undef FBN_CHUNK
+#undef FBN_K
+#undef FBN_CAT
+#undef FBN_CAT2

@@ -1,0 +1,581 @@
+/*
+ * The fast CPU backend against the reference backend (the oracle): two
+ * modules with the same options and state, one created with
+ * FBN_CPU_BACKEND=reference, one with the variable unset (the fast default),
+ * fed the same fresh random data for several training steps and in eval
+ * mode: y, running statistics, num_batches_tracked, dx, daddend and the
+ * accumulated weight/bias gradients must agree.
+ *
+ * Matrix: shapes (odd sizes, H*W = 1, C > 64 and >= 256, small C with many
+ * rows, tensors large enough to run on several threads) x NCHW/NHWC x
+ * float32/float64 x affine x track_running_stats x addend x train/eval, with
+ * momentum and the cumulative average; then NaN / infinity / degenerate
+ * channels, which must come out exactly where the reference puts them.
+ *
+ * Tolerances (per element, |fast - ref| <= atol + rtol * |ref|, NaN exactly
+ * where ref is NaN, infinities equal):
+ *   float32 tensors   rtol = 2e-5, atol = 2e-5 * max|ref| of the tensor
+ *   float64 tensors   rtol = 1e-10, atol = 1e-10 * max|ref|
+ *   parameters, running statistics, gradients: the same by param_dtype.
+ * daddend = dy * (y > 0) is a copy and must match bitwise (rtol = atol = 0).
+ * Backward runs both backends on the fast forward's y (already checked
+ * against the reference's): the fast backend takes its ReLU mask from the
+ * bitmask its forward saved (float32), which must then agree exactly with
+ * the y > 0 the reference backend computes from that y; an element within
+ * rounding of 0 could be masked differently by the two forwards' own y.
+ */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "fbn_testutil.h"
+#include "internal.h" /* only to assert which backend each module got */
+
+/* ---- module pairs --------------------------------------------------------- */
+
+static fbn_module *create_with(const fbn_module_options *o, const char *backend) {
+  if (backend != NULL)
+    assert_int_equal(setenv("FBN_CPU_BACKEND", backend, 1), 0);
+  else
+    assert_int_equal(unsetenv("FBN_CPU_BACKEND"), 0);
+  fbn_module *m = NULL;
+  fbn_status st = fbn_module_create(o, &m);
+  assert_int_equal(unsetenv("FBN_CPU_BACKEND"), 0);
+  if (st != FBN_STATUS_SUCCESS)
+    fail_msg("fbn_module_create (FBN_CPU_BACKEND=%s) = %s: %s", backend ? backend : "(unset)",
+             fbn_status_string(st), fbn_last_error_message());
+  return m;
+}
+
+typedef struct pair {
+  fbn_module *ref;
+  fbn_module *fast;
+} pair;
+
+/* Two modules with options o and the same random state. */
+static void pair_create(pair *p, const fbn_module_options *o, fbnt_rng *rng) {
+  p->ref = create_with(o, "reference");
+  p->fast = create_with(o, NULL);
+  assert_string_equal(p->ref->backend->name, "cpu-reference");
+  assert_string_equal(p->fast->backend->name, "cpu-fast");
+  static const struct {
+    fbn_buffer which;
+    double lo, hi;
+    bool signed_;
+  } init[] = {
+      {FBN_BUFFER_WEIGHT, 0.5, 1.5, true},         {FBN_BUFFER_BIAS, -0.5, 0.5, false},
+      {FBN_BUFFER_RUNNING_MEAN, -1.0, 1.0, false}, {FBN_BUFFER_RUNNING_VAR, 0.5, 2.0, false},
+      {FBN_BUFFER_WEIGHT_GRAD, -1.0, 1.0, false},  {FBN_BUFFER_BIAS_GRAD, -1.0, 1.0, false},
+  };
+  double *v = calloc((size_t)o->num_features, sizeof *v);
+  for (size_t i = 0; i < sizeof init / sizeof init[0]; i++) {
+    if (!fbn_module_has_buffer(p->ref, init[i].which))
+      continue;
+    fbnt_fill_vector(rng, v, o->num_features, init[i].lo, init[i].hi, init[i].signed_, true);
+    assert_int_equal(fbn_module_write_buffer(p->ref, init[i].which, FBN_DTYPE_FLOAT64, v,
+                                             (size_t)o->num_features),
+                     FBN_STATUS_SUCCESS);
+    assert_int_equal(fbn_module_write_buffer(p->fast, init[i].which, FBN_DTYPE_FLOAT64, v,
+                                             (size_t)o->num_features),
+                     FBN_STATUS_SUCCESS);
+  }
+  free(v);
+  if (o->track_running_stats) {
+    assert_int_equal(fbn_module_set_num_batches_tracked(p->ref, 3), FBN_STATUS_SUCCESS);
+    assert_int_equal(fbn_module_set_num_batches_tracked(p->fast, 3), FBN_STATUS_SUCCESS);
+  }
+}
+
+static void pair_destroy(pair *p) {
+  fbn_module_destroy(p->ref);
+  fbn_module_destroy(p->fast);
+}
+
+static void pair_set_training(pair *p, bool training) {
+  assert_int_equal(fbn_module_set_training(p->ref, training), FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_module_set_training(p->fast, training), FBN_STATUS_SUCCESS);
+}
+
+/* Set channel c of a buffer to value in both modules. */
+static void pair_poke(pair *p, fbn_buffer which, int64_t c, double value) {
+  const size_t count = (size_t)p->ref->options.num_features;
+  double *v = calloc(count, sizeof *v);
+  assert_int_equal(fbn_module_read_buffer(p->ref, which, FBN_DTYPE_FLOAT64, v, count),
+                   FBN_STATUS_SUCCESS);
+  v[c] = value;
+  assert_int_equal(fbn_module_write_buffer(p->ref, which, FBN_DTYPE_FLOAT64, v, count),
+                   FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_module_write_buffer(p->fast, which, FBN_DTYPE_FLOAT64, v, count),
+                   FBN_STATUS_SUCCESS);
+  free(v);
+}
+
+/* ---- comparisons ---------------------------------------------------------- */
+
+static double tol_rel(fbn_dtype dtype) { return dtype == FBN_DTYPE_FLOAT64 ? 1e-10 : 2e-5; }
+
+/* Largest finite |v[i]| (0 for none): the scale of the absolute tolerance. */
+static double max_finite(const double *v, size_t count) {
+  double m = 0.0;
+  for (size_t i = 0; i < count; i++)
+    if (isfinite(v[i]) && fabs(v[i]) > m)
+      m = fabs(v[i]);
+  return m;
+}
+
+/* Every element of got against want (tensors of desc), relative tolerance
+ * rtol and absolute rtol * max(max|want|, scale) (exact when rtol = 0). */
+static bool same_tensor(const char *name, const char *what, const fbn_tensor_desc *d,
+                        const void *got, const void *want, double rtol, double scale) {
+  const size_t count = fbnt_desc_numel(d);
+  double *g = malloc(count * sizeof *g), *w = malloc(count * sizeof *w);
+  fbnt_tensor_to_ref(d, got, g);
+  fbnt_tensor_to_ref(d, want, w);
+  char label[256];
+  snprintf(label, sizeof label, "%s: %s", name, what);
+  double atol = max_finite(w, count);
+  if (scale > atol)
+    atol = scale;
+  const bool ok = fbnt_check_close(label, g, w, count, rtol, rtol * atol, d);
+  free(g);
+  free(w);
+  return ok;
+}
+
+/* Every buffer and num_batches_tracked of the two modules. */
+static bool same_state(const char *name, const pair *p) {
+  const int64_t c = p->ref->options.num_features;
+  const double rtol = tol_rel(p->ref->options.param_dtype);
+  bool ok = true;
+  double *g = calloc((size_t)c, sizeof *g), *w = calloc((size_t)c, sizeof *w);
+  for (int b = 0; b < FBN_NUM_BUFFERS; b++) {
+    if (!fbn_module_has_buffer(p->ref, (fbn_buffer)b))
+      continue;
+    assert_true(fbn_module_has_buffer(p->fast, (fbn_buffer)b));
+    assert_int_equal(fbn_module_read_buffer(p->ref, (fbn_buffer)b, FBN_DTYPE_FLOAT64, w, (size_t)c),
+                     FBN_STATUS_SUCCESS);
+    assert_int_equal(
+        fbn_module_read_buffer(p->fast, (fbn_buffer)b, FBN_DTYPE_FLOAT64, g, (size_t)c),
+        FBN_STATUS_SUCCESS);
+    char label[256];
+    snprintf(label, sizeof label, "%s: buffer %d", name, b);
+    ok = fbnt_check_close(label, g, w, (size_t)c, rtol, rtol * max_finite(w, (size_t)c), NULL) &&
+         ok;
+  }
+  if (p->ref->options.track_running_stats) {
+    int64_t nr = -1, nf = -2;
+    assert_int_equal(fbn_module_get_num_batches_tracked(p->ref, &nr), FBN_STATUS_SUCCESS);
+    assert_int_equal(fbn_module_get_num_batches_tracked(p->fast, &nf), FBN_STATUS_SUCCESS);
+    if (nr != nf) {
+      fprintf(stderr, "%s: num_batches_tracked %lld, reference %lld\n", name, (long long)nf,
+              (long long)nr);
+      ok = false;
+    }
+  }
+  free(g);
+  free(w);
+  return ok;
+}
+
+/*
+ * Size of the terms that cancel in dx = k * (g - mean(g) - xhat * mean(g xhat)):
+ * max over channels of |weight * invstd| times max |dy|, with the statistics
+ * the coming forward of the reference module will use (batch statistics of x,
+ * or its running statistics). dx itself can be far smaller (with N*H*W = 2 it
+ * is exactly 0), so its absolute tolerance scales with this.
+ */
+static double dx_term_scale(const fbn_module *ref, const fbn_tensor_desc *d, const void *x,
+                            const void *dy) {
+  const int64_t c_ = d->c, hw = d->h * d->w, count = d->n * hw;
+  const size_t numel = fbnt_desc_numel(d);
+  double *v = malloc(numel * sizeof *v), *w = calloc((size_t)c_, sizeof *w);
+  double *rv = calloc((size_t)c_, sizeof *rv);
+  bool training = true;
+  assert_int_equal(fbn_module_is_training(ref, &training), FBN_STATUS_SUCCESS);
+  const bool running = !training && ref->options.track_running_stats;
+  if (running)
+    assert_int_equal(fbn_module_read_buffer(ref, FBN_BUFFER_RUNNING_VAR, FBN_DTYPE_FLOAT64, rv,
+                                            (size_t)c_),
+                     FBN_STATUS_SUCCESS);
+  if (ref->options.affine)
+    assert_int_equal(
+        fbn_module_read_buffer(ref, FBN_BUFFER_WEIGHT, FBN_DTYPE_FLOAT64, w, (size_t)c_),
+        FBN_STATUS_SUCCESS);
+  fbnt_tensor_to_ref(d, x, v);
+  double kmax = 0.0;
+  for (int64_t c = 0; c < c_; c++) {
+    double var = rv[c];
+    if (!running) {
+      double sum = 0.0, sq = 0.0;
+      for (int64_t n = 0; n < d->n; n++)
+        for (int64_t i = 0; i < hw; i++)
+          sum += v[(n * c_ + c) * hw + i];
+      const double mean = sum / (double)count;
+      for (int64_t n = 0; n < d->n; n++)
+        for (int64_t i = 0; i < hw; i++)
+          sq += (v[(n * c_ + c) * hw + i] - mean) * (v[(n * c_ + c) * hw + i] - mean);
+      var = sq / (double)count;
+    }
+    const double k = fabs((ref->options.affine ? w[c] : 1.0) / sqrt(var + ref->options.eps));
+    if (isfinite(k) && k > kmax)
+      kmax = k;
+  }
+  fbnt_tensor_to_ref(d, dy, v);
+  const double scale = kmax * max_finite(v, numel);
+  free(v);
+  free(w);
+  free(rv);
+  return scale;
+}
+
+/* ---- one case ------------------------------------------------------------- */
+
+typedef enum special {
+  SPECIAL_NONE = 0,
+  SPECIAL_NAN_X,          /* NaN in x (one element of channel 1) */
+  SPECIAL_INF_X,          /* +inf in x (channel 0), -inf in x (last channel) */
+  SPECIAL_NAN_ADDEND,     /* NaN in a few addend elements */
+  SPECIAL_NAN_DY,         /* NaN in a few dy elements */
+  SPECIAL_CONSTANT_EPS0,  /* eps = 0 and a constant channel: invstd = inf */
+  SPECIAL_NAN_RUNNING,    /* running_var NaN, running_mean inf (eval) */
+  SPECIAL_INF_WEIGHT,     /* weight inf / NaN in two channels */
+  SPECIAL_HUGE_OFFSET,    /* |mean| = 1e4 * std: shifted sums must not cancel */
+  SPECIAL_COUNT,
+} special;
+
+typedef struct fcase {
+  int64_t n, c, h, w;
+  fbn_dtype dtype;
+  fbn_layout layout;
+  bool affine, track, cumulative, addend, eval;
+  special sp;
+  int steps;
+} fcase;
+
+static void case_name(const fcase *k, char *buf, size_t size) {
+  snprintf(buf, size, "(%lld,%lld,%lld,%lld) %s %s affine=%d track=%d cum=%d addend=%d %s sp=%d",
+           (long long)k->n, (long long)k->c, (long long)k->h, (long long)k->w,
+           fbnt_layout_str(k->layout), fbnt_dtype_str(k->dtype), k->affine, k->track,
+           k->cumulative, k->addend, k->eval ? "eval" : "train", (int)k->sp);
+}
+
+/* Fresh random tensor: element of channel c uniform in offset_c +- scale_c
+ * with offset_c in [-off, off] and scale_c in [0.5, 3] drawn per call
+ * (channels with different statistics); cheap enough for large tensors. */
+static void fill_random(fbnt_rng *rng, const fbn_tensor_desc *d, void *t, double off) {
+  const int64_t c_ = d->c, hw = d->h * d->w;
+  const size_t numel = fbnt_desc_numel(d);
+  double *offset = malloc((size_t)c_ * sizeof *offset), *scale = malloc((size_t)c_ * sizeof *scale);
+  for (int64_t c = 0; c < c_; c++) {
+    offset[c] = fbnt_rng_uniform(rng, -off, off);
+    scale[c] = fbnt_rng_uniform(rng, 0.5, 3.0);
+  }
+  for (size_t i = 0; i < numel; i++) {
+    const int64_t c = d->layout == FBN_LAYOUT_NCHW ? (int64_t)(i / (size_t)hw) % c_
+                                                   : (int64_t)(i % (size_t)c_);
+    const double v = offset[c] + scale[c] * (2.0 * fbnt_rng_unit(rng) - 1.0);
+    if (d->dtype == FBN_DTYPE_FLOAT64)
+      ((double *)t)[i] = v;
+    else
+      ((float *)t)[i] = (float)v;
+  }
+  free(offset);
+  free(scale);
+}
+
+/* Store value at logical (n, c, h, w) of a tensor. */
+static void poke(const fbn_tensor_desc *d, void *t, int64_t n, int64_t c, int64_t h, int64_t w,
+                 double value) {
+  fbnt_set(d, t, n % d->n, c % d->c, h % d->h, w % d->w, value);
+}
+
+static bool run_case(const fcase *k, fbnt_rng *rng) {
+  char name[256];
+  case_name(k, name, sizeof name);
+  fbn_module_options o;
+  fbn_module_options_init(&o);
+  o.num_features = k->c;
+  o.affine = k->affine;
+  o.track_running_stats = k->track;
+  o.cumulative_average = k->cumulative;
+  o.momentum = 0.25;
+  o.param_dtype = k->dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
+  if (k->sp == SPECIAL_CONSTANT_EPS0)
+    o.eps = 0.0;
+  pair p;
+  pair_create(&p, &o, rng);
+  if (k->eval)
+    pair_set_training(&p, false);
+  if (k->sp == SPECIAL_NAN_RUNNING && k->track) {
+    pair_poke(&p, FBN_BUFFER_RUNNING_VAR, 0, NAN);
+    pair_poke(&p, FBN_BUFFER_RUNNING_MEAN, k->c - 1, INFINITY);
+  }
+  if (k->sp == SPECIAL_INF_WEIGHT && k->affine) {
+    pair_poke(&p, FBN_BUFFER_WEIGHT, 0, INFINITY);
+    pair_poke(&p, FBN_BUFFER_WEIGHT, k->c - 1, NAN);
+  }
+
+  const fbn_tensor_desc d = {k->n, k->c, k->h, k->w, k->dtype, k->layout};
+  void *x = fbnt_tensor_alloc(&d), *a = fbnt_tensor_alloc(&d), *dy = fbnt_tensor_alloc(&d);
+  void *yr = fbnt_tensor_alloc(&d), *yf = fbnt_tensor_alloc(&d);
+  void *dxr = fbnt_tensor_alloc(&d), *dxf = fbnt_tensor_alloc(&d);
+  void *dar = fbnt_tensor_alloc(&d), *daf = fbnt_tensor_alloc(&d);
+  fbn_saved *sr = NULL, *sf = NULL;
+  assert_int_equal(fbn_saved_create(&sr), FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_saved_create(&sf), FBN_STATUS_SUCCESS);
+
+  bool ok = same_state(name, &p);
+  for (int step = 0; step < k->steps && ok; step++) {
+    char sname[300];
+    snprintf(sname, sizeof sname, "%s step %d", name, step + 1);
+    fill_random(rng, &d, x, 3.0);
+    fill_random(rng, &d, a, 0.5);
+    fill_random(rng, &d, dy, 0.5);
+    switch (k->sp) {
+    case SPECIAL_NAN_X:
+      poke(&d, x, step, 1, 1, 2, NAN);
+      break;
+    case SPECIAL_INF_X:
+      poke(&d, x, 0, 0, 0, 1, INFINITY);
+      poke(&d, x, 1, k->c - 1, 0, 0, -INFINITY);
+      break;
+    case SPECIAL_NAN_ADDEND:
+      poke(&d, a, 0, 0, 0, 0, NAN);
+      poke(&d, a, 1, 2, 1, 1, NAN);
+      break;
+    case SPECIAL_NAN_DY:
+      poke(&d, dy, 0, 1, 0, 0, NAN);
+      poke(&d, dy, 1, 0, 1, 1, NAN);
+      break;
+    case SPECIAL_CONSTANT_EPS0:
+      for (int64_t n = 0; n < d.n; n++)
+        for (int64_t h = 0; h < d.h; h++)
+          for (int64_t w = 0; w < d.w; w++)
+            fbnt_set(&d, x, n, 0, h, w, 0.75);
+      break;
+    case SPECIAL_HUGE_OFFSET:
+      for (int64_t n = 0; n < d.n; n++)
+        for (int64_t c = 0; c < d.c; c++)
+          for (int64_t h = 0; h < d.h; h++)
+            for (int64_t w = 0; w < d.w; w++)
+              fbnt_set(&d, x, n, c, h, w, 1e4 + fbnt_rng_normal(rng));
+      break;
+    default:
+      break;
+    }
+    const void *addend = k->addend ? a : NULL;
+    const double dx_scale = dx_term_scale(p.ref, &d, x, dy);
+    /* Forward (step 2 without a saved object: the no-backward path). */
+    const bool keep = step != 1;
+    fbnt_tensor_poison(&d, yr);
+    fbnt_tensor_poison(&d, yf);
+    fbn_status st = fbn_module_forward(p.ref, &d, x, addend, yr, keep ? sr : NULL, NULL, 0);
+    if (st != FBN_STATUS_SUCCESS)
+      fail_msg("%s: reference forward = %s: %s", sname, fbn_status_string(st),
+               fbn_last_error_message());
+    st = fbn_module_forward(p.fast, &d, x, addend, yf, keep ? sf : NULL, NULL, 0);
+    if (st != FBN_STATUS_SUCCESS)
+      fail_msg("%s: fast forward = %s: %s", sname, fbn_status_string(st),
+               fbn_last_error_message());
+    ok = same_tensor(sname, "y", &d, yf, yr, tol_rel(k->dtype), 0.0) && ok;
+    ok = same_state(sname, &p) && ok;
+    if (!keep)
+      continue;
+
+    /* Backward on the fast forward's y; step 3 skips dx, step 4 daddend. */
+    void *wantdx = step == 2 ? NULL : dxr, *gotdx = step == 2 ? NULL : dxf;
+    void *wantda = step == 3 || !k->addend ? NULL : dar;
+    void *gotda = step == 3 || !k->addend ? NULL : daf;
+    fbnt_tensor_poison(&d, dxr);
+    fbnt_tensor_poison(&d, dxf);
+    fbnt_tensor_poison(&d, dar);
+    fbnt_tensor_poison(&d, daf);
+    st = fbn_module_backward(p.ref, sr, &d, x, yf, dy, wantdx, wantda, NULL, 0);
+    if (st != FBN_STATUS_SUCCESS)
+      fail_msg("%s: reference backward = %s: %s", sname, fbn_status_string(st),
+               fbn_last_error_message());
+    st = fbn_module_backward(p.fast, sf, &d, x, yf, dy, gotdx, gotda, NULL, 0);
+    if (st != FBN_STATUS_SUCCESS)
+      fail_msg("%s: fast backward = %s: %s", sname, fbn_status_string(st),
+               fbn_last_error_message());
+    /* Untouched outputs stay poisoned in both: compared as NaN == NaN. */
+    ok = same_tensor(sname, "dx", &d, dxf, dxr, tol_rel(k->dtype), dx_scale) && ok;
+    ok = same_tensor(sname, "daddend", &d, daf, dar, 0.0, 0.0) && ok;
+    ok = same_state(sname, &p) && ok;
+  }
+
+  fbn_saved_destroy(sr);
+  fbn_saved_destroy(sf);
+  void *bufs[] = {x, a, dy, yr, yf, dxr, dxf, dar, daf};
+  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+    fbnt_free(bufs[i]);
+  pair_destroy(&p);
+  if (!ok)
+    fprintf(stderr, "FAILED: %s\n", name);
+  return ok;
+}
+
+/* ---- matrix --------------------------------------------------------------- */
+
+/* Odd sizes; H*W = 1; N*H*W = 2; C > 64 (several NCHW groups); C > 1024
+ * (NHWC rows longer than a chunk); small C with many rows; H*W > 1024
+ * (NCHW rows longer than a chunk); the last three have more than 64K
+ * elements and run on all threads. */
+static const int64_t shapes[][4] = {
+    {2, 3, 5, 7},   {5, 3, 1, 1},    {1, 1, 2, 1},     {3, 70, 3, 3},    {2, 300, 3, 2},
+    {2, 1100, 3, 3}, {4, 32, 24, 24}, {2, 300, 11, 13}, {3, 7, 61, 59},
+};
+#define NUM_SHAPES (sizeof shapes / sizeof shapes[0])
+
+static void run_matrix(const char *test, fbn_layout layout, fbn_dtype dtype) {
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, test);
+  int failed = 0, total = 0;
+  for (size_t s = 0; s < NUM_SHAPES; s++)
+    for (int flags = 0; flags < 16; flags++) {
+      /* The multi-threaded shapes take a subset of the flags (time):
+       * none; track+addend; affine+track+addend (train and eval); affine
+       * and addend alone in eval (batch statistics in eval). */
+      const bool big = shapes[s][0] * shapes[s][1] * shapes[s][2] * shapes[s][3] > 65536;
+      if (big && flags != 0 && flags != 6 && flags != 7 && flags != 15 && flags != 9 &&
+          flags != 12)
+        continue;
+      fcase k = {shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], dtype, layout,
+                 (flags & 1) != 0, (flags & 2) != 0, false, (flags & 4) != 0, (flags & 8) != 0,
+                 SPECIAL_NONE, 4};
+      k.cumulative = k.track && (s % 2 == 1);
+      total++;
+      if (!run_case(&k, &rng))
+        failed++;
+    }
+  if (failed != 0)
+    fail_msg("%d of %d cases failed", failed, total);
+}
+
+static void test_cpu_fast_matches_reference_nchw_f32(void **state) {
+  (void)state;
+  run_matrix(__func__, FBN_LAYOUT_NCHW, FBN_DTYPE_FLOAT32);
+}
+static void test_cpu_fast_matches_reference_nhwc_f32(void **state) {
+  (void)state;
+  run_matrix(__func__, FBN_LAYOUT_NHWC, FBN_DTYPE_FLOAT32);
+}
+static void test_cpu_fast_matches_reference_nchw_f64(void **state) {
+  (void)state;
+  run_matrix(__func__, FBN_LAYOUT_NCHW, FBN_DTYPE_FLOAT64);
+}
+static void test_cpu_fast_matches_reference_nhwc_f64(void **state) {
+  (void)state;
+  run_matrix(__func__, FBN_LAYOUT_NHWC, FBN_DTYPE_FLOAT64);
+}
+
+/* NaN, infinities and degenerate channels: every special on a small shape
+ * and on a multi-threaded one, both layouts, both dtypes, train and eval. */
+static void test_cpu_fast_nan_and_degenerate_channels_match_reference(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  static const int64_t sp_shapes[][4] = {{3, 5, 4, 3}, {2, 16, 45, 46}};
+  int failed = 0, total = 0;
+  for (int sp = 1; sp < SPECIAL_COUNT; sp++)
+    for (size_t s = 0; s < 2; s++)
+      for (int l = 0; l < 2; l++)
+        for (int t = 0; t < (s == 0 ? 2 : 1); t++) /* float64 on the small shape only */
+          for (int e = 0; e < 2; e++) {
+            fcase k = {sp_shapes[s][0], sp_shapes[s][1], sp_shapes[s][2], sp_shapes[s][3],
+                       t ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32, (fbn_layout)l, true, true,
+                       false, true, e != 0, (special)sp, 4};
+            total++;
+            if (!run_case(&k, &rng))
+              failed++;
+          }
+  if (failed != 0)
+    fail_msg("%d of %d cases failed", failed, total);
+}
+
+/* Outputs of 8 MiB and more are written with non-temporal stores through an
+ * on-stack chunk: long rows, short rows crossing chunk boundaries (NCHW) and
+ * channel blocks longer than a chunk (NHWC), float32 and float64. */
+static void test_cpu_fast_streamed_outputs_match_reference(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  static const int64_t big[2][2][4] = {
+      {{2, 24, 200, 230}, {16, 2800, 7, 7}}, /* float32: 8.8 MB */
+      {{1, 24, 200, 230}, {8, 2800, 7, 7}},  /* float64: 8.8 MB */
+  };
+  int failed = 0, total = 0;
+  for (int t = 0; t < 2; t++)
+    for (int s = 0; s < 2; s++)
+      for (int l = 0; l < 2; l++)
+        for (int e = 0; e < 2; e++) {
+          fcase k = {big[t][s][0], big[t][s][1], big[t][s][2], big[t][s][3],
+                     t ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32, (fbn_layout)l, true, true, false,
+                     true, e != 0, SPECIAL_NONE, 3};
+          total++;
+          if (!run_case(&k, &rng))
+            failed++;
+        }
+  if (failed != 0)
+    fail_msg("%d of %d cases failed", failed, total);
+}
+
+/* One value per channel is valid in eval with running statistics. */
+static void test_cpu_fast_eval_single_value_matches_reference(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  for (int l = 0; l < 2; l++)
+    for (int t = 0; t < 2; t++) {
+      fcase k = {1, 4, 1, 1, t ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32, (fbn_layout)l, true,
+                 true, false, true, true, SPECIAL_NONE, 4};
+      assert_true(run_case(&k, &rng));
+    }
+}
+
+/* FBN_CPU_BACKEND picks the backend; an unknown value is rejected. */
+static void test_cpu_fast_backend_selection(void **state) {
+  (void)state;
+  fbn_module_options o;
+  fbn_module_options_init(&o);
+  o.num_features = 4;
+  fbn_module *m = create_with(&o, NULL);
+  assert_string_equal(m->backend->name, "cpu-fast");
+  fbn_module_destroy(m);
+  m = create_with(&o, "fast");
+  assert_string_equal(m->backend->name, "cpu-fast");
+  fbn_module_destroy(m);
+  m = create_with(&o, "reference");
+  assert_string_equal(m->backend->name, "cpu-reference");
+  fbn_module_destroy(m);
+
+  assert_int_equal(setenv("FBN_CPU_BACKEND", "refrence", 1), 0);
+  m = (fbn_module *)&o; /* must be reset to NULL */
+  assert_int_equal(fbn_module_create(&o, &m), FBN_STATUS_INVALID_VALUE);
+  assert_null(m);
+  assert_non_null(strstr(fbn_last_error_message(), "FBN_CPU_BACKEND"));
+  assert_non_null(strstr(fbn_last_error_message(), "refrence"));
+  assert_int_equal(unsetenv("FBN_CPU_BACKEND"), 0);
+}
+
+int main(int argc, char **argv) {
+  fbnt_parse_args(argc, argv);
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_cpu_fast_backend_selection),
+      cmocka_unit_test(test_cpu_fast_matches_reference_nchw_f32),
+      cmocka_unit_test(test_cpu_fast_matches_reference_nhwc_f32),
+      cmocka_unit_test(test_cpu_fast_matches_reference_nchw_f64),
+      cmocka_unit_test(test_cpu_fast_matches_reference_nhwc_f64),
+      cmocka_unit_test(test_cpu_fast_nan_and_degenerate_channels_match_reference),
+      cmocka_unit_test(test_cpu_fast_eval_single_value_matches_reference),
+      cmocka_unit_test(test_cpu_fast_streamed_outputs_match_reference),
+  };
+  return cmocka_run_group_tests_name("cpu_fast", tests, NULL, NULL);
+}
