@@ -158,6 +158,8 @@ typedef struct fbn_backend {
 } fbn_backend;
 
 FBN_INTERNAL const fbn_backend *fbn_backend_cpu(void);
+/* The fast CPU backend (cpu/cpu_fast.c), the default for CPU modules. */
+FBN_INTERNAL const fbn_backend *fbn_backend_cpu_fast(void);
 /* NULL when the library was built without CUDA. */
 FBN_INTERNAL const fbn_backend *fbn_backend_cuda(void);
 

@@ -10,7 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cpu/cpu_fast.h"
 #include "fbn_config.h"
 #include "internal.h"
 

@@ -35,6 +35,7 @@
  * from it instead of reading y (the API requires y unchanged since the
  * forward), which saves a quarter of its first pass's reads.
  */
+#include <assert.h>
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -45,8 +46,7 @@
 #include <omp.h>
 #endif
 
-#include "cpu/cpu_fast.h"
-#include "internal.h"
+#include "cpu/cpu_common.h"
 
 /* ---- compiler plumbing -------------------------------------------------- */
 
@@ -416,6 +416,7 @@ static void fbn_fast_mask_set(const fbn_tensor_desc *d, uint8_t *bits, int64_t n
 static void fbn_fast_save(const fbn_forward_args *a, int64_t c, double mean, double invstd) {
   if (a->saved != NULL) {
     double *p = a->saved->payload;
+    assert(p != NULL); /* saved_prepare sized it before the forward */
     p[c] = mean;
     p[a->desc->c + c] = invstd;
   }
@@ -512,6 +513,7 @@ static void fbn_fast_exact_normalize(const fbn_module *m, const fbn_forward_args
 static void fbn_fast_bwd_chan_init(const fbn_module *m, const fbn_backward_args *a, int64_t c,
                                    fbn_fast_bwd_chan *ch) {
   const double *p = a->saved->payload;
+  assert(p != NULL); /* filled by this module's forward */
   ch->mean = p[c];
   ch->invstd = p[a->desc->c + c];
   ch->weight = fbn_fast_weight(m, c);
@@ -733,10 +735,7 @@ static fbn_status fbn_fast_nchw_plan_make(fbn_module *m, const fbn_tensor_desc *
 /* ---- backend entry points ----------------------------------------------- */
 
 static void fast_module_fini(fbn_module *m) {
-  for (int i = 0; i < FBN_NUM_BUFFERS; i++) {
-    free(m->buffers[i]);
-    m->buffers[i] = NULL;
-  }
+  fbn_cpu_buffers_free(m);
   fbn_fast_state *st = m->backend_state;
   if (st != NULL) {
     free(st->scratch);
@@ -746,82 +745,21 @@ static void fast_module_fini(fbn_module *m) {
 }
 
 static fbn_status fast_module_init(fbn_module *m) {
-  const fbn_module_options *o = &m->options;
-  const size_t bytes = (size_t)o->num_features * fbn_dtype_size(o->param_dtype);
   m->backend_state = calloc(1, sizeof(fbn_fast_state));
   if (m->backend_state == NULL)
     return fbn_error(FBN_STATUS_OUT_OF_MEMORY, "fbn_module_create: out of host memory");
-  for (int i = 0; i < FBN_NUM_BUFFERS; i++) {
-    if (!fbn_options_have_buffer(o, (fbn_buffer)i))
-      continue;
-    m->buffers[i] = malloc(bytes);
-    if (m->buffers[i] == NULL) {
-      fast_module_fini(m);
-      return fbn_error(FBN_STATUS_OUT_OF_MEMORY,
-                       "fbn_module_create: out of host memory for %zu-byte %s", bytes,
-                       fbn_buffer_name((fbn_buffer)i));
-    }
+  fbn_status st = fbn_cpu_buffers_alloc(m);
+  if (st != FBN_STATUS_SUCCESS) {
+    free(m->backend_state);
+    m->backend_state = NULL;
   }
-  return FBN_STATUS_SUCCESS;
-}
-
-static fbn_status fast_buffer_read(const fbn_module *m, fbn_buffer which, fbn_dtype dtype,
-                                   void *dst) {
-  for (int64_t c = 0; c < m->options.num_features; c++)
-    fbn_fast_store(dst, dtype, c, fbn_fast_load(m->buffers[which], m->options.param_dtype, c));
-  return FBN_STATUS_SUCCESS;
-}
-
-static fbn_status fast_buffer_write(fbn_module *m, fbn_buffer which, fbn_dtype dtype,
-                                    const void *src) {
-  for (int64_t c = 0; c < m->options.num_features; c++)
-    fbn_fast_store(m->buffers[which], m->options.param_dtype, c, fbn_fast_load(src, dtype, c));
-  return FBN_STATUS_SUCCESS;
-}
-
-static fbn_status fast_buffer_fill(fbn_module *m, fbn_buffer which, double value) {
-  for (int64_t c = 0; c < m->options.num_features; c++)
-    fbn_fast_store(m->buffers[which], m->options.param_dtype, c, value);
-  return FBN_STATUS_SUCCESS;
-}
-
-static fbn_status fast_check_desc(const fbn_module *m, const fbn_tensor_desc *d, bool has_addend,
-                                  bool batch_stats) {
-  if (d->dtype != FBN_DTYPE_FLOAT32 && d->dtype != FBN_DTYPE_FLOAT64)
-    return fbn_error(FBN_STATUS_UNSUPPORTED,
-                     "dtype = %s: the CPU backend supports float32 and float64 tensors",
-                     fbn_dtype_name(d->dtype));
-  return FBN_STATUS_SUCCESS;
-}
-
-static fbn_status fast_workspace_size(const fbn_module *m, const fbn_tensor_desc *d,
-                                      bool has_addend, bool batch_stats, bool backward,
-                                      size_t *bytes) {
-  *bytes = 0;
-  return FBN_STATUS_SUCCESS;
-}
-
-static void fast_saved_free(fbn_saved *s) {
-  free(s->payload);
-  s->payload = NULL;
-  s->payload_bytes = 0;
-  s->payload_backend = NULL;
+  return st;
 }
 
 static fbn_status fast_saved_prepare(const fbn_module *m, const fbn_tensor_desc *d,
                                      bool has_addend, bool batch_stats, fbn_saved *s) {
-  const size_t need = 2 * (size_t)d->c * sizeof(double) + fbn_fast_mask_bytes(d);
-  if (s->payload != NULL && s->payload_bytes >= need)
-    return FBN_STATUS_SUCCESS;
-  double *p = malloc(need);
-  if (p == NULL)
-    return fbn_error(FBN_STATUS_OUT_OF_MEMORY,
-                     "fbn_module_forward: out of host memory for %zu bytes of saved state", need);
-  fast_saved_free(s);
-  s->payload = p;
-  s->payload_bytes = need;
-  s->payload_backend = fbn_backend_cpu_fast();
-  return FBN_STATUS_SUCCESS;
+  return fbn_cpu_saved_reserve(s, 2 * (size_t)d->c * sizeof(double) + fbn_fast_mask_bytes(d),
+                               fbn_backend_cpu_fast());
 }
 
 static fbn_status fast_forward(fbn_module *m, const fbn_forward_args *a) {
@@ -910,13 +848,13 @@ static const fbn_backend fast_backend = {
     .name = "cpu-fast",
     .module_init = fast_module_init,
     .module_fini = fast_module_fini,
-    .check_desc = fast_check_desc,
-    .buffer_read = fast_buffer_read,
-    .buffer_write = fast_buffer_write,
-    .buffer_fill = fast_buffer_fill,
-    .workspace_size = fast_workspace_size,
+    .check_desc = fbn_cpu_check_desc,
+    .buffer_read = fbn_cpu_buffer_read,
+    .buffer_write = fbn_cpu_buffer_write,
+    .buffer_fill = fbn_cpu_buffer_fill,
+    .workspace_size = fbn_cpu_workspace_size,
     .saved_prepare = fast_saved_prepare,
-    .saved_free = fast_saved_free,
+    .saved_free = fbn_cpu_saved_free,
     .forward = fast_forward,
     .backward = fast_backward,
 };

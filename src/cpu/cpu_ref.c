@@ -12,7 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "internal.h"
+#include "cpu/cpu_common.h"
 
 /* ---- element access ----------------------------------------------------- */
 
@@ -36,91 +36,11 @@ static inline int64_t index_of(const fbn_tensor_desc *d, int64_t hw, int64_t n, 
 /* ReLU with NaN propagation: ReLU(NaN) = NaN, ReLU(v <= 0) = +0. */
 static inline double relu(double v) { return v > 0.0 || isnan(v) ? v : 0.0; }
 
-/* ---- module buffers ----------------------------------------------------- */
-
-static void cpu_module_fini(fbn_module *m) {
-  for (int i = 0; i < FBN_NUM_BUFFERS; i++) {
-    free(m->buffers[i]);
-    m->buffers[i] = NULL;
-  }
-}
-
-static fbn_status cpu_module_init(fbn_module *m) {
-  const fbn_module_options *o = &m->options;
-  const size_t bytes = (size_t)o->num_features * fbn_dtype_size(o->param_dtype);
-  for (int i = 0; i < FBN_NUM_BUFFERS; i++) {
-    if (!fbn_options_have_buffer(o, (fbn_buffer)i))
-      continue;
-    m->buffers[i] = malloc(bytes);
-    if (m->buffers[i] == NULL) {
-      cpu_module_fini(m);
-      return fbn_error(FBN_STATUS_OUT_OF_MEMORY,
-                       "fbn_module_create: out of host memory for %zu-byte %s", bytes,
-                       fbn_buffer_name((fbn_buffer)i));
-    }
-  }
-  return FBN_STATUS_SUCCESS;
-}
-
-static fbn_status cpu_buffer_read(const fbn_module *m, fbn_buffer which, fbn_dtype dtype,
-                                  void *dst) {
-  for (int64_t c = 0; c < m->options.num_features; c++)
-    store(dst, dtype, c, load(m->buffers[which], m->options.param_dtype, c));
-  return FBN_STATUS_SUCCESS;
-}
-
-static fbn_status cpu_buffer_write(fbn_module *m, fbn_buffer which, fbn_dtype dtype,
-                                   const void *src) {
-  for (int64_t c = 0; c < m->options.num_features; c++)
-    store(m->buffers[which], m->options.param_dtype, c, load(src, dtype, c));
-  return FBN_STATUS_SUCCESS;
-}
-
-static fbn_status cpu_buffer_fill(fbn_module *m, fbn_buffer which, double value) {
-  for (int64_t c = 0; c < m->options.num_features; c++)
-    store(m->buffers[which], m->options.param_dtype, c, value);
-  return FBN_STATUS_SUCCESS;
-}
-
-/* ---- checks and sizes --------------------------------------------------- */
-
-static fbn_status cpu_check_desc(const fbn_module *m, const fbn_tensor_desc *d, bool has_addend,
-                                 bool batch_stats) {
-  if (d->dtype != FBN_DTYPE_FLOAT32 && d->dtype != FBN_DTYPE_FLOAT64)
-    return fbn_error(FBN_STATUS_UNSUPPORTED,
-                     "dtype = %s: the CPU backend supports float32 and float64 tensors",
-                     fbn_dtype_name(d->dtype));
-  return FBN_STATUS_SUCCESS;
-}
-
-static fbn_status cpu_workspace_size(const fbn_module *m, const fbn_tensor_desc *d,
-                                     bool has_addend, bool batch_stats, bool backward,
-                                     size_t *bytes) {
-  *bytes = 0;
-  return FBN_STATUS_SUCCESS;
-}
-
-static void cpu_saved_free(fbn_saved *s) {
-  free(s->payload);
-  s->payload = NULL;
-  s->payload_bytes = 0;
-  s->payload_backend = NULL;
-}
+/* ---- saved payload ---------------------------------------------------- */
 
 static fbn_status cpu_saved_prepare(const fbn_module *m, const fbn_tensor_desc *d,
                                     bool has_addend, bool batch_stats, fbn_saved *s) {
-  const size_t need = 2 * (size_t)d->c * sizeof(double);
-  if (s->payload != NULL && s->payload_bytes >= need)
-    return FBN_STATUS_SUCCESS;
-  double *p = malloc(need);
-  if (p == NULL)
-    return fbn_error(FBN_STATUS_OUT_OF_MEMORY,
-                     "fbn_module_forward: out of host memory for %zu bytes of saved state", need);
-  cpu_saved_free(s);
-  s->payload = p;
-  s->payload_bytes = need;
-  s->payload_backend = fbn_backend_cpu();
-  return FBN_STATUS_SUCCESS;
+  return fbn_cpu_saved_reserve(s, 2 * (size_t)d->c * sizeof(double), fbn_backend_cpu());
 }
 
 /* ---- forward ------------------------------------------------------------ */
@@ -231,15 +151,15 @@ static fbn_status cpu_backward(fbn_module *m, const fbn_backward_args *a) {
 
 static const fbn_backend cpu_backend = {
     .name = "cpu-reference",
-    .module_init = cpu_module_init,
-    .module_fini = cpu_module_fini,
-    .check_desc = cpu_check_desc,
-    .buffer_read = cpu_buffer_read,
-    .buffer_write = cpu_buffer_write,
-    .buffer_fill = cpu_buffer_fill,
-    .workspace_size = cpu_workspace_size,
+    .module_init = fbn_cpu_buffers_alloc,
+    .module_fini = fbn_cpu_buffers_free,
+    .check_desc = fbn_cpu_check_desc,
+    .buffer_read = fbn_cpu_buffer_read,
+    .buffer_write = fbn_cpu_buffer_write,
+    .buffer_fill = fbn_cpu_buffer_fill,
+    .workspace_size = fbn_cpu_workspace_size,
     .saved_prepare = cpu_saved_prepare,
-    .saved_free = cpu_saved_free,
+    .saved_free = fbn_cpu_saved_free,
     .forward = cpu_forward,
     .backward = cpu_backward,
 };
