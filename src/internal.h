@@ -176,6 +176,9 @@ FBN_INTERNAL fbn_status fbn_backward_impl(const char *fn, fbn_module *module,
                                           const void *x, const void *y, const void *dy,
                                           void *dx, void *daddend, void *workspace,
                                           size_t workspace_bytes, const void *exec);
+/* Validate options as fbn_module_create does (num_features, eps, momentum,
+ * param_dtype, device, device_index, bn_mode); the message names fn. */
+FBN_INTERNAL fbn_status fbn_validate_options(const char *fn, const fbn_module_options *o);
 /* Validate desc against the module (C, dims, overflow, dtype/param dtype,
  * layout, one value per channel when batch_stats) and the backend. */
 FBN_INTERNAL fbn_status fbn_validate_desc(const char *fn, const fbn_module *module,

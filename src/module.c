@@ -118,7 +118,7 @@ void fbn_module_options_init(fbn_module_options *options) {
   options->bn_mode = FBN_BN_MODE_AUTO;
 }
 
-static fbn_status fbn_validate_options(const char *fn, const fbn_module_options *o) {
+fbn_status fbn_validate_options(const char *fn, const fbn_module_options *o) {
   if (o->num_features <= 0)
     return fbn_error(FBN_STATUS_INVALID_VALUE,
                      "%s: num_features = %lld: the number of channels must be > 0", fn,

@@ -599,6 +599,201 @@ static void test_forward_rejects_misaligned_workspace(void **state) {
   fbnt_free(ws);
 }
 
+/* ---- audit: every fallible core call names itself --------------------------------- */
+
+/* expect_failure, and the message names the public function that failed. */
+static void expect_named(fx *f, fbn_status got, fbn_status want, const char *call,
+                         const char *name, int line) {
+  /* copied first: the state checks of expect_failure make calls that succeed */
+  char msg[1024];
+  snprintf(msg, sizeof msg, "%s", fbn_last_error_message());
+  expect_failure(f, got, want, call, line);
+  if (strstr(msg, name) == NULL) {
+    fail_msg("line %d: %s: message \"%s\" does not name %s", line, call, msg, name);
+  }
+}
+
+#define FAILS_NAMED(name, call, want) expect_named(f, (call), (want), #call, #name, __LINE__)
+
+static void test_messages_name_the_call(void **state) {
+  FX;
+  fbn_module_options o;
+  bool t;
+  double v[C] = {1, 2, 3};
+  void *p;
+  int64_t nbt;
+  size_t b;
+  fbn_module *m = NULL;
+  fbn_module_options bad = good_options();
+  bad.eps = -1.0;
+  FAILS_NAMED(fbn_module_create, fbn_module_create(NULL, &m), FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_create, fbn_module_create(&bad, &m), FBN_STATUS_INVALID_VALUE);
+  assert_null(m);
+  FAILS_NAMED(fbn_module_get_options, fbn_module_get_options(f->m, NULL),
+              FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_get_options, fbn_module_get_options(NULL, &o), FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_set_training, fbn_module_set_training(NULL, true),
+              FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_is_training, fbn_module_is_training(f->m, NULL),
+              FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_is_training, fbn_module_is_training(NULL, &t), FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_reset_running_stats, fbn_module_reset_running_stats(NULL),
+              FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_reset_parameters, fbn_module_reset_parameters(NULL),
+              FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_zero_grad, fbn_module_zero_grad(NULL), FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_read_buffer,
+              fbn_module_read_buffer(f->m, FBN_BUFFER_WEIGHT, FBN_DTYPE_FLOAT64, NULL, C),
+              FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_read_buffer,
+              fbn_module_read_buffer(f->m, (fbn_buffer)6, FBN_DTYPE_FLOAT64, v, C),
+              FBN_STATUS_INVALID_VALUE);
+  FAILS_NAMED(fbn_module_read_buffer,
+              fbn_module_read_buffer(f->m, FBN_BUFFER_BIAS, FBN_DTYPE_FLOAT64, v, C + 1),
+              FBN_STATUS_SHAPE_MISMATCH);
+  FAILS_NAMED(fbn_module_write_buffer,
+              fbn_module_write_buffer(NULL, FBN_BUFFER_WEIGHT, FBN_DTYPE_FLOAT64, v, C),
+              FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_write_buffer,
+              fbn_module_write_buffer(f->m, FBN_BUFFER_WEIGHT, (fbn_dtype)42, v, C),
+              FBN_STATUS_INVALID_VALUE);
+  FAILS_NAMED(fbn_module_write_buffer,
+              fbn_module_write_buffer(f->m, FBN_BUFFER_WEIGHT, FBN_DTYPE_FLOAT64, v, C - 1),
+              FBN_STATUS_SHAPE_MISMATCH);
+  FAILS_NAMED(fbn_module_buffer_data, fbn_module_buffer_data(f->m, (fbn_buffer)-1, &p),
+              FBN_STATUS_INVALID_VALUE);
+  FAILS_NAMED(fbn_module_buffer_data, fbn_module_buffer_data(NULL, FBN_BUFFER_BIAS, &p),
+              FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_get_num_batches_tracked, fbn_module_get_num_batches_tracked(NULL, &nbt),
+              FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_set_num_batches_tracked, fbn_module_set_num_batches_tracked(f->m, -7),
+              FBN_STATUS_INVALID_VALUE);
+  FAILS_NAMED(fbn_saved_create, fbn_saved_create(NULL), FBN_STATUS_NULL_POINTER);
+  fbn_tensor_desc wrong = f->d;
+  wrong.c = C + 2;
+  FAILS_NAMED(fbn_module_forward_workspace_size,
+              fbn_module_forward_workspace_size(f->m, &wrong, false, &b),
+              FBN_STATUS_SHAPE_MISMATCH);
+  FAILS_NAMED(fbn_module_backward_workspace_size,
+              fbn_module_backward_workspace_size(f->m, &wrong, false, &b),
+              FBN_STATUS_SHAPE_MISMATCH);
+  FAILS_NAMED(fbn_module_forward,
+              fbn_module_forward(f->m, &wrong, f->x, f->a, f->y, f->saved, NULL, 0),
+              FBN_STATUS_SHAPE_MISMATCH);
+  FAILS_NAMED(fbn_module_forward,
+              fbn_module_forward(f->m, &f->d, f->x, f->a, f->a, f->saved, NULL, 0),
+              FBN_STATUS_ALIASING);
+  FAILS_NAMED(fbn_module_backward,
+              fbn_module_backward(f->m, f->saved, &wrong, f->x, f->y, f->dy, f->dx, f->da, NULL, 0),
+              FBN_STATUS_SHAPE_MISMATCH);
+  FAILS_NAMED(fbn_module_backward,
+              fbn_module_backward(f->m, f->empty, &f->d, f->x, f->y, f->dy, f->dx, f->da, NULL, 0),
+              FBN_STATUS_INVALID_STATE);
+}
+
+static void test_create_rejects_more_bad_options(void **state) {
+  (void)state;
+  CREATE_FAILS(num_features = (int64_t)INT32_MAX + 1, FBN_STATUS_INVALID_VALUE);
+  CREATE_FAILS(num_features = INT64_MIN, FBN_STATUS_INVALID_VALUE);
+  CREATE_FAILS(device_index = -1, FBN_STATUS_INVALID_VALUE);
+  CREATE_FAILS(eps = -INFINITY, FBN_STATUS_INVALID_VALUE);
+  CREATE_FAILS(momentum = INFINITY, FBN_STATUS_INVALID_VALUE);
+  CREATE_FAILS(param_dtype = FBN_DTYPE_FLOAT16, FBN_STATUS_INVALID_VALUE);
+  CREATE_FAILS(param_dtype = FBN_DTYPE_BFLOAT16, FBN_STATUS_INVALID_VALUE);
+  CREATE_FAILS(device = (fbn_device_type)-1, FBN_STATUS_INVALID_VALUE);
+  CREATE_FAILS(bn_mode = (fbn_bn_mode)-1, FBN_STATUS_INVALID_VALUE);
+}
+
+/* Host copies in half precision are documented as UNSUPPORTED (not
+ * INVALID_VALUE); the host array is left untouched. */
+static void test_buffer_rejects_half_host_dtypes(void **state) {
+  FX;
+  const fbn_dtype half[2] = {FBN_DTYPE_FLOAT16, FBN_DTYPE_BFLOAT16};
+  for (int i = 0; i < 2; i++) {
+    uint16_t v[C] = {0x3c00, 0x4000, 0x4200};
+    FAILS_NAMED(fbn_module_read_buffer,
+                fbn_module_read_buffer(f->m, FBN_BUFFER_RUNNING_VAR, half[i], v, C),
+                FBN_STATUS_UNSUPPORTED);
+    assert_true(v[0] == 0x3c00 && v[1] == 0x4000 && v[2] == 0x4200);
+    FAILS_NAMED(fbn_module_write_buffer,
+                fbn_module_write_buffer(f->m, FBN_BUFFER_BIAS, half[i], v, C),
+                FBN_STATUS_UNSUPPORTED);
+  }
+}
+
+/* ABSENT buffers (affine = false, track_running_stats = false): the
+ * status, a message naming the call, nothing changed or written. */
+static void test_absent_buffers_fail_cleanly(void **state) {
+  FX;
+  fbn_module *bare = fx_module(&f->rng, FBN_DTYPE_FLOAT64, false, false);
+  fx_retarget(f, bare);
+  for (int b = 0; b < 6; b++) {
+    double v[C] = {1, 2, 3};
+    void *p = v;
+    FAILS_NAMED(fbn_module_read_buffer,
+                fbn_module_read_buffer(bare, (fbn_buffer)b, FBN_DTYPE_FLOAT64, v, C),
+                FBN_STATUS_ABSENT);
+    FAILS_NAMED(fbn_module_write_buffer,
+                fbn_module_write_buffer(bare, (fbn_buffer)b, FBN_DTYPE_FLOAT32, v, C),
+                FBN_STATUS_ABSENT);
+    FAILS_NAMED(fbn_module_buffer_data, fbn_module_buffer_data(bare, (fbn_buffer)b, &p),
+                FBN_STATUS_ABSENT);
+    assert_true(v[0] == 1 && v[1] == 2 && v[2] == 3 && p == (void *)v);
+  }
+  int64_t nbt = 5;
+  FAILS_NAMED(fbn_module_get_num_batches_tracked, fbn_module_get_num_batches_tracked(bare, &nbt),
+              FBN_STATUS_ABSENT);
+  assert_int_equal(nbt, 5);
+  FAILS_NAMED(fbn_module_set_num_batches_tracked, fbn_module_set_num_batches_tracked(bare, 2),
+              FBN_STATUS_ABSENT);
+  fx_retarget(f, f->m);
+  fbn_module_destroy(bare);
+}
+
+/* NULL is reported before any other problem of the same call. */
+static void test_null_reported_first(void **state) {
+  FX;
+  fbn_tensor_desc wrong = f->d;
+  wrong.c = C + 1;
+  wrong.dtype = (fbn_dtype)42;
+  FAILS_NAMED(fbn_module_forward,
+              fbn_module_forward(f->m, &wrong, NULL, f->a, f->y, f->saved, NULL, 0),
+              FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_backward,
+              fbn_module_backward(f->m, f->empty, &wrong, f->x, f->y, NULL, f->dx, f->da, NULL, 0),
+              FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_read_buffer,
+              fbn_module_read_buffer(f->m, (fbn_buffer)9, (fbn_dtype)42, NULL, 0),
+              FBN_STATUS_NULL_POINTER);
+  size_t b = 0;
+  FAILS_NAMED(fbn_module_forward_workspace_size,
+              fbn_module_forward_workspace_size(f->m, &wrong, true, NULL),
+              FBN_STATUS_NULL_POINTER);
+  FAILS_NAMED(fbn_module_backward_workspace_size,
+              fbn_module_backward_workspace_size(NULL, &wrong, true, &b), FBN_STATUS_NULL_POINTER);
+}
+
+/* The never-failing helpers with out-of-range input. */
+static void test_helpers_with_bad_input(void **state) {
+  (void)state;
+  assert_int_equal(fbn_dtype_size((fbn_dtype)-1), 0);
+  assert_int_equal(fbn_dtype_size((fbn_dtype)4), 0);
+  const char *s = fbn_status_string((fbn_status)15);
+  assert_non_null(s);
+  assert_true(s[0] != '\0');
+  assert_non_null(fbn_status_string((fbn_status)INT32_MIN));
+  fbn_module_options_init(NULL);
+  fbn_module_destroy(NULL);
+  fbn_saved_destroy(NULL);
+  assert_false(fbn_module_has_buffer(NULL, (fbn_buffer)42));
+  /* the desc helper stores what it is given, even unknown enums (validated later) */
+  fbn_tensor_desc d = fbn_tensor_desc_make(-1, 0, 3, 4, (fbn_dtype)42, (fbn_layout)7);
+  assert_true(d.n == -1 && d.c == 0 && d.h == 3 && d.w == 4);
+  assert_int_equal(d.dtype, 42);
+  assert_int_equal(d.layout, 7);
+  assert_non_null(fbn_last_error_message());
+}
+
 int main(int argc, char **argv) {
   fbnt_parse_args(argc, argv);
 #define T(fn) cmocka_unit_test_setup_teardown(fn, fx_setup, fx_teardown)
@@ -639,6 +834,12 @@ int main(int argc, char **argv) {
       T(test_backward_rejects_other_shape),
       T(test_backward_rejects_daddend_without_addend),
       T(test_forward_rejects_misaligned_workspace),
+      T(test_messages_name_the_call),
+      cmocka_unit_test(test_create_rejects_more_bad_options),
+      T(test_buffer_rejects_half_host_dtypes),
+      T(test_absent_buffers_fail_cleanly),
+      T(test_null_reported_first),
+      cmocka_unit_test(test_helpers_with_bad_input),
   };
   return cmocka_run_group_tests_name("errors", tests, NULL, NULL);
 }

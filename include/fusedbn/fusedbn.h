@@ -107,7 +107,9 @@ typedef enum fbn_status {
   FBN_STATUS_INVALID_FILE = 14,
 } fbn_status;
 
-/** Static, never-NULL name of a status ("FBN_STATUS_INVALID_VALUE", ...). */
+/** Static, never-NULL name of a status ("FBN_STATUS_INVALID_VALUE", ...);
+ *  "FBN_STATUS_UNKNOWN" for a value outside the enum.  Does not touch the
+ *  thread's last error message. */
 FBN_API const char *fbn_status_string(fbn_status status);
 
 /** Detail of the last failing call on this thread: which call, which value,
@@ -148,7 +150,8 @@ typedef struct fbn_tensor_desc {
   fbn_layout layout;
 } fbn_tensor_desc;
 
-/** Convenience initializer. */
+/** Convenience initializer: returns the fields as given.  Never fails and
+ *  validates nothing (forward, backward and the size queries do). */
 FBN_API fbn_tensor_desc fbn_tensor_desc_make(int64_t n, int64_t c, int64_t h, int64_t w,
                                              fbn_dtype dtype, fbn_layout layout);
 
@@ -207,24 +210,37 @@ FBN_API void fbn_module_options_init(fbn_module_options *options);
 typedef struct fbn_module fbn_module;
 
 /** Create a module in training mode with reset parameters and statistics.
- *  *out is set to NULL on failure. */
+ *  *options is copied (not kept).  On success *out belongs to the caller:
+ *  free it with fbn_module_destroy().  *out is set to NULL on failure.
+ *  NULL options or out: FBN_STATUS_NULL_POINTER; an option outside its
+ *  domain or an unknown enum value: FBN_STATUS_INVALID_VALUE; a CUDA module
+ *  without a usable device (or a build without CUDA): FBN_STATUS_NO_DEVICE. */
 FBN_API fbn_status fbn_module_create(const fbn_module_options *options, fbn_module **out);
 
-/** Free the module and everything it owns. NULL is a no-op. */
+/** Free the module and everything it owns (pointers from
+ *  fbn_module_buffer_data() become invalid). NULL is a no-op.  Saved
+ *  objects it filled stay the caller's to destroy; backward with them fails
+ *  (FBN_STATUS_INVALID_STATE) with any other module. */
 FBN_API void fbn_module_destroy(fbn_module *module);
 
-/** Copy of the options the module was created with. */
+/** Copy of the options the module was created with into *out.
+ *  NULL module or out: FBN_STATUS_NULL_POINTER. */
 FBN_API fbn_status fbn_module_get_options(const fbn_module *module, fbn_module_options *out);
 
-/** Switch training (true) / evaluation (false) mode, like Module.train(). */
+/** Switch training (true) / evaluation (false) mode, like Module.train().
+ *  NULL module: FBN_STATUS_NULL_POINTER. */
 FBN_API fbn_status fbn_module_set_training(fbn_module *module, bool training);
+/** *training = the module's mode (true: training).  NULL module or
+ *  training: FBN_STATUS_NULL_POINTER. */
 FBN_API fbn_status fbn_module_is_training(const fbn_module *module, bool *training);
 
 /** running_mean = 0, running_var = 1, num_batches_tracked = 0 (no-op
- *  success without running statistics). */
+ *  success without running statistics).  NULL module:
+ *  FBN_STATUS_NULL_POINTER. */
 FBN_API fbn_status fbn_module_reset_running_stats(fbn_module *module);
 
-/** reset_running_stats(), then weight = 1 and bias = 0 (when affine). */
+/** reset_running_stats(), then weight = 1 and bias = 0 (when affine).
+ *  Gradients are not touched.  NULL module: FBN_STATUS_NULL_POINTER. */
 FBN_API fbn_status fbn_module_reset_parameters(fbn_module *module);
 
 /** The per-channel buffers a module may own. */
@@ -246,26 +262,39 @@ FBN_API bool fbn_module_has_buffer(const fbn_module *module, fbn_buffer which);
  *  FLOAT16/BFLOAT16 are FBN_STATUS_UNSUPPORTED, other values
  *  FBN_STATUS_INVALID_VALUE). count must equal num_features
  *  (FBN_STATUS_SHAPE_MISMATCH). FBN_STATUS_ABSENT if the module has no such
- *  buffer. Synchronous. */
+ *  buffer. Synchronous.  dst is the caller's host memory of count elements
+ *  of dtype, untouched on failure.  NULL module or dst:
+ *  FBN_STATUS_NULL_POINTER; an unknown buffer: FBN_STATUS_INVALID_VALUE. */
 FBN_API fbn_status fbn_module_read_buffer(const fbn_module *module, fbn_buffer which,
                                           fbn_dtype dtype, void *dst, size_t count);
 
 /** Copy host memory into a buffer, converting from dtype (FLOAT32 or
  *  FLOAT64) to the module's param_dtype. count must equal num_features.
- *  Synchronous. */
+ *  Synchronous.  src is only read, during the call.  Statuses as for
+ *  fbn_module_read_buffer() (NULL module or src: FBN_STATUS_NULL_POINTER;
+ *  FLOAT16/BFLOAT16: FBN_STATUS_UNSUPPORTED; unknown buffer or dtype:
+ *  FBN_STATUS_INVALID_VALUE; wrong count: FBN_STATUS_SHAPE_MISMATCH; no such
+ *  buffer: FBN_STATUS_ABSENT); the buffer is unchanged on failure. */
 FBN_API fbn_status fbn_module_write_buffer(fbn_module *module, fbn_buffer which,
                                            fbn_dtype dtype, const void *src, size_t count);
 
 /** The buffer's storage (host memory for a CPU module, device memory for a
  *  CUDA module), num_features elements of param_dtype, owned by the module
- *  and valid until it is destroyed. */
+ *  and valid until it is destroyed.  NULL module or data:
+ *  FBN_STATUS_NULL_POINTER; unknown buffer: FBN_STATUS_INVALID_VALUE; no
+ *  such buffer: FBN_STATUS_ABSENT (*data untouched on failure). */
 FBN_API fbn_status fbn_module_buffer_data(fbn_module *module, fbn_buffer which, void **data);
 
+/** *value = num_batches_tracked.  NULL module or value:
+ *  FBN_STATUS_NULL_POINTER; FBN_STATUS_ABSENT without running statistics
+ *  (track_running_stats = false; *value untouched). */
 FBN_API fbn_status fbn_module_get_num_batches_tracked(const fbn_module *module, int64_t *value);
-/** value must be >= 0. */
+/** value must be >= 0 (FBN_STATUS_INVALID_VALUE).  NULL module:
+ *  FBN_STATUS_NULL_POINTER; FBN_STATUS_ABSENT without running statistics. */
 FBN_API fbn_status fbn_module_set_num_batches_tracked(fbn_module *module, int64_t value);
 
-/** Set the weight and bias gradients to zero (success without affine). */
+/** Set the weight and bias gradients to zero (success without affine).
+ *  NULL module: FBN_STATUS_NULL_POINTER. */
 FBN_API fbn_status fbn_module_zero_grad(fbn_module *module);
 
 /* ------------------------------------------------------------------------ */
@@ -276,8 +305,12 @@ typedef struct fbn_saved fbn_saved;
 
 /** An empty saved object. It is bound to a module, a shape and a mode by
  *  the next forward that receives it, and may be reused by later forwards
- *  (each overwrites the previous content). */
+ *  (each overwrites the previous content).  *out belongs to the caller (free
+ *  it with fbn_saved_destroy()); it may outlive the module that filled it.
+ *  NULL out: FBN_STATUS_NULL_POINTER. */
 FBN_API fbn_status fbn_saved_create(fbn_saved **out);
+/** Free a saved object and the payload it allocated (never caller memory
+ *  given to fbn_cuda_saved_set_memory()). NULL is a no-op. */
 FBN_API void fbn_saved_destroy(fbn_saved *saved);
 
 /* ------------------------------------------------------------------------ */
@@ -285,12 +318,16 @@ FBN_API void fbn_saved_destroy(fbn_saved *saved);
 /* ------------------------------------------------------------------------ */
 
 /** Bytes of temporary workspace that fbn_module_forward() needs for this
- *  shape (0 on the CPU). */
+ *  shape (0 on the CPU).  NULL module, desc or bytes:
+ *  FBN_STATUS_NULL_POINTER; desc is validated as fbn_module_forward() does
+ *  (same statuses). */
 FBN_API fbn_status fbn_module_forward_workspace_size(const fbn_module *module,
                                                      const fbn_tensor_desc *desc,
                                                      bool has_addend, size_t *bytes);
 
-/** Bytes of temporary workspace that fbn_module_backward() needs. */
+/** Bytes of temporary workspace that fbn_module_backward() needs.  NULL
+ *  module, desc or bytes: FBN_STATUS_NULL_POINTER; desc is validated as
+ *  fbn_module_backward() does. */
 FBN_API fbn_status fbn_module_backward_workspace_size(const fbn_module *module,
                                                       const fbn_tensor_desc *desc,
                                                       bool has_addend, size_t *bytes);
@@ -317,6 +354,13 @@ FBN_API fbn_status fbn_module_backward_workspace_size(const fbn_module *module,
  *                   fbn_module_forward_workspace_size() bytes, 256-byte
  *                   aligned (checked even when 0 bytes are needed), on the
  *                   module's device; else FBN_STATUS_INSUFFICIENT_WORKSPACE.
+ *
+ * NULL module, desc, x or y: FBN_STATUS_NULL_POINTER.  desc: N, H or W <= 0,
+ * overflowing counts or (with batch statistics) N*H*W == 1:
+ * FBN_STATUS_INVALID_SHAPE; C != num_features: FBN_STATUS_SHAPE_MISMATCH;
+ * unknown dtype/layout: FBN_STATUS_INVALID_VALUE; a dtype the backend or
+ * param_dtype can't take: FBN_STATUS_UNSUPPORTED.  All buffers stay the
+ * caller's; nothing is kept after the call except in saved.
  */
 FBN_API fbn_status fbn_module_forward(fbn_module *module, const fbn_tensor_desc *desc,
                                       const void *x, const void *addend, void *y,
@@ -337,6 +381,12 @@ FBN_API fbn_status fbn_module_forward(fbn_module *module, const fbn_tensor_desc 
  * @param dx         NULL to skip, else receives dL/dx.
  * @param daddend    NULL to skip, else receives dL/daddend = dy * (y > 0).
  * dx and daddend must not overlap each other or any input.
+ *
+ * NULL module, saved, desc, x, y or dy: FBN_STATUS_NULL_POINTER.  An empty
+ * saved object, one filled by another module, or daddend for a forward
+ * without addend: FBN_STATUS_INVALID_STATE; desc other than the forward's:
+ * FBN_STATUS_SHAPE_MISMATCH; desc itself is validated as in forward.
+ * workspace as for fbn_module_forward().  saved is only read.
  */
 FBN_API fbn_status fbn_module_backward(fbn_module *module, const fbn_saved *saved,
                                        const fbn_tensor_desc *desc, const void *x,

@@ -89,7 +89,8 @@ typedef enum fbn_cuda_path {
   FBN_CUDA_PATH_EVAL = 4,
 } fbn_cuda_path;
 
-/** Static name of a path ("fused", "general", "kernels", "eval", "none"). */
+/** Static name of a path ("fused", "general", "kernels", "eval", "none");
+ *  "none" for a value outside the enum.  Never NULL, never fails. */
 FBN_API const char *fbn_cuda_path_name(fbn_cuda_path path);
 
 /**
@@ -100,7 +101,9 @@ FBN_API const char *fbn_cuda_path_name(fbn_cuda_path path);
  * and batch-norm calls; fbn_cuda_module_path() also knows what the device
  * refused at run time.  Fails like fbn_module_forward's validation would
  * (e.g. FBN_STATUS_SHAPE_MISMATCH when desc->c != num_features), with
- * *path = FBN_CUDA_PATH_NONE.
+ * *path = FBN_CUDA_PATH_NONE.  Options no module could be created with fail
+ * as in fbn_module_create() (FBN_STATUS_INVALID_VALUE); options->device is
+ * not looked at.  NULL options, desc or path: FBN_STATUS_NULL_POINTER.
  */
 FBN_API fbn_status fbn_cuda_plan_path(const fbn_module_options *options,
                                       const fbn_tensor_desc *desc, bool has_addend,
@@ -108,26 +111,35 @@ FBN_API fbn_status fbn_cuda_plan_path(const fbn_module_options *options,
 
 /** The path the module's next forward of desc will take, in its current
  *  mode, including run-time fallbacks already learnt (e.g. bfloat16
- *  refused by cuDNN). */
+ *  refused by cuDNN).  NULL module, desc or path: FBN_STATUS_NULL_POINTER; a
+ *  CPU module: FBN_STATUS_INVALID_VALUE; desc validated as in forward.
+ *  *path = FBN_CUDA_PATH_NONE on failure. */
 FBN_API fbn_status fbn_cuda_module_path(const fbn_module *module, const fbn_tensor_desc *desc,
                                         bool has_addend, fbn_cuda_path *path);
 
 /** The path the forward that filled saved took (FBN_CUDA_PATH_NONE for an
- *  empty saved object or one filled by a CPU module). */
+ *  empty saved object or one filled by a CPU module).  NULL saved or path:
+ *  FBN_STATUS_NULL_POINTER. */
 FBN_API fbn_status fbn_cuda_saved_path(const fbn_saved *saved, fbn_cuda_path *path);
 
 /** The CUDA device ordinal of a CUDA module (FBN_STATUS_INVALID_VALUE for a
- *  CPU module). */
+ *  CPU module; *device untouched on failure).  NULL module or device:
+ *  FBN_STATUS_NULL_POINTER. */
 FBN_API fbn_status fbn_cuda_module_device(const fbn_module *module, int *device);
 
 /** fbn_module_forward() with an explicit launch context (NULL exec = the
- *  defaults). See fusedbn.h for the arguments. */
+ *  defaults). See fusedbn.h for the arguments, their NULL rules, aliasing
+ *  and statuses; messages name fbn_cuda_module_forward.  *exec is read
+ *  during the call only; exec->cudnn stays the caller's.  A CPU module runs
+ *  as with fbn_module_forward() (exec unused). */
 FBN_API fbn_status fbn_cuda_module_forward(fbn_module *module, const fbn_cuda_exec *exec,
                                            const fbn_tensor_desc *desc, const void *x,
                                            const void *addend, void *y, fbn_saved *saved,
                                            void *workspace, size_t workspace_bytes);
 
-/** fbn_module_backward() with an explicit launch context. */
+/** fbn_module_backward() with an explicit launch context (NULL exec = the
+ *  defaults); arguments, NULL rules and statuses as for
+ *  fbn_module_backward(), messages naming fbn_cuda_module_backward. */
 FBN_API fbn_status fbn_cuda_module_backward(fbn_module *module, const fbn_cuda_exec *exec,
                                             const fbn_saved *saved, const fbn_tensor_desc *desc,
                                             const void *x, const void *y, const void *dy,
@@ -136,7 +148,9 @@ FBN_API fbn_status fbn_cuda_module_backward(fbn_module *module, const fbn_cuda_e
 
 /** Bytes of device memory the saved state of a forward of desc needs in the
  *  module's current mode (saved mean and inverse std, then the ReLU mask or
- *  cuDNN's reserve space). */
+ *  cuDNN's reserve space).  NULL module, desc or bytes:
+ *  FBN_STATUS_NULL_POINTER; a CPU module: FBN_STATUS_INVALID_VALUE; desc
+ *  validated as in forward.  *bytes = 0 on failure. */
 FBN_API fbn_status fbn_cuda_saved_size(const fbn_module *module, const fbn_tensor_desc *desc,
                                        bool has_addend, size_t *bytes);
 
@@ -148,13 +162,21 @@ FBN_API fbn_status fbn_cuda_saved_size(const fbn_module *module, const fbn_tenso
  * must outlive the saved object's use and is never freed by fusedbn.
  * Frees a payload the saved object had allocated and empties it.
  * device_memory == NULL goes back to library-allocated payloads.
+ * NULL saved: FBN_STATUS_NULL_POINTER; device_memory not 256-byte aligned:
+ * FBN_STATUS_INSUFFICIENT_WORKSPACE; bytes == 0 with device_memory:
+ * FBN_STATUS_INVALID_VALUE.  A failing call leaves saved as it was.
+ * Alignment is checked here; that it is device memory is not (a forward
+ * with host memory fails instead).
  */
 FBN_API fbn_status fbn_cuda_saved_set_memory(fbn_saved *saved, void *device_memory,
                                              size_t bytes);
 
 /** Device pointers to the per-channel mean and inverse standard deviation
  *  (param_dtype, num_features each) recorded by the forward that filled
- *  saved; valid until the next forward into saved. */
+ *  saved; owned by saved, valid until the next forward into it (or its
+ *  destruction).  NULL saved, mean or invstd: FBN_STATUS_NULL_POINTER; an
+ *  empty saved object or one filled by a CPU module:
+ *  FBN_STATUS_INVALID_STATE (*mean and *invstd untouched on failure). */
 FBN_API fbn_status fbn_cuda_saved_stats(const fbn_saved *saved, const void **mean,
                                         const void **invstd);
 

@@ -78,6 +78,7 @@ extern "C" {
  * @param path    file to read; not kept after the call.
  * @param prefix  key prefix such as "layer1.0.bn1." (the '.' included), or
  *                NULL / "" for none.
+ * NULL module or path: FBN_STATUS_NULL_POINTER (module unchanged).
  */
 FBN_API fbn_status fbn_module_load_state(fbn_module *module, const char *path, const char *prefix);
 
@@ -85,7 +86,8 @@ FBN_API fbn_status fbn_module_load_state(fbn_module *module, const char *path, c
  * fbn_module_load_state() from the bytes of a whole safetensors file in
  * memory (for example a memory-mapped or downloaded file).  data is only
  * read, during the call.  data may be NULL only when size is 0 (which is
- * then an invalid file).
+ * then an invalid file).  NULL module, or NULL data with size > 0:
+ * FBN_STATUS_NULL_POINTER.
  */
 FBN_API fbn_status fbn_module_load_state_from_memory(fbn_module *module, const void *data,
                                                      size_t size, const char *prefix);
@@ -104,6 +106,7 @@ FBN_API fbn_status fbn_module_load_state_from_memory(fbn_module *module, const v
  * safetensors.torch, and the tensors are laid out 8-byte aligned.
  *
  * @param prefix  key prefix, or NULL / "" for none.
+ * NULL module or path: FBN_STATUS_NULL_POINTER (nothing written).
  */
 FBN_API fbn_status fbn_module_save_state(const fbn_module *module, const char *path,
                                          const char *prefix);
@@ -117,6 +120,8 @@ FBN_API fbn_status fbn_module_save_state(const fbn_module *module, const char *p
  * @param prefixes  count prefixes (a NULL entry means ""), or NULL for no
  *                  prefixes at all (only sensible with count == 1).  Two
  *                  modules producing the same key is FBN_STATUS_INVALID_VALUE.
+ * count == 0: FBN_STATUS_INVALID_VALUE; NULL modules, a NULL modules[i] or
+ * NULL path: FBN_STATUS_NULL_POINTER.  The modules are only read.
  */
 FBN_API fbn_status fbn_modules_save_state(size_t count, const fbn_module *const *modules,
                                           const char *const *prefixes, const char *path);
@@ -124,7 +129,9 @@ FBN_API fbn_status fbn_modules_save_state(size_t count, const fbn_module *const 
 /**
  * The bytes fbn_modules_save_state() would write, in a buffer allocated by
  * the library.  On success *data (free it with fbn_state_free()) and *size
- * are set; on failure *data is NULL and *size 0.
+ * are set; on failure *data is NULL and *size 0.  NULL data or size:
+ * FBN_STATUS_NULL_POINTER; count, modules and prefixes as for
+ * fbn_modules_save_state().
  */
 FBN_API fbn_status fbn_modules_save_state_to_memory(size_t count, const fbn_module *const *modules,
                                                     const char *const *prefixes, void **data,

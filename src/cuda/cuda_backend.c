@@ -1294,13 +1294,10 @@ fbn_status fbn_cuda_plan_path(const fbn_module_options *o, const fbn_tensor_desc
     return fbn_error(FBN_STATUS_NULL_POINTER, "%s: options is NULL", fn);
   if (d == NULL)
     return fbn_error(FBN_STATUS_NULL_POINTER, "%s: desc is NULL", fn);
-  if (o->num_features <= 0)
-    return fbn_error(FBN_STATUS_INVALID_VALUE, "%s: num_features = %lld: must be > 0", fn,
-                     (long long)o->num_features);
-  if (o->bn_mode != FBN_BN_MODE_AUTO && o->bn_mode != FBN_BN_MODE_SPATIAL)
-    return fbn_error(FBN_STATUS_INVALID_VALUE,
-                     "%s: bn_mode = %d: must be FBN_BN_MODE_AUTO or FBN_BN_MODE_SPATIAL", fn,
-                     (int)o->bn_mode);
+  /* Options no module could be created with fail as in fbn_module_create. */
+  fbn_status vs = fbn_validate_options(fn, o);
+  if (vs != FBN_STATUS_SUCCESS)
+    return vs;
   /* The API layer's validation, on a throwaway module that only carries
    * the options and this backend (check_desc only reads the options and the
    * default limits). */

@@ -689,6 +689,340 @@ static void test_cuda_host_no_device(void **state) {
   fbn_module_destroy(m);
 }
 
+/* ---- bad arguments of the public CUDA entry points (no device needed) ------------ */
+
+/* What a failing call must leave alone: a CPU module's state, x, y, dy, dx. */
+typedef struct bad_ctx {
+  fbn_module *m;
+  fbnt_state before;
+  fbn_tensor_desc d;
+  size_t bytes;
+  float *x, *a, *y, *dy, *dx;
+  float *copy[5];
+} bad_ctx;
+
+static float **bad_buffer(bad_ctx *c, int i) {
+  float **b[5] = {&c->x, &c->a, &c->y, &c->dy, &c->dx};
+  return b[i];
+}
+
+/* The status, a non-empty message naming name, the module's state and every
+ * buffer unchanged. */
+static void bad_expect(bad_ctx *c, fbn_status got, fbn_status want, const char *call,
+                       const char *name, int line) {
+  char msg[1024];
+  snprintf(msg, sizeof msg, "%s", fbn_last_error_message());
+  if (got != want)
+    fail_msg("line %d: %s returned %s, want %s (message: \"%s\")", line, call,
+             fbn_status_string(got), fbn_status_string(want), msg);
+  if (msg[0] == '\0')
+    fail_msg("line %d: %s failed with an empty message", line, call);
+  if (strstr(msg, name) == NULL)
+    fail_msg("line %d: %s: message \"%s\" does not name %s", line, call, msg, name);
+  if (c == NULL)
+    return;
+  fbnt_state after;
+  fbnt_state_capture(c->m, &after);
+  bool same = fbnt_state_equal(&c->before, &after);
+  fbnt_state_free(&after);
+  if (!same)
+    fail_msg("line %d: %s changed the module's state", line, call);
+  for (int i = 0; i < 5; i++) {
+    if (memcmp(*bad_buffer(c, i), c->copy[i], c->bytes) != 0)
+      fail_msg("line %d: %s wrote to buffer %d", line, call, i);
+  }
+}
+
+#define BAD(name, call, want) bad_expect(&ctx, (call), (want), #call, #name, __LINE__)
+
+static void bad_ctx_init(bad_ctx *c, fbnt_rng *rng) {
+  memset(c, 0, sizeof *c);
+  fbn_module_options o;
+  fbn_module_options_init(&o);
+  o.num_features = 4;
+  assert_int_equal(fbnt_module_create_random(rng, &o, &c->m, NULL), FBN_STATUS_SUCCESS);
+  c->d = fbn_tensor_desc_make(2, 4, 3, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW);
+  c->bytes = fbnt_desc_numel(&c->d) * sizeof(float);
+  for (int i = 0; i < 5; i++) {
+    *bad_buffer(c, i) = fbnt_tensor_alloc(&c->d);
+    fbnt_fill_channels(rng, &c->d, *bad_buffer(c, i), NULL);
+  }
+}
+
+/* Snapshot after the setup calls that are meant to change things. */
+static void bad_ctx_snapshot(bad_ctx *c) {
+  fbnt_tensor_poison(&c->d, c->dx);
+  for (int i = 0; i < 5; i++) {
+    c->copy[i] = fbnt_alloc(c->bytes);
+    memcpy(c->copy[i], *bad_buffer(c, i), c->bytes);
+  }
+  fbnt_state_capture(c->m, &c->before);
+}
+
+static void bad_ctx_free(bad_ctx *c) {
+  fbnt_state_free(&c->before);
+  for (int i = 0; i < 5; i++) {
+    fbnt_free(*bad_buffer(c, i));
+    fbnt_free(c->copy[i]);
+  }
+  fbn_module_destroy(c->m);
+}
+
+static void test_cuda_host_plan_path_bad_arguments(void **state) {
+  (void)state;
+  fbn_module_options o;
+  fbn_module_options_init(&o);
+  o.num_features = 8;
+  o.device = FBN_DEVICE_CUDA;
+  const fbn_tensor_desc good = fbn_tensor_desc_make(2, 8, 3, 3, FBN_DTYPE_FLOAT32,
+                                                    FBN_LAYOUT_NHWC);
+  fbn_cuda_path p = FBN_CUDA_PATH_FUSED;
+  /* NULL pointers, each with *path = NONE where path exists */
+  bad_expect(NULL, fbn_cuda_plan_path(NULL, &good, true, true, &p), FBN_STATUS_NULL_POINTER,
+             "plan_path(NULL options)", "fbn_cuda_plan_path", __LINE__);
+  assert_int_equal(p, FBN_CUDA_PATH_NONE);
+  p = FBN_CUDA_PATH_FUSED;
+  bad_expect(NULL, fbn_cuda_plan_path(&o, NULL, true, true, &p), FBN_STATUS_NULL_POINTER,
+             "plan_path(NULL desc)", "fbn_cuda_plan_path", __LINE__);
+  assert_int_equal(p, FBN_CUDA_PATH_NONE);
+  bad_expect(NULL, fbn_cuda_plan_path(&o, &good, true, true, NULL), FBN_STATUS_NULL_POINTER,
+             "plan_path(NULL path)", "fbn_cuda_plan_path", __LINE__);
+  /* invalid enum values in the description */
+  struct {
+    const char *what;
+    fbn_tensor_desc d;
+    fbn_status want;
+  } descs[] = {
+      {"dtype 42", good, FBN_STATUS_INVALID_VALUE},
+      {"dtype -1", good, FBN_STATUS_INVALID_VALUE},
+      {"layout 5", good, FBN_STATUS_INVALID_VALUE},
+      {"c mismatch", good, FBN_STATUS_SHAPE_MISMATCH},
+      {"n = 0", good, FBN_STATUS_INVALID_SHAPE},
+      {"w = -1", good, FBN_STATUS_INVALID_SHAPE},
+      {"numel overflows", good, FBN_STATUS_INVALID_SHAPE},
+  };
+  descs[0].d.dtype = (fbn_dtype)42;
+  descs[1].d.dtype = (fbn_dtype)-1;
+  descs[2].d.layout = (fbn_layout)5;
+  descs[3].d.c = 9;
+  descs[4].d.n = 0;
+  descs[5].d.w = -1;
+  descs[6].d.n = INT64_C(1) << 62;
+  for (size_t i = 0; i < sizeof descs / sizeof descs[0]; i++) {
+    for (int batch = 0; batch < 2; batch++) {
+      p = FBN_CUDA_PATH_FUSED;
+      bad_expect(NULL, fbn_cuda_plan_path(&o, &descs[i].d, true, batch != 0, &p), descs[i].want,
+                 descs[i].what, "fbn_cuda_plan_path", __LINE__);
+      assert_int_equal(p, FBN_CUDA_PATH_NONE);
+    }
+  }
+  /* options no module could be created with: INVALID_VALUE, like
+   * fbn_module_create */
+  struct {
+    const char *what;
+    fbn_module_options o;
+  } opts[9];
+  for (size_t i = 0; i < 9; i++)
+    opts[i].o = o;
+  opts[0].what = "num_features = 0";
+  opts[0].o.num_features = 0;
+  opts[1].what = "bn_mode = 9";
+  opts[1].o.bn_mode = (fbn_bn_mode)9;
+  opts[2].what = "eps = -1";
+  opts[2].o.eps = -1.0;
+  opts[3].what = "eps = NaN";
+  opts[3].o.eps = NAN;
+  opts[4].what = "momentum = 2";
+  opts[4].o.momentum = 2.0;
+  opts[5].what = "param_dtype = 42";
+  opts[5].o.param_dtype = (fbn_dtype)42;
+  opts[6].what = "param_dtype = FLOAT16";
+  opts[6].o.param_dtype = FBN_DTYPE_FLOAT16;
+  opts[7].what = "device_index = -1";
+  opts[7].o.device_index = -1;
+  opts[8].what = "num_features > INT32_MAX";
+  opts[8].o.num_features = (int64_t)INT32_MAX + 1;
+  for (size_t i = 0; i < 9; i++) {
+    fbn_tensor_desc d = good;
+    d.c = opts[i].o.num_features > 0 ? opts[i].o.num_features : 8;
+    p = FBN_CUDA_PATH_FUSED;
+    bad_expect(NULL, fbn_cuda_plan_path(&opts[i].o, &d, false, true, &p),
+               FBN_STATUS_INVALID_VALUE, opts[i].what, "fbn_cuda_plan_path", __LINE__);
+    assert_int_equal(p, FBN_CUDA_PATH_NONE);
+  }
+  /* path names of values outside the enum */
+  assert_string_equal(fbn_cuda_path_name((fbn_cuda_path)-1), "none");
+  assert_string_equal(fbn_cuda_path_name((fbn_cuda_path)5), "none");
+}
+
+static void test_cuda_host_queries_bad_arguments(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  bad_ctx ctx;
+  bad_ctx_init(&ctx, &rng);
+  fbn_saved *saved = NULL, *empty = NULL;
+  assert_int_equal(fbn_saved_create(&saved), FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_saved_create(&empty), FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_module_forward(ctx.m, &ctx.d, ctx.x, ctx.a, ctx.y, saved, NULL, 0),
+                   FBN_STATUS_SUCCESS);
+  bad_ctx_snapshot(&ctx);
+  fbn_cuda_path p = FBN_CUDA_PATH_FUSED;
+  int dev = 42;
+  size_t bytes = 7;
+  const void *mean = &dev, *invstd = &dev;
+
+  BAD(fbn_cuda_module_path, fbn_cuda_module_path(NULL, &ctx.d, false, &p),
+      FBN_STATUS_NULL_POINTER);
+  assert_int_equal(p, FBN_CUDA_PATH_NONE);
+  BAD(fbn_cuda_module_path, fbn_cuda_module_path(ctx.m, &ctx.d, false, NULL),
+      FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_module_path, fbn_cuda_module_path(ctx.m, NULL, false, &p),
+      FBN_STATUS_INVALID_VALUE); /* a CPU module is refused before desc is looked at */
+  BAD(fbn_cuda_module_path, fbn_cuda_module_path(ctx.m, &ctx.d, true, &p),
+      FBN_STATUS_INVALID_VALUE);
+
+  BAD(fbn_cuda_saved_path, fbn_cuda_saved_path(NULL, &p), FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_saved_path, fbn_cuda_saved_path(saved, NULL), FBN_STATUS_NULL_POINTER);
+  p = FBN_CUDA_PATH_FUSED;
+  assert_int_equal(fbn_cuda_saved_path(empty, &p), FBN_STATUS_SUCCESS);
+  assert_int_equal(p, FBN_CUDA_PATH_NONE);
+
+  BAD(fbn_cuda_module_device, fbn_cuda_module_device(NULL, &dev), FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_module_device, fbn_cuda_module_device(ctx.m, NULL), FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_module_device, fbn_cuda_module_device(ctx.m, &dev), FBN_STATUS_INVALID_VALUE);
+  assert_int_equal(dev, 42);
+
+  BAD(fbn_cuda_saved_size, fbn_cuda_saved_size(NULL, &ctx.d, true, &bytes),
+      FBN_STATUS_NULL_POINTER);
+  assert_int_equal(bytes, 0);
+  BAD(fbn_cuda_saved_size, fbn_cuda_saved_size(ctx.m, &ctx.d, true, NULL),
+      FBN_STATUS_NULL_POINTER);
+  bytes = 7;
+  BAD(fbn_cuda_saved_size, fbn_cuda_saved_size(ctx.m, NULL, true, &bytes),
+      FBN_STATUS_INVALID_VALUE);
+  assert_int_equal(bytes, 0);
+
+  BAD(fbn_cuda_saved_stats, fbn_cuda_saved_stats(NULL, &mean, &invstd), FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_saved_stats, fbn_cuda_saved_stats(saved, NULL, &invstd), FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_saved_stats, fbn_cuda_saved_stats(saved, &mean, NULL), FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_saved_stats, fbn_cuda_saved_stats(empty, &mean, &invstd),
+      FBN_STATUS_INVALID_STATE);
+  BAD(fbn_cuda_saved_stats, fbn_cuda_saved_stats(saved, &mean, &invstd),
+      FBN_STATUS_INVALID_STATE); /* filled by a CPU module */
+  assert_ptr_equal(mean, &dev);
+  assert_ptr_equal(invstd, &dev);
+
+  /* set_memory: NULL saved; a refused pointer leaves the saved object as it
+   * was (backward still runs from it) */
+  char *fake = (char *)(uintptr_t)0x200000;
+  BAD(fbn_cuda_saved_set_memory, fbn_cuda_saved_set_memory(NULL, fake, 4096),
+      FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_saved_set_memory, fbn_cuda_saved_set_memory(NULL, NULL, 0),
+      FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_saved_set_memory, fbn_cuda_saved_set_memory(saved, fake + 1, 4096),
+      FBN_STATUS_INSUFFICIENT_WORKSPACE);
+  BAD(fbn_cuda_saved_set_memory, fbn_cuda_saved_set_memory(saved, fake + 128, 4096),
+      FBN_STATUS_INSUFFICIENT_WORKSPACE);
+  BAD(fbn_cuda_saved_set_memory, fbn_cuda_saved_set_memory(saved, fake, 0),
+      FBN_STATUS_INVALID_VALUE);
+  assert_int_equal(fbn_module_backward(ctx.m, saved, &ctx.d, ctx.x, ctx.y, ctx.dy, ctx.dx, NULL,
+                                       NULL, 0),
+                   FBN_STATUS_SUCCESS);
+  fbn_saved_destroy(saved);
+  fbn_saved_destroy(empty);
+  bad_ctx_free(&ctx);
+}
+
+/* fbn_cuda_module_forward/backward validate like fbn_module_forward/backward
+ * (a CPU module goes through them too) and name themselves. */
+static void test_cuda_host_forward_backward_bad_arguments(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  bad_ctx ctx;
+  bad_ctx_init(&ctx, &rng);
+  fbn_saved *saved = NULL, *empty = NULL;
+  assert_int_equal(fbn_saved_create(&saved), FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_saved_create(&empty), FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_module_forward(ctx.m, &ctx.d, ctx.x, ctx.a, ctx.y, saved, NULL, 0),
+                   FBN_STATUS_SUCCESS);
+  bad_ctx_snapshot(&ctx);
+  const fbn_cuda_exec exec = {0, NULL};
+  fbn_tensor_desc bad[6];
+  const fbn_status want[6] = {FBN_STATUS_SHAPE_MISMATCH, FBN_STATUS_INVALID_SHAPE,
+                              FBN_STATUS_INVALID_VALUE,  FBN_STATUS_INVALID_VALUE,
+                              FBN_STATUS_UNSUPPORTED,    FBN_STATUS_UNSUPPORTED};
+  for (int i = 0; i < 6; i++)
+    bad[i] = ctx.d;
+  bad[0].c = 5;
+  bad[1].h = 0;
+  bad[2].dtype = (fbn_dtype)42;
+  bad[3].layout = (fbn_layout)-1;
+  bad[4].dtype = FBN_DTYPE_FLOAT16;  /* CPU backend */
+  bad[5].dtype = FBN_DTYPE_FLOAT64;  /* float32 parameters */
+
+  BAD(fbn_cuda_module_forward,
+      fbn_cuda_module_forward(NULL, &exec, &ctx.d, ctx.x, ctx.a, ctx.y, NULL, NULL, 0),
+      FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_module_forward,
+      fbn_cuda_module_forward(ctx.m, &exec, NULL, ctx.x, ctx.a, ctx.y, NULL, NULL, 0),
+      FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_module_forward,
+      fbn_cuda_module_forward(ctx.m, NULL, &ctx.d, NULL, ctx.a, ctx.y, NULL, NULL, 0),
+      FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_module_forward,
+      fbn_cuda_module_forward(ctx.m, &exec, &ctx.d, ctx.x, ctx.a, NULL, NULL, NULL, 0),
+      FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_module_forward,
+      fbn_cuda_module_forward(ctx.m, &exec, &ctx.d, ctx.x, ctx.a, ctx.x, NULL, NULL, 0),
+      FBN_STATUS_ALIASING);
+  for (int i = 0; i < 6; i++) {
+    BAD(fbn_cuda_module_forward,
+        fbn_cuda_module_forward(ctx.m, &exec, &bad[i], ctx.x, ctx.a, ctx.y, saved, NULL, 0),
+        want[i]);
+    BAD(fbn_cuda_module_backward,
+        fbn_cuda_module_backward(ctx.m, &exec, saved, &bad[i], ctx.x, ctx.y, ctx.dy, ctx.dx,
+                                 NULL, NULL, 0),
+        want[i]);
+  }
+  BAD(fbn_cuda_module_backward,
+      fbn_cuda_module_backward(NULL, &exec, saved, &ctx.d, ctx.x, ctx.y, ctx.dy, ctx.dx, NULL,
+                               NULL, 0),
+      FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_module_backward,
+      fbn_cuda_module_backward(ctx.m, &exec, NULL, &ctx.d, ctx.x, ctx.y, ctx.dy, ctx.dx, NULL,
+                               NULL, 0),
+      FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_module_backward,
+      fbn_cuda_module_backward(ctx.m, &exec, saved, NULL, ctx.x, ctx.y, ctx.dy, ctx.dx, NULL,
+                               NULL, 0),
+      FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_module_backward,
+      fbn_cuda_module_backward(ctx.m, NULL, saved, &ctx.d, NULL, ctx.y, ctx.dy, ctx.dx, NULL,
+                               NULL, 0),
+      FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_module_backward,
+      fbn_cuda_module_backward(ctx.m, &exec, saved, &ctx.d, ctx.x, NULL, ctx.dy, ctx.dx, NULL,
+                               NULL, 0),
+      FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_module_backward,
+      fbn_cuda_module_backward(ctx.m, &exec, saved, &ctx.d, ctx.x, ctx.y, NULL, ctx.dx, NULL,
+                               NULL, 0),
+      FBN_STATUS_NULL_POINTER);
+  BAD(fbn_cuda_module_backward,
+      fbn_cuda_module_backward(ctx.m, &exec, empty, &ctx.d, ctx.x, ctx.y, ctx.dy, ctx.dx, NULL,
+                               NULL, 0),
+      FBN_STATUS_INVALID_STATE);
+  BAD(fbn_cuda_module_backward,
+      fbn_cuda_module_backward(ctx.m, &exec, saved, &ctx.d, ctx.x, ctx.y, ctx.dy, ctx.dy, NULL,
+                               NULL, 0),
+      FBN_STATUS_ALIASING);
+  fbn_saved_destroy(saved);
+  fbn_saved_destroy(empty);
+  bad_ctx_free(&ctx);
+}
+
 int main(int argc, char **argv) {
   fbnt_parse_args(argc, argv);
   const struct CMUnitTest tests[] = {
@@ -703,6 +1037,9 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_cuda_host_shifted_statistics),
       cmocka_unit_test(test_cuda_host_grad_coefficients),
       cmocka_unit_test(test_cuda_host_no_device),
+      cmocka_unit_test(test_cuda_host_plan_path_bad_arguments),
+      cmocka_unit_test(test_cuda_host_queries_bad_arguments),
+      cmocka_unit_test(test_cuda_host_forward_backward_bad_arguments),
   };
   return cmocka_run_group_tests_name("cuda-host", tests, NULL, NULL);
 }

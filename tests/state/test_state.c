@@ -1053,11 +1053,145 @@ static void test_state_cuda_roundtrip(void **state) {
   }
 }
 
+/* ---- bad arguments: status, message naming the call, nothing changed ---- */
+
+static void expect_arg_failure(fbn_status got, fbn_status want, const char *call,
+                               const char *name, fbn_module *const *mods,
+                               const fbnt_state *before, int nmods, const char *dir, int line) {
+  char msg[1024];
+  snprintf(msg, sizeof msg, "%s", fbn_last_error_message());
+  if (got != want)
+    fail_msg("line %d: %s returned %s, want %s (message: \"%s\")", line, call,
+             fbn_status_string(got), fbn_status_string(want), msg);
+  if (msg[0] == '\0')
+    fail_msg("line %d: %s failed with an empty message", line, call);
+  if (strstr(msg, name) == NULL)
+    fail_msg("line %d: %s: message \"%s\" does not name %s", line, call, msg, name);
+  for (int i = 0; i < nmods; i++) {
+    fbnt_state after;
+    fbnt_state_capture(mods[i], &after);
+    bool same = fbnt_state_equal(&before[i], &after);
+    fbnt_state_free(&after);
+    if (!same)
+      fail_msg("line %d: %s changed module %d", line, call, i);
+  }
+  /* the directory holds the one good file only: nothing written or left */
+  if (dir_count(dir) != 1)
+    fail_msg("line %d: %s left %d entries in the directory", line, call, dir_count(dir));
+}
+
+#define ARG_FAILS(name, call, want)                                                             \
+  expect_arg_failure((call), (want), #call, #name, mods, before, 2, dir, __LINE__)
+
+static void test_state_bad_arguments(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  char dir[512], path[600], missing[600];
+  test_dir(dir, sizeof dir, "bad_arguments");
+  PATHF(path, "%s/good.safetensors", dir);
+  PATHF(missing, "%s/new.safetensors", dir);
+  fbn_module *mods[2] = {make_module(C, FBN_DTYPE_FLOAT32, true, true),
+                         make_module(C, FBN_DTYPE_FLOAT64, true, true)};
+  randomize(&rng, mods[0]);
+  randomize(&rng, mods[1]);
+  /* a good file from a third module, so a load that went ahead would change mods[i] */
+  fbn_module *src = make_module(C, FBN_DTYPE_FLOAT32, true, true);
+  randomize(&rng, src);
+  assert_int_equal(fbn_module_save_state(src, path, NULL), FBN_STATUS_SUCCESS);
+  void *blob = NULL;
+  size_t blob_size = 0;
+  const fbn_module *one[1] = {src};
+  assert_int_equal(fbn_modules_save_state_to_memory(1, one, NULL, &blob, &blob_size),
+                   FBN_STATUS_SUCCESS);
+  fbnt_state before[2];
+  fbnt_state_capture(mods[0], &before[0]);
+  fbnt_state_capture(mods[1], &before[1]);
+
+  ARG_FAILS(fbn_module_load_state, fbn_module_load_state(NULL, path, NULL),
+            FBN_STATUS_NULL_POINTER);
+  ARG_FAILS(fbn_module_load_state, fbn_module_load_state(mods[0], NULL, NULL),
+            FBN_STATUS_NULL_POINTER);
+  ARG_FAILS(fbn_module_load_state, fbn_module_load_state(mods[0], NULL, "p."),
+            FBN_STATUS_NULL_POINTER);
+  ARG_FAILS(fbn_module_load_state_from_memory,
+            fbn_module_load_state_from_memory(NULL, blob, blob_size, NULL),
+            FBN_STATUS_NULL_POINTER);
+  ARG_FAILS(fbn_module_load_state_from_memory,
+            fbn_module_load_state_from_memory(mods[1], NULL, blob_size, NULL),
+            FBN_STATUS_NULL_POINTER);
+  /* documented: NULL with size 0 is an (empty, so invalid) file */
+  ARG_FAILS(fbn_module_load_state_from_memory,
+            fbn_module_load_state_from_memory(mods[1], NULL, 0, NULL), FBN_STATUS_INVALID_FILE);
+  ARG_FAILS(fbn_module_load_state_from_memory,
+            fbn_module_load_state_from_memory(mods[1], blob, 0, NULL), FBN_STATUS_INVALID_FILE);
+
+  ARG_FAILS(fbn_module_save_state, fbn_module_save_state(NULL, missing, NULL),
+            FBN_STATUS_NULL_POINTER);
+  ARG_FAILS(fbn_module_save_state, fbn_module_save_state(mods[0], NULL, "x."),
+            FBN_STATUS_NULL_POINTER);
+
+  const fbn_module *list[2] = {mods[0], mods[1]};
+  const fbn_module *with_null[2] = {mods[0], NULL};
+  const char *const pre[2] = {"a.", "b."};
+  const char *const same[2] = {"a.", "a."};
+  ARG_FAILS(fbn_modules_save_state, fbn_modules_save_state(0, list, pre, missing),
+            FBN_STATUS_INVALID_VALUE);
+  ARG_FAILS(fbn_modules_save_state, fbn_modules_save_state(2, NULL, pre, missing),
+            FBN_STATUS_NULL_POINTER);
+  ARG_FAILS(fbn_modules_save_state, fbn_modules_save_state(2, with_null, pre, missing),
+            FBN_STATUS_NULL_POINTER);
+  ARG_FAILS(fbn_modules_save_state, fbn_modules_save_state(2, list, pre, NULL),
+            FBN_STATUS_NULL_POINTER);
+  ARG_FAILS(fbn_modules_save_state, fbn_modules_save_state(2, list, same, missing),
+            FBN_STATUS_INVALID_VALUE);
+  ARG_FAILS(fbn_modules_save_state, fbn_modules_save_state(2, list, NULL, missing),
+            FBN_STATUS_INVALID_VALUE); /* no prefixes: both write "weight" */
+
+  /* to_memory: on failure *data is NULL and *size 0 */
+  struct {
+    size_t count;
+    const fbn_module *const *modules;
+    const char *const *prefixes;
+    fbn_status want;
+  } mem_cases[] = {
+      {0, list, pre, FBN_STATUS_INVALID_VALUE},
+      {2, NULL, pre, FBN_STATUS_NULL_POINTER},
+      {2, with_null, pre, FBN_STATUS_NULL_POINTER},
+      {2, list, same, FBN_STATUS_INVALID_VALUE},
+  };
+  for (size_t i = 0; i < sizeof mem_cases / sizeof mem_cases[0]; i++) {
+    void *data = (void *)&rng;
+    size_t size = 99;
+    ARG_FAILS(fbn_modules_save_state_to_memory,
+              fbn_modules_save_state_to_memory(mem_cases[i].count, mem_cases[i].modules,
+                                               mem_cases[i].prefixes, &data, &size),
+              mem_cases[i].want);
+    assert_null(data);
+    assert_int_equal(size, 0);
+  }
+  size_t size = 99;
+  void *data = (void *)&rng;
+  ARG_FAILS(fbn_modules_save_state_to_memory,
+            fbn_modules_save_state_to_memory(2, list, pre, NULL, &size), FBN_STATUS_NULL_POINTER);
+  ARG_FAILS(fbn_modules_save_state_to_memory,
+            fbn_modules_save_state_to_memory(2, list, pre, &data, NULL), FBN_STATUS_NULL_POINTER);
+  assert_null(data);
+  fbn_state_free(NULL);
+
+  fbnt_state_free(&before[0]);
+  fbnt_state_free(&before[1]);
+  fbn_state_free(blob);
+  fbn_module_destroy(src);
+  fbn_module_destroy(mods[0]);
+  fbn_module_destroy(mods[1]);
+}
+
 int main(int argc, char **argv) {
   fbnt_parse_args(argc, argv);
   enum { NBAD = sizeof bad_cases / sizeof bad_cases[0] };
   static char names[NBAD][96];
-  struct CMUnitTest tests[16 + NBAD];
+  struct CMUnitTest tests[17 + NBAD];
   size_t n = 0;
 #define ADD(f) tests[n++] = (struct CMUnitTest)cmocka_unit_test(f)
   ADD(test_state_roundtrip_file);
@@ -1074,6 +1208,7 @@ int main(int argc, char **argv) {
   ADD(test_state_save_write_fails_keeps_old_file);
   ADD(test_state_bad_file_baseline_loads);
   ADD(test_state_cuda_roundtrip);
+  ADD(test_state_bad_arguments);
 #undef ADD
   for (size_t i = 0; i < NBAD; i++) {
     snprintf(names[i], sizeof names[i], "test_state_bad_file_%s", bad_cases[i].name);
