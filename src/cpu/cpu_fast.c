@@ -619,7 +619,12 @@ static void *fbn_fast_scratch(fbn_module *m, size_t bytes, const char *fn) {
 static fbn_status fbn_fast_nhwc_plan_make(fbn_module *m, int64_t rows, int64_t c, int nt,
                                           size_t elem, const char *fn,
                                           fbn_fast_nhwc_plan *plan) {
-  const int64_t p = c >= FBN_FAST_NHWC_BLOCK ? 1 : (FBN_FAST_NHWC_BLOCK + c - 1) / c;
+  int64_t p = c >= FBN_FAST_NHWC_BLOCK ? 1 : (FBN_FAST_NHWC_BLOCK + c - 1) / c;
+  /* A block never spans more rows than the tensor has: the per-call setup
+   * (shift, partial sums, coefficient rows) is O(P*C), which must not
+   * dwarf a small tensor. */
+  if (p > rows)
+    p = rows;
   /* Units of work: about FBN_FAST_NHWC_CHUNK_BYTES of x, at least 8 per
    * thread when the tensor allows, whole blocks of P rows. */
   int64_t cr = FBN_FAST_NHWC_CHUNK_BYTES / (c * (int64_t)elem);
