@@ -113,7 +113,10 @@ typedef enum fbn_status {
 FBN_API const char *fbn_status_string(fbn_status status);
 
 /** Detail of the last failing call on this thread: which call, which value,
- *  which rule.  Empty string ("") if the last call on this thread succeeded.
+ *  which rule.  Empty string ("") if the last call on this thread succeeded,
+ *  except where a call documents otherwise
+ *  (fbn_cuda_module_check_runtime_error() describes the run-time error it
+ *  found while itself succeeding).
  *  Valid until the next fusedbn call on this thread. Never NULL. */
 FBN_API const char *fbn_last_error_message(void);
 

@@ -146,6 +146,63 @@ FBN_API fbn_status fbn_cuda_module_backward(fbn_module *module, const fbn_cuda_e
                                             void *dx, void *daddend, void *workspace,
                                             size_t workspace_bytes);
 
+/**
+ * Whether cuDNN's persistent kernels (FBN_CUDA_PATH_FUSED, mode
+ * CUDNN_BATCHNORM_SPATIAL_PERSISTENT) raised a run-time error on a cuDNN
+ * handle since the handle's last query: cudnnQueryRuntimeError.  The
+ * persistent kernels reduce with integer atomics; where those overflow the
+ * forward/backward call itself still returns FBN_STATUS_SUCCESS and its
+ * results (y, saved statistics, running statistics, dx, daddend, gradients)
+ * may be wrong or non-finite.  cuDNN only records
+ * CUDNN_STATUS_RUNTIME_FP_OVERFLOW in a per-handle flag, which this call
+ * reads and clears.  A module created with bn_mode = FBN_BN_MODE_SPATIAL
+ * never runs the persistent kernel (and never raises the flag).
+ *
+ * When to call: after fused-path forwards/backwards (fbn_cuda_module_path()
+ * or fbn_cuda_saved_path() say FBN_CUDA_PATH_FUSED), with the exec those
+ * calls used: the same stream and the same cuDNN handle (exec == NULL or
+ * exec->cudnn == NULL: the module's own handle, which all calls of the
+ * module without a caller handle share; a caller's handle: the flag covers
+ * every persistent-mode call on it, fusedbn's or not).  For example once per
+ * training step, before the optimizer consumes the gradients.  The flag
+ * belongs to the handle, not to one call: a query answers for all calls on
+ * the handle since the previous query that read it.
+ *
+ * wait == true (blocking, CUDNN_ERRQUERY_BLOCKING): synchronizes
+ * exec->stream (cudaStreamSynchronize) and reads the flag.
+ * wait == false (non-blocking, CUDNN_ERRQUERY_NONBLOCKING): if work queued
+ * on exec->stream has not finished (cudaStreamQuery), answers "no answer
+ * yet" without reading or clearing anything; otherwise reads the flag.
+ * CUDNN_ERRQUERY_RAWCODE (read the flag whatever the stream's progress) is
+ * not offered: its answer can miss a kernel still running.  Neither mode may
+ * be used on a stream that is being captured into a CUDA graph.  The query
+ * is a use of the module (and of exec->cudnn): not concurrently with other
+ * calls on them.  The handle gets exec->stream for the query and its
+ * previous stream back before the call returns.
+ *
+ * Returns the status of the query itself: FBN_STATUS_SUCCESS when cuDNN
+ * answered, with *result:
+ *   FBN_STATUS_SUCCESS        no run-time error since the last query;
+ *   FBN_STATUS_DEVICE_ERROR   cuDNN reported CUDNN_STATUS_RUNTIME_FP_OVERFLOW
+ *                             (or another run-time status); the flag is now
+ *                             clear;
+ *   FBN_STATUS_INVALID_STATE  wait == false and the stream's work has not
+ *                             finished (or cuDNN said
+ *                             CUDNN_STATUS_RUNTIME_IN_PROGRESS); nothing
+ *                             cleared: ask again.
+ * Unlike other calls, a successful call with *result != FBN_STATUS_SUCCESS
+ * leaves the detail in fbn_last_error_message(): the call's name and cuDNN's
+ * status text (e.g. "CUDNN_STATUS_RUNTIME_FP_OVERFLOW (1007)").
+ * Failures (*result is then set to the returned status): NULL result or
+ * module: FBN_STATUS_NULL_POINTER (*result untouched when result is NULL); a
+ * CPU module: FBN_STATUS_INVALID_VALUE; a failing cudaSetDevice,
+ * cudaStreamSynchronize/cudaStreamQuery (e.g. an earlier kernel's sticky
+ * error) or cuDNN call: FBN_STATUS_DEVICE_ERROR naming it.
+ */
+FBN_API fbn_status fbn_cuda_module_check_runtime_error(fbn_module *module,
+                                                       const fbn_cuda_exec *exec, bool wait,
+                                                       fbn_status *result);
+
 /** Bytes of device memory the saved state of a forward of desc needs in the
  *  module's current mode (saved mean and inverse std, then the ReLU mask or
  *  cuDNN's reserve space).  NULL module, desc or bytes:

@@ -1370,6 +1370,88 @@ fbn_status fbn_cuda_module_device(const fbn_module *m, int *device) {
   return FBN_STATUS_SUCCESS;
 }
 
+/* Wait for (wait) or poll (!wait) the stream, then read and clear the cuDNN
+ * handle's run-time error flag with the handle on that stream (cuDNN's
+ * BLOCKING/NONBLOCKING modes look at the handle's current stream, which the
+ * module's own handle no longer has after a call on a caller stream). */
+static fbn_status runtime_query(const char *fn, void *dnn, cudaStream_t stream, bool wait,
+                                int *rstatus) {
+  *rstatus = 0;
+  cudaError_t e = wait ? cudaStreamSynchronize(stream) : cudaStreamQuery(stream);
+  if (!wait && e == cudaErrorNotReady) {
+    (void)cudaGetLastError();
+    *rstatus = -1; /* pending: cuDNN is not asked, nothing is cleared */
+    return FBN_STATUS_SUCCESS;
+  }
+  if (e != cudaSuccess)
+    return cuda_fail(fn, wait ? "cudaStreamSynchronize" : "cudaStreamQuery", e);
+  cudaStream_t previous = 0;
+  fbn_dnn_error de = fbn_dnn_get_stream(dnn, &previous);
+  if (!fbn_dnn_ok(de))
+    return dnn_fail(fn, de);
+  de = fbn_dnn_set_stream(dnn, stream);
+  if (!fbn_dnn_ok(de))
+    return dnn_fail(fn, de);
+  fbn_dnn_error qe = fbn_dnn_query_runtime_error(dnn, wait, rstatus);
+  de = fbn_dnn_set_stream(dnn, previous);
+  if (!fbn_dnn_ok(qe))
+    return dnn_fail(fn, qe);
+  if (!fbn_dnn_ok(de))
+    return dnn_fail(fn, de);
+  return FBN_STATUS_SUCCESS;
+}
+
+fbn_status fbn_cuda_module_check_runtime_error(fbn_module *m, const fbn_cuda_exec *exec,
+                                               bool wait, fbn_status *result) {
+  static const char fn[] = "fbn_cuda_module_check_runtime_error";
+  fbn_clear_error();
+  if (result == NULL)
+    return fbn_error(FBN_STATUS_NULL_POINTER, "%s: result is NULL", fn);
+  fbn_status s = require_cuda_module(fn, m);
+  if (s != FBN_STATUS_SUCCESS) {
+    *result = s;
+    return s;
+  }
+  cuda_state *st = state_of(m);
+  cudaStream_t stream = exec != NULL ? exec->stream : 0;
+  void *dnn = exec != NULL && exec->cudnn != NULL ? (void *)exec->cudnn : st->dnn;
+  device_guard guard;
+  s = device_enter(fn, st->device, &guard, FBN_STATUS_DEVICE_ERROR);
+  if (s != FBN_STATUS_SUCCESS) {
+    *result = s;
+    return s;
+  }
+  int rstatus = 0;
+  s = runtime_query(fn, dnn, stream, wait, &rstatus);
+  device_leave(&guard);
+  if (s != FBN_STATUS_SUCCESS) {
+    *result = s;
+    return s;
+  }
+  if (rstatus == -1) {
+    *result = fbn_error(FBN_STATUS_INVALID_STATE,
+                        "%s: work queued on the stream has not finished (wait = false): no "
+                        "answer yet and nothing cleared; ask again, or with wait = true",
+                        fn);
+    return FBN_STATUS_SUCCESS;
+  }
+  *result = fbn_dnn_runtime_status(rstatus);
+  if (*result == FBN_STATUS_INVALID_STATE) {
+    (void)fbn_error(*result, "%s: cudnnQueryRuntimeError reported %s (%d): no answer yet; ask "
+                    "again, or with wait = true", fn, fbn_dnn_status_string(rstatus), rstatus);
+  } else if (*result != FBN_STATUS_SUCCESS) {
+    (void)fbn_error(*result,
+                    "%s: cudnnQueryRuntimeError reported %s (%d): a persistent-mode (fused "
+                    "path) call on this cuDNN handle since the last query failed at run time "
+                    "(CUDNN_STATUS_RUNTIME_FP_OVERFLOW: its integer-atomic reductions "
+                    "overflowed); the y, saved statistics, running statistics and gradients of "
+                    "those calls may be wrong (bn_mode = FBN_BN_MODE_SPATIAL avoids the "
+                    "persistent kernel)",
+                    fn, fbn_dnn_status_string(rstatus), rstatus);
+  }
+  return FBN_STATUS_SUCCESS;
+}
+
 fbn_status fbn_cuda_module_forward(fbn_module *m, const fbn_cuda_exec *exec,
                                    const fbn_tensor_desc *desc, const void *x, const void *addend,
                                    void *y, fbn_saved *saved, void *workspace,

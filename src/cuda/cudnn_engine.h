@@ -14,6 +14,8 @@
  *            by cuDNN's queries
  *   GENERAL  cudnnBatchNormalizationForwardTraining / Backward, SPATIAL
  *            (OPS_BN; the add/ReLU/mask work is the backend's kernels)
+ *   QUERY    cudnnQueryRuntimeError: the FP overflow the persistent kernels'
+ *            integer-atomic reductions report on the handle
  */
 #ifndef FUSEDBN_SRC_CUDA_CUDNN_ENGINE_H
 #define FUSEDBN_SRC_CUDA_CUDNN_ENGINE_H
@@ -56,6 +58,22 @@ FBN_INTERNAL fbn_dnn_error fbn_dnn_create(void **handle);
 FBN_INTERNAL void fbn_dnn_destroy(void *handle);
 FBN_INTERNAL fbn_dnn_error fbn_dnn_get_stream(void *handle, cudaStream_t *stream);
 FBN_INTERNAL fbn_dnn_error fbn_dnn_set_stream(void *handle, cudaStream_t stream);
+
+/* ---- run-time errors of the persistent kernels ---------------------------- */
+
+/* cudnnQueryRuntimeError on the handle's current stream: blocking
+ * (CUDNN_ERRQUERY_BLOCKING: waits for the stream's work) or not
+ * (CUDNN_ERRQUERY_NONBLOCKING: CUDNN_STATUS_RUNTIME_IN_PROGRESS while work is
+ * queued).  *rstatus receives the kernels' status (0 = none since the last
+ * query; a query that reads a result clears it); the return value is the
+ * query's own outcome.  Needs a handle, so a GPU. */
+FBN_INTERNAL fbn_dnn_error fbn_dnn_query_runtime_error(void *handle, bool blocking, int *rstatus);
+
+/* What a cudnnQueryRuntimeError rstatus means to fusedbn: 0 ->
+ * FBN_STATUS_SUCCESS, CUDNN_STATUS_RUNTIME_IN_PROGRESS ->
+ * FBN_STATUS_INVALID_STATE (no answer yet, nothing cleared), anything else
+ * (CUDNN_STATUS_RUNTIME_FP_OVERFLOW, ...) -> FBN_STATUS_DEVICE_ERROR. */
+FBN_INTERNAL fbn_status fbn_dnn_runtime_status(int rstatus);
 
 /* ---- descriptors of one configuration ------------------------------------ */
 

@@ -94,6 +94,30 @@ fbn_dnn_error fbn_dnn_set_stream(void *handle, cudaStream_t stream) {
   return dnn_result(CUDNN_STATUS_SUCCESS, NULL);
 }
 
+/* ---- run-time errors ----------------------------------------------------- */
+
+/* cudnnQueryRuntimeError is marked deprecated in cuDNN 9 together with the
+ * legacy batch-norm calls whose persistent kernels it reports on; it stays
+ * the only way to read their overflow flag.  The tag argument is NULL: cuDNN
+ * then reports errors of any kind. */
+fbn_dnn_error fbn_dnn_query_runtime_error(void *handle, bool blocking, int *rstatus) {
+  cudnnStatus_t remote = CUDNN_STATUS_SUCCESS;
+  *rstatus = 0;
+  DNN_TRY(cudnnQueryRuntimeError((cudnnHandle_t)handle, &remote,
+                                 blocking ? CUDNN_ERRQUERY_BLOCKING : CUDNN_ERRQUERY_NONBLOCKING,
+                                 NULL));
+  *rstatus = (int)remote;
+  return dnn_result(CUDNN_STATUS_SUCCESS, NULL);
+}
+
+fbn_status fbn_dnn_runtime_status(int rstatus) {
+  if (rstatus == (int)CUDNN_STATUS_SUCCESS)
+    return FBN_STATUS_SUCCESS;
+  if (rstatus == (int)CUDNN_STATUS_RUNTIME_IN_PROGRESS)
+    return FBN_STATUS_INVALID_STATE;
+  return FBN_STATUS_DEVICE_ERROR;
+}
+
 /* ---- descriptors --------------------------------------------------------- */
 
 static cudnnDataType_t dnn_data_type(fbn_dtype dtype) {

@@ -15,6 +15,8 @@
  *                 shifted one-pass statistics; the backward coefficients
  *   no device     fbn_module_create(CUDA) is FBN_STATUS_NO_DEVICE with the
  *                 CUDA error text, 200 times (skipped where a GPU exists)
+ *   runtime error fbn_cuda_module_check_runtime_error's argument checks and
+ *                 the engine's mapping of cudnnQueryRuntimeError statuses
  */
 #include <math.h>
 #include <setjmp.h>
@@ -1023,6 +1025,88 @@ static void test_cuda_host_forward_backward_bad_arguments(void **state) {
   bad_ctx_free(&ctx);
 }
 
+/* fbn_cuda_module_check_runtime_error: NULL arguments and a CPU module fail
+ * with a message naming the call; *result carries the failure too (a caller
+ * that only looks at *result never reads success from a failed query); a
+ * caller's handle in exec is not touched for a CPU module. */
+static void test_cuda_host_runtime_error_bad_arguments(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  bad_ctx ctx;
+  bad_ctx_init(&ctx, &rng);
+  bad_ctx_snapshot(&ctx);
+  /* A handle value no cuDNN call may dereference: the call must refuse the
+   * CPU module before it looks at exec. */
+  fbn_cuda_exec exec = {0, (struct cudnnContext *)(uintptr_t)0x10};
+  const bool waits[] = {false, true};
+/* BAD, plus the message names the rule (read before bad_expect's state
+ * capture, which makes calls of its own). */
+#define RT_BAD(call, want, needle)                                                               \
+  do {                                                                                           \
+    fbn_status got_ = (call);                                                                    \
+    char msg_[1024];                                                                             \
+    snprintf(msg_, sizeof msg_, "%s", fbn_last_error_message());                                 \
+    if (strstr(msg_, needle) == NULL)                                                            \
+      fail_msg("line %d: %s: message \"%s\" lacks \"%s\"", __LINE__, #call, msg_, needle);       \
+    bad_expect(&ctx, got_, want, #call, "fbn_cuda_module_check_runtime_error", __LINE__);        \
+  } while (0)
+  for (size_t i = 0; i < 2; i++) {
+    const bool wait = waits[i];
+    fbn_status result = FBN_STATUS_SUCCESS;
+    RT_BAD(fbn_cuda_module_check_runtime_error(ctx.m, NULL, wait, NULL), FBN_STATUS_NULL_POINTER,
+           "result is NULL");
+    RT_BAD(fbn_cuda_module_check_runtime_error(NULL, NULL, wait, NULL), FBN_STATUS_NULL_POINTER,
+           "result is NULL");
+    RT_BAD(fbn_cuda_module_check_runtime_error(NULL, &exec, wait, &result),
+           FBN_STATUS_NULL_POINTER, "module is NULL");
+    assert_int_equal(result, FBN_STATUS_NULL_POINTER);
+    result = FBN_STATUS_SUCCESS;
+    RT_BAD(fbn_cuda_module_check_runtime_error(ctx.m, NULL, wait, &result),
+           FBN_STATUS_INVALID_VALUE, "not a CUDA module");
+    assert_int_equal(result, FBN_STATUS_INVALID_VALUE);
+    result = FBN_STATUS_SUCCESS;
+    RT_BAD(fbn_cuda_module_check_runtime_error(ctx.m, &exec, wait, &result),
+           FBN_STATUS_INVALID_VALUE, "not a CUDA module");
+    assert_int_equal(result, FBN_STATUS_INVALID_VALUE);
+  }
+#undef RT_BAD
+  /* The module still works after the refused queries. */
+  assert_int_equal(fbn_module_forward(ctx.m, &ctx.d, ctx.x, ctx.a, ctx.y, NULL, NULL, 0),
+                   FBN_STATUS_SUCCESS);
+  assert_string_equal(fbn_last_error_message(), "");
+  bad_ctx_free(&ctx);
+}
+
+/* The engine's side of the query: cuDNN's run-time statuses map onto
+ * fusedbn's (FP overflow -> DEVICE_ERROR, in progress -> INVALID_STATE),
+ * the status text names CUDNN_STATUS_RUNTIME_FP_OVERFLOW, and a query on a
+ * NULL handle fails naming cudnnQueryRuntimeError with *rstatus = 0. */
+static void test_cuda_host_runtime_error_engine(void **state) {
+  (void)state;
+  assert_int_equal(fbn_dnn_runtime_status((int)CUDNN_STATUS_SUCCESS), FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_dnn_runtime_status((int)CUDNN_STATUS_RUNTIME_FP_OVERFLOW),
+                   FBN_STATUS_DEVICE_ERROR);
+  assert_int_equal(fbn_dnn_runtime_status((int)CUDNN_STATUS_RUNTIME_IN_PROGRESS),
+                   FBN_STATUS_INVALID_STATE);
+  assert_int_equal(fbn_dnn_runtime_status((int)CUDNN_STATUS_EXECUTION_FAILED),
+                   FBN_STATUS_DEVICE_ERROR);
+  assert_non_null(strstr(fbn_dnn_status_string((int)CUDNN_STATUS_RUNTIME_FP_OVERFLOW),
+                         "CUDNN_STATUS_RUNTIME_FP_OVERFLOW"));
+  const bool waits[] = {false, true};
+  for (size_t i = 0; i < 2; i++) {
+    int rstatus = 12345;
+    fbn_dnn_error e = fbn_dnn_query_runtime_error(NULL, waits[i], &rstatus);
+    assert_false(fbn_dnn_ok(e));
+    assert_int_equal(rstatus, 0);
+    char text[512];
+    fbn_dnn_describe(e, text, sizeof text);
+    if (strstr(text, "cudnnQueryRuntimeError returned") == NULL)
+      fail_msg("query on a NULL handle: \"%s\" does not name cudnnQueryRuntimeError", text);
+    print_message("# NULL handle query (wait = %d): %s\n", waits[i], text);
+  }
+}
+
 int main(int argc, char **argv) {
   fbnt_parse_args(argc, argv);
   const struct CMUnitTest tests[] = {
@@ -1040,6 +1124,8 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_cuda_host_plan_path_bad_arguments),
       cmocka_unit_test(test_cuda_host_queries_bad_arguments),
       cmocka_unit_test(test_cuda_host_forward_backward_bad_arguments),
+      cmocka_unit_test(test_cuda_host_runtime_error_bad_arguments),
+      cmocka_unit_test(test_cuda_host_runtime_error_engine),
   };
   return cmocka_run_group_tests_name("cuda-host", tests, NULL, NULL);
 }

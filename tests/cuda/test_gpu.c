@@ -24,6 +24,9 @@
  *              stream restored), workspace and saved memory; too-small
  *              workspace/saved memory, host pointers: errors with the module
  *              unchanged
+ *   runtime    fbn_cuda_module_check_runtime_error answers success after
+ *              fused (and general) calls on normal data, blocking and not,
+ *              default exec, caller stream, caller stream + handle
  *   eps = 0    every path with eps = 0 (CUDNN_BN_MIN_EPSILON is 0 in cuDNN 9)
  *   reuse      one saved object through forwards of different shapes,
  *              layouts and dtypes (payload reuse and growth)
@@ -237,6 +240,10 @@ typedef struct gcase {
   /* NaN injection: x[0, nan_x_c, 0, 0] (-1: none), addend[last element] */
   int64_t nan_x_c;
   bool nan_addend;
+  /* fbn_cuda_module_check_runtime_error after each GPU forward (non-blocking,
+   * polled) and backward (blocking) with the call's exec: must answer
+   * FBN_STATUS_SUCCESS (normal data cannot overflow) */
+  bool check_runtime;
 } gcase;
 
 static gcase gcase_make(int64_t n, int64_t c, int64_t h, int64_t w, fbn_dtype dt, fbn_layout l) {
@@ -330,6 +337,38 @@ static void caller_check_and_fini(caller_ctx *cc) {
     CUDA_OK(cudaStreamDestroy(cc->handle_stream));
   }
   CUDA_OK(cudaStreamDestroy(cc->stream));
+}
+
+/* The runtime-error query after a GPU call: the query succeeds, the answer
+ * is FBN_STATUS_SUCCESS (no overflow on normal data) with an empty message.
+ * Non-blocking queries are repeated while the stream is busy (bounded). */
+static bool check_runtime_clean(const char *name, const char *after, fbn_module *gm,
+                                const caller_ctx *cc, bool wait) {
+  const fbn_cuda_exec *exec = cc != NULL ? &cc->exec : NULL;
+  fbn_status result = FBN_STATUS_DEVICE_ERROR;
+  fbn_status s = FBN_STATUS_SUCCESS;
+  int pending = 0;
+  for (int i = 0; i < 100000; i++) {
+    result = FBN_STATUS_DEVICE_ERROR;
+    s = fbn_cuda_module_check_runtime_error(gm, exec, wait, &result);
+    if (s != FBN_STATUS_SUCCESS || result != FBN_STATUS_INVALID_STATE || wait)
+      break;
+    pending++;
+  }
+  if (s != FBN_STATUS_SUCCESS) {
+    print_error("%s: check_runtime_error after %s (wait=%d) failed: %s: %s\n", name, after, wait,
+                fbn_status_string(s), fbn_last_error_message());
+    return false;
+  }
+  if (result != FBN_STATUS_SUCCESS || fbn_last_error_message()[0] != '\0') {
+    print_error("%s: check_runtime_error after %s (wait=%d): result %s: \"%s\"\n", name, after,
+                wait, fbn_status_string(result), fbn_last_error_message());
+    return false;
+  }
+  if (pending > 0)
+    print_message("# %s: non-blocking query after %s answered after %d pending polls\n", name,
+                  after, pending);
+  return true;
 }
 
 static int g_fallback_notes = 0;
@@ -441,6 +480,8 @@ static bool run_step(const gcase *g, const char *name, fbnt_rng *rng, fbn_module
     s = fbn_module_forward(gm, &dg, x_d, a_d, y_d, sg, NULL, 0);
   if (s != FBN_STATUS_SUCCESS)
     fail_msg("%s: GPU forward: %s: %s", name, fbn_status_string(s), fbn_last_error_message());
+  if (g->check_runtime)
+    ok &= check_runtime_clean(name, "forward", gm, cc, false);
   if (cc != NULL)
     CUDA_OK(cudaStreamSynchronize(cc->stream));
   FBN_OK(fbn_module_forward(cm, &dc, xc, ac, yc, sc, NULL, 0));
@@ -478,6 +519,8 @@ static bool run_step(const gcase *g, const char *name, fbnt_rng *rng, fbn_module
     s = fbn_module_backward(gm, sg, &dg, x_d, y_d, dy_d, dx_d, da_d, NULL, 0);
   if (s != FBN_STATUS_SUCCESS)
     fail_msg("%s: GPU backward: %s: %s", name, fbn_status_string(s), fbn_last_error_message());
+  if (g->check_runtime)
+    ok &= check_runtime_clean(name, "backward", gm, cc, true);
   if (cc != NULL)
     CUDA_OK(cudaStreamSynchronize(cc->stream));
   FBN_OK(fbn_module_backward(cm, sc, &dc, xc, y_for_cpu, dyc, g->skip_dx ? NULL : dxc,
@@ -829,6 +872,34 @@ static void test_gpu_paths_agree(void **state) {
     fail_msg("paths disagree");
 }
 
+/* fbn_cuda_module_check_runtime_error on normal data: fused forwards and
+ * backwards (float16 NHWC, C % 4 == 0, with and without addend; two
+ * training steps then eval) with the default exec, a caller stream on the
+ * module's handle and a caller stream + caller handle (whose stream must
+ * come back); the query answers FBN_STATUS_SUCCESS after every call, in
+ * blocking and non-blocking mode, and the results still match the CPU
+ * reference. bn_mode = SPATIAL (general path, no persistent kernel) too. */
+static void test_gpu_runtime_error_query(void **state) {
+  (void)state;
+  REQUIRE_GPU();
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  int failed = 0;
+  for (int variant = 0; variant < 8; variant++) {
+    gcase g = gcase_make(4, 32, 7, 7, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC);
+    g.addend = (variant & 1) == 0;
+    g.caller_exec = (variant & 6) != 0;
+    g.caller_handle = (variant & 6) == 4;
+    g.bn_mode = (variant & 6) == 6 ? FBN_BN_MODE_SPATIAL : FBN_BN_MODE_AUTO;
+    g.train_steps = 2;
+    g.check_runtime = true;
+    if (!run_gcase(&g, &rng))
+      failed++;
+  }
+  if (failed != 0)
+    fail_msg("%d configurations failed", failed);
+}
+
 static void test_gpu_caller_stream_handle_workspace(void **state) {
   (void)state;
   REQUIRE_GPU();
@@ -1069,6 +1140,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_gpu_nan_propagation),
       cmocka_unit_test(test_gpu_paths_agree),
       cmocka_unit_test(test_gpu_caller_stream_handle_workspace),
+      cmocka_unit_test(test_gpu_runtime_error_query),
       cmocka_unit_test(test_gpu_eps_zero),
       cmocka_unit_test(test_gpu_saved_reuse_across_shapes),
       cmocka_unit_test(test_gpu_rejects_bad_memory),
