@@ -5,7 +5,10 @@
  *
  *   threads       OpenMP (OMP_NUM_THREADS): over groups of channels (NCHW) or
  *                 chunks of rows (NHWC), handed out dynamically; one thread
- *                 for tensors under FBN_FAST_MIN_PARALLEL elements
+ *                 for tensors under FBN_FAST_MIN_PARALLEL elements, and then
+ *                 no OpenMP region or worksharing call at all (entering a
+ *                 one-thread region costs libgomp a team allocation, which
+ *                 dominated calls on small tensors)
  *   forward       training: one statistics pass (float64 sums of the data
  *                 shifted by a value of the channel: no E[x^2] - E[x]^2 in
  *                 float) and one fused normalize + add + ReLU pass; eval: the
@@ -99,6 +102,9 @@
  * about FBN_FAST_NCHW_VEC_LEN elements (fbn_fast_nchw_plan). */
 #define FBN_FAST_NCHW_VEC_HW 256
 #define FBN_FAST_NCHW_VEC_LEN 32768
+/* Partial sums per row reduction (stats_rows): four AVX2 vectors of
+ * doubles per sum, so that four adds are in flight. */
+#define FBN_FAST_LANES 16
 /* Tensors with fewer elements run on one thread. */
 #define FBN_FAST_MIN_PARALLEL (64 * 1024)
 /* Outputs of at least this many bytes are written with non-temporal stores
@@ -228,20 +234,26 @@ static inline int64_t fbn_fast_index(const fbn_tensor_desc *d, int64_t hw, int64
   return d->layout == FBN_LAYOUT_NCHW ? (n * d->c + c) * hw + s : (n * hw + s) * d->c + c;
 }
 
-/* a[0..c) copied p - 1 more times behind itself (elements of size bytes). */
+/* a[0..c) copied p - 1 more times behind itself (elements of size bytes),
+ * doubling the copied part each step. */
 static void fbn_fast_repeat(void *a, size_t size, int64_t c, int64_t p) {
-  for (int64_t i = 1; i < p; i++)
-    memcpy((char *)a + (size_t)(i * c) * size, a, (size_t)c * size);
+  const size_t total = (size_t)(p * c) * size;
+  for (size_t have = (size_t)c * size; have < total;) {
+    const size_t n = have < total - have ? have : total - have;
+    memcpy((char *)a + have, a, n);
+    have += n;
+  }
 }
 
 /* Channels per NCHW group: about FBN_FAST_GROUP_BYTES of data, at most
- * FBN_FAST_MAX_GROUP, and at least 4 groups per thread when C allows. */
+ * FBN_FAST_MAX_GROUP, and at least 4 groups per thread when C allows and
+ * there is more than one thread. */
 static int64_t fbn_fast_nchw_group(int64_t c, int64_t bytes_per_channel, int nt) {
   int64_t g = FBN_FAST_GROUP_BYTES / (bytes_per_channel > 0 ? bytes_per_channel : 1);
   if (g > FBN_FAST_MAX_GROUP)
     g = FBN_FAST_MAX_GROUP;
   const int64_t balanced = c / (4 * (int64_t)nt);
-  if (g > balanced)
+  if (nt > 1 && g > balanced)
     g = balanced;
   return g < 1 ? 1 : g;
 }
@@ -702,7 +714,7 @@ static fbn_status fbn_fast_nchw_plan_make(fbn_module *m, const fbn_tensor_desc *
   if (g > fits)
     g = fits;
   const int64_t balanced = d->c / (4 * (int64_t)nt);
-  if (g > balanced)
+  if (nt > 1 && g > balanced) /* one thread: no balancing, fewer calls */
     g = balanced;
   if (g < 1)
     g = 1;

@@ -48,6 +48,25 @@
 /* bits of the chunk's rows <- v > 0 (v: the chunk's n values). */
 FBN_FAST_INLINE void FBN_K(mask_pack)(const FBN_T *v, const fbn_fast_chunk *ck, int64_t len,
                                       uint8_t *bits, int64_t bpr) {
+  if (ck->nrows > 1 && len < 8) {
+    /* Rows of fewer than 8 elements (small C in NHWC), one byte each: pack
+     * the chunk as one bit string, then cut each row's bits out of it. */
+    uint8_t tb[FBN_CHUNK / 8 + 2];
+    const int64_t n = ck->n;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      tb[i / 8] = FBN_K(fbn_fast_pack8)(v + i);
+    tb[i / 8] = tb[i / 8 + 1] = 0;
+    for (int64_t k = 0; i + k < n; k++)
+      tb[i / 8] = (uint8_t)(tb[i / 8] | (unsigned)(v[i + k] > (FBN_T)0) << k);
+    const unsigned low = (1u << len) - 1u;
+    uint8_t *br = bits + ck->row * bpr;
+    for (int64_t j = 0, bo = 0; j < ck->nrows; j++, bo += len) {
+      const unsigned w = (unsigned)tb[bo / 8] | (unsigned)tb[bo / 8 + 1] << 8;
+      br[j * bpr] = (uint8_t)((w >> (bo % 8)) & low);
+    }
+    return;
+  }
   const int64_t per_row = ck->nrows > 1 ? len : ck->n;
   for (int64_t j = 0; j < ck->nrows; j++) {
     const FBN_T *vr = v + j * len;
@@ -67,6 +86,26 @@ FBN_FAST_INLINE void FBN_K(mask_pack)(const FBN_T *v, const fbn_fast_chunk *ck, 
 /* mk[0..n) <- the chunk's bits (all ones where set). */
 FBN_FAST_INLINE void FBN_K(mask_expand)(const uint8_t *bits, const fbn_fast_chunk *ck,
                                         int64_t len, int64_t bpr, FBN_MASK_T *mk) {
+  if (ck->nrows > 1 && len < 8) {
+    /* Rows of fewer than 8 elements: join their bits into one bit string,
+     * expand that. */
+    uint8_t tb[FBN_CHUNK / 8 + 2];
+    const int64_t n = ck->n;
+    memset(tb, 0, (size_t)(n / 8 + 2));
+    const unsigned low = (1u << len) - 1u;
+    const uint8_t *br = bits + ck->row * bpr;
+    for (int64_t j = 0, bo = 0; j < ck->nrows; j++, bo += len) {
+      const unsigned w = (br[j * bpr] & low) << (bo % 8);
+      tb[bo / 8] = (uint8_t)(tb[bo / 8] | (w & 0xffu));
+      tb[bo / 8 + 1] = (uint8_t)(tb[bo / 8 + 1] | (w >> 8));
+    }
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      FBN_K(fbn_fast_expand8)(tb[i / 8], mk + i);
+    for (; i < n; i++)
+      mk[i] = (tb[i / 8] >> (i % 8)) & 1 ? (FBN_MASK_T)-1 : 0;
+    return;
+  }
   const int64_t per_row = ck->nrows > 1 ? len : ck->n;
   for (int64_t j = 0; j < ck->nrows; j++) {
     const uint8_t *br = bits + (ck->row + j) * bpr + ck->seg / 8;
@@ -107,12 +146,28 @@ static void FBN_K(stats_rows)(const FBN_T *restrict x, int64_t rows, int64_t len
                               const double *restrict k, double (*restrict acc)[2]) {
   for (int64_t r = 0; r < rows; r++, x += len) {
     const double kr = k[r];
+    /* FBN_FAST_LANES independent partial sums per sum (a single vector
+     * accumulator makes the loop wait on the latency of its adds). */
+    double p1[FBN_FAST_LANES] = {0.0}, p2[FBN_FAST_LANES] = {0.0};
+    int64_t i = 0;
+    for (; i + FBN_FAST_LANES <= len; i += FBN_FAST_LANES) {
+      const FBN_T *restrict xi = x + i;
+      FBN_SIMD
+      for (int l = 0; l < FBN_FAST_LANES; l++) {
+        const double d = (double)xi[l] - kr;
+        p1[l] += d;
+        p2[l] += d * d;
+      }
+    }
     double s1 = 0.0, s2 = 0.0;
-    FBN_SIMD_REDUCTION(s1, s2)
-    for (int64_t i = 0; i < len; i++) {
+    for (; i < len; i++) {
       const double d = (double)x[i] - kr;
       s1 += d;
       s2 += d * d;
+    }
+    for (int l = 0; l < FBN_FAST_LANES; l++) {
+      s1 += p1[l];
+      s2 += p2[l];
     }
     acc[r][0] += s1;
     acc[r][1] += s2;
@@ -493,18 +548,13 @@ static void FBN_K(expand)(FBN_T *e, int64_t gc, int64_t hw) {
  * with per-row coefficients. A group's data is read twice (statistics,
  * normalization) and is sized to come back from the caches.
  */
-static void FBN_K(forward_nchw)(fbn_module *m, const fbn_forward_args *a, int nt, uint8_t *bits,
-                                int64_t bpr) {
+static void FBN_K(forward_nchw_group)(fbn_module *m, const fbn_forward_args *a, int64_t gi,
+                                      int64_t g_, bool stream, uint8_t *bits, int64_t bpr) {
   const fbn_tensor_desc *d = a->desc;
-  const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w, count = n_ * hw;
+  const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w;
   const FBN_T *x = a->x, *z = a->addend;
   FBN_T *y = a->y;
-  const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
-  const int64_t g_ = fbn_fast_nchw_group(c_, count * (int64_t)sizeof(FBN_T), nt);
-  const int64_t ngroups = (c_ + g_ - 1) / g_;
-
-  FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1))
-  for (int64_t gi = 0; gi < ngroups; gi++) {
+  {
     const int64_t c0 = gi * g_;
     const int64_t gc = c_ - c0 < g_ ? c_ - c0 : g_;
     double acc[FBN_FAST_MAX_GROUP][2], shift[FBN_FAST_MAX_GROUP];
@@ -542,23 +592,39 @@ static void FBN_K(forward_nchw)(fbn_module *m, const fbn_forward_args *a, int nt
   }
 }
 
+static void FBN_K(forward_nchw)(fbn_module *m, const fbn_forward_args *a, int nt, uint8_t *bits,
+                                int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t c_ = d->c, count = d->n * d->h * d->w;
+  const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
+  const int64_t g_ = fbn_fast_nchw_group(c_, count * (int64_t)sizeof(FBN_T), nt);
+  const int64_t ngroups = (c_ + g_ - 1) / g_;
+  if (nt > 1) {
+    FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt))
+    for (int64_t gi = 0; gi < ngroups; gi++)
+      FBN_K(forward_nchw_group)(m, a, gi, g_, stream, bits, bpr);
+  } else {
+    for (int64_t gi = 0; gi < ngroups; gi++)
+      FBN_K(forward_nchw_group)(m, a, gi, g_, stream, bits, bpr);
+  }
+}
+
 /*
  * NCHW, short rows: a group of gc channels is, for each n, one run of
  * gc*H*W contiguous elements; the runs are treated like channels-last
  * blocks (stride C*H*W) with per-element accumulators and coefficients, so
  * that the vector loops are long however small H*W is.
  */
-static void FBN_K(forward_nchw_vec)(fbn_module *m, const fbn_forward_args *a, int nt,
-                                    const fbn_fast_nchw_plan *plan, uint8_t *bits, int64_t bpr) {
+static void FBN_K(forward_nchw_vec_group)(fbn_module *m, const fbn_forward_args *a, int nt,
+                                          const fbn_fast_nchw_plan *plan, uint8_t *bits,
+                                          int64_t bpr, int64_t gi) {
   const fbn_tensor_desc *d = a->desc;
   const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w;
   const FBN_T *x = a->x, *z = a->addend;
   FBN_T *y = a->y;
   const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
-  const int64_t g_ = plan->group, ngroups = (c_ + g_ - 1) / g_;
-
-  FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1))
-  for (int64_t gi = 0; gi < ngroups; gi++) {
+  const int64_t g_ = plan->group;
+  {
     const int64_t c0 = gi * g_;
     const int64_t gc = c_ - c0 < g_ ? c_ - c0 : g_, len = gc * hw;
     fbn_fast_nchw_view v;
@@ -603,6 +669,19 @@ static void FBN_K(forward_nchw_vec)(fbn_module *m, const fbn_forward_args *a, in
   }
 }
 
+static void FBN_K(forward_nchw_vec)(fbn_module *m, const fbn_forward_args *a, int nt,
+                                    const fbn_fast_nchw_plan *plan, uint8_t *bits, int64_t bpr) {
+  const int64_t c_ = a->desc->c, g_ = plan->group, ngroups = (c_ + g_ - 1) / g_;
+  if (nt > 1) {
+    FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt))
+    for (int64_t gi = 0; gi < ngroups; gi++)
+      FBN_K(forward_nchw_vec_group)(m, a, nt, plan, bits, bpr, gi);
+  } else {
+    for (int64_t gi = 0; gi < ngroups; gi++)
+      FBN_K(forward_nchw_vec_group)(m, a, nt, plan, bits, bpr, gi);
+  }
+}
+
 /*
  * NHWC: threads over chunks of rows (n, h, w), each row the C channels,
  * handed out dynamically (a thread that is descheduled on a busy machine
@@ -612,83 +691,149 @@ static void FBN_K(forward_nchw_vec)(fbn_module *m, const fbn_forward_args *a, in
  * loops. Statistics: per-thread partial sums, merged by one thread; then
  * every thread normalizes chunks of rows.
  */
+/* q[0..c) <- the sum of the `rows` rows of c elements of q (pairwise: the
+ * upper half of the rows added onto the lower half until one is left). */
+static void FBN_K(fold_rows)(double *q, int64_t rows, int64_t c) {
+  while (rows > 1) {
+    const int64_t half = rows / 2, rest = rows - half;
+    double *restrict lo = q;
+    const double *restrict hi = q + rest * c;
+    FBN_SIMD
+    for (int64_t i = 0; i < half * c; i++)
+      lo[i] += hi[i];
+    rows = rest;
+  }
+}
+
+/* t1[c], t2[c] <- the sums of channel c over the partial sums of nthreads
+ * threads (each thread's block folded pairwise, then thread by thread).
+ * Overwrites the partial sums. */
+static void FBN_K(merge_partials)(const fbn_fast_nhwc_plan *plan, int nthreads, int64_t c_,
+                                  double *restrict t1, double *restrict t2) {
+  for (int64_t c = 0; c < c_; c++)
+    t1[c] = t2[c] = 0.0;
+  for (int tt = 0; tt < nthreads; tt++) {
+    double *q1 = fbn_fast_partial(plan, tt, 0), *q2 = fbn_fast_partial(plan, tt, 1);
+    FBN_K(fold_rows)(q1, plan->rows_per_block, c_);
+    FBN_K(fold_rows)(q2, plan->rows_per_block, c_);
+    for (int64_t c = 0; c < c_; c++) {
+      t1[c] += q1[c];
+      t2[c] += q2[c];
+    }
+  }
+}
+
+/* Statistics of chunk k (rows [k*cr, (k+1)*cr)) into s1, s2. */
+static void FBN_K(forward_nhwc_stats_chunk)(const fbn_forward_args *a,
+                                            const fbn_fast_nhwc_plan *plan, int64_t k, double *s1,
+                                            double *s2) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t c_ = d->c, rows = d->n * d->h * d->w, cr = plan->chunk_rows;
+  const int64_t p_ = plan->rows_per_block, lp = plan->block;
+  const FBN_T *x = a->x;
+  const int64_t r0 = k * cr, r1 = r0 + cr < rows ? r0 + cr : rows;
+  const int64_t nblocks = (r1 - r0) / p_, rtail = r0 + nblocks * p_;
+  FBN_K(stats_blocks)(x + r0 * c_, nblocks, lp, lp, plan->shift, s1, s2);
+  if (rtail < r1)
+    FBN_K(stats_blocks)(x + rtail * c_, 1, lp, (r1 - rtail) * c_, plan->shift, s1, s2);
+}
+
+/* Per-channel statistics and coefficients (one thread), from the partial
+ * sums of nthreads threads (batch statistics) or the running statistics. */
+static void FBN_K(forward_nhwc_coef)(fbn_module *m, const fbn_forward_args *a,
+                                     const fbn_fast_nhwc_plan *plan, int nthreads) {
+  const int64_t c_ = a->desc->c, p_ = plan->rows_per_block;
+  double *mean = plan->mean, *invstd = plan->invstd;
+  FBN_T *cm = plan->coef[0], *ca = plan->coef[1], *cb = plan->coef[2];
+  if (a->batch_stats)
+    FBN_K(merge_partials)(plan, nthreads, c_, mean, invstd); /* the sums, until replaced */
+  for (int64_t c = 0; c < c_; c++) {
+    if (a->batch_stats) {
+      fbn_fast_batch_stats(m, a, c, plan->shift[c], mean[c], invstd[c], &mean[c], &invstd[c]);
+    } else {
+      fbn_fast_running_stats(m, a, c, &mean[c], &invstd[c]);
+    }
+    plan->fast[c] = FBN_K(forward_coef)(mean[c], invstd[c], fbn_fast_weight(m, c),
+                                        fbn_fast_bias(m, c), &cm[c], &ca[c], &cb[c]);
+  }
+  fbn_fast_repeat(cm, sizeof(FBN_T), c_, p_);
+  fbn_fast_repeat(ca, sizeof(FBN_T), c_, p_);
+  fbn_fast_repeat(cb, sizeof(FBN_T), c_, p_);
+}
+
+/* Normalization of chunk k. */
+static void FBN_K(forward_nhwc_norm_chunk)(const fbn_forward_args *a,
+                                           const fbn_fast_nhwc_plan *plan, int64_t k, bool stream,
+                                           uint8_t *bits, int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t c_ = d->c, rows = d->n * d->h * d->w, cr = plan->chunk_rows;
+  const int64_t p_ = plan->rows_per_block;
+  const FBN_T *x = a->x, *z = a->addend;
+  FBN_T *y = a->y;
+  const int64_t r1 = (k + 1) * cr < rows ? (k + 1) * cr : rows;
+  for (int64_t r = k * cr; r < r1; r += p_) {
+    const int64_t nr = r + p_ <= r1 ? p_ : r1 - r;
+    FBN_K(norm_block)(x + r * c_, z != NULL ? z + r * c_ : NULL, y + r * c_, nr, c_, false,
+                      plan->coef[0], plan->coef[1], plan->coef[2],
+                      bits != NULL ? bits + r * bpr : NULL, bpr, stream);
+  }
+}
+
+/* The work of one thread of forward_nhwc (par: inside the parallel region
+ * of nt > 1 threads; else the only thread, no OpenMP calls). */
+static void FBN_K(forward_nhwc_run)(fbn_module *m, const fbn_forward_args *a,
+                                    const fbn_fast_nhwc_plan *plan, bool par, bool stream,
+                                    uint8_t *bits, int64_t bpr) {
+  const int64_t rows = a->desc->n * a->desc->h * a->desc->w, lp = plan->block;
+  const int64_t nchunks = (rows + plan->chunk_rows - 1) / plan->chunk_rows;
+  const int t = par ? fbn_fast_thread_num() : 0, nthreads = par ? fbn_fast_num_threads() : 1;
+  if (a->batch_stats) {
+    double *s1 = fbn_fast_partial(plan, t, 0), *s2 = fbn_fast_partial(plan, t, 1);
+    memset(s1, 0, (size_t)lp * sizeof(double));
+    memset(s2, 0, (size_t)lp * sizeof(double));
+    if (par) {
+      FBN_OMP(omp for schedule(dynamic, 1) nowait)
+      for (int64_t k = 0; k < nchunks; k++)
+        FBN_K(forward_nhwc_stats_chunk)(a, plan, k, s1, s2);
+      FBN_OMP(omp barrier)
+    } else {
+      for (int64_t k = 0; k < nchunks; k++)
+        FBN_K(forward_nhwc_stats_chunk)(a, plan, k, s1, s2);
+    }
+  }
+  if (par) {
+    FBN_OMP(omp single)
+    FBN_K(forward_nhwc_coef)(m, a, plan, nthreads);
+    FBN_OMP(omp for schedule(dynamic, 1))
+    for (int64_t k = 0; k < nchunks; k++)
+      FBN_K(forward_nhwc_norm_chunk)(a, plan, k, stream, bits, bpr);
+  } else {
+    FBN_K(forward_nhwc_coef)(m, a, plan, 1);
+    for (int64_t k = 0; k < nchunks; k++)
+      FBN_K(forward_nhwc_norm_chunk)(a, plan, k, stream, bits, bpr);
+  }
+}
+
 static void FBN_K(forward_nhwc)(fbn_module *m, const fbn_forward_args *a, int nt,
                                 const fbn_fast_nhwc_plan *plan, uint8_t *bits, int64_t bpr) {
   const fbn_tensor_desc *d = a->desc;
-  const int64_t c_ = d->c, rows = d->n * d->h * d->w;
-  const int64_t p_ = plan->rows_per_block, lp = plan->block;
-  const FBN_T *x = a->x, *z = a->addend;
-  FBN_T *y = a->y;
+  const int64_t c_ = d->c, p_ = plan->rows_per_block;
+  const FBN_T *x = a->x;
   const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
-  double *shift = plan->shift, *mean = plan->mean, *invstd = plan->invstd;
-  FBN_T *cm = plan->coef[0], *ca = plan->coef[1], *cb = plan->coef[2];
-  bool *fast = plan->fast;
-
-  const int64_t cr = plan->chunk_rows, nchunks = (rows + cr - 1) / cr;
-  for (int64_t i = 0; i < lp; i++)
-    shift[i] = (double)x[i % c_];
-
-  FBN_OMP(omp parallel num_threads(nt) if (nt > 1))
-  {
-    const int t = fbn_fast_thread_num(), nthreads = fbn_fast_num_threads();
-    if (a->batch_stats) {
-      double *s1 = fbn_fast_partial(plan, t, 0), *s2 = fbn_fast_partial(plan, t, 1);
-      for (int64_t i = 0; i < lp; i++)
-        s1[i] = s2[i] = 0.0;
-      FBN_OMP(omp for schedule(dynamic, 1) nowait)
-      for (int64_t k = 0; k < nchunks; k++) {
-        const int64_t r0 = k * cr, r1 = r0 + cr < rows ? r0 + cr : rows;
-        const int64_t nblocks = (r1 - r0) / p_, rtail = r0 + nblocks * p_;
-        FBN_K(stats_blocks)(x + r0 * c_, nblocks, lp, lp, shift, s1, s2);
-        if (rtail < r1)
-          FBN_K(stats_blocks)(x + rtail * c_, 1, lp, (r1 - rtail) * c_, shift, s1, s2);
-      }
-      FBN_OMP(omp barrier)
-      FBN_OMP(omp single)
-      {
-        for (int64_t c = 0; c < c_; c++) {
-          double t1 = 0.0, t2 = 0.0;
-          for (int tt = 0; tt < nthreads; tt++) {
-            const double *q1 = fbn_fast_partial(plan, tt, 0), *q2 = fbn_fast_partial(plan, tt, 1);
-            for (int64_t p = 0; p < p_; p++) {
-              t1 += q1[p * c_ + c];
-              t2 += q2[p * c_ + c];
-            }
-          }
-          fbn_fast_batch_stats(m, a, c, shift[c], t1, t2, &mean[c], &invstd[c]);
-          fast[c] = FBN_K(forward_coef)(mean[c], invstd[c], fbn_fast_weight(m, c),
-                                        fbn_fast_bias(m, c), &cm[c], &ca[c], &cb[c]);
-        }
-        fbn_fast_repeat(cm, sizeof(FBN_T), c_, p_);
-        fbn_fast_repeat(ca, sizeof(FBN_T), c_, p_);
-        fbn_fast_repeat(cb, sizeof(FBN_T), c_, p_);
-      }
-    } else {
-      FBN_OMP(omp single)
-      {
-        for (int64_t c = 0; c < c_; c++) {
-          fbn_fast_running_stats(m, a, c, &mean[c], &invstd[c]);
-          fast[c] = FBN_K(forward_coef)(mean[c], invstd[c], fbn_fast_weight(m, c),
-                                        fbn_fast_bias(m, c), &cm[c], &ca[c], &cb[c]);
-        }
-        fbn_fast_repeat(cm, sizeof(FBN_T), c_, p_);
-        fbn_fast_repeat(ca, sizeof(FBN_T), c_, p_);
-        fbn_fast_repeat(cb, sizeof(FBN_T), c_, p_);
-      }
-    }
-    FBN_OMP(omp for schedule(dynamic, 1))
-    for (int64_t k = 0; k < nchunks; k++) {
-      const int64_t r1 = (k + 1) * cr < rows ? (k + 1) * cr : rows;
-      for (int64_t r = k * cr; r < r1; r += p_) {
-        const int64_t nr = r + p_ <= r1 ? p_ : r1 - r;
-        FBN_K(norm_block)(x + r * c_, z != NULL ? z + r * c_ : NULL, y + r * c_, nr, c_, false,
-                          cm, ca, cb, bits != NULL ? bits + r * bpr : NULL, bpr, stream);
-      }
-    }
+  if (a->batch_stats) {
+    for (int64_t c = 0; c < c_; c++)
+      plan->shift[c] = (double)x[c];
+    fbn_fast_repeat(plan->shift, sizeof(double), c_, p_);
+  }
+  if (nt > 1) {
+    FBN_OMP(omp parallel num_threads(nt))
+    FBN_K(forward_nhwc_run)(m, a, plan, true, stream, bits, bpr);
+  } else {
+    FBN_K(forward_nhwc_run)(m, a, plan, false, stream, bits, bpr);
   }
   for (int64_t c = 0; c < c_; c++)
-    if (!fast[c])
-      fbn_fast_exact_normalize(m, a, c, mean[c], invstd[c], bits, bpr);
+    if (!plan->fast[c])
+      fbn_fast_exact_normalize(m, a, c, plan->mean[c], plan->invstd[c], bits, bpr);
 }
 
 /* ======================================================================== */
@@ -696,8 +841,13 @@ static void FBN_K(forward_nhwc)(fbn_module *m, const fbn_forward_args *a, int nt
 /* ======================================================================== */
 
 /* NCHW, long rows: channel groups as in forward_nchw. */
-static void FBN_K(backward_nchw)(fbn_module *m, const fbn_backward_args *a, int nt,
-                                 const uint8_t *bits, int64_t bpr) {
+static int64_t FBN_K(backward_nchw_gsize)(const fbn_tensor_desc *d, bool bits, int nt) {
+  const int64_t per_channel = (bits ? 2 : 3) * d->n * d->h * d->w * (int64_t)sizeof(FBN_T);
+  return fbn_fast_nchw_group(d->c, per_channel, nt);
+}
+
+static void FBN_K(backward_nchw_group)(fbn_module *m, const fbn_backward_args *a, int nt,
+                                       const uint8_t *bits, int64_t bpr, int64_t gi) {
   const fbn_tensor_desc *d = a->desc;
   const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w, count = n_ * hw;
   const FBN_T *x = a->x, *y = a->y, *dy = a->dy;
@@ -706,12 +856,8 @@ static void FBN_K(backward_nchw)(fbn_module *m, const fbn_backward_args *a, int 
   const bool reduce = full || m->options.affine;
   const bool apply = dx != NULL || dz != NULL;
   const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
-  const int64_t per_channel = (bits != NULL ? 2 : 3) * count * (int64_t)sizeof(FBN_T);
-  const int64_t g_ = fbn_fast_nchw_group(c_, per_channel, nt);
-  const int64_t ngroups = (c_ + g_ - 1) / g_;
-
-  FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1))
-  for (int64_t gi = 0; gi < ngroups; gi++) {
+  const int64_t g_ = FBN_K(backward_nchw_gsize)(d, bits != NULL, nt);
+  {
     const int64_t c0 = gi * g_;
     const int64_t gc = c_ - c0 < g_ ? c_ - c0 : g_;
     double acc[FBN_FAST_MAX_GROUP][2], shift[FBN_FAST_MAX_GROUP];
@@ -741,7 +887,7 @@ static void FBN_K(backward_nchw)(fbn_module *m, const fbn_backward_args *a, int 
         fast[j] = FBN_K(backward_coef)(&ch[j], full, count, &cm[j], &ck[j], &cc1[j], &cc0[j]);
     }
     if (!apply)
-      continue;
+      return;
     for (int64_t n = 0; n < n_; n++) {
       const int64_t off = (n * c_ + c0) * hw;
       FBN_K(bwd_apply_block)(x + off, y + off, bits != NULL ? bits + (n * c_ + c0) * bpr : NULL,
@@ -755,10 +901,24 @@ static void FBN_K(backward_nchw)(fbn_module *m, const fbn_backward_args *a, int 
   }
 }
 
+static void FBN_K(backward_nchw)(fbn_module *m, const fbn_backward_args *a, int nt,
+                                 const uint8_t *bits, int64_t bpr) {
+  const int64_t c_ = a->desc->c, g_ = FBN_K(backward_nchw_gsize)(a->desc, bits != NULL, nt);
+  const int64_t ngroups = (c_ + g_ - 1) / g_;
+  if (nt > 1) {
+    FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt))
+    for (int64_t gi = 0; gi < ngroups; gi++)
+      FBN_K(backward_nchw_group)(m, a, nt, bits, bpr, gi);
+  } else {
+    for (int64_t gi = 0; gi < ngroups; gi++)
+      FBN_K(backward_nchw_group)(m, a, nt, bits, bpr, gi);
+  }
+}
+
 /* NCHW, short rows, as forward_nchw_vec. */
-static void FBN_K(backward_nchw_vec)(fbn_module *m, const fbn_backward_args *a, int nt,
-                                     const fbn_fast_nchw_plan *plan, const uint8_t *bits,
-                                     int64_t bpr) {
+static void FBN_K(backward_nchw_vec_group)(fbn_module *m, const fbn_backward_args *a, int nt,
+                                           const fbn_fast_nchw_plan *plan, const uint8_t *bits,
+                                           int64_t bpr, int64_t gi) {
   const fbn_tensor_desc *d = a->desc;
   const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w, count = n_ * hw;
   const FBN_T *x = a->x, *y = a->y, *dy = a->dy;
@@ -767,10 +927,8 @@ static void FBN_K(backward_nchw_vec)(fbn_module *m, const fbn_backward_args *a, 
   const bool reduce = full || m->options.affine;
   const bool apply = dx != NULL || dz != NULL;
   const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
-  const int64_t g_ = plan->group, ngroups = (c_ + g_ - 1) / g_;
-
-  FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1))
-  for (int64_t gi = 0; gi < ngroups; gi++) {
+  const int64_t g_ = plan->group;
+  {
     const int64_t c0 = gi * g_;
     const int64_t gc = c_ - c0 < g_ ? c_ - c0 : g_;
     fbn_fast_nchw_view v;
@@ -806,7 +964,7 @@ static void FBN_K(backward_nchw_vec)(fbn_module *m, const fbn_backward_args *a, 
                                          &cc1[j * hw], &cc0[j * hw]);
     }
     if (!apply)
-      continue;
+      return;
     FBN_K(expand)(cm, gc, hw);
     FBN_K(expand)(ck, gc, hw);
     FBN_K(expand)(cc1, gc, hw);
@@ -824,99 +982,164 @@ static void FBN_K(backward_nchw_vec)(fbn_module *m, const fbn_backward_args *a, 
   }
 }
 
+static void FBN_K(backward_nchw_vec)(fbn_module *m, const fbn_backward_args *a, int nt,
+                                     const fbn_fast_nchw_plan *plan, const uint8_t *bits,
+                                     int64_t bpr) {
+  const int64_t c_ = a->desc->c, g_ = plan->group, ngroups = (c_ + g_ - 1) / g_;
+  if (nt > 1) {
+    FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt))
+    for (int64_t gi = 0; gi < ngroups; gi++)
+      FBN_K(backward_nchw_vec_group)(m, a, nt, plan, bits, bpr, gi);
+  } else {
+    for (int64_t gi = 0; gi < ngroups; gi++)
+      FBN_K(backward_nchw_vec_group)(m, a, nt, plan, bits, bpr, gi);
+  }
+}
+
 /*
  * NHWC: chunks of rows as in forward_nhwc. The reduction pass also writes
  * daddend (= g) when it is wanted, so that the second pass reads x and g
  * only.
  */
+/* What backward_nhwc's helpers share. */
+typedef struct FBN_K(fbn_fast_bwd_nhwc) {
+  fbn_module *m;
+  const fbn_backward_args *a;
+  const fbn_fast_nhwc_plan *plan;
+  const uint8_t *bits;
+  int64_t bpr, rows, nchunks;
+  bool full, reduce, stream;
+  bool g_early; /* g written by the reduction pass; the second pass computes dx from it */
+} FBN_K(fbn_fast_bwd_nhwc);
+
+static void FBN_K(backward_nhwc_reduce_chunk)(const FBN_K(fbn_fast_bwd_nhwc) *b, int64_t k,
+                                              double *s1, double *s2) {
+  const fbn_backward_args *a = b->a;
+  const int64_t c_ = a->desc->c, cr = b->plan->chunk_rows, p_ = b->plan->rows_per_block;
+  const FBN_T *x = a->x, *y = a->y, *dy = a->dy;
+  FBN_T *dz = a->daddend;
+  const int64_t r1 = (k + 1) * cr < b->rows ? (k + 1) * cr : b->rows;
+  for (int64_t r = k * cr; r < r1; r += p_) {
+    const int64_t nr = r + p_ <= r1 ? p_ : r1 - r;
+    FBN_K(bwd_reduce_block)(x + r * c_, y + r * c_, b->bits != NULL ? b->bits + r * b->bpr : NULL,
+                            b->bpr, dy + r * c_, b->g_early ? dz + r * c_ : NULL, nr, c_, false,
+                            b->plan->shift, NULL, s1, s2, b->stream);
+  }
+}
+
+/* Per-channel sums (from nthreads threads' partial sums) and coefficients. */
+static void FBN_K(backward_nhwc_coef)(const FBN_K(fbn_fast_bwd_nhwc) *b, int nthreads) {
+  const fbn_fast_nhwc_plan *plan = b->plan;
+  const int64_t c_ = b->a->desc->c, p_ = plan->rows_per_block;
+  fbn_fast_bwd_chan *ch = plan->chan;
+  FBN_T *cm = plan->coef[0], *ck = plan->coef[1], *cc1 = plan->coef[2], *cc0 = plan->coef[3];
+  bool *fast = plan->fast;
+  double *t1 = plan->mean, *t2 = plan->invstd; /* unused by backward otherwise */
+  if (b->reduce)
+    FBN_K(merge_partials)(plan, nthreads, c_, t1, t2);
+  for (int64_t c = 0; c < c_; c++) {
+    if (b->reduce)
+      fast[c] = fbn_fast_bwd_chan_sums(b->m, b->a, c, fast[c], t1[c], t2[c], &ch[c]);
+    cm[c] = ck[c] = cc1[c] = cc0[c] = (FBN_T)0;
+    if (fast[c])
+      fast[c] = FBN_K(backward_coef)(&ch[c], b->full, b->rows, &cm[c], &ck[c], &cc1[c], &cc0[c]);
+  }
+  fbn_fast_repeat(cm, sizeof(FBN_T), c_, p_);
+  fbn_fast_repeat(ck, sizeof(FBN_T), c_, p_);
+  fbn_fast_repeat(cc1, sizeof(FBN_T), c_, p_);
+  fbn_fast_repeat(cc0, sizeof(FBN_T), c_, p_);
+}
+
+static void FBN_K(backward_nhwc_apply_chunk)(const FBN_K(fbn_fast_bwd_nhwc) *b, int64_t k) {
+  const fbn_backward_args *a = b->a;
+  const fbn_fast_nhwc_plan *plan = b->plan;
+  const int64_t c_ = a->desc->c, cr = plan->chunk_rows, p_ = plan->rows_per_block;
+  const FBN_T *x = a->x, *y = a->y;
+  FBN_T *dx = a->dx;
+  /* g_early: dz holds g; read it instead of the mask and dy. */
+  const FBN_T *pdy = b->g_early ? (const FBN_T *)a->daddend : (const FBN_T *)a->dy;
+  FBN_T *pdz = b->g_early ? NULL : (FBN_T *)a->daddend;
+  const int64_t r1 = (k + 1) * cr < b->rows ? (k + 1) * cr : b->rows;
+  for (int64_t r = k * cr; r < r1; r += p_) {
+    const int64_t nr = r + p_ <= r1 ? p_ : r1 - r;
+    FBN_K(bwd_apply_block)(x + r * c_, y + r * c_, b->bits != NULL ? b->bits + r * b->bpr : NULL,
+                           b->bpr, pdy + r * c_, dx != NULL ? dx + r * c_ : NULL,
+                           pdz != NULL ? pdz + r * c_ : NULL, nr, c_, b->full, b->g_early, false,
+                           plan->coef[0], plan->coef[1], plan->coef[2], plan->coef[3], b->stream);
+  }
+}
+
+/* The work of one thread of backward_nhwc (par as in forward_nhwc_run). */
+static void FBN_K(backward_nhwc_run)(const FBN_K(fbn_fast_bwd_nhwc) *b, bool par) {
+  const fbn_backward_args *a = b->a;
+  const int64_t lp = b->plan->block, nchunks = b->nchunks;
+  const int t = par ? fbn_fast_thread_num() : 0, nthreads = par ? fbn_fast_num_threads() : 1;
+  const bool apply = a->dx != NULL || (a->daddend != NULL && !b->g_early);
+  if (b->reduce) {
+    double *s1 = fbn_fast_partial(b->plan, t, 0), *s2 = fbn_fast_partial(b->plan, t, 1);
+    memset(s1, 0, (size_t)lp * sizeof(double));
+    memset(s2, 0, (size_t)lp * sizeof(double));
+    if (par) {
+      FBN_OMP(omp for schedule(dynamic, 1) nowait)
+      for (int64_t k = 0; k < nchunks; k++)
+        FBN_K(backward_nhwc_reduce_chunk)(b, k, s1, s2);
+      FBN_OMP(omp barrier)
+    } else {
+      for (int64_t k = 0; k < nchunks; k++)
+        FBN_K(backward_nhwc_reduce_chunk)(b, k, s1, s2);
+    }
+  }
+  if (par) {
+    FBN_OMP(omp single)
+    FBN_K(backward_nhwc_coef)(b, nthreads);
+    if (apply) {
+      FBN_OMP(omp for schedule(dynamic, 1))
+      for (int64_t k = 0; k < nchunks; k++)
+        FBN_K(backward_nhwc_apply_chunk)(b, k);
+    }
+  } else {
+    FBN_K(backward_nhwc_coef)(b, 1);
+    if (apply)
+      for (int64_t k = 0; k < nchunks; k++)
+        FBN_K(backward_nhwc_apply_chunk)(b, k);
+  }
+}
+
 static void FBN_K(backward_nhwc)(fbn_module *m, const fbn_backward_args *a, int nt,
                                  const fbn_fast_nhwc_plan *plan, const uint8_t *bits,
                                  int64_t bpr) {
   const fbn_tensor_desc *d = a->desc;
-  const int64_t c_ = d->c, rows = d->n * d->h * d->w, count = rows;
-  const int64_t p_ = plan->rows_per_block, lp = plan->block;
-  const FBN_T *x = a->x, *y = a->y, *dy = a->dy;
-  FBN_T *dx = a->dx, *dz = a->daddend;
-  const bool full = a->saved->batch_stats;
-  const bool reduce = full || m->options.affine;
-  const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
-  /* g written by the reduction pass; the second pass then computes dx from it */
-  const bool g_early = reduce && dz != NULL;
-  double *shift = plan->shift;
+  const int64_t c_ = d->c, rows = d->n * d->h * d->w;
+  const bool full = a->saved->batch_stats, reduce = full || m->options.affine;
+  const FBN_K(fbn_fast_bwd_nhwc) b = {
+      .m = m,
+      .a = a,
+      .plan = plan,
+      .bits = bits,
+      .bpr = bpr,
+      .rows = rows,
+      .nchunks = (rows + plan->chunk_rows - 1) / plan->chunk_rows,
+      .full = full,
+      .reduce = reduce,
+      .stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T)),
+      .g_early = reduce && a->daddend != NULL,
+  };
   fbn_fast_bwd_chan *ch = plan->chan;
-  FBN_T *cm = plan->coef[0], *ck = plan->coef[1], *cc1 = plan->coef[2], *cc0 = plan->coef[3];
-  bool *fast = plan->fast;
-
   for (int64_t c = 0; c < c_; c++) {
     fbn_fast_bwd_chan_init(m, a, c, &ch[c]);
-    fast[c] = ch[c].finite;
+    plan->fast[c] = ch[c].finite;
+    plan->shift[c] = ch[c].mean;
   }
-  const int64_t cr = plan->chunk_rows, nchunks = (rows + cr - 1) / cr;
-  for (int64_t i = 0; i < lp; i++)
-    shift[i] = ch[i % c_].mean;
-
-  FBN_OMP(omp parallel num_threads(nt) if (nt > 1))
-  {
-    const int t = fbn_fast_thread_num(), nthreads = fbn_fast_num_threads();
-    if (reduce) {
-      double *s1 = fbn_fast_partial(plan, t, 0), *s2 = fbn_fast_partial(plan, t, 1);
-      for (int64_t i = 0; i < lp; i++)
-        s1[i] = s2[i] = 0.0;
-      FBN_OMP(omp for schedule(dynamic, 1) nowait)
-      for (int64_t k = 0; k < nchunks; k++) {
-        const int64_t r1 = (k + 1) * cr < rows ? (k + 1) * cr : rows;
-        for (int64_t r = k * cr; r < r1; r += p_) {
-          const int64_t nr = r + p_ <= r1 ? p_ : r1 - r;
-          FBN_K(bwd_reduce_block)(x + r * c_, y + r * c_, bits != NULL ? bits + r * bpr : NULL,
-                                  bpr, dy + r * c_, g_early ? dz + r * c_ : NULL, nr, c_, false,
-                                  shift, NULL, s1, s2, stream);
-        }
-      }
-      FBN_OMP(omp barrier)
-    }
-    FBN_OMP(omp single)
-    {
-      for (int64_t c = 0; c < c_; c++) {
-        if (reduce) {
-          double t1 = 0.0, t2 = 0.0;
-          for (int tt = 0; tt < nthreads; tt++) {
-            const double *q1 = fbn_fast_partial(plan, tt, 0), *q2 = fbn_fast_partial(plan, tt, 1);
-            for (int64_t p = 0; p < p_; p++) {
-              t1 += q1[p * c_ + c];
-              t2 += q2[p * c_ + c];
-            }
-          }
-          fast[c] = fbn_fast_bwd_chan_sums(m, a, c, fast[c], t1, t2, &ch[c]);
-        }
-        cm[c] = ck[c] = cc1[c] = cc0[c] = (FBN_T)0;
-        if (fast[c])
-          fast[c] = FBN_K(backward_coef)(&ch[c], full, count, &cm[c], &ck[c], &cc1[c], &cc0[c]);
-      }
-      fbn_fast_repeat(cm, sizeof(FBN_T), c_, p_);
-      fbn_fast_repeat(ck, sizeof(FBN_T), c_, p_);
-      fbn_fast_repeat(cc1, sizeof(FBN_T), c_, p_);
-      fbn_fast_repeat(cc0, sizeof(FBN_T), c_, p_);
-    }
-    if (dx != NULL || (dz != NULL && !g_early)) {
-      /* g_early: dz holds g; read it instead of the mask and dy. */
-      const FBN_T *pdy = g_early ? dz : dy;
-      FBN_T *pdz = g_early ? NULL : dz;
-      FBN_OMP(omp for schedule(dynamic, 1))
-      for (int64_t k = 0; k < nchunks; k++) {
-        const int64_t r1 = (k + 1) * cr < rows ? (k + 1) * cr : rows;
-        for (int64_t r = k * cr; r < r1; r += p_) {
-          const int64_t nr = r + p_ <= r1 ? p_ : r1 - r;
-          FBN_K(bwd_apply_block)(x + r * c_, y + r * c_, bits != NULL ? bits + r * bpr : NULL,
-                                 bpr, pdy + r * c_, dx != NULL ? dx + r * c_ : NULL,
-                                 pdz != NULL ? pdz + r * c_ : NULL, nr, c_, full, g_early, false,
-                                 cm, ck, cc1, cc0, stream);
-        }
-      }
-    }
+  fbn_fast_repeat(plan->shift, sizeof(double), c_, plan->rows_per_block);
+  if (nt > 1) {
+    FBN_OMP(omp parallel num_threads(nt))
+    FBN_K(backward_nhwc_run)(&b, true);
+  } else {
+    FBN_K(backward_nhwc_run)(&b, false);
   }
-  if (dx != NULL || dz != NULL)
+  if (a->dx != NULL || a->daddend != NULL)
     for (int64_t c = 0; c < c_; c++)
-      if (!fast[c])
+      if (!plan->fast[c])
         fbn_fast_exact_backward_apply(m, a, c, &ch[c]);
 }
 
