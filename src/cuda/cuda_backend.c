@@ -1325,6 +1325,19 @@ static fbn_status require_cuda_module(const char *fn, const fbn_module *m) {
   return FBN_STATUS_SUCCESS;
 }
 
+/* Shared checks of the per-module queries: a CUDA module, a desc valid for
+ * it in the module's current mode (whose batch_stats flag is returned). */
+static fbn_status module_query_begin(const char *fn, const fbn_module *m, const fbn_tensor_desc *d,
+                                     bool has_addend, bool *batch_stats) {
+  fbn_status s = require_cuda_module(fn, m);
+  if (s != FBN_STATUS_SUCCESS)
+    return s;
+  if (d == NULL)
+    return fbn_error(FBN_STATUS_NULL_POINTER, "%s: desc is NULL", fn);
+  *batch_stats = fbn_module_uses_batch_stats(m);
+  return fbn_validate_desc(fn, m, d, has_addend, *batch_stats);
+}
+
 fbn_status fbn_cuda_module_path(const fbn_module *m, const fbn_tensor_desc *d, bool has_addend,
                                 fbn_cuda_path *path) {
   static const char fn[] = "fbn_cuda_module_path";
@@ -1332,13 +1345,8 @@ fbn_status fbn_cuda_module_path(const fbn_module *m, const fbn_tensor_desc *d, b
   if (path == NULL)
     return fbn_error(FBN_STATUS_NULL_POINTER, "%s: path is NULL", fn);
   *path = FBN_CUDA_PATH_NONE;
-  fbn_status s = require_cuda_module(fn, m);
-  if (s != FBN_STATUS_SUCCESS)
-    return s;
-  if (d == NULL)
-    return fbn_error(FBN_STATUS_NULL_POINTER, "%s: desc is NULL", fn);
-  const bool batch_stats = fbn_module_uses_batch_stats(m);
-  s = fbn_validate_desc(fn, m, d, has_addend, batch_stats);
+  bool batch_stats;
+  fbn_status s = module_query_begin(fn, m, d, has_addend, &batch_stats);
   if (s != FBN_STATUS_SUCCESS)
     return s;
   *path = (fbn_cuda_path)select_path(m, d, has_addend, batch_stats, NULL);
@@ -1481,13 +1489,8 @@ fbn_status fbn_cuda_saved_size(const fbn_module *m, const fbn_tensor_desc *d, bo
   if (bytes == NULL)
     return fbn_error(FBN_STATUS_NULL_POINTER, "%s: bytes is NULL", fn);
   *bytes = 0;
-  fbn_status s = require_cuda_module(fn, m);
-  if (s != FBN_STATUS_SUCCESS)
-    return s;
-  if (d == NULL)
-    return fbn_error(FBN_STATUS_NULL_POINTER, "%s: desc is NULL", fn);
-  const bool batch_stats = fbn_module_uses_batch_stats(m);
-  s = fbn_validate_desc(fn, m, d, has_addend, batch_stats);
+  bool batch_stats;
+  fbn_status s = module_query_begin(fn, m, d, has_addend, &batch_stats);
   if (s != FBN_STATUS_SUCCESS)
     return s;
   device_guard g;
