@@ -1345,7 +1345,7 @@ fbn_status fbn_cuda_module_path(const fbn_module *m, const fbn_tensor_desc *d, b
   if (path == NULL)
     return fbn_error(FBN_STATUS_NULL_POINTER, "%s: path is NULL", fn);
   *path = FBN_CUDA_PATH_NONE;
-  bool batch_stats;
+  bool batch_stats = false;
   fbn_status s = module_query_begin(fn, m, d, has_addend, &batch_stats);
   if (s != FBN_STATUS_SUCCESS)
     return s;
@@ -1489,7 +1489,7 @@ fbn_status fbn_cuda_saved_size(const fbn_module *m, const fbn_tensor_desc *d, bo
   if (bytes == NULL)
     return fbn_error(FBN_STATUS_NULL_POINTER, "%s: bytes is NULL", fn);
   *bytes = 0;
-  bool batch_stats;
+  bool batch_stats = false;
   fbn_status s = module_query_begin(fn, m, d, has_addend, &batch_stats);
   if (s != FBN_STATUS_SUCCESS)
     return s;
