@@ -471,6 +471,104 @@ static void test_backward_optional_outputs(void **state) {
   fbnt_ref_module_free(&ref);
 }
 
+/* ---- NaN through the ReLU gate ---------------------------------------------- */
+
+/* A NaN y passes its dy (PyTorch's threshold_backward is y <= 0 ? 0 : dy, and
+ * cuDNN's fused backward agrees). Spelled out, for both CPU backends: a NaN
+ * in x makes channel 1 NaN, so its daddend is dy, dbias[1] is the sum of its
+ * dy (finite), dweight[1] and dx of channel 1 are NaN; a NaN in addend at
+ * (0,2,0,0) passes that element's dy and leaves channel 2's dx finite. */
+static void run_nan_gate(const char *backend, fbn_layout layout) {
+  char name[96];
+  snprintf(name, sizeof name, "nan gate %s %s", backend, layout == FBN_LAYOUT_NCHW ? "NCHW" : "NHWC");
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, name);
+  fbn_module_options opt;
+  fbn_module_options_init(&opt);
+  opt.num_features = 3;
+  fbnt_ref_module ref;
+  memset(&ref, 0, sizeof ref);
+  assert_int_equal(setenv("FBN_CPU_BACKEND", backend, 1), 0);
+  fbn_module *m = NULL;
+  const fbn_status cs = fbnt_module_create_random(&rng, &opt, &m, &ref);
+  assert_int_equal(unsetenv("FBN_CPU_BACKEND"), 0);
+  assert_int_equal(cs, FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_module_zero_grad(m), FBN_STATUS_SUCCESS);
+  const fbn_tensor_desc d = {4, 3, 3, 5, FBN_DTYPE_FLOAT32, layout};
+  const size_t count = fbnt_desc_numel(&d);
+  void *x = fbnt_tensor_alloc(&d), *a = fbnt_tensor_alloc(&d), *y = fbnt_tensor_alloc(&d);
+  void *dy = fbnt_tensor_alloc(&d), *dx = fbnt_tensor_alloc(&d), *da = fbnt_tensor_alloc(&d);
+  double *yr = calloc(count, sizeof *yr), *dyr = calloc(count, sizeof *dyr);
+  double *dxr = calloc(count, sizeof *dxr), *dar = calloc(count, sizeof *dar);
+  assert_true(yr != NULL && dyr != NULL && dxr != NULL && dar != NULL);
+  fbnt_fill_channels(&rng, &d, x, NULL);
+  fbnt_fill_normal(&rng, &d, a, NULL, 1.0);
+  fbnt_fill_normal(&rng, &d, dy, dyr, 1.0);
+  fbnt_set(&d, x, 2, 1, 1, 3, NAN);
+  fbnt_set(&d, a, 0, 2, 0, 0, NAN);
+  fbnt_tensor_poison(&d, y);
+  fbnt_tensor_poison(&d, dx);
+  fbnt_tensor_poison(&d, da);
+  fbn_saved *saved = NULL;
+  assert_int_equal(fbn_saved_create(&saved), FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_module_forward(m, &d, x, a, y, saved, NULL, 0), FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_module_backward(m, saved, &d, x, y, dy, dx, da, NULL, 0),
+                   FBN_STATUS_SUCCESS);
+  fbnt_tensor_to_ref(&d, y, yr);
+  fbnt_tensor_to_ref(&d, dx, dxr);
+  fbnt_tensor_to_ref(&d, da, dar);
+  double sum_dy[3] = {0, 0, 0};
+  for (int64_t n = 0; n < d.n; n++)
+    for (int64_t c = 0; c < d.c; c++)
+      for (int64_t h = 0; h < d.h; h++)
+        for (int64_t w = 0; w < d.w; w++) {
+          const size_t i = fbnt_ref_index(&d, n, c, h, w);
+          const bool nan_y = c == 1 || (n == 0 && c == 2 && h == 0 && w == 0);
+          if (nan_y != (bool)isnan(yr[i]))
+            fail_msg("%s: y(%d,%d,%d,%d) = %g", name, (int)n, (int)c, (int)h, (int)w, yr[i]);
+          const double g = yr[i] <= 0.0 ? 0.0 : dyr[i];
+          sum_dy[c] += g;
+          if (!(dar[i] == g))
+            fail_msg("%s: daddend(%d,%d,%d,%d) = %g, want %g (y = %g, dy = %g)", name, (int)n,
+                     (int)c, (int)h, (int)w, dar[i], g, yr[i], dyr[i]);
+          if ((c == 1) != (bool)isnan(dxr[i]))
+            fail_msg("%s: dx(%d,%d,%d,%d) = %g, NaN expected: %d", name, (int)n, (int)c, (int)h,
+                     (int)w, dxr[i], c == 1);
+        }
+  double db[3], dw[3];
+  assert_int_equal(fbn_module_read_buffer(m, FBN_BUFFER_BIAS_GRAD, FBN_DTYPE_FLOAT64, db, 3),
+                   FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_module_read_buffer(m, FBN_BUFFER_WEIGHT_GRAD, FBN_DTYPE_FLOAT64, dw, 3),
+                   FBN_STATUS_SUCCESS);
+  for (int c = 0; c < 3; c++) {
+    if (!(fabs(db[c] - sum_dy[c]) <= 1e-5 * (1.0 + fabs(sum_dy[c]))))
+      fail_msg("%s: dbias[%d] = %.9g, want %.9g", name, c, db[c], sum_dy[c]);
+    if ((c == 1) != (bool)isnan(dw[c]))
+      fail_msg("%s: dweight[%d] = %g, NaN expected: %d", name, c, dw[c], c == 1);
+  }
+  fbn_saved_destroy(saved);
+  fbn_module_destroy(m);
+  fbnt_ref_module_free(&ref);
+  fbnt_free(x);
+  fbnt_free(a);
+  fbnt_free(y);
+  fbnt_free(dy);
+  fbnt_free(dx);
+  fbnt_free(da);
+  free(yr);
+  free(dyr);
+  free(dxr);
+  free(dar);
+}
+
+static void test_backward_nan_y_passes_dy(void **state) {
+  (void)state;
+  run_nan_gate("reference", FBN_LAYOUT_NCHW);
+  run_nan_gate("reference", FBN_LAYOUT_NHWC);
+  run_nan_gate("fast", FBN_LAYOUT_NCHW);
+  run_nan_gate("fast", FBN_LAYOUT_NHWC);
+}
+
 int main(int argc, char **argv) {
   fbnt_parse_args(argc, argv);
   const struct CMUnitTest tests[] = {
@@ -487,6 +585,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_backward_saved_rebinds_to_other_module),
       cmocka_unit_test(test_backward_uses_mode_recorded_in_saved),
       cmocka_unit_test(test_backward_optional_outputs),
+      cmocka_unit_test(test_backward_nan_y_passes_dy),
   };
   return cmocka_run_group_tests_name("backward", tests, NULL, NULL);
 }

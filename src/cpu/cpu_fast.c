@@ -34,7 +34,7 @@
  * Saved payload: two arrays of C doubles (mean and inverse standard
  * deviation that normalized x, as the reference backend's), then for
  * float32 tensors the ReLU bitmask of the forward's y (path = 1): one bit
- * per element, y > 0, each tensor row on a byte. Backward takes the mask
+ * per element, !(y <= 0) (NaN sets it), each tensor row on a byte. Backward takes the mask
  * from it instead of reading y (the API requires y unchanged since the
  * forward), which saves a quarter of its first pass's reads.
  */
@@ -74,7 +74,7 @@
 #endif
 #define FBN_FAST_INLINE inline __attribute__((always_inline))
 
-/* Without it GCC keeps `y > 0 ? dy : 0` as a branch inside the float->double
+/* Without it GCC keeps `y <= 0 ? 0 : dy` as a branch inside the float->double
  * reductions of backward (an ordered compare may raise FE_INVALID) and does
  * not vectorize them. It changes no result, only whether floating-point
  * exception flags are exact; the library never reads them. */
@@ -351,19 +351,19 @@ static inline bool fbn_fast_chunk_next(fbn_fast_chunk *ck) {
   return true;
 }
 
-/* 8 values -> one byte of v > 0; one byte -> 8 lane masks (all ones where
+/* 8 values -> one byte of !(v <= 0) (NaN sets its bit); one byte -> 8 lane masks (all ones where
  * set). SSE2 on x86-64, plain loops elsewhere. */
 #if defined(__x86_64__) && defined(__SSE2__)
 FBN_FAST_INLINE uint8_t fbn_fast_pack8_f32(const float *v) {
   const __m128 zero = _mm_setzero_ps();
-  return (uint8_t)(_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(v), zero)) |
-                   (_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(v + 4), zero)) << 4));
+  return (uint8_t)(_mm_movemask_ps(_mm_cmpnle_ps(_mm_loadu_ps(v), zero)) |
+                   (_mm_movemask_ps(_mm_cmpnle_ps(_mm_loadu_ps(v + 4), zero)) << 4));
 }
 FBN_FAST_INLINE uint8_t fbn_fast_pack8_f64(const double *v) {
   const __m128d zero = _mm_setzero_pd();
   int b = 0;
   for (int k = 0; k < 4; k++)
-    b |= _mm_movemask_pd(_mm_cmpgt_pd(_mm_loadu_pd(v + 2 * k), zero)) << (2 * k);
+    b |= _mm_movemask_pd(_mm_cmpnle_pd(_mm_loadu_pd(v + 2 * k), zero)) << (2 * k);
   return (uint8_t)b;
 }
 FBN_FAST_INLINE void fbn_fast_expand8_f32(uint8_t b, int32_t *out) {
@@ -376,13 +376,13 @@ FBN_FAST_INLINE void fbn_fast_expand8_f32(uint8_t b, int32_t *out) {
 FBN_FAST_INLINE uint8_t fbn_fast_pack8_f32(const float *v) {
   unsigned b = 0;
   for (int k = 0; k < 8; k++)
-    b |= (unsigned)(v[k] > 0.0f) << k;
+    b |= (unsigned)!(v[k] <= 0.0f) << k;
   return (uint8_t)b;
 }
 FBN_FAST_INLINE uint8_t fbn_fast_pack8_f64(const double *v) {
   unsigned b = 0;
   for (int k = 0; k < 8; k++)
-    b |= (unsigned)(v[k] > 0.0) << k;
+    b |= (unsigned)!(v[k] <= 0.0) << k;
   return (uint8_t)b;
 }
 FBN_FAST_INLINE void fbn_fast_expand8_f32(uint8_t b, int32_t *out) {
@@ -395,7 +395,7 @@ FBN_FAST_INLINE void fbn_fast_expand8_f64(uint8_t b, int64_t *out) {
     out[k] = (b >> k) & 1 ? -1 : 0;
 }
 
-/* The saved ReLU bitmask (float32 tensors): one bit per element, y > 0,
+/* The saved ReLU bitmask (float32 tensors): one bit per element, !(y <= 0),
  * each row of the tensor (NCHW: the H*W of one (n, c); NHWC: the C of one
  * (n, h, w)) starting on a byte. Backward reads it instead of y. */
 static int64_t fbn_fast_mask_row_len(const fbn_tensor_desc *d) {
@@ -516,7 +516,7 @@ static void fbn_fast_exact_normalize(const fbn_module *m, const fbn_forward_args
         v += fbn_fast_load(a->addend, d->dtype, i);
       fbn_fast_store(a->y, d->dtype, i, v > 0.0 || isnan(v) ? v : 0.0);
       if (bits != NULL)
-        fbn_fast_mask_set(d, bits, n, c, s, fbn_fast_load(a->y, d->dtype, i) > 0.0);
+        fbn_fast_mask_set(d, bits, n, c, s, !(fbn_fast_load(a->y, d->dtype, i) <= 0.0));
     }
 }
 
@@ -542,7 +542,7 @@ static void fbn_fast_exact_bwd_sums(const fbn_backward_args *a, int64_t c, fbn_f
   for (int64_t n = 0; n < d->n; n++)
     for (int64_t s = 0; s < hw; s++) {
       const int64_t i = fbn_fast_index(d, hw, n, c, s);
-      const double g = fbn_fast_load(a->y, dt, i) > 0.0 ? fbn_fast_load(a->dy, dt, i) : 0.0;
+      const double g = fbn_fast_load(a->y, dt, i) <= 0.0 ? 0.0 : fbn_fast_load(a->dy, dt, i);
       sum_g += g;
       sum_g_xhat += g * (fbn_fast_load(a->x, dt, i) - ch->mean) * ch->invstd;
     }
@@ -585,7 +585,7 @@ static void fbn_fast_exact_backward_apply(const fbn_module *m, const fbn_backwar
   for (int64_t n = 0; n < d->n; n++)
     for (int64_t s = 0; s < hw; s++) {
       const int64_t i = fbn_fast_index(d, hw, n, c, s);
-      const double g = fbn_fast_load(a->y, dt, i) > 0.0 ? fbn_fast_load(a->dy, dt, i) : 0.0;
+      const double g = fbn_fast_load(a->y, dt, i) <= 0.0 ? 0.0 : fbn_fast_load(a->dy, dt, i);
       if (a->daddend != NULL)
         fbn_fast_store(a->daddend, dt, i, g);
       if (a->dx != NULL) {

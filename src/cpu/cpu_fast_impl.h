@@ -10,7 +10,7 @@
  *
  * Element conventions (docs/semantics.md):
  *   ReLU(v) = v <= 0 ? +0 : v     (NaN compares false: ReLU(NaN) = NaN)
- *   g       = y > 0 ? dy : 0      (a NaN y passes no gradient)
+ *   g       = y <= 0 ? 0 : dy     (a NaN y passes dy, as PyTorch's threshold_backward)
  * Statistics are accumulated in double on data shifted by a value k of the
  * channel itself (shifted-data sums: no cancellation of E[x^2] - E[x]^2 when
  * |mean| >> std). Normalization runs in FBN_T as
@@ -29,7 +29,7 @@
  *   - streamed outputs (tensors larger than the caches) are computed into an
  *     L1-resident buffer and copied out with non-temporal stores
  *     (fbn_fast_stream_*): no read-for-ownership of the output lines;
- *   - forward packs y > 0 into the saved bitmask, one bit per element, each
+ *   - forward packs !(y <= 0) into the saved bitmask, one bit per element, each
  *     row starting on a byte (`bpr` bytes per row).
  */
 #ifndef FBN_T
@@ -45,7 +45,7 @@
 /* Masks                                                                    */
 /* ======================================================================== */
 
-/* bits of the chunk's rows <- v > 0 (v: the chunk's n values). */
+/* bits of the chunk's rows <- !(v <= 0) (v: the chunk's n values; NaN sets). */
 FBN_FAST_INLINE void FBN_K(mask_pack)(const FBN_T *v, const fbn_fast_chunk *ck, int64_t len,
                                       uint8_t *bits, int64_t bpr) {
   if (ck->nrows > 1 && len < 8) {
@@ -58,7 +58,7 @@ FBN_FAST_INLINE void FBN_K(mask_pack)(const FBN_T *v, const fbn_fast_chunk *ck, 
       tb[i / 8] = FBN_K(fbn_fast_pack8)(v + i);
     tb[i / 8] = tb[i / 8 + 1] = 0;
     for (int64_t k = 0; i + k < n; k++)
-      tb[i / 8] = (uint8_t)(tb[i / 8] | (unsigned)(v[i + k] > (FBN_T)0) << k);
+      tb[i / 8] = (uint8_t)(tb[i / 8] | (unsigned)!(v[i + k] <= (FBN_T)0) << k);
     const unsigned low = (1u << len) - 1u;
     uint8_t *br = bits + ck->row * bpr;
     for (int64_t j = 0, bo = 0; j < ck->nrows; j++, bo += len) {
@@ -77,7 +77,7 @@ FBN_FAST_INLINE void FBN_K(mask_pack)(const FBN_T *v, const fbn_fast_chunk *ck, 
     if (i < per_row) {
       unsigned b = 0;
       for (int64_t k = 0; i + k < per_row; k++)
-        b |= (unsigned)(vr[i + k] > (FBN_T)0) << k;
+        b |= (unsigned)!(vr[i + k] <= (FBN_T)0) << k;
       br[i / 8] = (uint8_t)b;
     }
   }
@@ -118,12 +118,12 @@ FBN_FAST_INLINE void FBN_K(mask_expand)(const uint8_t *bits, const fbn_fast_chun
   }
 }
 
-/* mk[i] <- y[i] > 0. */
+/* mk[i] <- !(y[i] <= 0) (NaN passes). */
 FBN_FAST_INLINE void FBN_K(mask_from_y)(const FBN_T *restrict y, int64_t n,
                                         FBN_MASK_T *restrict mk) {
   FBN_SIMD
   for (int64_t i = 0; i < n; i++)
-    mk[i] = y[i] > (FBN_T)0 ? (FBN_MASK_T)-1 : 0;
+    mk[i] = y[i] <= (FBN_T)0 ? 0 : (FBN_MASK_T)-1;
 }
 
 /* mk of one chunk from bits (when not NULL) or from y. */

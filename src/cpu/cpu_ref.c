@@ -110,13 +110,13 @@ static fbn_status cpu_backward(fbn_module *m, const fbn_backward_args *a) {
 
   for (int64_t c = 0; c < d->c; c++) {
     const double mean = saved_mean[c], invstd = saved_invstd[c];
-    /* g = dL/d(pre-activation) = dy * (y > 0): the gradient reaching both
+    /* g = dL/d(pre-activation) = dy * !(y <= 0) (a NaN y passes dy, as in PyTorch): the gradient reaching both
      * the addend and BN's output. */
     double sum_g = 0.0, sum_g_xhat = 0.0;
     for (int64_t n = 0; n < d->n; n++)
       for (int64_t s = 0; s < hw; s++) {
         const int64_t i = index_of(d, hw, n, c, s);
-        const double g = load(a->y, dt, i) > 0.0 ? load(a->dy, dt, i) : 0.0;
+        const double g = load(a->y, dt, i) <= 0.0 ? 0.0 : load(a->dy, dt, i);
         sum_g += g;
         sum_g_xhat += g * (load(a->x, dt, i) - mean) * invstd;
       }
@@ -131,7 +131,7 @@ static fbn_status cpu_backward(fbn_module *m, const fbn_backward_args *a) {
     for (int64_t n = 0; n < d->n; n++)
       for (int64_t s = 0; s < hw; s++) {
         const int64_t i = index_of(d, hw, n, c, s);
-        const double g = load(a->y, dt, i) > 0.0 ? load(a->dy, dt, i) : 0.0;
+        const double g = load(a->y, dt, i) <= 0.0 ? 0.0 : load(a->dy, dt, i);
         if (a->daddend != NULL)
           store(a->daddend, dt, i, g);
         if (a->dx != NULL) {

@@ -62,7 +62,7 @@ FBN_HD int fbn_bn_reduce_slices(int64_t count, int64_t groups) {
   return (int)want;
 }
 
-/* Backward coefficients of one channel: with g = dy * (y > 0),
+/* Backward coefficients of one channel: with g = dy * !(y <= 0),
  *   dx = k * g + b * (x - mean) + d
  * where for batch statistics (count values, invstd = 1/sqrt(var + eps))
  *   k = weight * invstd

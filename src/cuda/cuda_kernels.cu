@@ -47,14 +47,15 @@ template <bool NHWC, typename I> __device__ __forceinline__ I channel_of(I i, I 
   return NHWC ? i % C : (i / hw) % C;
 }
 
-// The ReLU gate of element i: mask bit when there is a mask, else y > 0.
+// The ReLU gate of element i: mask bit when there is a mask, else !(y <= 0)
+// (a NaN y passes the gradient, as PyTorch's threshold_backward).
 template <typename T, typename I> struct Gate {
   const uint32_t *mask;
   const T *y;
   __device__ __forceinline__ bool operator()(I i) const {
     if (mask != nullptr)
       return (mask[i >> 5] >> (unsigned)(i & 31)) & 1u;
-    return to_acc(y[i]) > 0;
+    return !(to_acc(y[i]) <= 0);
   }
 };
 
@@ -294,7 +295,7 @@ __global__ void apply_kernel(I numel, I C, I hw, const T *x, const T *z, T *y, u
         v += to_acc(z[i]);
       const T out = from_acc<T>(relu(v));
       y[i] = out;
-      positive = to_acc(out) > A(0);
+      positive = !(to_acc(out) <= A(0));
     }
     const unsigned bits = __ballot_sync(0xffffffffu, positive);
     if (mask != nullptr && (threadIdx.x & 31) == 0 && i < numel)
@@ -315,7 +316,7 @@ __global__ void add_relu_kernel(I numel, T *y, const T *z, uint32_t *mask) {
         v += to_acc(z[i]);
       const T out = from_acc<T>(relu(v));
       y[i] = out;
-      positive = to_acc(out) > A(0);
+      positive = !(to_acc(out) <= A(0));
     }
     const unsigned bits = __ballot_sync(0xffffffffu, positive);
     if (mask != nullptr && (threadIdx.x & 31) == 0 && i < numel)

@@ -7,7 +7,7 @@
  * module's param_dtype.  Coefficient arrays (workspace) use the same type.
  * Reduction partials are double.
  *
- * ReLU mask: bit (i % 32) of word i / 32 is y[i] > 0, i the element's offset
+ * ReLU mask: bit (i % 32) of word i / 32 is !(y[i] <= 0) (set for NaN), i the element's offset
  * in memory (whatever the layout); fbn_k_mask_words() words.
  *
  * Every launcher queues work on `stream` and returns cudaGetLastError().
@@ -73,18 +73,18 @@ fbn_k_eval_prepare(const fbn_k_shape *s, double eps, const void *weight, const v
                    void *save_invstd, void *coef, cudaStream_t stream);
 
 /* y = ReLU((x - mean) * scale + shift + z) in one pass (z may be NULL),
- * NaN propagating; mask (may be NULL) receives y > 0. */
+ * NaN propagating; mask (may be NULL) receives !(y <= 0). */
 __attribute__((visibility("hidden"))) cudaError_t
 fbn_k_apply(const fbn_k_shape *s, const void *x, const void *z, void *y, uint32_t *mask,
             const void *coef, cudaStream_t stream);
 
 /* y = ReLU(y + z) in place (z may be NULL), NaN propagating; mask (may be
- * NULL) receives y > 0. */
+ * NULL) receives !(y <= 0). */
 __attribute__((visibility("hidden"))) cudaError_t
 fbn_k_add_relu(const fbn_k_shape *s, void *y, const void *z, uint32_t *mask, cudaStream_t stream);
 
 /* ---- backward ------------------------------------------------------------ */
-/* The ReLU gate comes from mask when it is not NULL, else from y > 0. */
+/* The ReLU gate comes from mask when it is not NULL, else from !(y <= 0) (a NaN y passes dy). */
 
 /* dz = dy * gate. */
 __attribute__((visibility("hidden"))) cudaError_t

@@ -206,9 +206,18 @@ static bool check_modules(const char *name, const fbn_module *g, const fbn_modul
     ok &= check_values(name, names[i], a, b, (size_t)C, t, NULL);
   }
   int64_t ng = -1, nc = -2;
-  FBN_OK(fbn_module_get_num_batches_tracked(g, &ng));
-  FBN_OK(fbn_module_get_num_batches_tracked(c, &nc));
-  if (ng != nc) {
+  const fbn_status sg = fbn_module_get_num_batches_tracked(g, &ng);
+  const fbn_status sc = fbn_module_get_num_batches_tracked(c, &nc);
+  if (sg != sc) {
+    print_error("%s: num_batches_tracked: %s on the GPU module, %s on the CPU one\n", name,
+                fbn_status_string(sg), fbn_status_string(sc));
+    ok = false;
+  } else if (sg == FBN_STATUS_ABSENT) {
+    /* track_running_stats = false on both */
+  } else if (sg != FBN_STATUS_SUCCESS) {
+    fail_msg("%s: num_batches_tracked: %s: %s", name, fbn_status_string(sg),
+             fbn_last_error_message());
+  } else if (ng != nc) {
     print_error("%s: num_batches_tracked %lld, want %lld\n", name, (long long)ng, (long long)nc);
     ok = false;
   }
@@ -846,14 +855,65 @@ static void test_gpu_paths_agree(void **state) {
   bool ok = true;
   const tol t = tensor_tol(FBN_DTYPE_FLOAT16, 1.0);
   const tol tb = {buffer_rtol(FBN_DTYPE_FLOAT16, 1.0), buffer_rtol(FBN_DTYPE_FLOAT16, 1.0)};
+  /* x-hat and dy of every element, for the gate-flip allowance below */
+  const int64_t C = d.c, hw = d.h * d.w;
+  double *xr = malloc(count * sizeof *xr), *dyr = malloc(count * sizeof *dyr);
+  assert_true(xr != NULL && dyr != NULL);
+  fbnt_tensor_to_ref(&d, xh, xr);
+  fbnt_tensor_to_ref(&d, dyh, dyr);
+  double mean[64] = {0}, var[64] = {0};
+  for (size_t i = 0; i < count; i++)
+    mean[(i / (size_t)hw) % (size_t)C] += xr[i] / (double)(count / (size_t)C);
+  for (size_t i = 0; i < count; i++) {
+    const size_t c = (i / (size_t)hw) % (size_t)C;
+    var[c] += (xr[i] - mean[c]) * (xr[i] - mean[c]) / (double)(count / (size_t)C);
+  }
+  const double y_atol = t.atol * fbnt_max_abs(y[0], count);
   for (int p = 1; p < 3; p++) {
     char name[64];
     snprintf(name, sizeof name, "fused vs %s", forces[p]);
     ok &= check_values(name, "y", y[p], y[0], count, t, &d);
+    /* Each path rounds z = BN(x) + addend differently (the general path
+     * rounds cuDNN's BN output to float16 before the add), so a z within
+     * y's tolerance of 0 may be gated on one path and not on the other.
+     * Such elements (both |y| <= y's atol, gates differ) are not compared
+     * elementwise, and each widens its channel's gradient tolerance by its
+     * own contribution (|dy| to dbias, |dy * x-hat| to dweight). More than
+     * 0.1% of them is a failure. */
+    double allow_b[64] = {0}, allow_w[64] = {0};
+    size_t flips = 0;
+    for (size_t i = 0; i < count; i++) {
+      const bool gate_p = !(y[p][i] <= 0.0), gate_0 = !(y[0][i] <= 0.0);
+      if (gate_p == gate_0 || fabs(y[p][i]) > y_atol || fabs(y[0][i]) > y_atol)
+        continue;
+      const size_t c = (i / (size_t)hw) % (size_t)C;
+      allow_b[c] += fabs(dyr[i]);
+      allow_w[c] += fabs(dyr[i] * (xr[i] - mean[c]) / sqrt(var[c] + 1e-5));
+      dx[p][i] = dx[0][i];
+      da[p][i] = da[0][i];
+      flips++;
+    }
+    if (flips > 0)
+      print_message("# %s: %zu of %zu elements gated differently with |y| <= %g\n", name, flips,
+                    count, y_atol);
+    if (flips * 1000 > count) {
+      print_error("%s: %zu gate flips, more than 0.1%% of %zu\n", name, flips, count);
+      ok = false;
+    }
     ok &= check_values(name, "dx", dx[p], dx[0], count, t, &d);
     ok &= check_values(name, "daddend", da[p], da[0], count, t, &d);
-    ok &= check_values(name, "weight_grad", grads[p][0], grads[0][0], 64, tb, NULL);
-    ok &= check_values(name, "bias_grad", grads[p][1], grads[0][1], 64, tb, NULL);
+    for (int k = 0; k < 2; k++) {
+      const double scale = fbnt_max_abs(grads[0][k], 64);
+      for (int64_t c = 0; c < C; c++) {
+        const double want = grads[0][k][c], got = grads[p][k][c];
+        const double lim = tb.atol * scale + tb.rtol * fabs(want) + (k == 0 ? allow_w : allow_b)[c];
+        if (!(fabs(got - want) <= lim)) {
+          print_error("%s: %s[%lld] = %.9g, want %.9g (limit %g)\n", name,
+                      k == 0 ? "weight_grad" : "bias_grad", (long long)c, got, want, lim);
+          ok = false;
+        }
+      }
+    }
     ok &= check_values(name, "running_mean", running[p][0], running[0][0], 64, tb, NULL);
     ok &= check_values(name, "running_var", running[p][1], running[0][1], 64, tb, NULL);
   }
@@ -868,6 +928,8 @@ static void test_gpu_paths_agree(void **state) {
   fbnt_free(xh);
   fbnt_free(ah);
   fbnt_free(dyh);
+  free(xr);
+  free(dyr);
   if (!ok)
     fail_msg("paths disagree");
 }

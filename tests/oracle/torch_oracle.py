@@ -10,6 +10,15 @@ torch (float64 on the CPU), and reports the largest relative error per quantity.
 Needs torch (Debian's python3-torch on the CPU). Not part of `meson test`: the
 cmocka suites carry their own float64 reference; this checks that the
 reference and torch agree.
+
+--device cuda (a GPU machine with torch built for CUDA): the library's module
+is a CUDA module fed torch CUDA tensors (float32, float64 and float16, both
+layouts, so every cuDNN path is taken); the reference stays torch float64 on
+the CPU. For float16 the backward reference uses the library's own ReLU gate
+(a z within float16 rounding of 0 may be gated differently), float32/float64
+go through torch.relu's backward as is. About a fifth of the cases put a NaN
+into x (channel 0) or the addend, which checks NaN propagation and the ReLU
+gate of a NaN y against torch's threshold_backward.
 """
 import argparse
 import ctypes as C
@@ -45,10 +54,19 @@ def main():
     ap.add_argument("lib")
     ap.add_argument("--cases", type=int, default=60)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = ap.parse_args()
+    cuda = args.device == "cuda"
     lib = C.CDLL(args.lib)
     lib.fbn_last_error_message.restype = C.c_char_p
     rng = np.random.default_rng(args.seed)
+    # torch 2.x refuses eps = 0 (ValueError); older versions take it.
+    eps_choices = [1e-5, 1e-3, 0.0]
+    try:
+        torch.nn.functional.batch_norm(torch.ones(2, 1, 1, 1), None, None, training=True, eps=0.0)
+    except ValueError:
+        eps_choices = eps_choices[:2]
+        print("torch %s refuses eps = 0: not drawn" % torch.__version__)
     worst = {}
     failures = 0
 
@@ -72,19 +90,23 @@ def main():
         if n * h * w == 1:
             n = 2
         layout = int(rng.integers(0, 2))
-        f64 = bool(rng.integers(0, 2))
-        dt, npdt, tol = (FLOAT64, np.float64, 1e-10) if f64 else (FLOAT32, np.float32, 2e-5)
+        kind = int(rng.integers(0, 3 if cuda else 2))
+        dt, npdt, tol = [(FLOAT32, np.float32, 2e-5), (FLOAT64, np.float64, 1e-10),
+                         (FLOAT16, np.float16, 4e-3)][kind]
+        f64 = dt == FLOAT64
+        nan_x, nan_z = bool(rng.random() < 0.12), bool(rng.random() < 0.12)
         affine, track = bool(rng.integers(0, 2)), bool(rng.integers(0, 2))
         cumulative = bool(rng.integers(0, 2))
         momentum = float(rng.choice([0.1, 0.0, 1.0, 0.37]))
-        eps = float(rng.choice([1e-5, 1e-3, 0.0]))
+        eps = float(rng.choice(eps_choices))
         has_addend = bool(rng.integers(0, 2))
 
         o = Options()
         lib.fbn_module_options_init(C.byref(o))
         o.num_features, o.eps, o.momentum = c, eps, momentum
         o.cumulative_average, o.affine, o.track_running_stats = cumulative, affine, track
-        o.param_dtype = dt
+        o.param_dtype = FLOAT64 if f64 else FLOAT32
+        o.device = 1 if cuda else 0
         mod = C.c_void_p()
         check(lib, lib.fbn_module_create(C.byref(o), C.byref(mod)))
         saved = C.c_void_p()
@@ -103,6 +125,20 @@ def main():
                 check(lib, lib.fbn_module_write_buffer(mod, which, FLOAT64,
                                                        arr.ctypes.data_as(C.c_void_p), C.c_size_t(c)))
         desc = Desc(n, c, h, w, dt, layout)
+
+        def dev(a):  # numpy array -> what the library is given (pointer holder)
+            return torch.from_numpy(a).cuda() if cuda else a
+
+        def ptr(t):
+            if t is None:
+                return None
+            return C.c_void_p(t.data_ptr()) if cuda else t.ctypes.data_as(C.c_void_p)
+
+        def host(t):
+            if cuda:
+                torch.cuda.synchronize()
+                return t.cpu().numpy()
+            return t
 
         def to_lib(t):  # torch NCHW float64 -> numpy in layout, dtype
             a = t.detach().numpy()
@@ -123,19 +159,24 @@ def main():
             shift = rng.normal(0, 2, (1, c, 1, 1))
             x = torch.from_numpy(rng.normal(0, 1.5, (n, c, h, w)) + shift)
             z = torch.from_numpy(rng.normal(0, 1, (n, c, h, w))) if has_addend else None
+            if nan_x and step == 0:
+                x[0, 0, 0, 0] = float("nan")
+            if nan_z and has_addend:
+                z[n - 1, c - 1, h - 1, w - 1] = float("nan")
             xl = to_lib(x)
             x = torch.from_numpy(from_lib(xl)).requires_grad_(True)  # same rounding as ours
             zl = to_lib(z) if has_addend else None
             if has_addend:
                 z = torch.from_numpy(from_lib(zl)).requires_grad_(True)
-            y_ref = tm(x)
+            pre = tm(x)
             if has_addend:
-                y_ref = y_ref + z
-            y_ref = torch.relu(y_ref)
-            yl = np.full_like(xl, np.nan)
-            check(lib, lib.fbn_module_forward(mod, C.byref(desc), xl.ctypes.data_as(C.c_void_p),
-                                              zl.ctypes.data_as(C.c_void_p) if has_addend else None,
-                                              yl.ctypes.data_as(C.c_void_p), saved, None, C.c_size_t(0)))
+                pre = pre + z
+            y_ref = torch.relu(pre)
+            xd, zd = dev(xl), dev(zl) if has_addend else None
+            yd = dev(np.full_like(xl, np.nan))
+            check(lib, lib.fbn_module_forward(mod, C.byref(desc), ptr(xd), ptr(zd), ptr(yd), saved,
+                                              None, C.c_size_t(0)))
+            yl = host(yd)
             note("y", from_lib(yl), y_ref.detach().numpy(), tol)
             if track:
                 for which, ref in ((RMEAN, tm.running_mean), (RVAR, tm.running_var)):
@@ -153,16 +194,20 @@ def main():
             if affine:
                 tm.zero_grad()
                 check(lib, lib.fbn_module_zero_grad(mod))
-            y_ref.backward(dy)
+            if dt == FLOAT16:  # our gate: !(y <= 0), NaN passes, as threshold_backward
+                gate = torch.from_numpy(~(from_lib(yl) <= 0)).double()
+                pre.backward(dy * gate)
+            else:
+                y_ref.backward(dy)
             dyl = to_lib(dy)
-            dxl = np.full_like(xl, np.nan)
-            dzl = np.full_like(xl, np.nan) if has_addend else None
+            dyd = dev(dyl)
+            dxd = dev(np.full_like(xl, np.nan))
+            dzd = dev(np.full_like(xl, np.nan)) if has_addend else None
             # backward from our own y (ReLU mask of our forward)
-            check(lib, lib.fbn_module_backward(mod, saved, C.byref(desc), xl.ctypes.data_as(C.c_void_p),
-                                               yl.ctypes.data_as(C.c_void_p), dyl.ctypes.data_as(C.c_void_p),
-                                               dxl.ctypes.data_as(C.c_void_p),
-                                               dzl.ctypes.data_as(C.c_void_p) if has_addend else None,
-                                               None, C.c_size_t(0)))
+            check(lib, lib.fbn_module_backward(mod, saved, C.byref(desc), ptr(xd), ptr(yd), ptr(dyd),
+                                               ptr(dxd), ptr(dzd), None, C.c_size_t(0)))
+            dxl = host(dxd)
+            dzl = host(dzd) if has_addend else None
             gtol = tol * 50
             note("dx", from_lib(dxl), x.grad.numpy(), gtol)
             if has_addend:

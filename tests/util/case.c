@@ -172,7 +172,7 @@ bool fbnt_case_run(const fbnt_case *cs, fbnt_rng *rng) {
                   fbn_last_error_message());
       ok = false;
     } else {
-      /* the ReLU mask is y > 0 of the forward's actual output */
+      /* the ReLU gate is !(y <= 0) of the forward's actual output */
       fbnt_tensor_to_ref(&d, y, ym);
       fbnt_ref_backward(&ref, &rs, xr, ym, dyr, dxr, dar);
       ok &= fbnt_check_tensor(name, "backward dx", &d, dx, dxr);

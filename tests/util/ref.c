@@ -11,7 +11,7 @@
  *   xhat = (x - mean) / sqrt(var + eps)
  *   y = ReLU(xhat * weight + bias + addend), ReLU(NaN) = NaN
  *
- *   backward, g = dy * (y > 0):
+ *   backward, g = dy * !(y <= 0) (NaN y passes dy, as torch's threshold_backward):
  *     daddend = g, dbias += sum g, dweight += sum g * xhat
  *     batch:   dx = weight/sqrt(var+eps) * (g - mean(g) - xhat * mean(g*xhat))
  *     running: dx = weight/sqrt(var+eps) * g
@@ -287,7 +287,7 @@ void fbnt_ref_backward(fbnt_ref_module *ref, const fbnt_ref_saved *saved, const 
       for (int64_t h = 0; h < H; h++)
         for (int64_t w = 0; w < W; w++) {
           size_t i = idx(ref->c, H, W, n, c, h, w);
-          double g = y[i] > 0.0 ? dy[i] : 0.0;
+          double g = y[i] <= 0.0 ? 0.0 : dy[i];
           double xhat = (x[i] - saved->mean[c]) * invstd;
           sum_g += g;
           sum_gx += g * xhat;
@@ -300,7 +300,7 @@ void fbnt_ref_backward(fbnt_ref_module *ref, const fbnt_ref_saved *saved, const 
       for (int64_t h = 0; h < H; h++)
         for (int64_t w = 0; w < W; w++) {
           size_t i = idx(ref->c, H, W, n, c, h, w);
-          double g = y[i] > 0.0 ? dy[i] : 0.0;
+          double g = y[i] <= 0.0 ? 0.0 : dy[i];
           double xhat = (x[i] - saved->mean[c]) * invstd;
           if (daddend != NULL) {
             daddend[i] = g;
