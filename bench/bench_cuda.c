@@ -6,8 +6,9 @@
  *            op where it applies), called through fbn_cuda_module_forward /
  *            backward with caller workspace and caller saved memory, as a
  *            framework would (no allocation, no synchronization inside);
- *   general  a second module with bn_mode SPATIAL (cuDNN batch norm + our
- *            add/ReLU/mask kernel), timed only where AUTO takes another path;
+ *   spatial  a second module with bn_mode SPATIAL (the opt-out of cuDNN's
+ *            persistent kernel: fusedbn's own kernels in NHWC), timed only
+ *            where AUTO takes the fused path;
  *   unfused  the cuDNN sequence a framework runs without the fusion:
  *            cudnnBatchNormalizationForwardTraining (SPATIAL_PERSISTENT for
  *            NHWC, as PyTorch picks, else SPATIAL; SPATIAL if cuDNN refuses
@@ -620,7 +621,7 @@ static int check_pass(gpu_case *k, bench_row *row) {
     }
     if (train && k->general != NULL) {
       FBN_CHECK(fbn_cuda_module_path(k->general, &k->desc, true, &path));
-      note_path(row, "general:", path);
+      note_path(row, "spatial:", path);
       if (run_op(k, general_forward_train)) {
         return 1;
       }
@@ -628,7 +629,7 @@ static int check_pass(gpu_case *k, bench_row *row) {
         if (device_diff(k, k->y_gen, k->y_ref, &d)) {
           return 1;
         }
-        (void)bench_note_agreement(row, "general ", d);
+        (void)bench_note_agreement(row, "spatial ", d);
       }
     }
     break;
@@ -658,7 +659,7 @@ static int check_pass(gpu_case *k, bench_row *row) {
     }
     if (k->general != NULL) {
       FBN_CHECK(fbn_cuda_saved_path(k->general_saved, &path));
-      note_path(row, "general:", path);
+      note_path(row, "spatial:", path);
       if (poison(k, k->dx_gen) || poison(k, k->daddend_gen) || run_op(k, general_backward)) {
         return 1;
       }
@@ -670,7 +671,7 @@ static int check_pass(gpu_case *k, bench_row *row) {
             device_diff(k, k->daddend_gen, k->daddend_ref, &d2)) {
           return 1;
         }
-        (void)bench_note_agreement(row, "general ", isnan(d) || isnan(d2) ? NAN : fmax(d, d2));
+        (void)bench_note_agreement(row, "spatial ", isnan(d) || isnan(d2) ? NAN : fmax(d, d2));
       }
     }
     break;
@@ -869,8 +870,8 @@ int bench_run_cuda(const bench_config *cfg) {
       "cuDNN: cudnnBatchNormalizationForwardTraining (SPATIAL_PERSISTENT for NHWC as PyTorch, "
       "else SPATIAL) -> cudnnOpTensor add -> cudnnActivationForward ReLU; eval: "
       "cudnnBatchNormalizationForwardInference -> add -> ReLU; backward: "
-      "cudnnActivationBackward -> cudnnBatchNormalizationBackward. general: fusedbn with "
-      "bn_mode SPATIAL (only where the default takes the fused path)";
+      "cudnnActivationBackward -> cudnnBatchNormalizationBackward. spatial: fusedbn with "
+      "bn_mode SPATIAL, no persistent kernel (only where the default takes the fused path)";
   info.copy_desc = copy_desc;
   info.copy_gbps = NAN;
   if (rc == 0) {

@@ -25,7 +25,7 @@ void bench_report_begin(const bench_config *cfg, const bench_report_info *info) 
     printf("device,n,c,h,w,layout,dtype,pass,bytes,copy_gbps,"
            "fused_reps,fused_ms,fused_min_ms,fused_gbps,fused_copy_frac,"
            "unfused_reps,unfused_ms,unfused_min_ms,unfused_gbps,"
-           "general_reps,general_ms,general_gbps,fused_over_unfused,speedup,note\n");
+           "spatial_reps,spatial_ms,spatial_gbps,fused_over_unfused,speedup,note\n");
     fflush(stdout);
     return;
   }
@@ -47,7 +47,7 @@ void bench_report_begin(const bench_config *cfg, const bench_report_info *info) 
   printf("%-17s %-6s %-8s %-9s %4s %10s %7s %6s %11s %7s", "shape", "layout", "dtype", "pass",
          "reps", "fused ms", "GB/s", "%copy", "unfused ms", "GB/s");
   if (is_gpu(cfg)) {
-    printf(" %11s %7s", "general ms", "GB/s");
+    printf(" %11s %7s", "spatial ms", "GB/s");
   }
   printf(" %6s %7s  %s\n", "f/unf", "speedup", "note");
   fflush(stdout);

@@ -169,11 +169,12 @@ typedef enum fbn_device_type {
 
 /** Batch-norm mode for the cuDNN backend (ignored on the CPU). */
 typedef enum fbn_bn_mode {
-  /** Fused cuDNN SPATIAL_PERSISTENT kernel where cuDNN supports it, plain
-   *  SPATIAL elsewhere. */
+  /** Fused cuDNN SPATIAL_PERSISTENT kernel where cuDNN supports it (half
+   *  precision NHWC), elsewhere fusedbn's kernels or cuDNN's plain SPATIAL
+   *  batch norm (docs/cuda-backend.md has the table). */
   FBN_BN_MODE_AUTO = 0,
-  /** Always CUDNN_BATCHNORM_SPATIAL (full dynamic range; opt-out of the
-   *  persistent kernel's integer-atomic reductions). */
+  /** Never the persistent kernel (full dynamic range; opt-out of its
+   *  integer-atomic reductions): fusedbn's kernels or plain SPATIAL. */
   FBN_BN_MODE_SPATIAL = 1,
 } fbn_bn_mode;
 

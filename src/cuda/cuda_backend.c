@@ -434,8 +434,9 @@ static int select_path(const fbn_module *m, const fbn_tensor_desc *d, bool has_a
   const cuda_state *st = state_of(m);
   int path = fbn_cuda_select_path(&st->limits, &st->refusals, m->options.bn_mode, m->options.eps,
                                   d, has_addend, batch_stats, why);
-  if (st->forced_path != FBN_CUDA_PATH_ID_NONE &&
-      (path == FBN_CUDA_PATH_ID_FUSED || path == FBN_CUDA_PATH_ID_GENERAL)) {
+  if (st->forced_path != FBN_CUDA_PATH_ID_NONE && batch_stats &&
+      path != FBN_CUDA_PATH_ID_NONE &&
+      !fbn_cuda_size_gated(&st->limits, m->options.eps, d)) {
     path = st->forced_path;
     if (why != NULL)
       *why = "forced by FBN_CUDA_FORCE_PATH";

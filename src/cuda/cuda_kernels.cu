@@ -190,6 +190,20 @@ cudaError_t launch_reduce(const fbn_k_shape *s, Op op, double *partials, cudaStr
 }
 
 // ---- per-channel finalization ----------------------------------------------------
+// One warp per channel: the lanes sum the channel's slice partials (lane k
+// takes slices k, k + 32, ...), then a shuffle tree; lane 0 holds the sums.
+
+__device__ __forceinline__ void warp_sum_slices(const double *partials, int64_t C, int64_t c,
+                                                int slices, double &a, double &b) {
+  for (int k = (int)(threadIdx.x & 31); k < slices; k += 32) {
+    a += partials[((size_t)k * C + c) * 2];
+    b += partials[((size_t)k * C + c) * 2 + 1];
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    a += __shfl_down_sync(0xffffffffu, a, off);
+    b += __shfl_down_sync(0xffffffffu, b, off);
+  }
+}
 
 template <typename T>
 __global__ void stats_finalize_kernel(int64_t C, int64_t count, bool nhwc, int64_t hw, const T *x,
@@ -203,14 +217,13 @@ __global__ void stats_finalize_kernel(int64_t C, int64_t count, bool nhwc, int64
                                       typename AccOf<T>::type *coef) {
   typedef typename ParamOf<T>::type P;
   typedef typename AccOf<T>::type A;
-  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t c = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   if (c >= C)
-    return;
+    return; // the whole warp: c is the warp's channel
   double sum = 0.0, sumsq = 0.0;
-  for (int k = 0; k < slices; k++) {
-    sum += partials[((size_t)k * C + c) * 2];
-    sumsq += partials[((size_t)k * C + c) * 2 + 1];
-  }
+  warp_sum_slices(partials, C, c, slices, sum, sumsq);
+  if ((threadIdx.x & 31) != 0)
+    return;
   const double shift = (double)to_acc(x[nhwc ? c : c * hw]);
   const fbn_bn_stats st = fbn_bn_stats_from_sums(shift, sum, sumsq, count);
   const double invstd = 1.0 / sqrt(st.var + eps);
@@ -253,15 +266,15 @@ template <typename P, typename A>
 __global__ void grad_finalize_kernel(int64_t C, int64_t count, const double *partials, int slices,
                                      bool batch_stats, const P *weight, const P *mean,
                                      const P *invstd, P *dweight, P *dbias, A *coef) {
-  const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  const int64_t c = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   if (c >= C)
-    return;
+    return; // the whole warp: c is the warp's channel
   double sum_g = 0.0, sum_gx = 0.0;
+  if (partials != nullptr)
+    warp_sum_slices(partials, C, c, slices, sum_g, sum_gx);
+  if ((threadIdx.x & 31) != 0)
+    return;
   if (partials != nullptr) {
-    for (int k = 0; k < slices; k++) {
-      sum_g += partials[((size_t)k * C + c) * 2];
-      sum_gx += partials[((size_t)k * C + c) * 2 + 1];
-    }
     if (dweight != nullptr)
       dweight[c] = (P)((double)dweight[c] + sum_gx);
     if (dbias != nullptr)
@@ -379,14 +392,19 @@ unsigned elementwise_blocks(int64_t numel) {
 }
 
 unsigned channel_blocks(int64_t C) { return (unsigned)((C + kThreads - 1) / kThreads); }
+// Blocks for one warp per channel (the finalize kernels).
+unsigned warp_channel_blocks(int64_t C) {
+  return (unsigned)((C * 32 + kThreads - 1) / kThreads);
+}
 
 } // namespace
 
 // ---- C entry points ------------------------------------------------------------------------
 
 extern "C" int fbn_k_reduce_slices(const fbn_k_shape *s) {
-  const int64_t groups = s->nhwc ? (s->c + 31) / 32 : s->c;
-  return fbn_bn_reduce_slices(s->n * s->hw, groups);
+  if (s->nhwc)
+    return fbn_bn_reduce_slices_target(s->n * s->hw, (s->c + 31) / 32, FBN_BN_NHWC_SLICE_ROWS);
+  return fbn_bn_reduce_slices(s->n * s->hw, s->c);
 }
 
 extern "C" size_t fbn_k_partials_bytes(const fbn_k_shape *s) {
@@ -431,7 +449,7 @@ extern "C" cudaError_t fbn_k_stats_finalize(const fbn_k_shape *s, const void *x,
     typedef decltype(tag) T;
     typedef typename ParamOf<T>::type P;
     typedef typename AccOf<T>::type A;
-    stats_finalize_kernel<T><<<channel_blocks(s->c), kThreads, 0, stream>>>(
+    stats_finalize_kernel<T><<<warp_channel_blocks(s->c), kThreads, 0, stream>>>(
         s->c, s->n * s->hw, s->nhwc != 0, s->hw, (const T *)x, partials, fbn_k_reduce_slices(s),
         eps, factor, (const P *)weight, (const P *)bias, (P *)running_mean, (P *)running_var,
         (P *)save_mean, (P *)save_invstd, (A *)coef);
@@ -543,7 +561,7 @@ extern "C" cudaError_t fbn_k_grad_finalize(const fbn_k_shape *s, const double *p
                                            int batch_stats, const void *weight, const void *mean,
                                            const void *invstd, void *dweight, void *dbias,
                                            void *coef, cudaStream_t stream) {
-  const unsigned blocks = channel_blocks(s->c);
+  const unsigned blocks = warp_channel_blocks(s->c);
   const int slices = fbn_k_reduce_slices(s);
   if (s->dtype == FBN_DTYPE_FLOAT64)
     grad_finalize_kernel<double, double><<<blocks, kThreads, 0, stream>>>(

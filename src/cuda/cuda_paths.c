@@ -46,6 +46,11 @@ static void set_why(const char **why, const char *text) {
     *why = text;
 }
 
+bool fbn_cuda_size_gated(const fbn_cuda_limits *limits, double eps, const fbn_tensor_desc *d) {
+  return !fbn_cuda_desc_fits_int(d, limits->max_dim) || d->n > limits->max_train_n ||
+         eps < limits->min_epsilon;
+}
+
 int fbn_cuda_select_path(const fbn_cuda_limits *limits, const fbn_cuda_refusals *refusals,
                          fbn_bn_mode mode, double eps, const fbn_tensor_desc *d, bool has_addend,
                          bool batch_stats, const char **why) {
@@ -79,30 +84,35 @@ int fbn_cuda_select_path(const fbn_cuda_limits *limits, const fbn_cuda_refusals 
     set_why(why, "cuDNN refused this dtype at run time: fusedbn's own training kernels");
     return FBN_CUDA_PATH_ID_KERNELS;
   }
-  if (mode == FBN_BN_MODE_SPATIAL) {
-    set_why(why, "bn_mode = SPATIAL: cuDNN batch norm (SPATIAL) + fusedbn's add/ReLU/mask kernel");
-    return FBN_CUDA_PATH_ID_GENERAL;
+  /* Measured on an H100 (cuDNN 9.19, docs/gpu-results.md): fusedbn's kernels
+   * beat cuDNN's plain batch norm + add/ReLU by 2.5-15x in NHWC and on 9 of
+   * 10 float32 NCHW ResNet-50 rows; for float16/bfloat16 NCHW each won on
+   * some shapes, so cuDNN keeps those. */
+  if (d->dtype == FBN_DTYPE_FLOAT32 || d->dtype == FBN_DTYPE_FLOAT64) {
+    set_why(why, "float32/float64: no fused cuDNN op (documented for half only); fusedbn's own "
+                 "training kernels, faster than cuDNN's plain batch norm + add/ReLU");
+    return FBN_CUDA_PATH_ID_KERNELS;
   }
   if (d->layout != FBN_LAYOUT_NHWC) {
-    set_why(why, "NCHW: the fused kernel needs packed NHWC; cuDNN batch norm + fusedbn's "
-                 "add/ReLU/mask kernel");
+    set_why(why, "float16/bfloat16 NCHW: the fused kernel needs packed NHWC; cuDNN batch norm + "
+                 "fusedbn's add/ReLU/mask kernel");
     return FBN_CUDA_PATH_ID_GENERAL;
   }
-  if (d->dtype != FBN_DTYPE_FLOAT16 && d->dtype != FBN_DTYPE_BFLOAT16) {
-    set_why(why, "float32/float64: the fused kernel is documented for half only; cuDNN batch "
-                 "norm + fusedbn's add/ReLU/mask kernel");
-    return FBN_CUDA_PATH_ID_GENERAL;
+  if (mode == FBN_BN_MODE_SPATIAL) {
+    set_why(why, "bn_mode = SPATIAL, NHWC: no persistent kernel; fusedbn's own training kernels "
+                 "(cuDNN's SPATIAL NHWC batch norm is several times slower)");
+    return FBN_CUDA_PATH_ID_KERNELS;
   }
   if (has_addend && d->c % 4 != 0) {
-    set_why(why, "C % 4 != 0 with an addend: CUDNN_BATCHNORM_OPS_BN_ADD_ACTIVATION needs "
-                 "C % 4 == 0; cuDNN batch norm + fusedbn's add/ReLU/mask kernel");
-    return FBN_CUDA_PATH_ID_GENERAL;
+    set_why(why, "NHWC, C % 4 != 0 with an addend: CUDNN_BATCHNORM_OPS_BN_ADD_ACTIVATION needs "
+                 "C % 4 == 0; fusedbn's own training kernels");
+    return FBN_CUDA_PATH_ID_KERNELS;
   }
   if (refusals != NULL &&
       refusals->fused[dt][has_addend ? 1 : 0][d->c % 4 == 0 ? 1 : 0]) {
-    set_why(why, "cuDNN refused the fused op for this dtype at run time; cuDNN batch norm + "
-                 "fusedbn's add/ReLU/mask kernel");
-    return FBN_CUDA_PATH_ID_GENERAL;
+    set_why(why, "cuDNN refused the fused op for this class at run time; fusedbn's own "
+                 "training kernels");
+    return FBN_CUDA_PATH_ID_KERNELS;
   }
   set_why(why, has_addend ? "NHWC float16/bfloat16, C % 4 == 0: cuDNN BN_ADD_ACTIVATION, SPATIAL_PERSISTENT"
                           : "NHWC float16/bfloat16: cuDNN BN_ACTIVATION, SPATIAL_PERSISTENT");

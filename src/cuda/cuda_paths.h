@@ -53,6 +53,12 @@ static inline bool *fbn_cuda_fused_refusal(fbn_cuda_refusals *r, const fbn_tenso
   return &r->fused[d->dtype][has_addend ? 1 : 0][d->c % 4 == 0 ? 1 : 0];
 }
 
+/* Whether a size or eps gate sends training to the kernels whatever the
+ * table says (dimensions beyond int, N above the training limit, eps below
+ * cuDNN's minimum). FBN_CUDA_FORCE_PATH does not override these. */
+FBN_INTERNAL bool fbn_cuda_size_gated(const fbn_cuda_limits *limits, double eps,
+                                      const fbn_tensor_desc *d);
+
 /* Which path a forward takes. refusals may be NULL (nothing refused).
  * *why (may be NULL) receives a static sentence for messages and docs. */
 FBN_INTERNAL int fbn_cuda_select_path(const fbn_cuda_limits *limits,

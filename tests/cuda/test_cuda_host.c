@@ -399,14 +399,16 @@ static void test_cuda_host_path_size_gates_and_refusals(void **state) {
   /* eps below cuDNN's minimum (a hypothetical cuDNN with minimum 1e-5) */
   fbn_cuda_limits strict = lim;
   strict.min_epsilon = 1e-5;
-  fbn_tensor_desc d = fbn_tensor_desc_make(8, 16, 4, 4, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW);
+  fbn_tensor_desc d = fbn_tensor_desc_make(8, 16, 4, 4, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NCHW);
+  assert_true(fbn_cuda_size_gated(&strict, 1e-6, &d));
+  assert_false(fbn_cuda_size_gated(&strict, 1e-5, &d));
   assert_int_equal(fbn_cuda_select_path(&strict, NULL, FBN_BN_MODE_AUTO, 1e-6, &d, false, true,
                                         NULL),
                    FBN_CUDA_PATH_ID_KERNELS);
   assert_int_equal(fbn_cuda_select_path(&strict, NULL, FBN_BN_MODE_AUTO, 1e-5, &d, false, true,
                                         NULL),
                    FBN_CUDA_PATH_ID_GENERAL);
-  /* run-time refusals walk the chain fused -> general -> kernels, per dtype */
+  /* run-time refusals, per dtype and class */
   fbn_cuda_refusals ref;
   memset(&ref, 0, sizeof ref);
   fbn_tensor_desc bf = fbn_tensor_desc_make(8, 16, 4, 4, FBN_DTYPE_BFLOAT16, FBN_LAYOUT_NHWC);
@@ -415,8 +417,11 @@ static void test_cuda_host_path_size_gates_and_refusals(void **state) {
                    FBN_CUDA_PATH_ID_FUSED);
   *fbn_cuda_fused_refusal(&ref, &bf, true) = true;
   assert_true(ref.fused[FBN_DTYPE_BFLOAT16][1][1]);
+  /* NHWC without the fused op takes the kernels (cuDNN's plain NHWC batch
+   * norm is the slow one); the run-time chain still passes through general
+   * for the call that was refused */
   assert_int_equal(fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, true, true, NULL),
-                   FBN_CUDA_PATH_ID_GENERAL);
+                   FBN_CUDA_PATH_ID_KERNELS);
   /* only that class: without an addend bfloat16 still tries the fused op */
   assert_int_equal(
       fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, false, true, NULL),
@@ -456,7 +461,7 @@ static void test_cuda_host_plan_path_validates(void **state) {
   assert_int_equal(fbn_cuda_plan_path(&o, &d, false, true, &p), FBN_STATUS_UNSUPPORTED);
   o.param_dtype = FBN_DTYPE_FLOAT64;
   assert_int_equal(fbn_cuda_plan_path(&o, &d, false, true, &p), FBN_STATUS_SUCCESS);
-  assert_int_equal(p, FBN_CUDA_PATH_GENERAL);
+  assert_int_equal(p, FBN_CUDA_PATH_KERNELS);
   assert_int_equal(fbn_cuda_plan_path(NULL, &d, false, true, &p), FBN_STATUS_NULL_POINTER);
   assert_int_equal(fbn_cuda_plan_path(&o, NULL, false, true, &p), FBN_STATUS_NULL_POINTER);
   assert_int_equal(fbn_cuda_plan_path(&o, &d, false, true, NULL), FBN_STATUS_NULL_POINTER);
@@ -620,6 +625,11 @@ static void test_cuda_host_grad_coefficients(void **state) {
   assert_int_equal(fbn_bn_reduce_slices(100000000, 1), FBN_BN_MAX_BLOCKS);
   assert_int_equal(fbn_bn_reduce_slices(100000000, 4096), 1);
   assert_true(fbn_bn_reduce_slices(32 * 56 * 56, 64) > 1);
+  /* NHWC: 128-row slices, still at most FBN_BN_MAX_BLOCKS blocks in all */
+  assert_int_equal(fbn_bn_reduce_slices_target(32 * 56 * 56, 2, FBN_BN_NHWC_SLICE_ROWS), 784);
+  assert_int_equal(fbn_bn_reduce_slices_target(32 * 56 * 56, 8, FBN_BN_NHWC_SLICE_ROWS),
+                   FBN_BN_MAX_BLOCKS / 8);
+  assert_int_equal(fbn_bn_reduce_slices_target(100, 1, FBN_BN_NHWC_SLICE_ROWS), 1);
 }
 
 /* ---- no device ------------------------------------------------------------------- */
