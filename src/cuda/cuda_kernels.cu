@@ -7,6 +7,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "bn_math.h"
 #include "cuda_kernels.h"
 #include "fusedbn/fusedbn.h"
@@ -47,6 +49,60 @@ template <bool NHWC, typename I> __device__ __forceinline__ I channel_of(I i, I 
   return NHWC ? i % C : (i / hw) % C;
 }
 
+// ---- vectors (up to 16 bytes) ---------------------------------------------------
+// The vector paths move V consecutive elements per load/store and thread,
+// V = 16 / sizeof(T) where possible (LDG.E.128).  They are taken when every
+// tensor pointer is aligned to V * sizeof(T) bytes and the contiguous run of
+// one channel (hw for NCHW) or of the channel vector (C for NHWC) is a
+// multiple of V, so a vector never straddles a channel (NCHW) or a row
+// (NHWC); pick_width() takes the widest such V, and without one (odd runs,
+// odd addresses) the scalar kernels run.  The per-element math is the
+// scalar kernels' own; only the order of the float64 reduction sums differs.
+
+template <typename T> struct VecWidth { static constexpr int value = 16 / (int)sizeof(T); };
+
+// V elements of T, aligned like the 16-byte (or smaller) access that moves them.
+template <typename T, int V>
+struct alignas(sizeof(T) * V > 16 ? 16 : sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <int V, typename T> __device__ __forceinline__ Pack<T, V> load_pack(const T *p) {
+  return *reinterpret_cast<const Pack<T, V> *>(p);
+}
+template <int V, typename T> __device__ __forceinline__ void store_pack(T *p, const Pack<T, V> &v) {
+  *reinterpret_cast<Pack<T, V> *>(p) = v;
+}
+
+bool aligned(const void *p, unsigned bytes) { return ((uintptr_t)p & (bytes - 1u)) == 0; }
+// A pointer the kernel does not dereference (NULL) does not matter.
+bool aligned_or_null(const void *p, unsigned bytes) { return p == nullptr || aligned(p, bytes); }
+
+// Elements per access of the vector kernels: the widest V of 16/sizeof(T),
+// ..., 2 (at most max_v) such that run % V == 0 and ok(V * sizeof(T)) (the
+// pointers' alignment); 1: the scalar kernels.  Narrower vectors still help
+// where 16 bytes do not fit, e.g. float16 NCHW with hw = 14*14 (V = 4).
+template <typename T, typename OK> int pick_width(int64_t run, int max_v, OK ok) {
+  for (int v = VecWidth<T>::value < max_v ? VecWidth<T>::value : max_v; v >= 2; v /= 2)
+    if (run % v == 0 && ok((unsigned)(v * (int)sizeof(T))))
+      return v;
+  return 1;
+}
+
+// f(std::integral_constant<int, V>()) for the V of pick_width.
+template <typename T, typename F> cudaError_t with_width(int v, F f) {
+  constexpr int kMax = VecWidth<T>::value;
+  if constexpr (kMax >= 8)
+    if (v == 8)
+      return f(std::integral_constant<int, 8>());
+  if constexpr (kMax >= 4)
+    if (v == 4)
+      return f(std::integral_constant<int, 4>());
+  if (v == 2)
+    return f(std::integral_constant<int, 2>());
+  return f(std::integral_constant<int, 1>());
+}
+
 // The ReLU gate of element i: mask bit when there is a mask, else !(y <= 0)
 // (a NaN y passes the gradient, as PyTorch's threshold_backward).
 template <typename T, typename I> struct Gate {
@@ -57,6 +113,20 @@ template <typename T, typename I> struct Gate {
       return (mask[i >> 5] >> (unsigned)(i & 31)) & 1u;
     return !(to_acc(y[i]) <= 0);
   }
+  // Gates of elements i .. i + V - 1 as bits 0 .. V - 1; i % V == 0 and V
+  // divides 32, so the bits lie in one mask word.
+  template <int V> __device__ __forceinline__ unsigned bits(I i) const {
+    if (mask != nullptr)
+      return (mask[i >> 5] >> (unsigned)(i & 31)) & ((1u << V) - 1u);
+    const Pack<T, V> yv = load_pack<V>(y + i);
+    unsigned b = 0;
+#pragma unroll
+    for (int j = 0; j < V; j++)
+      b |= (unsigned)!(to_acc(yv.v[j]) <= 0) << j;
+    return b;
+  }
+  // y is read only without a mask.
+  bool vec_ok(unsigned bytes) const { return mask != nullptr || aligned(y, bytes); }
 };
 
 // ---- reductions --------------------------------------------------------------
@@ -87,7 +157,11 @@ __device__ __forceinline__ void block_sum2(double &a, double &b) {
 
 // Per-element contributions of the statistics reduction: x - shift and
 // (x - shift)^2, shift the channel's first value.
+// The vector kernels split add() into load() of V elements at i (i % V ==
+// 0) and elem() of element j of that fragment, so that several fragments'
+// loads are in flight before their sums.
 template <typename T, typename I> struct StatsOp {
+  typedef T Elem;
   const T *x;
   struct Chan {
     double shift;
@@ -98,10 +172,25 @@ template <typename T, typename I> struct StatsOp {
     a += v;
     b += v * v;
   }
+  template <int V> struct Frag {
+    Pack<T, V> x;
+  };
+  template <int V> __device__ __forceinline__ Frag<V> load(I i) const {
+    return Frag<V>{load_pack<V>(x + i)};
+  }
+  template <int V>
+  __device__ __forceinline__ void elem(const Chan &ch, const Frag<V> &f, int j, double &a,
+                                       double &b) const {
+    const double v = (double)to_acc(f.x.v[j]) - ch.shift;
+    a += v;
+    b += v * v;
+  }
+  bool vec_ok(unsigned bytes) const { return aligned(x, bytes); }
 };
 
 // Per-element contributions of the gradient reduction: g and g * xhat.
 template <typename T, typename I> struct GradOp {
+  typedef T Elem;
   typedef typename ParamOf<T>::type P;
   const T *x;
   const T *dy;
@@ -125,6 +214,24 @@ template <typename T, typename I> struct GradOp {
     const double g = gate(i) ? (double)to_acc(dy[i]) : 0.0;
     a += g;
     b += g * (((double)to_acc(x[i]) - ch.mean) * ch.invstd);
+  }
+  template <int V> struct Frag {
+    Pack<T, V> x;
+    Pack<T, V> dy;
+    unsigned gate;
+  };
+  template <int V> __device__ __forceinline__ Frag<V> load(I i) const {
+    return Frag<V>{load_pack<V>(x + i), load_pack<V>(dy + i), gate.template bits<V>(i)};
+  }
+  template <int V>
+  __device__ __forceinline__ void elem(const Chan &ch, const Frag<V> &f, int j, double &a,
+                                       double &b) const {
+    const double g = (f.gate >> j) & 1u ? (double)to_acc(f.dy.v[j]) : 0.0;
+    a += g;
+    b += g * (((double)to_acc(f.x.v[j]) - ch.mean) * ch.invstd);
+  }
+  bool vec_ok(unsigned bytes) const {
+    return aligned(x, bytes) && aligned(dy, bytes) && gate.vec_ok(bytes);
   }
 };
 
@@ -174,19 +281,139 @@ __global__ void reduce_nhwc_kernel(Op op, I C, I M, I len, double *partials) {
   }
 }
 
+// NCHW, vectors of V along hw (hw % V == 0, len % V == 0): the slice's
+// vectors in (n, hw) order, two per thread and step.
+template <typename Op, typename I, int V>
+__global__ void reduce_nchw_vec_kernel(Op op, I C, I hw, I M, I len, double *partials) {
+  const I c = blockIdx.x, s = blockIdx.y;
+  const I start = s * len;
+  const I end = start + len < M ? start + len : M;
+  const typename Op::Chan ch = op.chan(c * hw);
+  const I hwv = hw / V, vend = end / V, step = blockDim.x;
+  double a = 0.0, b = 0.0;
+  I m = start / V + threadIdx.x;
+  for (; m + step < vend; m += 2 * step) {
+    const I m2 = m + step;
+    const I n1 = m / hwv, n2 = m2 / hwv;
+    const auto f1 = op.template load<V>((n1 * C + c) * hw + (m - n1 * hwv) * V);
+    const auto f2 = op.template load<V>((n2 * C + c) * hw + (m2 - n2 * hwv) * V);
+#pragma unroll
+    for (int j = 0; j < V; j++)
+      op.elem(ch, f1, j, a, b);
+#pragma unroll
+    for (int j = 0; j < V; j++)
+      op.elem(ch, f2, j, a, b);
+  }
+  if (m < vend) {
+    const I n1 = m / hwv;
+    const auto f1 = op.template load<V>((n1 * C + c) * hw + (m - n1 * hwv) * V);
+#pragma unroll
+    for (int j = 0; j < V; j++)
+      op.elem(ch, f1, j, a, b);
+  }
+  block_sum2(a, b);
+  if (threadIdx.x == 0) {
+    partials[((size_t)s * C + c) * 2] = a;
+    partials[((size_t)s * C + c) * 2 + 1] = b;
+  }
+}
+
+// NHWC, vectors of V channels (C % V == 0): block (32/V channel vectors x
+// kThreads/(32/V) rows) per (group of 32 channels, slice), the same grid as
+// the scalar kernel.  Each thread keeps V sum pairs, one per channel.
+template <typename Op, typename I, int V>
+__global__ void reduce_nhwc_vec_kernel(Op op, I C, I M, I len, double *partials) {
+  constexpr int TX = 32 / V, ROWS = kThreads / TX;
+  const I c0 = ((I)blockIdx.x * TX + threadIdx.x) * V, s = blockIdx.y;
+  const I start = s * len;
+  const I end = start + len < M ? start + len : M;
+  double a[V], b[V];
+#pragma unroll
+  for (int j = 0; j < V; j++)
+    a[j] = b[j] = 0.0;
+  if (c0 < C) {
+    typename Op::Chan ch[V];
+#pragma unroll
+    for (int j = 0; j < V; j++)
+      ch[j] = op.chan(c0 + j);
+    I m = start + threadIdx.y;
+    for (; m + ROWS < end; m += 2 * ROWS) {
+      const auto f1 = op.template load<V>(m * C + c0);
+      const auto f2 = op.template load<V>((m + ROWS) * C + c0);
+#pragma unroll
+      for (int j = 0; j < V; j++) {
+        op.elem(ch[j], f1, j, a[j], b[j]);
+        op.elem(ch[j], f2, j, a[j], b[j]);
+      }
+    }
+    if (m < end) {
+      const auto f1 = op.template load<V>(m * C + c0);
+#pragma unroll
+      for (int j = 0; j < V; j++)
+        op.elem(ch[j], f1, j, a[j], b[j]);
+    }
+  }
+  // sh[k][j][row][x]: sum k (0: a, 1: b) of channel vector x's element j.
+  __shared__ double sh[2][V][ROWS][TX];
+#pragma unroll
+  for (int j = 0; j < V; j++) {
+    sh[0][j][threadIdx.y][threadIdx.x] = a[j];
+    sh[1][j][threadIdx.y][threadIdx.x] = b[j];
+  }
+  __syncthreads();
+  // 2 * 32 column sums over the ROWS rows, one thread each.
+  const int t = threadIdx.y * TX + threadIdx.x;
+  if (t < 2 * V * TX) {
+    const int k = t / (V * TX), j = (t / TX) % V, x = t % TX;
+    double acc = 0.0;
+    for (int r = 0; r < ROWS; r++)
+      acc += sh[k][j][r][x];
+    const I c = ((I)blockIdx.x * TX + x) * V + j;
+    if (c < C)
+      partials[((size_t)s * C + c) * 2 + k] = acc;
+  }
+}
+
+// NHWC: at most 4 channels per thread, so that the 2 * V double sums and V
+// channel constants of a thread (GradOp: mean and invstd) stay in registers
+// at good occupancy; float16/bfloat16 move 8 bytes per access there.
+constexpr int kNhwcMaxWidth = 4;
+
 template <typename Op, typename I>
 cudaError_t launch_reduce(const fbn_k_shape *s, Op op, double *partials, cudaStream_t stream) {
+  typedef typename Op::Elem T;
   const I C = (I)s->c, hw = (I)s->hw, M = (I)(s->n * s->hw);
   const int slices = fbn_k_reduce_slices(s);
   const I len = (M + (I)slices - 1) / (I)slices;
-  if (s->nhwc) {
-    dim3 grid((unsigned)((s->c + 31) / 32), (unsigned)slices);
-    reduce_nhwc_kernel<Op, I><<<grid, dim3(32, 8), 0, stream>>>(op, C, M, len, partials);
-  } else {
-    dim3 grid((unsigned)s->c, (unsigned)slices);
-    reduce_nchw_kernel<Op, I><<<grid, kThreads, 0, stream>>>(op, C, hw, M, len, partials);
-  }
-  return cudaGetLastError();
+  const int width = pick_width<T>(s->nhwc ? s->c : s->hw, s->nhwc ? kNhwcMaxWidth : 16,
+                                  [&](unsigned bytes) { return op.vec_ok(bytes); });
+  return with_width<T>(width, [&](auto w) {
+    constexpr int V = decltype(w)::value;
+    if constexpr (V > 1) {
+      if (s->nhwc) {
+        // pick_width caps NHWC at kNhwcMaxWidth: no wider kernel is built.
+        if constexpr (V <= kNhwcMaxWidth) {
+          constexpr int TX = 32 / V;
+          dim3 grid((unsigned)((s->c + 31) / 32), (unsigned)slices);
+          reduce_nhwc_vec_kernel<Op, I, V>
+              <<<grid, dim3(TX, kThreads / TX), 0, stream>>>(op, C, M, len, partials);
+        }
+      } else {
+        // Slices of whole vectors; the last slices may be empty (zero partials).
+        const I vlen = (len + V - 1) / V * V;
+        dim3 grid((unsigned)s->c, (unsigned)slices);
+        reduce_nchw_vec_kernel<Op, I, V>
+            <<<grid, kThreads, 0, stream>>>(op, C, hw, M, vlen, partials);
+      }
+    } else if (s->nhwc) {
+      dim3 grid((unsigned)((s->c + 31) / 32), (unsigned)slices);
+      reduce_nhwc_kernel<Op, I><<<grid, dim3(32, 8), 0, stream>>>(op, C, M, len, partials);
+    } else {
+      dim3 grid((unsigned)s->c, (unsigned)slices);
+      reduce_nchw_kernel<Op, I><<<grid, kThreads, 0, stream>>>(op, C, hw, M, len, partials);
+    }
+    return cudaGetLastError();
+  });
 }
 
 // ---- per-channel finalization ----------------------------------------------------
@@ -361,6 +588,158 @@ __global__ void grad_apply_kernel(I numel, I C, I hw, const T *x, const T *dy, G
   }
 }
 
+// Vector versions: thread vi of the grid handles elements vi*V .. vi*V+V-1
+// (V divides 32 and numel: hw or C is a multiple of V).
+
+// Coefficients of row k (coef + k*C) for the V elements at offset i: V
+// consecutive channels from i % C (NHWC, C % V == 0, coef 16-byte aligned)
+// or channel (i / hw) % C for all (NCHW, hw % V == 0).
+template <bool NHWC, int V, typename A, typename I>
+__device__ __forceinline__ Pack<A, V> coef_pack(const A *row, I i, I C, I hw) {
+  if (NHWC)
+    return load_pack<V>(row + i % C);
+  Pack<A, V> r;
+  const A v = row[(i / hw) % C];
+#pragma unroll
+  for (int j = 0; j < V; j++)
+    r.v[j] = v;
+  return r;
+}
+
+// Stores the ReLU mask bits of a warp's vectors: the thread at vector vi
+// holds bits 0..V-1 for elements vi*V..vi*V+V-1, so 32/V consecutive lanes
+// (vi % (32/V) == lane % (32/V), blocks being multiples of 32) make one word,
+// assembled by an OR butterfly over the group and written by its first lane.
+// Every lane of the warp calls it; invalid lanes pass bits = 0.
+template <int V, typename I>
+__device__ __forceinline__ void store_mask_bits(uint32_t *mask, unsigned bits, I vi, bool valid) {
+  constexpr unsigned kGroup = 32 / V;
+  const unsigned lane = threadIdx.x & 31u;
+  bits <<= V * (lane % kGroup);
+#pragma unroll
+  for (unsigned off = 1; off < kGroup; off <<= 1)
+    bits |= __shfl_xor_sync(0xffffffffu, bits, off);
+  // The group's first vector is valid when any of its vectors is.
+  if (valid && lane % kGroup == 0)
+    mask[(vi * V) >> 5] = bits;
+}
+
+template <typename T, bool NHWC, typename I, int V>
+__global__ void apply_vec_kernel(I nvec, I C, I hw, const T *x, const T *z, T *y, uint32_t *mask,
+                                 const typename AccOf<T>::type *coef) {
+  typedef typename AccOf<T>::type A;
+  const I stride = (I)gridDim.x * blockDim.x;
+  for (I base = (I)blockIdx.x * blockDim.x; base < nvec; base += stride) {
+    const I vi = base + threadIdx.x;
+    unsigned bits = 0;
+    if (vi < nvec) {
+      const I i = vi * V;
+      const Pack<T, V> xv = load_pack<V>(x + i);
+      Pack<T, V> zv{};
+      if (z != nullptr)
+        zv = load_pack<V>(z + i);
+      const Pack<A, V> mean = coef_pack<NHWC, V>(coef, i, C, hw);
+      const Pack<A, V> scale = coef_pack<NHWC, V>(coef + C, i, C, hw);
+      const Pack<A, V> shift = coef_pack<NHWC, V>(coef + 2 * C, i, C, hw);
+      Pack<T, V> out;
+#pragma unroll
+      for (int j = 0; j < V; j++) {
+        A v = (to_acc(xv.v[j]) - mean.v[j]) * scale.v[j] + shift.v[j];
+        if (z != nullptr)
+          v += to_acc(zv.v[j]);
+        out.v[j] = from_acc<T>(relu(v));
+        bits |= (unsigned)!(to_acc(out.v[j]) <= A(0)) << j;
+      }
+      store_pack<V>(y + i, out);
+    }
+    if (mask != nullptr)
+      store_mask_bits<V>(mask, bits, vi, vi < nvec);
+  }
+}
+
+template <typename T, typename I, int V>
+__global__ void add_relu_vec_kernel(I nvec, T *y, const T *z, uint32_t *mask) {
+  typedef typename AccOf<T>::type A;
+  const I stride = (I)gridDim.x * blockDim.x;
+  for (I base = (I)blockIdx.x * blockDim.x; base < nvec; base += stride) {
+    const I vi = base + threadIdx.x;
+    unsigned bits = 0;
+    if (vi < nvec) {
+      const I i = vi * V;
+      const Pack<T, V> yv = load_pack<V>(y + i);
+      Pack<T, V> zv{};
+      if (z != nullptr)
+        zv = load_pack<V>(z + i);
+      Pack<T, V> out;
+#pragma unroll
+      for (int j = 0; j < V; j++) {
+        A v = to_acc(yv.v[j]);
+        if (z != nullptr)
+          v += to_acc(zv.v[j]);
+        out.v[j] = from_acc<T>(relu(v));
+        bits |= (unsigned)!(to_acc(out.v[j]) <= A(0)) << j;
+      }
+      store_pack<V>(y + i, out);
+    }
+    if (mask != nullptr)
+      store_mask_bits<V>(mask, bits, vi, vi < nvec);
+  }
+}
+
+template <typename T, typename I, int V>
+__global__ void mask_grad_vec_kernel(I nvec, const T *dy, Gate<T, I> gate, T *dz) {
+  const I stride = (I)gridDim.x * blockDim.x;
+  for (I vi = (I)blockIdx.x * blockDim.x + threadIdx.x; vi < nvec; vi += stride) {
+    const I i = vi * V;
+    const Pack<T, V> dyv = load_pack<V>(dy + i);
+    const unsigned g = gate.template bits<V>(i);
+    Pack<T, V> out;
+#pragma unroll
+    for (int j = 0; j < V; j++)
+      out.v[j] = (g >> j) & 1u ? dyv.v[j] : from_acc<T>(0);
+    store_pack<V>(dz + i, out);
+  }
+}
+
+template <typename T, bool NHWC, typename I, int V>
+__global__ void grad_apply_vec_kernel(I nvec, I C, I hw, const T *x, const T *dy,
+                                      Gate<T, I> gate, const typename AccOf<T>::type *coef, T *dx,
+                                      T *dz) {
+  typedef typename AccOf<T>::type A;
+  const I stride = (I)gridDim.x * blockDim.x;
+  for (I vi = (I)blockIdx.x * blockDim.x + threadIdx.x; vi < nvec; vi += stride) {
+    const I i = vi * V;
+    // All loads before the stores (outputs never alias inputs).
+    const Pack<T, V> dyv = load_pack<V>(dy + i);
+    const unsigned gb = gate.template bits<V>(i);
+    Pack<T, V> xv{};
+    if (dx != nullptr)
+      xv = load_pack<V>(x + i);
+    A g[V];
+#pragma unroll
+    for (int j = 0; j < V; j++)
+      g[j] = (gb >> j) & 1u ? to_acc(dyv.v[j]) : A(0);
+    if (dz != nullptr) {
+      Pack<T, V> out;
+#pragma unroll
+      for (int j = 0; j < V; j++)
+        out.v[j] = from_acc<T>(g[j]);
+      store_pack<V>(dz + i, out);
+    }
+    if (dx != nullptr) {
+      const Pack<A, V> k = coef_pack<NHWC, V>(coef, i, C, hw);
+      const Pack<A, V> mean = coef_pack<NHWC, V>(coef + C, i, C, hw);
+      const Pack<A, V> b = coef_pack<NHWC, V>(coef + 2 * C, i, C, hw);
+      const Pack<A, V> d = coef_pack<NHWC, V>(coef + 3 * C, i, C, hw);
+      Pack<T, V> out;
+#pragma unroll
+      for (int j = 0; j < V; j++)
+        out.v[j] = from_acc<T>(k.v[j] * g[j] + b.v[j] * (to_acc(xv.v[j]) - mean.v[j]) + d.v[j]);
+      store_pack<V>(dx + i, out);
+    }
+  }
+}
+
 template <typename P> __global__ void fill_kernel(P *dst, int64_t count, P value) {
   const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < count)
@@ -390,6 +769,10 @@ unsigned elementwise_blocks(int64_t numel) {
     b = kMaxElementwiseBlocks;
   return (unsigned)(b < 1 ? 1 : b);
 }
+
+// The contiguous run a vector of the elementwise kernels must divide: one
+// channel (NCHW: hw) or one row of channels (NHWC: C).
+int64_t vec_run(const fbn_k_shape *s) { return s->nhwc ? s->c : s->hw; }
 
 unsigned channel_blocks(int64_t C) { return (unsigned)((C + kThreads - 1) / kThreads); }
 // Blocks for one warp per channel (the finalize kernels).
@@ -475,65 +858,97 @@ extern "C" cudaError_t fbn_k_eval_prepare(const fbn_k_shape *s, double eps, cons
 
 extern "C" cudaError_t fbn_k_apply(const fbn_k_shape *s, const void *x, const void *z, void *y,
                                    uint32_t *mask, const void *coef, cudaStream_t stream) {
-  const int64_t numel = numel_of(s);
-  const unsigned blocks = elementwise_blocks(numel);
   return dispatch_dtype(s->dtype, [&](auto tag) {
     typedef decltype(tag) T;
     typedef typename AccOf<T>::type A;
     const T *xt = (const T *)x, *zt = (const T *)z;
     T *yt = (T *)y;
     const A *ct = (const A *)coef;
-    if (small_index(s)) {
-      typedef uint32_t I;
-      if (s->nhwc)
-        apply_kernel<T, true, I><<<blocks, kThreads, 0, stream>>>((I)numel, (I)s->c, (I)s->hw,
-                                                                 xt, zt, yt, mask, ct);
-      else
-        apply_kernel<T, false, I><<<blocks, kThreads, 0, stream>>>((I)numel, (I)s->c, (I)s->hw,
-                                                                  xt, zt, yt, mask, ct);
-    } else {
-      typedef uint64_t I;
-      if (s->nhwc)
-        apply_kernel<T, true, I><<<blocks, kThreads, 0, stream>>>((I)numel, (I)s->c, (I)s->hw,
-                                                                 xt, zt, yt, mask, ct);
-      else
-        apply_kernel<T, false, I><<<blocks, kThreads, 0, stream>>>((I)numel, (I)s->c, (I)s->hw,
-                                                                  xt, zt, yt, mask, ct);
-    }
-    return cudaGetLastError();
+    // NHWC reads V channels' coefficients as one vector (16 bytes or less).
+    const int width = pick_width<T>(vec_run(s), 16, [&](unsigned bytes) {
+      return aligned(x, bytes) && aligned_or_null(z, bytes) && aligned(y, bytes) &&
+             (!s->nhwc || aligned(coef, 16));
+    });
+    auto run = [&](auto itag) {
+      typedef decltype(itag) I;
+      const I C = (I)s->c, hw = (I)s->hw;
+      return with_width<T>(width, [&](auto w) {
+        constexpr int V = decltype(w)::value;
+        const I units = (I)(numel_of(s) / V);
+        const unsigned blocks = elementwise_blocks((int64_t)units);
+        if constexpr (V > 1) {
+          if (s->nhwc)
+            apply_vec_kernel<T, true, I, V>
+                <<<blocks, kThreads, 0, stream>>>(units, C, hw, xt, zt, yt, mask, ct);
+          else
+            apply_vec_kernel<T, false, I, V>
+                <<<blocks, kThreads, 0, stream>>>(units, C, hw, xt, zt, yt, mask, ct);
+        } else {
+          if (s->nhwc)
+            apply_kernel<T, true, I>
+                <<<blocks, kThreads, 0, stream>>>(units, C, hw, xt, zt, yt, mask, ct);
+          else
+            apply_kernel<T, false, I>
+                <<<blocks, kThreads, 0, stream>>>(units, C, hw, xt, zt, yt, mask, ct);
+        }
+        return cudaGetLastError();
+      });
+    };
+    return small_index(s) ? run(uint32_t()) : run(uint64_t());
   });
 }
 
 extern "C" cudaError_t fbn_k_add_relu(const fbn_k_shape *s, void *y, const void *z,
                                       uint32_t *mask, cudaStream_t stream) {
-  const int64_t numel = numel_of(s);
-  const unsigned blocks = elementwise_blocks(numel);
   return dispatch_dtype(s->dtype, [&](auto tag) {
     typedef decltype(tag) T;
-    if (small_index(s))
-      add_relu_kernel<T, uint32_t><<<blocks, kThreads, 0, stream>>>((uint32_t)numel, (T *)y,
-                                                                    (const T *)z, mask);
-    else
-      add_relu_kernel<T, uint64_t><<<blocks, kThreads, 0, stream>>>((uint64_t)numel, (T *)y,
-                                                                    (const T *)z, mask);
-    return cudaGetLastError();
+    // Elementwise without channels: only numel % V matters.
+    const int width = pick_width<T>(numel_of(s), 16, [&](unsigned bytes) {
+      return aligned(y, bytes) && aligned_or_null(z, bytes);
+    });
+    auto run = [&](auto itag) {
+      typedef decltype(itag) I;
+      return with_width<T>(width, [&](auto w) {
+        constexpr int V = decltype(w)::value;
+        const I units = (I)(numel_of(s) / V);
+        const unsigned blocks = elementwise_blocks((int64_t)units);
+        if constexpr (V > 1)
+          add_relu_vec_kernel<T, I, V>
+              <<<blocks, kThreads, 0, stream>>>(units, (T *)y, (const T *)z, mask);
+        else
+          add_relu_kernel<T, I><<<blocks, kThreads, 0, stream>>>(units, (T *)y, (const T *)z, mask);
+        return cudaGetLastError();
+      });
+    };
+    return small_index(s) ? run(uint32_t()) : run(uint64_t());
   });
 }
 
 extern "C" cudaError_t fbn_k_mask_grad(const fbn_k_shape *s, const void *dy,
                                        const uint32_t *mask, const void *y, void *dz,
                                        cudaStream_t stream) {
-  const int64_t numel = numel_of(s);
-  const unsigned blocks = elementwise_blocks(numel);
   return dispatch_dtype(s->dtype, [&](auto tag) {
     typedef decltype(tag) T;
-    if (small_index(s))
-      mask_grad_kernel<T, uint32_t><<<blocks, kThreads, 0, stream>>>(
-          (uint32_t)numel, (const T *)dy, Gate<T, uint32_t>{mask, (const T *)y}, (T *)dz);
-    else
-      mask_grad_kernel<T, uint64_t><<<blocks, kThreads, 0, stream>>>(
-          (uint64_t)numel, (const T *)dy, Gate<T, uint64_t>{mask, (const T *)y}, (T *)dz);
-    return cudaGetLastError();
+    auto run = [&](auto itag) {
+      typedef decltype(itag) I;
+      const Gate<T, I> gate{mask, (const T *)y};
+      const int width = pick_width<T>(numel_of(s), 16, [&](unsigned bytes) {
+        return aligned(dy, bytes) && aligned(dz, bytes) && gate.vec_ok(bytes);
+      });
+      return with_width<T>(width, [&](auto w) {
+        constexpr int V = decltype(w)::value;
+        const I units = (I)(numel_of(s) / V);
+        const unsigned blocks = elementwise_blocks((int64_t)units);
+        if constexpr (V > 1)
+          mask_grad_vec_kernel<T, I, V>
+              <<<blocks, kThreads, 0, stream>>>(units, (const T *)dy, gate, (T *)dz);
+        else
+          mask_grad_kernel<T, I>
+              <<<blocks, kThreads, 0, stream>>>(units, (const T *)dy, gate, (T *)dz);
+        return cudaGetLastError();
+      });
+    };
+    return small_index(s) ? run(uint32_t()) : run(uint64_t());
   });
 }
 
@@ -579,32 +994,43 @@ extern "C" cudaError_t fbn_k_grad_finalize(const fbn_k_shape *s, const double *p
 extern "C" cudaError_t fbn_k_grad_apply(const fbn_k_shape *s, const void *x, const void *dy,
                                         const uint32_t *mask, const void *y, const void *coef,
                                         void *dx, void *dz, cudaStream_t stream) {
-  const int64_t numel = numel_of(s);
-  const unsigned blocks = elementwise_blocks(numel);
   return dispatch_dtype(s->dtype, [&](auto tag) {
     typedef decltype(tag) T;
     typedef typename AccOf<T>::type A;
     const T *xt = (const T *)x, *dyt = (const T *)dy;
     const A *ct = (const A *)coef;
-    if (small_index(s)) {
-      typedef uint32_t I;
-      Gate<T, I> gate{mask, (const T *)y};
-      if (s->nhwc)
-        grad_apply_kernel<T, true, I><<<blocks, kThreads, 0, stream>>>(
-            (I)numel, (I)s->c, (I)s->hw, xt, dyt, gate, ct, (T *)dx, (T *)dz);
-      else
-        grad_apply_kernel<T, false, I><<<blocks, kThreads, 0, stream>>>(
-            (I)numel, (I)s->c, (I)s->hw, xt, dyt, gate, ct, (T *)dx, (T *)dz);
-    } else {
-      typedef uint64_t I;
-      Gate<T, I> gate{mask, (const T *)y};
-      if (s->nhwc)
-        grad_apply_kernel<T, true, I><<<blocks, kThreads, 0, stream>>>(
-            (I)numel, (I)s->c, (I)s->hw, xt, dyt, gate, ct, (T *)dx, (T *)dz);
-      else
-        grad_apply_kernel<T, false, I><<<blocks, kThreads, 0, stream>>>(
-            (I)numel, (I)s->c, (I)s->hw, xt, dyt, gate, ct, (T *)dx, (T *)dz);
-    }
-    return cudaGetLastError();
+    auto run = [&](auto itag) {
+      typedef decltype(itag) I;
+      const I C = (I)s->c, hw = (I)s->hw;
+      const Gate<T, I> gate{mask, (const T *)y};
+      // x and coef are read only for dx.
+      const int width = pick_width<T>(vec_run(s), 16, [&](unsigned bytes) {
+        return aligned(dy, bytes) && gate.vec_ok(bytes) && aligned_or_null(dz, bytes) &&
+               (dx == nullptr ||
+                (aligned(dx, bytes) && aligned(x, bytes) && (!s->nhwc || aligned(coef, 16))));
+      });
+      return with_width<T>(width, [&](auto w) {
+        constexpr int V = decltype(w)::value;
+        const I units = (I)(numel_of(s) / V);
+        const unsigned blocks = elementwise_blocks((int64_t)units);
+        if constexpr (V > 1) {
+          if (s->nhwc)
+            grad_apply_vec_kernel<T, true, I, V><<<blocks, kThreads, 0, stream>>>(
+                units, C, hw, xt, dyt, gate, ct, (T *)dx, (T *)dz);
+          else
+            grad_apply_vec_kernel<T, false, I, V><<<blocks, kThreads, 0, stream>>>(
+                units, C, hw, xt, dyt, gate, ct, (T *)dx, (T *)dz);
+        } else {
+          if (s->nhwc)
+            grad_apply_kernel<T, true, I><<<blocks, kThreads, 0, stream>>>(
+                units, C, hw, xt, dyt, gate, ct, (T *)dx, (T *)dz);
+          else
+            grad_apply_kernel<T, false, I><<<blocks, kThreads, 0, stream>>>(
+                units, C, hw, xt, dyt, gate, ct, (T *)dx, (T *)dz);
+        }
+        return cudaGetLastError();
+      });
+    };
+    return small_index(s) ? run(uint32_t()) : run(uint64_t());
   });
 }
