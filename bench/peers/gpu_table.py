@@ -56,7 +56,7 @@ def main():
         p = PASS_NAME.get(r["pass"], r["pass"])
         fused, unf = num(r["fused_ms"]), num(r["unfused_ms"])
         tm = torch.get((r["n"], r["c"], r["h"], r["w"], r["layout"], r["dtype"], p))
-        m = re.search(r"fused: (\w+)", r["note"])
+        m = re.search(r"(?:^|; )fused: (\w+)", r["note"])
         path = m.group(1) if m else "?"
         frac = num(r["fused_copy_frac"])
         print("| %s | %s | %s | %s | %.4f | %.0f | %.0f%% | %s | %s | %s | %s | %s |" % (
