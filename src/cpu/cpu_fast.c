@@ -727,6 +727,84 @@ static fbn_status fbn_fast_nchw_plan_make(fbn_module *m, const fbn_tensor_desc *
   return plan->base != NULL ? FBN_STATUS_SUCCESS : FBN_STATUS_OUT_OF_MEMORY;
 }
 
+/* ---- streamed normalization without a staging buffer (AVX2) ------------- */
+
+/*
+ * norm_block's streamed case for float32, when the block allows it: every
+ * row a multiple of 8 elements with its mask bits on whole bytes (bpr ==
+ * len / 8) and y 16-byte aligned (32-byte: one store per 8 elements). Each group of 8 elements is computed in
+ * registers, stored with one non-temporal store, and its mask byte comes
+ * from the compare that implements the ReLU, so y is not staged in a buffer
+ * and read back (measured on the 2-core EPYC VMs: the staged loop spent about
+ * a third of its time in the copy-out, and a direct streamed loop ran ~17%
+ * faster than staging + copy on a 100 MB tensor). Same arithmetic as
+ * norm_piece's x86-64-v3 clone: fma((x - m), a, b) + z, then
+ * y = v where !(v <= 0) (NaN included), else +0.
+ */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+__attribute__((target("avx2,fma"))) static void
+fbn_fast_norm_nt_avx2(const float *x, const float *z, float *y, int64_t rows, int64_t len,
+                      bool per_row, const float *m, const float *a, const float *b,
+                      uint8_t *bits, bool y32) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t r = 0; r < rows; r++) {
+    const int64_t o = r * len;
+    __m256 mv = _mm256_set1_ps(per_row ? m[r] : 0.0f), av = _mm256_set1_ps(per_row ? a[r] : 0.0f);
+    __m256 bv = _mm256_set1_ps(per_row ? b[r] : 0.0f);
+    for (int64_t i = 0; i < len; i += 8) {
+      if (!per_row) {
+        mv = _mm256_loadu_ps(m + o + i);
+        av = _mm256_loadu_ps(a + o + i);
+        bv = _mm256_loadu_ps(b + o + i);
+      }
+      __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + o + i), mv), av, bv);
+      if (z != NULL)
+        v = _mm256_add_ps(v, _mm256_loadu_ps(z + o + i));
+      const __m256 pass = _mm256_cmp_ps(v, zero, _CMP_NLE_UQ);
+      const __m256 out = _mm256_and_ps(pass, v);
+      if (y32) {
+        _mm256_stream_ps(y + o + i, out);
+      } else { /* y 16-byte aligned (e.g. glibc's malloc of a large block) */
+        _mm_stream_ps(y + o + i, _mm256_castps256_ps128(out));
+        _mm_stream_ps(y + o + i + 4, _mm256_extractf128_ps(out, 1));
+      }
+      if (bits != NULL)
+        bits[(o + i) / 8] = (uint8_t)_mm256_movemask_ps(pass);
+    }
+  }
+  _mm_sfence();
+}
+
+static int fbn_fast_avx2_state = -1; /* a racing first write stores the same value */
+static bool fbn_fast_norm_nt_f32(const float *x, const float *z, float *y, int64_t rows,
+                                 int64_t len, bool per_row, const float *m, const float *a,
+                                 const float *b, uint8_t *bits, int64_t bpr) {
+  if (fbn_fast_avx2_state < 0)
+    fbn_fast_avx2_state = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (!fbn_fast_avx2_state || len % 8 != 0 || (bits != NULL && bpr != len / 8) ||
+      ((uintptr_t)y & 15) != 0)
+    return false;
+  fbn_fast_norm_nt_avx2(x, z, y, rows, len, per_row, m, a, b, bits, ((uintptr_t)y & 31) == 0);
+  return true;
+}
+#else
+static bool fbn_fast_norm_nt_f32(const float *x, const float *z, float *y, int64_t rows,
+                                 int64_t len, bool per_row, const float *m, const float *a,
+                                 const float *b, uint8_t *bits, int64_t bpr) {
+  (void)x, (void)z, (void)y, (void)rows, (void)len, (void)per_row, (void)m, (void)a, (void)b;
+  (void)bits, (void)bpr;
+  return false;
+}
+#endif
+static bool fbn_fast_norm_nt_f64(const double *x, const double *z, double *y, int64_t rows,
+                                 int64_t len, bool per_row, const double *m, const double *a,
+                                 const double *b, uint8_t *bits, int64_t bpr) {
+  (void)x, (void)z, (void)y, (void)rows, (void)len, (void)per_row, (void)m, (void)a, (void)b;
+  (void)bits, (void)bpr;
+  return false; /* float64 tensors keep the staged loop (no saved mask either) */
+}
+
 /* ---- the loops, for float and double ------------------------------------ */
 
 #define FBN_T float

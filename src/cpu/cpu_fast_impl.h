@@ -253,6 +253,8 @@ FBN_FAST_CLONES
 static void FBN_K(norm_block)(const FBN_T *x, const FBN_T *z, FBN_T *y, int64_t rows, int64_t len,
                               bool per_row, const FBN_T *m, const FBN_T *a, const FBN_T *b,
                               uint8_t *bits, int64_t bpr, bool stream) {
+  if (stream && FBN_K(fbn_fast_norm_nt)(x, z, y, rows, len, per_row, m, a, b, bits, bpr))
+    return;
   FBN_T tmp[FBN_CHUNK] __attribute__((aligned(64)));
   fbn_fast_chunk ck;
   fbn_fast_chunk_start(&ck, rows, len, FBN_CHUNK);
