@@ -523,12 +523,14 @@ static void test_cpu_fast_streamed_outputs_match_reference(void **state) {
           if (!run_case(&k, &rng))
             failed++;
         }
-  /* NaN through the streamed float32 loop (the AVX2 one where rows are
-   * multiples of 8): NaN in x (its channel) and in the addend, both layouts */
-  for (int l = 0; l < 2; l++)
+  /* NaN through the streamed float32 loops (AVX2: rows of a multiple of 8,
+   * and the flat one for NCHW's 7x7 rows): NaN in x (its channel) and in the
+   * addend, both shapes and layouts */
+  for (int l = 0; l < 4; l++)
     for (int sp = 0; sp < 2; sp++) {
-      fcase k = {big[0][0][0], big[0][0][1], big[0][0][2], big[0][0][3], FBN_DTYPE_FLOAT32,
-                 (fbn_layout)l, true, true, false, true, false,
+      fcase k = {big[0][l / 2][0], big[0][l / 2][1], big[0][l / 2][2], big[0][l / 2][3],
+                 FBN_DTYPE_FLOAT32,
+                 (fbn_layout)(l % 2), true, true, false, true, false,
                  sp ? SPECIAL_NAN_ADDEND : SPECIAL_NAN_X, 2};
       total++;
       if (!run_case(&k, &rng))

@@ -776,16 +776,97 @@ fbn_fast_norm_nt_avx2(const float *x, const float *z, float *y, int64_t rows, in
   _mm_sfence();
 }
 
+/* The same for one flat run of `total` elements with per-element
+ * coefficients and any alignment of y (scalar elements until y is 16-byte
+ * aligned, and at the end): rows whose length is not a multiple of 8 (NCHW
+ * with short H*W, where a group's rows for one n are contiguous). The mask
+ * goes to fb as one bit string (bit e = element e; fb zeroed by the caller),
+ * cut into rows by fbn_fast_mask_rows(). */
+__attribute__((target("avx2,fma"))) static void
+fbn_fast_norm_nt_flat_avx2(const float *x, const float *z, float *y, int64_t total,
+                           const float *m, const float *a, const float *b, uint8_t *fb) {
+  int64_t e = 0;
+  for (; e < total && ((uintptr_t)(y + e) & 15) != 0; e++) {
+    float v = __builtin_fmaf(x[e] - m[e], a[e], b[e]);
+    if (z != NULL)
+      v += z[e];
+    const bool pass = !(v <= 0.0f);
+    y[e] = pass ? v : 0.0f;
+    if (fb != NULL && pass)
+      fb[e / 8] = (uint8_t)(fb[e / 8] | 1u << (e % 8));
+  }
+  const bool y32 = ((uintptr_t)(y + e) & 31) == 0;
+  const __m256 zero = _mm256_setzero_ps();
+  for (; e + 8 <= total; e += 8) {
+    __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + e), _mm256_loadu_ps(m + e)),
+                               _mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e));
+    if (z != NULL)
+      v = _mm256_add_ps(v, _mm256_loadu_ps(z + e));
+    const __m256 pass = _mm256_cmp_ps(v, zero, _CMP_NLE_UQ);
+    const __m256 out = _mm256_and_ps(pass, v);
+    if (y32) {
+      _mm256_stream_ps(y + e, out);
+    } else {
+      _mm_stream_ps(y + e, _mm256_castps256_ps128(out));
+      _mm_stream_ps(y + e + 4, _mm256_extractf128_ps(out, 1));
+    }
+    if (fb != NULL) {
+      const unsigned w = (unsigned)_mm256_movemask_ps(pass) << (e % 8);
+      fb[e / 8] = (uint8_t)(fb[e / 8] | (w & 0xffu));
+      fb[e / 8 + 1] = (uint8_t)(fb[e / 8 + 1] | (w >> 8));
+    }
+  }
+  _mm_sfence();
+  for (; e < total; e++) {
+    float v = __builtin_fmaf(x[e] - m[e], a[e], b[e]);
+    if (z != NULL)
+      v += z[e];
+    const bool pass = !(v <= 0.0f);
+    y[e] = pass ? v : 0.0f;
+    if (fb != NULL && pass)
+      fb[e / 8] = (uint8_t)(fb[e / 8] | 1u << (e % 8));
+  }
+}
+
+/* Row r of the saved mask (bpr bytes) <- bits [r*len, (r+1)*len) of fb. */
+static void fbn_fast_mask_rows(const uint8_t *fb, int64_t rows, int64_t len, uint8_t *bits,
+                               int64_t bpr) {
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t q = 0; q < bpr; q++) {
+      const int64_t s = r * len + 8 * q;
+      const unsigned w = (unsigned)fb[s / 8] | (unsigned)fb[s / 8 + 1] << 8;
+      unsigned byte = (w >> (s % 8)) & 0xffu;
+      if (8 * q + 8 > len)
+        byte &= (1u << (len - 8 * q)) - 1u;
+      bits[r * bpr + q] = (uint8_t)byte;
+    }
+}
+
+/* Largest flat run whose mask bits fbn_fast_norm_nt_f32 collects on the
+ * stack. */
+#define FBN_FAST_NT_FLAT_MAX 65536
+
 static int fbn_fast_avx2_state = -1; /* a racing first write stores the same value */
 static bool fbn_fast_norm_nt_f32(const float *x, const float *z, float *y, int64_t rows,
                                  int64_t len, bool per_row, const float *m, const float *a,
                                  const float *b, uint8_t *bits, int64_t bpr) {
   if (fbn_fast_avx2_state < 0)
     fbn_fast_avx2_state = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (!fbn_fast_avx2_state || len % 8 != 0 || (bits != NULL && bpr != len / 8) ||
-      ((uintptr_t)y & 15) != 0)
+  if (!fbn_fast_avx2_state)
     return false;
-  fbn_fast_norm_nt_avx2(x, z, y, rows, len, per_row, m, a, b, bits, ((uintptr_t)y & 31) == 0);
+  if (len % 8 == 0 && (bits == NULL || bpr == len / 8) && ((uintptr_t)y & 15) == 0) {
+    fbn_fast_norm_nt_avx2(x, z, y, rows, len, per_row, m, a, b, bits, ((uintptr_t)y & 31) == 0);
+    return true;
+  }
+  const int64_t total = rows * len;
+  if (per_row || (bits != NULL && total > FBN_FAST_NT_FLAT_MAX))
+    return false;
+  uint8_t fb[FBN_FAST_NT_FLAT_MAX / 8 + 2];
+  if (bits != NULL)
+    memset(fb, 0, (size_t)(total / 8 + 2));
+  fbn_fast_norm_nt_flat_avx2(x, z, y, total, m, a, b, bits != NULL ? fb : NULL);
+  if (bits != NULL)
+    fbn_fast_mask_rows(fb, rows, len, bits, bpr);
   return true;
 }
 #else
