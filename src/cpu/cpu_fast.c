@@ -732,8 +732,9 @@ static fbn_status fbn_fast_nchw_plan_make(fbn_module *m, const fbn_tensor_desc *
 /*
  * norm_block's streamed case for float32, when the block allows it: every
  * row a multiple of 8 elements with its mask bits on whole bytes (bpr ==
- * len / 8) and y 16-byte aligned (32-byte: one store per 8 elements). Each group of 8 elements is computed in
- * registers, stored with one non-temporal store, and its mask byte comes
+ * len / 8) and y 16-byte aligned (32-byte: one store per 8 elements). Each
+ * group of 8 elements is computed in registers, stored with non-temporal
+ * stores, and its mask byte comes
  * from the compare that implements the ReLU, so y is not staged in a buffer
  * and read back (measured on the 2-core EPYC VMs: the staged loop spent about
  * a third of its time in the copy-out, and a direct streamed loop ran ~17%
