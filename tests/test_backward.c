@@ -480,7 +480,8 @@ static void test_backward_optional_outputs(void **state) {
  * (0,2,0,0) passes that element's dy and leaves channel 2's dx finite. */
 static void run_nan_gate(const char *backend, fbn_layout layout) {
   char name[96];
-  snprintf(name, sizeof name, "nan gate %s %s", backend, layout == FBN_LAYOUT_NCHW ? "NCHW" : "NHWC");
+  snprintf(name, sizeof name, "nan gate %s %s", backend,
+           layout == FBN_LAYOUT_NCHW ? "NCHW" : "NHWC");
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, name);
   fbn_module_options opt;
