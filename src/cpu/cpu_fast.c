@@ -871,21 +871,10 @@ static bool fbn_fast_norm_nt_f32(const float *x, const float *z, float *y, int64
   return true;
 }
 #else
-static bool fbn_fast_norm_nt_f32(const float *x, const float *z, float *y, int64_t rows,
-                                 int64_t len, bool per_row, const float *m, const float *a,
-                                 const float *b, uint8_t *bits, int64_t bpr) {
-  (void)x, (void)z, (void)y, (void)rows, (void)len, (void)per_row, (void)m, (void)a, (void)b;
-  (void)bits, (void)bpr;
-  return false;
-}
+#define fbn_fast_norm_nt_f32(...) false /* no AVX2 loop: the staged one */
 #endif
-static bool fbn_fast_norm_nt_f64(const double *x, const double *z, double *y, int64_t rows,
-                                 int64_t len, bool per_row, const double *m, const double *a,
-                                 const double *b, uint8_t *bits, int64_t bpr) {
-  (void)x, (void)z, (void)y, (void)rows, (void)len, (void)per_row, (void)m, (void)a, (void)b;
-  (void)bits, (void)bpr;
-  return false; /* float64 tensors keep the staged loop (no saved mask either) */
-}
+/* float64 tensors keep the staged loop (they have no saved mask either). */
+#define fbn_fast_norm_nt_f64(...) false
 
 /* ---- the loops, for float and double ------------------------------------ */
 
