@@ -519,8 +519,6 @@ __global__ void grad_finalize_kernel(int64_t C, int64_t count, const double *par
 // ---- elementwise -------------------------------------------------------------------
 // Thread i of the grid handles element i; a warp covers 32 consecutive
 // elements starting at a multiple of 32, so its ballot is one mask word.
-// The apply kernels also serve the general path's in-place add + ReLU:
-// coef NULL (no normalization) and x == y.
 
 template <typename T, bool NHWC, typename I>
 __global__ void apply_kernel(I numel, I C, I hw, const T *x, const T *z, T *y, uint32_t *mask,
@@ -531,11 +529,29 @@ __global__ void apply_kernel(I numel, I C, I hw, const T *x, const T *z, T *y, u
     const I i = base + threadIdx.x;
     bool positive = false;
     if (i < numel) {
-      A v = to_acc(x[i]);
-      if (coef != nullptr) {
-        const I c = channel_of<NHWC>(i, C, hw);
-        v = (v - coef[c]) * coef[C + c] + coef[2 * C + c];
-      }
+      const I c = channel_of<NHWC>(i, C, hw);
+      A v = (to_acc(x[i]) - coef[c]) * coef[C + c] + coef[2 * C + c];
+      if (z != nullptr)
+        v += to_acc(z[i]);
+      const T out = from_acc<T>(relu(v));
+      y[i] = out;
+      positive = !(to_acc(out) <= A(0));
+    }
+    const unsigned bits = __ballot_sync(0xffffffffu, positive);
+    if (mask != nullptr && (threadIdx.x & 31) == 0 && i < numel)
+      mask[i >> 5] = bits;
+  }
+}
+
+template <typename T, typename I>
+__global__ void add_relu_kernel(I numel, T *y, const T *z, uint32_t *mask) {
+  typedef typename AccOf<T>::type A;
+  const I stride = (I)gridDim.x * blockDim.x;
+  for (I base = (I)blockIdx.x * blockDim.x; base < numel; base += stride) {
+    const I i = base + threadIdx.x;
+    bool positive = false;
+    if (i < numel) {
+      A v = to_acc(y[i]);
       if (z != nullptr)
         v += to_acc(z[i]);
       const T out = from_acc<T>(relu(v));
@@ -608,27 +624,6 @@ __device__ __forceinline__ void store_mask_bits(uint32_t *mask, unsigned bits, I
     mask[(vi * V) >> 5] = bits;
 }
 
-// y[i .. i+V) = ReLU(pre + z[i .. i+V)) rounded to T (z may be NULL); returns
-// the gate bits of the rounded values, bit j = !(y[i + j] <= 0).
-template <int V, typename T, typename A, typename I>
-__device__ __forceinline__ unsigned add_relu_store(T *y, const T *z, I i, const A (&pre)[V]) {
-  Pack<T, V> zv{};
-  if (z != nullptr)
-    zv = load_pack<V>(z + i);
-  Pack<T, V> out;
-  unsigned bits = 0;
-#pragma unroll
-  for (int j = 0; j < V; j++) {
-    A v = pre[j];
-    if (z != nullptr)
-      v += to_acc(zv.v[j]);
-    out.v[j] = from_acc<T>(relu(v));
-    bits |= (unsigned)!(to_acc(out.v[j]) <= A(0)) << j;
-  }
-  store_pack<V>(y + i, out);
-  return bits;
-}
-
 template <typename T, bool NHWC, typename I, int V>
 __global__ void apply_vec_kernel(I nvec, I C, I hw, const T *x, const T *z, T *y, uint32_t *mask,
                                  const typename AccOf<T>::type *coef) {
@@ -640,19 +635,51 @@ __global__ void apply_vec_kernel(I nvec, I C, I hw, const T *x, const T *z, T *y
     if (vi < nvec) {
       const I i = vi * V;
       const Pack<T, V> xv = load_pack<V>(x + i);
-      A pre[V];
+      Pack<T, V> zv{};
+      if (z != nullptr)
+        zv = load_pack<V>(z + i);
+      const Pack<A, V> mean = coef_pack<NHWC, V>(coef, i, C, hw);
+      const Pack<A, V> scale = coef_pack<NHWC, V>(coef + C, i, C, hw);
+      const Pack<A, V> shift = coef_pack<NHWC, V>(coef + 2 * C, i, C, hw);
+      Pack<T, V> out;
 #pragma unroll
-      for (int j = 0; j < V; j++)
-        pre[j] = to_acc(xv.v[j]);
-      if (coef != nullptr) {
-        const Pack<A, V> mean = coef_pack<NHWC, V>(coef, i, C, hw);
-        const Pack<A, V> scale = coef_pack<NHWC, V>(coef + C, i, C, hw);
-        const Pack<A, V> shift = coef_pack<NHWC, V>(coef + 2 * C, i, C, hw);
-#pragma unroll
-        for (int j = 0; j < V; j++)
-          pre[j] = (pre[j] - mean.v[j]) * scale.v[j] + shift.v[j];
+      for (int j = 0; j < V; j++) {
+        A v = (to_acc(xv.v[j]) - mean.v[j]) * scale.v[j] + shift.v[j];
+        if (z != nullptr)
+          v += to_acc(zv.v[j]);
+        out.v[j] = from_acc<T>(relu(v));
+        bits |= (unsigned)!(to_acc(out.v[j]) <= A(0)) << j;
       }
-      bits = add_relu_store<V>(y, z, i, pre);
+      store_pack<V>(y + i, out);
+    }
+    if (mask != nullptr)
+      store_mask_bits<V>(mask, bits, vi, vi < nvec);
+  }
+}
+
+template <typename T, typename I, int V>
+__global__ void add_relu_vec_kernel(I nvec, T *y, const T *z, uint32_t *mask) {
+  typedef typename AccOf<T>::type A;
+  const I stride = (I)gridDim.x * blockDim.x;
+  for (I base = (I)blockIdx.x * blockDim.x; base < nvec; base += stride) {
+    const I vi = base + threadIdx.x;
+    unsigned bits = 0;
+    if (vi < nvec) {
+      const I i = vi * V;
+      const Pack<T, V> yv = load_pack<V>(y + i);
+      Pack<T, V> zv{};
+      if (z != nullptr)
+        zv = load_pack<V>(z + i);
+      Pack<T, V> out;
+#pragma unroll
+      for (int j = 0; j < V; j++) {
+        A v = to_acc(yv.v[j]);
+        if (z != nullptr)
+          v += to_acc(zv.v[j]);
+        out.v[j] = from_acc<T>(relu(v));
+        bits |= (unsigned)!(to_acc(out.v[j]) <= A(0)) << j;
+      }
+      store_pack<V>(y + i, out);
     }
     if (mask != nullptr)
       store_mask_bits<V>(mask, bits, vi, vi < nvec);
@@ -885,13 +912,11 @@ extern "C" cudaError_t fbn_k_add_relu(const fbn_k_shape *s, void *y, const void 
         constexpr int V = decltype(w)::value;
         const I units = (I)(numel_of(s) / V);
         const unsigned blocks = elementwise_blocks((int64_t)units);
-        typedef typename AccOf<T>::type A;
         if constexpr (V > 1)
-          apply_vec_kernel<T, false, I, V><<<blocks, kThreads, 0, stream>>>(
-              units, (I)1, (I)1, (const T *)y, (const T *)z, (T *)y, mask, (const A *)nullptr);
+          add_relu_vec_kernel<T, I, V>
+              <<<blocks, kThreads, 0, stream>>>(units, (T *)y, (const T *)z, mask);
         else
-          apply_kernel<T, false, I><<<blocks, kThreads, 0, stream>>>(
-              units, (I)1, (I)1, (const T *)y, (const T *)z, (T *)y, mask, (const A *)nullptr);
+          add_relu_kernel<T, I><<<blocks, kThreads, 0, stream>>>(units, (T *)y, (const T *)z, mask);
         return cudaGetLastError();
       });
     };
