@@ -829,18 +829,23 @@ fbn_fast_norm_nt_flat_avx2(const float *x, const float *z, float *y, int64_t tot
   }
 }
 
-/* Row r of the saved mask (bpr bytes) <- bits [r*len, (r+1)*len) of fb. */
+/* Row r of the saved mask (bpr bytes) <- bits [r*len, (r+1)*len) of fb
+ * (fb readable 8 bytes past its last bit), 7 bytes per 64-bit window; the
+ * bits past len in a row's last byte are cleared. Little-endian. */
 static void fbn_fast_mask_rows(const uint8_t *fb, int64_t rows, int64_t len, uint8_t *bits,
                                int64_t bpr) {
-  for (int64_t r = 0; r < rows; r++)
-    for (int64_t q = 0; q < bpr; q++) {
+  const unsigned last = (unsigned)(len - 8 * (bpr - 1)); /* 1..8 bits */
+  for (int64_t r = 0; r < rows; r++) {
+    uint8_t *row = bits + r * bpr;
+    for (int64_t q = 0; q < bpr; q += 7) {
       const int64_t s = r * len + 8 * q;
-      const unsigned w = (unsigned)fb[s / 8] | (unsigned)fb[s / 8 + 1] << 8;
-      unsigned byte = (w >> (s % 8)) & 0xffu;
-      if (8 * q + 8 > len)
-        byte &= (1u << (len - 8 * q)) - 1u;
-      bits[r * bpr + q] = (uint8_t)byte;
+      uint64_t w;
+      memcpy(&w, fb + s / 8, sizeof w);
+      w >>= s % 8;
+      memcpy(row + q, &w, (size_t)(bpr - q < 7 ? bpr - q : 7));
     }
+    row[bpr - 1] = (uint8_t)(row[bpr - 1] & ((1u << last) - 1u));
+  }
 }
 
 /* Largest flat run whose mask bits fbn_fast_norm_nt_f32 collects on the
@@ -862,9 +867,9 @@ static bool fbn_fast_norm_nt_f32(const float *x, const float *z, float *y, int64
   const int64_t total = rows * len;
   if (per_row || (bits != NULL && total > FBN_FAST_NT_FLAT_MAX))
     return false;
-  uint8_t fb[FBN_FAST_NT_FLAT_MAX / 8 + 2];
+  uint8_t fb[FBN_FAST_NT_FLAT_MAX / 8 + 9];
   if (bits != NULL)
-    memset(fb, 0, (size_t)(total / 8 + 2));
+    memset(fb, 0, (size_t)(total / 8 + 9));
   fbn_fast_norm_nt_flat_avx2(x, z, y, total, m, a, b, bits != NULL ? fb : NULL);
   if (bits != NULL)
     fbn_fast_mask_rows(fb, rows, len, bits, bpr);
