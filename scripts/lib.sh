@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Shared helpers of scripts/*: sourced, not run.
 
 # Install the Debian packages named in "$@" that are missing (needs root or sudo).
