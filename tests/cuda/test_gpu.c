@@ -112,13 +112,23 @@ static void *dev_alloc(size_t bytes) {
   return p;
 }
 
+/* cudaMalloc returns 256-byte aligned blocks; tensors may start up to 255
+ * bytes into theirs (g_tensor_offset), workspaces never do. */
 static void dev_free(void *p) {
   if (p != NULL)
-    CUDA_OK(cudaFree(p));
+    CUDA_OK(cudaFree((void *)((uintptr_t)p & ~(uintptr_t)255)));
+}
+
+/* Bytes past the 256-byte boundary at which the next device tensors start:
+ * 0, or one element, to make the library's vector kernels fall back. */
+static size_t g_tensor_offset = 0;
+
+static void *dev_tensor_alloc(size_t bytes) {
+  return (char *)dev_alloc(bytes + g_tensor_offset) + g_tensor_offset;
 }
 
 static void *dev_from_host(const void *host, size_t bytes) {
-  void *p = dev_alloc(bytes);
+  void *p = dev_tensor_alloc(bytes);
   CUDA_OK(cudaMemcpy(p, host, bytes, cudaMemcpyHostToDevice));
   return p;
 }
@@ -989,6 +999,31 @@ static void test_gpu_caller_stream_handle_workspace(void **state) {
 
 /* eps = 0 is valid (PyTorch accepts it; CUDNN_BN_MIN_EPSILON is 0.0 in cuDNN
  * 9): every path must take it and match the reference. */
+/* Tensors one element past a 256-byte boundary (every pointer: x, addend,
+ * y, dy, dx, daddend): the own kernels' 16-byte vector paths must fall back
+ * to their scalar kernels, and cuDNN may refuse (then a noted fallback). */
+static void test_gpu_misaligned_tensors(void **state) {
+  (void)state;
+  REQUIRE_GPU();
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  int failed = 0;
+  const char *forces[] = {NULL, "general", "kernels"};
+  for (size_t t = 0; t < 4; t++)
+    for (size_t l = 0; l < 2; l++)
+      for (size_t f = 0; f < 3; f++) {
+        gcase g = gcase_make(4, 16, 6, 8, dtypes[t], layouts[l]);
+        g.force = forces[f];
+        g.train_steps = 2;
+        g_tensor_offset = fbn_dtype_size(g.dtype);
+        if (!run_gcase(&g, &rng))
+          failed++;
+        g_tensor_offset = 0;
+      }
+  if (failed != 0)
+    fail_msg("%d configurations failed", failed);
+}
+
 static void test_gpu_eps_zero(void **state) {
   (void)state;
   REQUIRE_GPU();
@@ -1206,6 +1241,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_gpu_caller_stream_handle_workspace),
       cmocka_unit_test(test_gpu_runtime_error_query),
       cmocka_unit_test(test_gpu_eps_zero),
+      cmocka_unit_test(test_gpu_misaligned_tensors),
       cmocka_unit_test(test_gpu_saved_reuse_across_shapes),
       cmocka_unit_test(test_gpu_rejects_bad_memory),
       cmocka_unit_test(test_gpu_create_destroy_cycles),
