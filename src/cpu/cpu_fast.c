@@ -34,9 +34,10 @@
  * Saved payload: two arrays of C doubles (mean and inverse standard
  * deviation that normalized x, as the reference backend's), then for
  * float32 tensors the ReLU bitmask of the forward's y (path = 1): one bit
- * per element, !(y <= 0) (NaN sets it), each tensor row on a byte. Backward takes the mask
- * from it instead of reading y (the API requires y unchanged since the
- * forward), which saves a quarter of its first pass's reads.
+ * per element, !(y <= 0) (NaN sets it), each tensor row on a byte.
+ * Backward takes the mask from it instead of reading y (the API requires y
+ * unchanged since the forward), which saves a quarter of its first pass's
+ * reads.
  */
 #include <assert.h>
 #include <float.h>
@@ -351,8 +352,8 @@ static inline bool fbn_fast_chunk_next(fbn_fast_chunk *ck) {
   return true;
 }
 
-/* 8 values -> one byte of !(v <= 0) (NaN sets its bit); one byte -> 8 lane masks (all ones where
- * set). SSE2 on x86-64, plain loops elsewhere. */
+/* 8 values -> one byte of !(v <= 0) (NaN sets its bit); one byte -> 8 lane
+ * masks (all ones where set). SSE2 on x86-64, plain loops elsewhere. */
 #if defined(__x86_64__) && defined(__SSE2__)
 FBN_FAST_INLINE uint8_t fbn_fast_pack8_f32(const float *v) {
   const __m128 zero = _mm_setzero_ps();
