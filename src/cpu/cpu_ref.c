@@ -110,8 +110,8 @@ static fbn_status cpu_backward(fbn_module *m, const fbn_backward_args *a) {
 
   for (int64_t c = 0; c < d->c; c++) {
     const double mean = saved_mean[c], invstd = saved_invstd[c];
-    /* g = dL/d(pre-activation) = dy * !(y <= 0) (a NaN y passes dy, as in PyTorch): the gradient reaching both
-     * the addend and BN's output. */
+    /* g = dL/d(pre-activation) = dy * !(y <= 0) (a NaN y passes dy, as in
+     * PyTorch): the gradient reaching both the addend and BN's output. */
     double sum_g = 0.0, sum_g_xhat = 0.0;
     for (int64_t n = 0; n < d->n; n++)
       for (int64_t s = 0; s < hw; s++) {
