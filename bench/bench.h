@@ -143,7 +143,7 @@ typedef struct bench_row {
   double bytes;
   bench_timing fused;   /* fusedbn module (default bn_mode) */
   bench_timing unfused; /* the unfused baseline of this device */
-  bench_timing general; /* GPU only: fusedbn with bn_mode SPATIAL */
+  bench_timing spatial; /* GPU only: fusedbn with bn_mode SPATIAL */
   /* Short note (path taken, baseline mode), may be "". */
   char note[160];
 } bench_row;

@@ -104,16 +104,16 @@ typedef struct gpu_case {
 
   /* fusedbn */
   fbn_module *fused;
-  fbn_module *general; /* NULL where bn_mode AUTO already takes the general path */
-  fbn_saved *fused_saved, *general_saved;
-  void *fused_saved_mem, *general_saved_mem;
+  fbn_module *spatial; /* bn_mode SPATIAL; NULL where AUTO does not take the fused path */
+  fbn_saved *fused_saved, *spatial_saved;
+  void *fused_saved_mem, *spatial_saved_mem;
   void *ws;
   size_t ws_bytes;
 
   /* tensors (device) */
   void *x, *addend, *dy;
   void *y, *dx, *daddend;             /* fused */
-  void *y_gen, *dx_gen, *daddend_gen; /* general */
+  void *y_sp, *dx_sp, *daddend_sp; /* spatial module */
   void *y_ref, *dx_ref, *daddend_ref; /* unfused */
   void *tmp;                          /* unfused: batch-norm output */
   void *host_a, *host_b;              /* host staging for checks */
@@ -173,18 +173,18 @@ static int fused_backward(gpu_case *k) {
                                                 k->ws_bytes));
 }
 
-static int general_forward_train(gpu_case *k) {
+static int spatial_forward_train(gpu_case *k) {
   return fbn_op_result(k, "fbn_cuda_module_forward",
-                       fbn_cuda_module_forward(k->general, &k->ctx->exec, &k->desc, k->x,
-                                               k->addend, k->y_gen, k->general_saved, k->ws,
+                       fbn_cuda_module_forward(k->spatial, &k->ctx->exec, &k->desc, k->x,
+                                               k->addend, k->y_sp, k->spatial_saved, k->ws,
                                                k->ws_bytes));
 }
 
-static int general_backward(gpu_case *k) {
+static int spatial_backward(gpu_case *k) {
   return fbn_op_result(k, "fbn_cuda_module_backward",
-                       fbn_cuda_module_backward(k->general, &k->ctx->exec, k->general_saved,
-                                                &k->desc, k->x, k->y_gen, k->dy, k->dx_gen,
-                                                k->daddend_gen, k->ws, k->ws_bytes));
+                       fbn_cuda_module_backward(k->spatial, &k->ctx->exec, k->spatial_saved,
+                                                &k->desc, k->x, k->y_sp, k->dy, k->dx_sp,
+                                                k->daddend_sp, k->ws, k->ws_bytes));
 }
 
 /* ---- the unfused cuDNN sequence ----------------------------------------------- */
@@ -483,7 +483,7 @@ static int case_init(gpu_case *k, gpu_ctx *ctx, const bench_shape *shape,
     return 1;
   }
   void **tensors[] = {&k->x,      &k->addend,      &k->dy,    &k->y,      &k->dx,
-                      &k->daddend, &k->y_gen,      &k->dx_gen, &k->daddend_gen, &k->y_ref,
+                      &k->daddend, &k->y_sp,      &k->dx_sp, &k->daddend_sp, &k->y_ref,
                       &k->dx_ref, &k->daddend_ref, &k->tmp};
   for (size_t i = 0; i < sizeof tensors / sizeof tensors[0]; i++) {
     if (dev_alloc(tensors[i], k->tensor_bytes) != 0) {
@@ -508,8 +508,8 @@ static int case_init(gpu_case *k, gpu_ctx *ctx, const bench_shape *shape,
     return 1;
   }
   if (auto_path == FBN_CUDA_PATH_FUSED &&
-      create_module(k, FBN_BN_MODE_SPATIAL, &k->general, &k->general_saved,
-                    &k->general_saved_mem) != 0) {
+      create_module(k, FBN_BN_MODE_SPATIAL, &k->spatial, &k->spatial_saved,
+                    &k->spatial_saved_mem) != 0) {
     return 1;
   }
   if (k->ws_bytes > 0 && dev_alloc(&k->ws, k->ws_bytes) != 0) {
@@ -521,9 +521,9 @@ static int case_init(gpu_case *k, gpu_ctx *ctx, const bench_shape *shape,
 
 static void case_fini(gpu_case *k) {
   void *device[] = {k->x,      k->addend,      k->dy,       k->y,       k->dx,
-                    k->daddend, k->y_gen,      k->dx_gen,   k->daddend_gen, k->y_ref,
+                    k->daddend, k->y_sp,      k->dx_sp,   k->daddend_sp, k->y_ref,
                     k->dx_ref, k->daddend_ref, k->tmp,      k->ws,      k->fused_saved_mem,
-                    k->general_saved_mem, k->bn_scale, k->bn_bias, k->bn_mean, k->bn_var,
+                    k->spatial_saved_mem, k->bn_scale, k->bn_bias, k->bn_mean, k->bn_var,
                     k->bn_save_mean, k->bn_save_invvar, k->bn_dscale, k->bn_dbias};
   for (size_t i = 0; i < sizeof device / sizeof device[0]; i++) {
     if (device[i] != NULL) {
@@ -533,11 +533,11 @@ static void case_fini(gpu_case *k) {
   if (k->fused_saved != NULL) {
     fbn_saved_destroy(k->fused_saved);
   }
-  if (k->general_saved != NULL) {
-    fbn_saved_destroy(k->general_saved);
+  if (k->spatial_saved != NULL) {
+    fbn_saved_destroy(k->spatial_saved);
   }
   fbn_module_destroy(k->fused);
-  fbn_module_destroy(k->general);
+  fbn_module_destroy(k->spatial);
   if (k->x_desc != NULL) {
     (void)cudnnDestroyTensorDescriptor(k->x_desc);
   }
@@ -608,7 +608,7 @@ static int check_pass(gpu_case *k, bench_row *row) {
     const bool train = row->pass == BENCH_PASS_TRAIN_FWD;
     FBN_CHECK(fbn_cuda_module_path(k->fused, &k->desc, true, &path));
     note_path(row, "fused:", path);
-    if (poison(k, k->y) || poison(k, k->y_ref) || poison(k, k->y_gen) ||
+    if (poison(k, k->y) || poison(k, k->y_ref) || poison(k, k->y_sp) ||
         run_op(k, train ? fused_forward_train : fused_forward_eval)) {
       return 1;
     }
@@ -619,14 +619,14 @@ static int check_pass(gpu_case *k, bench_row *row) {
       }
       (void)bench_note_agreement(row, "", d);
     }
-    if (train && k->general != NULL) {
-      FBN_CHECK(fbn_cuda_module_path(k->general, &k->desc, true, &path));
+    if (train && k->spatial != NULL) {
+      FBN_CHECK(fbn_cuda_module_path(k->spatial, &k->desc, true, &path));
       note_path(row, "spatial:", path);
-      if (run_op(k, general_forward_train)) {
+      if (run_op(k, spatial_forward_train)) {
         return 1;
       }
       if (k->unfused_ok) {
-        if (device_diff(k, k->y_gen, k->y_ref, &d)) {
+        if (device_diff(k, k->y_sp, k->y_ref, &d)) {
           return 1;
         }
         (void)bench_note_agreement(row, "spatial ", d);
@@ -636,7 +636,7 @@ static int check_pass(gpu_case *k, bench_row *row) {
   }
   case BENCH_PASS_TRAIN_BWD: {
     if (run_op(k, fused_forward_train) ||
-        (k->general != NULL && run_op(k, general_forward_train)) ||
+        (k->spatial != NULL && run_op(k, spatial_forward_train)) ||
         (k->unfused_ok && run_op(k, unfused_forward_train))) {
       return 1;
     }
@@ -657,18 +657,18 @@ static int check_pass(gpu_case *k, bench_row *row) {
       }
       (void)bench_note_agreement(row, "", isnan(d) || isnan(d2) ? NAN : fmax(d, d2));
     }
-    if (k->general != NULL) {
-      FBN_CHECK(fbn_cuda_saved_path(k->general_saved, &path));
+    if (k->spatial != NULL) {
+      FBN_CHECK(fbn_cuda_saved_path(k->spatial_saved, &path));
       note_path(row, "spatial:", path);
-      if (poison(k, k->dx_gen) || poison(k, k->daddend_gen) || run_op(k, general_backward)) {
+      if (poison(k, k->dx_sp) || poison(k, k->daddend_sp) || run_op(k, spatial_backward)) {
         return 1;
       }
       if (k->unfused_ok) {
-        CUDA_CHECK(cudaMemcpyAsync(k->y_ref, k->y_gen, k->tensor_bytes, cudaMemcpyDeviceToDevice,
+        CUDA_CHECK(cudaMemcpyAsync(k->y_ref, k->y_sp, k->tensor_bytes, cudaMemcpyDeviceToDevice,
                                    k->ctx->stream));
         double d2 = NAN;
-        if (run_op(k, unfused_backward) || device_diff(k, k->dx_gen, k->dx_ref, &d) ||
-            device_diff(k, k->daddend_gen, k->daddend_ref, &d2)) {
+        if (run_op(k, unfused_backward) || device_diff(k, k->dx_sp, k->dx_ref, &d) ||
+            device_diff(k, k->daddend_sp, k->daddend_ref, &d2)) {
           return 1;
         }
         (void)bench_note_agreement(row, "spatial ", isnan(d) || isnan(d2) ? NAN : fmax(d, d2));
@@ -723,12 +723,12 @@ static int run_case(const bench_config *cfg, const bench_report_info *info, gpu_
       break;
     }
     gpu_impl impls[3] = {
-        {NULL, &row.fused}, {NULL, &row.unfused}, {NULL, &row.general}};
+        {NULL, &row.fused}, {NULL, &row.unfused}, {NULL, &row.spatial}};
     switch (row.pass) {
     case BENCH_PASS_TRAIN_FWD:
       impls[0].op = fused_forward_train;
       impls[1].op = k.unfused_ok ? unfused_forward_train : NULL;
-      impls[2].op = k.general != NULL ? general_forward_train : NULL;
+      impls[2].op = k.spatial != NULL ? spatial_forward_train : NULL;
       break;
     case BENCH_PASS_EVAL_FWD:
       impls[0].op = fused_forward_eval;
@@ -737,7 +737,7 @@ static int run_case(const bench_config *cfg, const bench_report_info *info, gpu_
     case BENCH_PASS_TRAIN_BWD:
       impls[0].op = fused_backward;
       impls[1].op = k.unfused_ok ? unfused_backward : NULL;
-      impls[2].op = k.general != NULL ? general_backward : NULL;
+      impls[2].op = k.spatial != NULL ? spatial_backward : NULL;
       break;
     case BENCH_PASS_COUNT:
       break;

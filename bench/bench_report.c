@@ -2,8 +2,8 @@
  * fusedbn-bench: the text table and the CSV output.
  *
  * One row per (shape, layout, dtype, pass). Columns: fused (fusedbn),
- * unfused (the device's baseline), and on the GPU general (fusedbn forced
- * to its general, non-persistent path). GB/s counts the minimum bytes a
+ * unfused (the device's baseline), and on the GPU spatial (fusedbn with
+ * bn_mode SPATIAL: no persistent kernel). GB/s counts the minimum bytes a
  * pass must move (bench_pass_tensors() tensors of x's size).
  */
 #include <math.h>
@@ -92,9 +92,9 @@ void bench_report_row(const bench_config *cfg, const bench_report_info *info,
     print_opt_csv(&row->unfused, row->unfused.median_ms, 6);
     print_opt_csv(&row->unfused, row->unfused.min_ms, 6);
     print_opt_csv(&row->unfused, gbps(row->bytes, &row->unfused), 3);
-    printf(",%d", row->general.reps);
-    print_opt_csv(&row->general, row->general.median_ms, 6);
-    print_opt_csv(&row->general, gbps(row->bytes, &row->general), 3);
+    printf(",%d", row->spatial.reps);
+    print_opt_csv(&row->spatial, row->spatial.median_ms, 6);
+    print_opt_csv(&row->spatial, gbps(row->bytes, &row->spatial), 3);
     print_opt_csv(&row->fused, ratio, 4);
     print_opt_csv(&row->fused, speedup, 4);
     /* The note is free text: quote it, doubling any quote. */
@@ -120,7 +120,7 @@ void bench_report_row(const bench_config *cfg, const bench_report_info *info,
   }
   print_ms_text(&row->unfused, row->bytes, 11);
   if (is_gpu(cfg)) {
-    print_ms_text(&row->general, row->bytes, 11);
+    print_ms_text(&row->spatial, row->bytes, 11);
   }
   if (have_ratio) {
     printf(" %6.2f %6.2fx", ratio, speedup);

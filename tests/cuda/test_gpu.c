@@ -263,6 +263,8 @@ typedef struct gcase {
    * polled) and backward (blocking) with the call's exec: must answer
    * FBN_STATUS_SUCCESS (normal data cannot overflow) */
   bool check_runtime;
+  /* device tensors start this many bytes past a 256-byte boundary */
+  size_t tensor_offset;
 } gcase;
 
 static gcase gcase_make(int64_t n, int64_t c, int64_t h, int64_t w, fbn_dtype dt, fbn_layout l) {
@@ -288,12 +290,13 @@ static gcase gcase_make(int64_t n, int64_t c, int64_t h, int64_t w, fbn_dtype dt
 
 static void gcase_name(const gcase *g, char *buf, size_t size) {
   snprintf(buf, size,
-           "%s %s (%lld,%lld,%lld,%lld) addend=%d affine=%d track=%d%s mode=%s%s%s eps=%g%s",
+           "%s %s (%lld,%lld,%lld,%lld) addend=%d affine=%d track=%d%s mode=%s%s%s eps=%g%s%s",
            fbnt_dtype_str(g->dtype), fbnt_layout_str(g->layout), (long long)g->n,
            (long long)g->c, (long long)g->h, (long long)g->w, g->addend, g->affine, g->track,
            g->cumulative ? " cumulative" : "", g->bn_mode == FBN_BN_MODE_AUTO ? "auto" : "spatial",
            g->force != NULL ? " force=" : "", g->force != NULL ? g->force : "", g->eps,
-           g->caller_exec ? (g->caller_handle ? " caller stream+handle" : " caller stream") : "");
+           g->caller_exec ? (g->caller_handle ? " caller stream+handle" : " caller stream") : "",
+           g->tensor_offset != 0 ? " tensors off 256-byte alignment" : "");
 }
 
 static fbn_module_options gcase_options(const gcase *g, fbn_device_type dev) {
@@ -634,6 +637,7 @@ static bool run_gcase(const gcase *g, fbnt_rng *rng) {
   caller_ctx cc;
   if (g->caller_exec)
     caller_init(&cc, g->caller_handle);
+  g_tensor_offset = g->tensor_offset;
   bool ok = true;
   for (int i = 0; i < g->train_steps; i++)
     ok &= run_step(g, name, rng, gm, cm, true, g->caller_exec ? &cc : NULL, NULL);
@@ -642,6 +646,7 @@ static bool run_gcase(const gcase *g, fbnt_rng *rng) {
     FBN_OK(fbn_module_set_training(cm, false));
     ok &= run_step(g, name, rng, gm, cm, !g->track, g->caller_exec ? &cc : NULL, NULL);
   }
+  g_tensor_offset = 0;
   if (g->caller_exec)
     caller_check_and_fini(&cc);
   fbn_module_destroy(gm);
@@ -656,6 +661,8 @@ static bool run_gcase(const gcase *g, fbnt_rng *rng) {
 static const fbn_dtype dtypes[] = {FBN_DTYPE_FLOAT32, FBN_DTYPE_FLOAT64, FBN_DTYPE_FLOAT16,
                                    FBN_DTYPE_BFLOAT16};
 static const fbn_layout layouts[] = {FBN_LAYOUT_NCHW, FBN_LAYOUT_NHWC};
+/* FBN_CUDA_FORCE_PATH values: none (the table's path), general, kernels. */
+static const char *const all_forces[] = {NULL, "general", "kernels"};
 /* C % 4 == 0; C % 4 != 0; C = 1 with H = W = 1; a bit larger */
 static const int64_t shapes[][4] = {{2, 8, 5, 3}, {3, 3, 4, 4}, {6, 1, 1, 1}, {4, 12, 7, 9}};
 
@@ -794,12 +801,11 @@ static void test_gpu_nan_propagation(void **state) {
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
   int failed = 0;
-  const char *forces[] = {NULL, "general", "kernels"};
   for (size_t t = 0; t < 4; t++)
     for (size_t l = 0; l < 2; l++)
       for (size_t f = 0; f < 3; f++) {
         gcase g = gcase_make(4, 8, 3, 5, dtypes[t], layouts[l]);
-        g.force = forces[f];
+        g.force = all_forces[f];
         g.nan_x_c = 1;
         g.eval_step = false;
         if (!run_gcase(&g, &rng))
@@ -829,7 +835,6 @@ static void test_gpu_paths_agree(void **state) {
   fbnt_fill_normal(&rng, &d, ah, NULL, 1.0);
   fbnt_fill_normal(&rng, &d, dyh, NULL, 1.0);
   void *x = dev_from_host(xh, bytes), *a = dev_from_host(ah, bytes), *dy = dev_from_host(dyh, bytes);
-  const char *forces[] = {NULL, "general", "kernels"};
   const fbn_cuda_path want[] = {FBN_CUDA_PATH_FUSED, FBN_CUDA_PATH_GENERAL, FBN_CUDA_PATH_KERNELS};
   double *y[3], *dx[3], *da[3], grads[3][2][64], running[3][2][64];
   for (int p = 0; p < 3; p++) {
@@ -837,7 +842,7 @@ static void test_gpu_paths_agree(void **state) {
     fbn_module_options_init(&o);
     o.num_features = 64;
     o.device = FBN_DEVICE_CUDA;
-    set_force(forces[p]);
+    set_force(all_forces[p]);
     fbn_module *m = NULL;
     fbn_status s = fbn_module_create(&o, &m);
     set_force(NULL);
@@ -883,7 +888,7 @@ static void test_gpu_paths_agree(void **state) {
   const double y_atol = t.atol * fbnt_max_abs(y[0], count);
   for (int p = 1; p < 3; p++) {
     char name[64];
-    snprintf(name, sizeof name, "fused vs %s", forces[p]);
+    snprintf(name, sizeof name, "fused vs %s", all_forces[p]);
     ok &= check_values(name, "y", y[p], y[0], count, t, &d);
     /* Each path rounds z = BN(x) + addend differently (the general path
      * rounds cuDNN's BN output to float16 before the add), so a z within
@@ -980,12 +985,11 @@ static void test_gpu_caller_stream_handle_workspace(void **state) {
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
   int failed = 0;
-  const char *forces[] = {NULL, "general", "kernels"};
   for (size_t t = 0; t < 4; t++)
     for (size_t f = 0; f < 3; f++)
       for (int variant = 0; variant < 4; variant++) {
         gcase g = gcase_make(4, 16, 6, 6, dtypes[t], FBN_LAYOUT_NHWC);
-        g.force = forces[f];
+        g.force = all_forces[f];
         g.addend = (variant & 1) != 0;
         g.caller_exec = true;
         g.caller_handle = (variant & 2) == 0;
@@ -997,8 +1001,44 @@ static void test_gpu_caller_stream_handle_workspace(void **state) {
     fail_msg("%d configurations failed", failed);
 }
 
+/* Shape (n, c, h, w) in every dtype and layout through every training path
+ * (auto, general, kernels), each case adjusted by tweak (may be NULL);
+ * returns how many configurations failed. */
+static int run_every_path(fbnt_rng *rng, int64_t n, int64_t c, int64_t h, int64_t w,
+                          void (*tweak)(gcase *)) {
+  int failed = 0;
+  for (size_t t = 0; t < 4; t++)
+    for (size_t l = 0; l < 2; l++)
+      for (size_t f = 0; f < 3; f++) {
+        gcase g = gcase_make(n, c, h, w, dtypes[t], layouts[l]);
+        g.force = all_forces[f];
+        if (tweak != NULL)
+          tweak(&g);
+        if (!run_gcase(&g, rng))
+          failed++;
+      }
+  return failed;
+}
+
+static void eps_zero(gcase *g) { g->eps = 0.0; }
+
 /* eps = 0 is valid (PyTorch accepts it; CUDNN_BN_MIN_EPSILON is 0.0 in cuDNN
  * 9): every path must take it and match the reference. */
+static void test_gpu_eps_zero(void **state) {
+  (void)state;
+  REQUIRE_GPU();
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  const int failed = run_every_path(&rng, 3, 8, 5, 4, eps_zero);
+  if (failed != 0)
+    fail_msg("%d configurations failed", failed);
+}
+
+static void misaligned(gcase *g) {
+  g->train_steps = 2;
+  g->tensor_offset = fbn_dtype_size(g->dtype);
+}
+
 /* Tensors one element past a 256-byte boundary (every pointer: x, addend,
  * y, dy, dx, daddend): the own kernels' 16-byte vector paths must fall back
  * to their scalar kernels, and cuDNN may refuse (then a noted fallback). */
@@ -1007,39 +1047,7 @@ static void test_gpu_misaligned_tensors(void **state) {
   REQUIRE_GPU();
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
-  int failed = 0;
-  const char *forces[] = {NULL, "general", "kernels"};
-  for (size_t t = 0; t < 4; t++)
-    for (size_t l = 0; l < 2; l++)
-      for (size_t f = 0; f < 3; f++) {
-        gcase g = gcase_make(4, 16, 6, 8, dtypes[t], layouts[l]);
-        g.force = forces[f];
-        g.train_steps = 2;
-        g_tensor_offset = fbn_dtype_size(g.dtype);
-        if (!run_gcase(&g, &rng))
-          failed++;
-        g_tensor_offset = 0;
-      }
-  if (failed != 0)
-    fail_msg("%d configurations failed", failed);
-}
-
-static void test_gpu_eps_zero(void **state) {
-  (void)state;
-  REQUIRE_GPU();
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, __func__);
-  int failed = 0;
-  const char *forces[] = {NULL, "general", "kernels"};
-  for (size_t t = 0; t < 4; t++)
-    for (size_t l = 0; l < 2; l++)
-      for (size_t f = 0; f < 3; f++) {
-        gcase g = gcase_make(3, 8, 5, 4, dtypes[t], layouts[l]);
-        g.eps = 0.0;
-        g.force = forces[f];
-        if (!run_gcase(&g, &rng))
-          failed++;
-      }
+  const int failed = run_every_path(&rng, 4, 16, 6, 8, misaligned);
   if (failed != 0)
     fail_msg("%d configurations failed", failed);
 }
