@@ -383,7 +383,9 @@ FBN_API fbn_status fbn_module_forward(fbn_module *module, const fbn_tensor_desc 
  * @param x, y       the forward's input and output (unchanged since).
  * @param dy         gradient of the loss with respect to y.
  * @param dx         NULL to skip, else receives dL/dx.
- * @param daddend    NULL to skip, else receives dL/daddend = dy * (y > 0).
+ * @param daddend    NULL to skip, else receives dL/daddend = dy where
+ *                   !(y <= 0), else 0 (a NaN y passes dy, as PyTorch's
+ *                   threshold_backward).
  * dx and daddend must not overlap each other or any input.
  *
  * NULL module, saved, desc, x, y or dy: FBN_STATUS_NULL_POINTER.  An empty
