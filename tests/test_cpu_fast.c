@@ -540,6 +540,40 @@ static void test_cpu_fast_streamed_outputs_match_reference(void **state) {
     fail_msg("%d of %d cases failed", failed, total);
 }
 
+/* NCHW training forward with long rows, float32, 8 MiB and more (AVX2):
+ * the statistics of a group of channels are accumulated while the previous
+ * group is normalized, in units of several groups. (4,35,46,348) has
+ * groups of 2 channels and a last group of 1, which ends a unit after a
+ * group of 2, and rows of 16k + 8 elements (the loop's tail); specials put
+ * channels on the exact path inside a unit; eval
+ * without running statistics takes batch statistics (pipelined too). */
+static void test_cpu_fast_pipelined_nchw_forward_matches_reference(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  static const struct {
+    bool affine, track, cumulative, addend, eval;
+    special sp;
+  } v[] = {
+      {true, true, false, true, false, SPECIAL_NONE},
+      {false, true, true, false, false, SPECIAL_NONE},
+      {true, false, false, true, true, SPECIAL_NONE},
+      {true, true, false, true, false, SPECIAL_NAN_X},
+      {true, true, false, true, false, SPECIAL_INF_WEIGHT},
+      {true, true, false, true, false, SPECIAL_NAN_ADDEND},
+  };
+  int failed = 0, total = 0;
+  for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
+    fcase k = {4,           35,      46,          348,       FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW,
+               v[i].affine, v[i].track, v[i].cumulative, v[i].addend, v[i].eval, v[i].sp, 2};
+    total++;
+    if (!run_case(&k, &rng))
+      failed++;
+  }
+  if (failed != 0)
+    fail_msg("%d of %d cases failed", failed, total);
+}
+
 /* The streamed float32 loop at other alignments: y (and x, addend, dy, dx,
  * daddend) 16 bytes past a 256-byte boundary, as glibc's malloc returns
  * large blocks (two 16-byte non-temporal stores per 8 elements), and 4
@@ -654,6 +688,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_cpu_fast_eval_single_value_matches_reference),
       cmocka_unit_test(test_cpu_fast_streamed_outputs_match_reference),
       cmocka_unit_test(test_cpu_fast_streamed_outputs_at_offsets),
+      cmocka_unit_test(test_cpu_fast_pipelined_nchw_forward_matches_reference),
   };
   return cmocka_run_group_tests_name("cpu_fast", tests, NULL, NULL);
 }

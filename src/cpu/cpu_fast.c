@@ -778,6 +778,84 @@ fbn_fast_norm_nt_avx2(const float *x, const float *z, float *y, int64_t rows, in
   _mm_sfence();
 }
 
+/*
+ * One row of the pipelined NCHW training forward (fbn_fast_forward_nchw_pipe):
+ * y <- x normalized as by fbn_fast_norm_nt_avx2 with per-row coefficients
+ * (mask byte per 8 elements into bits when not NULL), while the statistics
+ * of another row xs of the same length are accumulated: acc[0] += sum
+ * (xs - k), acc[1] += sum (xs - k)^2. The sums are formed in stats_rows'
+ * order (16 lanes, then the tail, then the lanes one by one; products and
+ * sums not fused), so they are bit for bit those of stats_rows' x86-64-v3
+ * clone. len % 8 == 0, y 16-byte aligned.
+ */
+__attribute__((target("avx2,fma"))) static void
+fbn_fast_pipe_row_avx2(const float *x, const float *z, float *y, int64_t len, float m, float a,
+                       float b, uint8_t *bits, bool y32, const float *xs, double k,
+                       double *acc) {
+  const __m256 zero = _mm256_setzero_ps(), mv = _mm256_set1_ps(m), av = _mm256_set1_ps(a);
+  const __m256 bv = _mm256_set1_ps(b);
+  const __m256d kv = _mm256_set1_pd(k);
+  __m256d p10 = _mm256_setzero_pd(), p11 = p10, p12 = p10, p13 = p10;
+  __m256d p20 = p10, p21 = p10, p22 = p10, p23 = p10;
+#define FBN_PIPE_LANES(h, p1, p2)                                                                \
+  do {                                                                                         \
+    const __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(xs + i + 4 * (h))), kv);      \
+    p1 = _mm256_add_pd(p1, d);                                                                 \
+    p2 = _mm256_add_pd(p2, _mm256_mul_pd(d, d));                                               \
+  } while (0)
+#define FBN_PIPE_NORM8(e)                                                                        \
+  do {                                                                                         \
+    __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + (e)), mv), av, bv);            \
+    if (z != NULL)                                                                             \
+      v = _mm256_add_ps(v, _mm256_loadu_ps(z + (e)));                                          \
+    const __m256 pass = _mm256_cmp_ps(v, zero, _CMP_NLE_UQ);                                   \
+    const __m256 out = _mm256_and_ps(pass, v);                                                 \
+    if (y32) {                                                                                 \
+      _mm256_stream_ps(y + (e), out);                                                          \
+    } else {                                                                                   \
+      _mm_stream_ps(y + (e), _mm256_castps256_ps128(out));                                     \
+      _mm_stream_ps(y + (e) + 4, _mm256_extractf128_ps(out, 1));                               \
+    }                                                                                          \
+    if (bits != NULL)                                                                          \
+      bits[(e) / 8] = (uint8_t)_mm256_movemask_ps(pass);                                       \
+  } while (0)
+  int64_t i = 0;
+  for (; i + 16 <= len; i += 16) {
+    FBN_PIPE_LANES(0, p10, p20);
+    FBN_PIPE_LANES(1, p11, p21);
+    FBN_PIPE_LANES(2, p12, p22);
+    FBN_PIPE_LANES(3, p13, p23);
+    FBN_PIPE_NORM8(i);
+    FBN_PIPE_NORM8(i + 8);
+  }
+  double s1 = 0.0, s2 = 0.0;
+  if (i < len) {
+    FBN_PIPE_NORM8(i);
+    for (int64_t e = i; e < len; e++) {
+      const double d = (double)xs[e] - k;
+      s1 += d;
+      s2 += d * d;
+    }
+  }
+#undef FBN_PIPE_LANES
+#undef FBN_PIPE_NORM8
+  double l1[16], l2[16];
+  _mm256_storeu_pd(l1, p10);
+  _mm256_storeu_pd(l1 + 4, p11);
+  _mm256_storeu_pd(l1 + 8, p12);
+  _mm256_storeu_pd(l1 + 12, p13);
+  _mm256_storeu_pd(l2, p20);
+  _mm256_storeu_pd(l2 + 4, p21);
+  _mm256_storeu_pd(l2 + 8, p22);
+  _mm256_storeu_pd(l2 + 12, p23);
+  for (int l = 0; l < 16; l++) {
+    s1 += l1[l];
+    s2 += l2[l];
+  }
+  acc[0] += s1;
+  acc[1] += s2;
+}
+
 /* The same for one flat run of `total` elements with per-element
  * coefficients and any alignment of y (scalar elements until y is 16-byte
  * aligned, and at the end): rows whose length is not a multiple of 8 (NCHW
@@ -854,12 +932,16 @@ static void fbn_fast_mask_rows(const uint8_t *fb, int64_t rows, int64_t len, uin
 #define FBN_FAST_NT_FLAT_MAX 65536
 
 static int fbn_fast_avx2_state = -1; /* a racing first write stores the same value */
+static bool fbn_fast_have_avx2(void) {
+  if (fbn_fast_avx2_state < 0)
+    fbn_fast_avx2_state = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return fbn_fast_avx2_state != 0;
+}
+
 static bool fbn_fast_norm_nt_f32(const float *x, const float *z, float *y, int64_t rows,
                                  int64_t len, bool per_row, const float *m, const float *a,
                                  const float *b, uint8_t *bits, int64_t bpr) {
-  if (fbn_fast_avx2_state < 0)
-    fbn_fast_avx2_state = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (!fbn_fast_avx2_state)
+  if (!fbn_fast_have_avx2())
     return false;
   if (len % 8 == 0 && (bits == NULL || bpr == len / 8) && ((uintptr_t)y & 15) == 0) {
     fbn_fast_norm_nt_avx2(x, z, y, rows, len, per_row, m, a, b, bits, ((uintptr_t)y & 31) == 0);
@@ -876,8 +958,10 @@ static bool fbn_fast_norm_nt_f32(const float *x, const float *z, float *y, int64
     fbn_fast_mask_rows(fb, rows, len, bits, bpr);
   return true;
 }
+#define FBN_FAST_PIPE 1
 #else
 #define fbn_fast_norm_nt_f32(...) false /* no AVX2 loop: the staged one */
+#define FBN_FAST_PIPE 0
 #endif
 /* float64 tensors keep the staged loop (they have no saved mask either). */
 #define fbn_fast_norm_nt_f64(...) false
@@ -893,6 +977,141 @@ static bool fbn_fast_norm_nt_f32(const float *x, const float *z, float *y, int64
 #undef FBN_SFX
 #undef FBN_MASK_T
 #undef FBN_T_MIN
+
+/* ---- NCHW training forward: statistics pipelined into normalization ---- */
+
+#if FBN_FAST_PIPE
+/*
+ * NCHW, long rows, float32, batch statistics, streamed output (AVX2). The
+ * grouped forward (forward_nchw) reads a group's x twice in two passes: the
+ * statistics pass only reads, and on these 2-core machines a core that only
+ * reads reaches about 2/3 of the bandwidth of one that reads and writes
+ * (misses in flight per core are the limit, not the memory; 2 threads over
+ * 100-512 MB: reading alone 21-26 GB/s, reading two streams and writing one
+ * with non-temporal stores 29-34 GB/s counting every byte). Here the
+ * statistics of group k+1 are accumulated in the same loop that normalizes
+ * group k, whose x is still in the caches from the previous step: every
+ * step reads two streams from memory (x of k+1, addend of k) and writes
+ * one (y of k), like the eval pass. A unit of work is a run of up to
+ * FBN_FAST_PIPE_STAGES consecutive groups (threads take units dynamically);
+ * its first group's statistics are read alone, its last group is normalized
+ * alone. The sums are bit for bit those of forward_nchw (same order).
+ */
+/* Bytes of x per pipelined group: two groups are in the caches at once. */
+#define FBN_FAST_PIPE_GROUP_BYTES ((int64_t)512 << 10)
+#define FBN_FAST_PIPE_STAGES 8
+
+/* Groups per unit of work: FBN_FAST_PIPE_STAGES, fewer when that would
+ * leave fewer than 4 units per thread. */
+static int64_t fbn_fast_pipe_stages(int64_t ngroups, int nt) {
+  if (nt == 1)
+    return FBN_FAST_PIPE_STAGES;
+  const int64_t s = ngroups / (4 * (int64_t)nt);
+  return s < 1 ? 1 : s > FBN_FAST_PIPE_STAGES ? FBN_FAST_PIPE_STAGES : s;
+}
+
+static bool fbn_fast_pipe_usable(const fbn_forward_args *a, const uint8_t *bits, int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t hw = d->h * d->w;
+  return d->dtype == FBN_DTYPE_FLOAT32 && a->batch_stats && hw >= FBN_FAST_NCHW_VEC_HW &&
+         hw % 8 == 0 && (bits == NULL || bpr == hw / 8) && ((uintptr_t)a->y & 15) == 0 &&
+         fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(float)) &&
+         fbn_fast_have_avx2();
+}
+
+typedef struct fbn_fast_pipe_group {
+  int64_t c0, gc;
+  double shift[FBN_FAST_MAX_GROUP], acc[FBN_FAST_MAX_GROUP][2];
+} fbn_fast_pipe_group;
+
+static void fbn_fast_pipe_group_init(fbn_fast_pipe_group *g, const float *x, int64_t c0,
+                                     int64_t gc, int64_t hw) {
+  g->c0 = c0;
+  g->gc = gc;
+  for (int64_t j = 0; j < gc; j++) {
+    g->acc[j][0] = g->acc[j][1] = 0.0;
+    g->shift[j] = (double)x[(c0 + j) * hw];
+  }
+}
+
+/* Groups [gi0, gi1) of g_ channels. */
+static void fbn_fast_pipe_unit(fbn_module *m, const fbn_forward_args *a, int64_t g_, int64_t gi0,
+                               int64_t gi1, uint8_t *bits, int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w;
+  const float *x = a->x, *z = a->addend;
+  float *y = a->y;
+  const bool y32 = ((uintptr_t)y & 31) == 0;
+  fbn_fast_pipe_group grp[2];
+  double mean[FBN_FAST_MAX_GROUP], invstd[FBN_FAST_MAX_GROUP];
+  float cm[FBN_FAST_MAX_GROUP], ca[FBN_FAST_MAX_GROUP], cb[FBN_FAST_MAX_GROUP];
+  bool fast[FBN_FAST_MAX_GROUP];
+
+  fbn_fast_pipe_group *cur = &grp[0], *next = &grp[1];
+  const int64_t first = gi0 * g_;
+  fbn_fast_pipe_group_init(cur, x, first, c_ - first < g_ ? c_ - first : g_, hw);
+  for (int64_t n = 0; n < n_; n++)
+    stats_rows_f32(x + (n * c_ + cur->c0) * hw, cur->gc, hw, cur->shift, cur->acc);
+  for (int64_t gi = gi0; gi < gi1; gi++) {
+    const int64_t c0 = cur->c0, gc = cur->gc;
+    for (int64_t j = 0; j < gc; j++) {
+      fbn_fast_batch_stats(m, a, c0 + j, cur->shift[j], cur->acc[j][0], cur->acc[j][1],
+                           &mean[j], &invstd[j]);
+      fast[j] = forward_coef_f32(mean[j], invstd[j], fbn_fast_weight(m, c0 + j),
+                                 fbn_fast_bias(m, c0 + j), &cm[j], &ca[j], &cb[j]);
+    }
+    const bool more = gi + 1 < gi1;
+    const int64_t c1 = c0 + gc, gc1 = !more ? 0 : c_ - c1 < g_ ? c_ - c1 : g_;
+    if (more)
+      fbn_fast_pipe_group_init(next, x, c1, gc1, hw);
+    for (int64_t n = 0; n < n_; n++) {
+      const int64_t off = (n * c_ + c0) * hw, off1 = (n * c_ + c1) * hw;
+      uint8_t *bn = bits != NULL ? bits + (n * c_ + c0) * bpr : NULL;
+      const int64_t both = gc1; /* <= gc: only the tensor's last group is smaller */
+      for (int64_t j = 0; j < both; j++)
+        fbn_fast_pipe_row_avx2(x + off + j * hw, z != NULL ? z + off + j * hw : NULL,
+                               y + off + j * hw, hw, cm[j], ca[j], cb[j],
+                               bn != NULL ? bn + j * bpr : NULL, y32, x + off1 + j * hw,
+                               next->shift[j], next->acc[j]);
+      if (gc > both)
+        fbn_fast_norm_nt_avx2(x + off + both * hw, z != NULL ? z + off + both * hw : NULL,
+                              y + off + both * hw, gc - both, hw, true, cm + both, ca + both,
+                              cb + both, bn != NULL ? bn + both * bpr : NULL, y32);
+    }
+    _mm_sfence();
+    for (int64_t j = 0; j < gc; j++)
+      if (!fast[j])
+        fbn_fast_exact_normalize(m, a, c0 + j, mean[j], invstd[j], bits, bpr);
+    fbn_fast_pipe_group *t = cur;
+    cur = next;
+    next = t;
+  }
+}
+
+static void fbn_fast_forward_nchw_pipe(fbn_module *m, const fbn_forward_args *a, int nt,
+                                       uint8_t *bits, int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t bpc = d->n * d->h * d->w * (int64_t)sizeof(float);
+  int64_t g_ = FBN_FAST_PIPE_GROUP_BYTES / bpc;
+  g_ = g_ < 1 ? 1 : g_ > FBN_FAST_MAX_GROUP ? FBN_FAST_MAX_GROUP : g_;
+  const int64_t ngroups = (d->c + g_ - 1) / g_;
+  const int64_t stages = fbn_fast_pipe_stages(ngroups, nt);
+  const int64_t units = (ngroups + stages - 1) / stages;
+  if (nt > 1) {
+    FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt))
+    for (int64_t u = 0; u < units; u++)
+      fbn_fast_pipe_unit(m, a, g_, u * stages,
+                         (u + 1) * stages < ngroups ? (u + 1) * stages : ngroups, bits, bpr);
+  } else {
+    for (int64_t u = 0; u < units; u++)
+      fbn_fast_pipe_unit(m, a, g_, u * stages,
+                         (u + 1) * stages < ngroups ? (u + 1) * stages : ngroups, bits, bpr);
+  }
+}
+#else
+#define fbn_fast_pipe_usable(...) false
+#define fbn_fast_forward_nchw_pipe(...) ((void)0)
+#endif
 
 #define FBN_T double
 #define FBN_SFX f64
@@ -943,7 +1162,9 @@ static fbn_status fast_forward(fbn_module *m, const fbn_forward_args *a) {
                       : NULL;
   const int64_t bpr = fbn_fast_mask_bpr(d);
   if (d->layout == FBN_LAYOUT_NCHW && d->h * d->w >= FBN_FAST_NCHW_VEC_HW) {
-    if (f32)
+    if (fbn_fast_pipe_usable(a, bits, bpr))
+      fbn_fast_forward_nchw_pipe(m, a, nt, bits, bpr);
+    else if (f32)
       forward_nchw_f32(m, a, nt, bits, bpr);
     else
       forward_nchw_f64(m, a, nt, bits, bpr);
