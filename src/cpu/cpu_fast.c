@@ -95,6 +95,11 @@
  * L2 + L3 share of a core rather than L2 alone. */
 #define FBN_FAST_GROUP_BYTES ((int64_t)1 << 20)
 #define FBN_FAST_GROUP_BYTES_SHORT_ROWS ((int64_t)4 << 20)
+/* Bytes of x in one group of the pipelined NCHW training forward
+ * (fbn_fast_forward_nchw_pipe): two groups are in the caches at once. And
+ * groups per unit of work there. */
+#define FBN_FAST_PIPE_GROUP_BYTES ((int64_t)512 << 10)
+#define FBN_FAST_PIPE_STAGES 8
 /* Elements of one NHWC block (P rows, P*C >= this) per vector loop. */
 #define FBN_FAST_NHWC_BLOCK 4096
 /* Bytes of x in one NHWC unit of work (threads take units dynamically). */
@@ -877,6 +882,11 @@ fbn_fast_norm_nt_flat_avx2(const float *x, const float *z, float *y, int64_t tot
   }
   const bool y32 = ((uintptr_t)(y + e) & 31) == 0;
   const __m256 zero = _mm256_setzero_ps();
+  /* the vectors' bits start at bit sh of each byte; carry: the bits that
+   * went past the last byte written (and the peel's bits at first), so that
+   * each byte is stored once, with no read-modify-write chain */
+  const unsigned sh = (unsigned)(e % 8);
+  unsigned carry = fb != NULL ? fb[e / 8] : 0u;
   for (; e + 8 <= total; e += 8) {
     __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + e), _mm256_loadu_ps(m + e)),
                                _mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e));
@@ -891,11 +901,13 @@ fbn_fast_norm_nt_flat_avx2(const float *x, const float *z, float *y, int64_t tot
       _mm_stream_ps(y + e + 4, _mm256_extractf128_ps(out, 1));
     }
     if (fb != NULL) {
-      const unsigned w = (unsigned)_mm256_movemask_ps(pass) << (e % 8);
-      fb[e / 8] = (uint8_t)(fb[e / 8] | (w & 0xffu));
-      fb[e / 8 + 1] = (uint8_t)(fb[e / 8 + 1] | (w >> 8));
+      const unsigned w = carry | (unsigned)_mm256_movemask_ps(pass) << sh;
+      fb[e / 8] = (uint8_t)w;
+      carry = w >> 8;
     }
   }
+  if (fb != NULL)
+    fb[e / 8] = (uint8_t)carry;
   _mm_sfence();
   for (; e < total; e++) {
     float v = __builtin_fmaf(x[e] - m[e], a[e], b[e]);
@@ -921,7 +933,13 @@ static void fbn_fast_mask_rows(const uint8_t *fb, int64_t rows, int64_t len, uin
       uint64_t w;
       memcpy(&w, fb + s / 8, sizeof w);
       w >>= s % 8;
-      memcpy(row + q, &w, (size_t)(bpr - q < 7 ? bpr - q : 7));
+      /* 8 bytes where the ones past the window are written again later
+       * (by the next windows or rows of this call); the exact count near
+       * the end of the block */
+      if ((r * bpr + q + 8) <= rows * bpr)
+        memcpy(row + q, &w, sizeof w);
+      else
+        memcpy(row + q, &w, (size_t)(bpr - q < 7 ? bpr - q : 7));
     }
     row[bpr - 1] = (uint8_t)(row[bpr - 1] & ((1u << last) - 1u));
   }
@@ -997,10 +1015,6 @@ static bool fbn_fast_norm_nt_f32(const float *x, const float *z, float *y, int64
  * its first group's statistics are read alone, its last group is normalized
  * alone. The sums are bit for bit those of forward_nchw (same order).
  */
-/* Bytes of x per pipelined group: two groups are in the caches at once. */
-#define FBN_FAST_PIPE_GROUP_BYTES ((int64_t)512 << 10)
-#define FBN_FAST_PIPE_STAGES 8
-
 /* Groups per unit of work: FBN_FAST_PIPE_STAGES, fewer when that would
  * leave fewer than 4 units per thread. */
 static int64_t fbn_fast_pipe_stages(int64_t ngroups, int nt) {
