@@ -3,9 +3,11 @@
 
 Reads the CSV of fbn-peers-bench and torch_peer.py for each round, writes the
 generated part of docs/benchmarks.md (between the BEGIN/END markers) and a PNG
-chart. Numbers are medians of the calls of one round; the memory floor of a
-pass is its minimal traffic at the copy bandwidth measured in the same round
-(the faster of the copy measurements at the start and at the end of it).
+chart. Numbers are medians of the calls of one round. The memory floor of a
+pass is the median time of a 2-thread memcpy moving its minimal traffic, timed
+call by call interleaved with the implementations ("memcpy-floor" rows of
+fbn-peers-bench); the floor at the round's global copy bandwidth (the faster of
+the copy measurements at its start and end) is shown beside it.
 """
 import argparse
 import csv
@@ -60,8 +62,15 @@ def read_round(paths):
 
 
 def floor_ms(pass_, shape, gbs):
+    """The floor at the round's global copy bandwidth."""
     n, c, h, w = shape
     return FLOOR_BYTES[pass_] * n * c * h * w / (gbs * 1e9) * 1e3
+
+
+def floor_paired(impls, pass_, shape, gbs):
+    """The interleaved memcpy of the same traffic, when the run has it."""
+    v = impls.get("memcpy-floor")
+    return v if v is not None else floor_ms(pass_, shape, gbs)
 
 
 def best_onednn(impls):
@@ -81,9 +90,10 @@ def table(rounds, pass_):
     """Markdown table of one pass over all rounds."""
     out = []
     hdr = ("| shape (N,C,H,W) | layout | round | fusedbn ms | oneDNN ms | oneDNN unfused ms | "
-           "PyTorch ms | floor ms | oneDNN / fusedbn | PyTorch / fusedbn | fusedbn / floor |")
+           "PyTorch ms | floor ms | oneDNN / fusedbn | PyTorch / fusedbn | fusedbn / floor | "
+           "global floor ms | fusedbn / global floor |")
     out.append(hdr)
-    out.append("|" + "|".join(["---"] * 11) + "|")
+    out.append("|" + "|".join(["---"] * 13) + "|")
     keys = sorted({k for r in rounds for k in r[0] if k[0] == pass_},
                   key=lambda k: (k[1][1], k[2]))
     for key in keys:
@@ -93,17 +103,18 @@ def table(rounds, pass_):
             ours = impls.get("fusedbn")
             dnnl = best_onednn(impls)
             torch = impls.get("pytorch")
-            fl = floor_ms(pass_, shape, gbs)
-            out.append("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            fl = floor_paired(impls, pass_, shape, gbs)
+            gfl = floor_ms(pass_, shape, gbs)
+            out.append("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
                 ",".join(str(v) for v in shape), layout, i + 1, fmt(ours), fmt(impls.get("onednn")),
                 fmt(impls.get("onednn-unfused")), fmt(torch), fmt(fl), fmt(ratio(dnnl, ours)),
-                fmt(ratio(torch, ours)), fmt(ratio(ours, fl))))
+                fmt(ratio(torch, ours)), fmt(ratio(ours, fl)), fmt(gfl), fmt(ratio(ours, gfl))))
     return "\n".join(out)
 
 
 def goal_check(rounds):
     """Lines listing every shape/layout/pass/round where a goal is not met."""
-    misses, checked = [], 0
+    misses, checked, global_misses = [], 0, []
     for i, (rows, gbs, _, _) in enumerate(rounds):
         for key, impls in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1][1], kv[0][2])):
             pass_, shape, layout = key
@@ -122,11 +133,14 @@ def goal_check(rounds):
                         GOAL_PEER[pass_]))
             if pass_ == "train_fwd":
                 checked += 1
-                r = ours / floor_ms(pass_, shape, gbs)
+                r = ours / floor_paired(impls, pass_, shape, gbs)
                 if r > GOAL_FLOOR:
                     misses.append("- %s: fusedbn / floor = %.2f (goal <= %.2f)" % (
                         name, r, GOAL_FLOOR))
-    return checked, misses
+                rg = ours / floor_ms(pass_, shape, gbs)
+                if rg > GOAL_FLOOR:
+                    global_misses.append("- %s: fusedbn / global floor = %.2f" % (name, rg))
+    return checked, misses, global_misses
 
 
 def chart(rounds, path):
@@ -153,7 +167,8 @@ def chart(rounds, path):
                 vals.append(sum(got) / len(got) if got else 0.0)
             xs = [i + (j - 1) * width for i in range(len(keys))]
             ax.bar(xs, vals, width, label=label, color=color)
-        floors = [sum(floor_ms(pass_, s, r[1]) for r in rounds) / len(rounds) for s, _ in keys]
+        floors = [sum(floor_paired(r[0].get((pass_, s, l), {}), pass_, s, r[1]) for r in rounds)
+                  / len(rounds) for s, l in keys]
         for i, f in enumerate(floors):
             ax.hlines(f, i - 1.5 * width, i + 1.5 * width, colors="black", linestyles="dashed",
                       label="memory floor" if i == 0 else None)
@@ -183,7 +198,7 @@ def main():
 
     rounds = [read_round(paths) for paths in args.round]
     chart(rounds, args.png)
-    checked, misses = goal_check(rounds)
+    checked, misses, global_misses = goal_check(rounds)
 
     g = [BEGIN, ""]
     g.append("Command: `%s`  " % args.command)
@@ -221,6 +236,14 @@ def main():
         g.extend(misses)
     else:
         g.append("None: all %d checks met in every round." % checked)
+    g.append("")
+    g.append("Forward training against the floor at the round's global copy bandwidth instead "
+             "(not a goal check; the interleaved floor above is the one measured under the same "
+             "conditions): %s" % ("%d rows above %.2f:" % (len(global_misses), GOAL_FLOOR)
+                                  if global_misses else "no row above %.2f." % GOAL_FLOOR))
+    if global_misses:
+        g.append("")
+        g.extend(global_misses)
     g.append("")
     g.append(END)
     generated = "\n".join(g)

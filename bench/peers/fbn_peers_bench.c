@@ -12,9 +12,14 @@
  *   backward         fusedbn backward (dx, daddend, dweight, dbias) against
  *                    oneDNN's eltwise ReLU backward (from y: daddend) followed
  *                    by batch-norm backward (dx, dscale, dshift)
- *   copy             memcpy with 2 threads over large buffers: the bandwidth
- *                    that gives the memory floor (16 bytes per element for a
- *                    training forward: x read twice, addend once, y written)
+ *   memcpy-floor     per pass, shape and layout: a 2-thread copy (non-temporal
+ *                    stores, copy_nt_2threads) moving the
+ *                    pass's minimal traffic (16 bytes per element for a
+ *                    training forward: x read twice, addend once, y written;
+ *                    12 for eval, 20 for backward), timed interleaved with
+ *                    the implementations: the memory floor
+ *   copy             memcpy with 2 threads over 512 MiB at the start and the
+ *                    end: the machine's copy bandwidth
  *
  * PyTorch runs from torch_peer.py with the same CSV output; scripts/
  * cpu-bench-table runs both, twice, and writes docs/benchmarks.md.
@@ -43,6 +48,10 @@
 
 #include "fusedbn/fusedbn.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 #ifdef FBN_PEERS_HAVE_ONEDNN
 #include <oneapi/dnnl/dnnl.h>
 #endif
@@ -65,6 +74,9 @@ static const peers_shape quick_shapes[] = {
 
 enum { PASS_TRAIN_FWD, PASS_EVAL_FWD, PASS_BWD, PASS_COUNT };
 static const char *const pass_names[PASS_COUNT] = {"train_fwd", "eval_fwd", "bwd"};
+/* Minimal traffic of each pass, float32 bytes per element (read + written):
+ * the memory floor. */
+static const int floor_bytes[PASS_COUNT] = {16, 12, 20};
 
 typedef struct peers_config {
   int reps;
@@ -137,6 +149,78 @@ static double max_rel_diff(const float *a, const float *b, size_t count) {
 
 /* ---- copy bandwidth ----------------------------------------------------- */
 
+/* dst <- src, `bytes`, split between 2 threads (one without OpenMP). */
+static void copy_2threads(char *dst, const char *src, size_t bytes) {
+#ifdef _OPENMP
+#pragma omp parallel num_threads(2)
+  {
+    const size_t half = bytes / 2, id = (size_t)omp_get_thread_num();
+    memcpy(dst + id * half, src + id * half, id ? bytes - half : half);
+  }
+#else
+  memcpy(dst, src, bytes);
+#endif
+}
+
+/* The same with non-temporal stores, 128 bytes per step (32-byte AVX
+ * stores where the CPU has AVX: up to ~8% faster than 16-byte ones here):
+ * glibc's memcpy changes strategy with the size (measured here: 20-22 GB/s
+ * on 100-200 MB, 34-35 GB/s on 512 MiB), this loop does not (31-37 GB/s
+ * on both), so that floors of every size are measured alike. dst and src
+ * 64-byte aligned, bytes a multiple of 256. */
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx"))) static void copy_nt_avx(char *dst, const char *src, size_t bytes) {
+  for (size_t i = 0; i < bytes; i += 128) {
+    const __m256 a = _mm256_load_ps((const float *)(src + i));
+    const __m256 b = _mm256_load_ps((const float *)(src + i + 32));
+    const __m256 c = _mm256_load_ps((const float *)(src + i + 64));
+    const __m256 e = _mm256_load_ps((const float *)(src + i + 96));
+    _mm256_stream_ps((float *)(dst + i), a);
+    _mm256_stream_ps((float *)(dst + i + 32), b);
+    _mm256_stream_ps((float *)(dst + i + 64), c);
+    _mm256_stream_ps((float *)(dst + i + 96), e);
+  }
+  _mm_sfence();
+}
+
+static void copy_nt_sse2(char *dst, const char *src, size_t bytes) {
+  for (size_t i = 0; i < bytes; i += 64) {
+    const __m128i a = _mm_load_si128((const __m128i *)(src + i));
+    const __m128i b = _mm_load_si128((const __m128i *)(src + i + 16));
+    const __m128i c = _mm_load_si128((const __m128i *)(src + i + 32));
+    const __m128i e = _mm_load_si128((const __m128i *)(src + i + 48));
+    _mm_stream_si128((__m128i *)(dst + i), a);
+    _mm_stream_si128((__m128i *)(dst + i + 16), b);
+    _mm_stream_si128((__m128i *)(dst + i + 32), c);
+    _mm_stream_si128((__m128i *)(dst + i + 48), e);
+  }
+  _mm_sfence();
+}
+#endif
+
+static void copy_nt_2threads(char *dst, const char *src, size_t bytes) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const bool avx = __builtin_cpu_supports("avx");
+#ifdef _OPENMP
+#pragma omp parallel num_threads(2)
+  {
+    const size_t half = bytes / 2, id = (size_t)omp_get_thread_num();
+    if (avx)
+      copy_nt_avx(dst + id * half, src + id * half, half);
+    else
+      copy_nt_sse2(dst + id * half, src + id * half, half);
+  }
+#else
+  if (avx)
+    copy_nt_avx(dst, src, bytes);
+  else
+    copy_nt_sse2(dst, src, bytes);
+#endif
+#else
+  copy_2threads(dst, src, bytes);
+#endif
+}
+
 /* Median time of a 2-thread memcpy of `bytes`; bandwidth counts bytes read
  * plus bytes written. */
 static double measure_copy(const peers_config *cfg, double *best_ms) {
@@ -147,15 +231,7 @@ static double measure_copy(const peers_config *cfg, double *best_ms) {
   double *t = calloc((size_t)total, sizeof *t);
   for (int r = 0; r < total; r++) {
     const double t0 = now_s();
-#ifdef _OPENMP
-#pragma omp parallel num_threads(2)
-    {
-      const size_t half = bytes / 2, id = (size_t)omp_get_thread_num();
-      memcpy(dst + id * half, src + id * half, id ? bytes - half : half);
-    }
-#else
-    memcpy(dst, src, bytes);
-#endif
+    copy_2threads(dst, src, bytes);
     t[r] = now_s() - t0;
   }
   double *timed = t + cfg->warmup;
@@ -378,8 +454,14 @@ static void dnnl_peer_fini(dnnl_peer *p) {
 
 /* ---- one shape ---------------------------------------------------------- */
 
-enum { IMPL_OURS, IMPL_DNNL, IMPL_DNNL_UNFUSED, IMPL_COUNT };
-static const char *const impl_names[IMPL_COUNT] = {"fusedbn", "onednn", "onednn-unfused"};
+/* IMPL_FLOOR: a 2-thread copy moving the pass's minimal traffic
+ * (floor_bytes / 2 per element copied: read + written), timed in the same
+ * interleaving as the implementations, so that the floor is measured under
+ * the same conditions of the shared machine as the calls it is compared
+ * with (its bandwidth moves by 10-40% within a minute here). */
+enum { IMPL_OURS, IMPL_FLOOR, IMPL_DNNL, IMPL_DNNL_UNFUSED, IMPL_COUNT };
+static const char *const impl_names[IMPL_COUNT] = {"fusedbn", "memcpy-floor", "onednn",
+                                                   "onednn-unfused"};
 
 typedef struct shape_bufs {
   size_t numel;
@@ -387,6 +469,7 @@ typedef struct shape_bufs {
   float *y_ours, *dx_ours, *dz_ours;
   float *y_dnnl, *dx_dnnl, *dz_dnnl;
   float *weight, *bias, *mean, *var, *dscale, *dshift;
+  char *copy_src, *copy_dst; /* the floor's memcpy: 10 bytes per element */
 } shape_bufs;
 
 static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout layout) {
@@ -405,6 +488,8 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
   float **small[] = {&b.weight, &b.bias, &b.mean, &b.var, &b.dscale, &b.dshift};
   for (size_t i = 0; i < sizeof small / sizeof small[0]; i++)
     *small[i] = alloc_touched(cbytes);
+  b.copy_src = alloc_touched(b.numel * (size_t)floor_bytes[PASS_BWD] / 2);
+  b.copy_dst = alloc_touched(b.numel * (size_t)floor_bytes[PASS_BWD] / 2);
   fill_random(b.x, b.numel, 0.5, 2.0);
   fill_random(b.z, b.numel, 0.0, 1.0);
   fill_random(b.dy, b.numel, 0.0, 1.0);
@@ -464,11 +549,14 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
         dnnl_train_fwd(&dp, false);
 #endif
     }
-    const int nimpl = cfg->onednn ? (pass == PASS_BWD ? 2 : 3) : 1;
+    const int nimpl = cfg->onednn ? (pass == PASS_BWD ? 3 : 4) : 2;
+    const size_t floor_copy = b.numel * (size_t)floor_bytes[pass] / 2 / 256 * 256;
     for (int r = 0; r < total; r++)
       for (int i = 0; i < nimpl; i++) {
         const double t0 = now_s();
-        if (i == IMPL_OURS) {
+        if (i == IMPL_FLOOR) {
+          copy_nt_2threads(b.copy_dst, b.copy_src, floor_copy);
+        } else if (i == IMPL_OURS) {
           fbn_status st;
           if (pass == PASS_BWD)
             st = fbn_module_backward(o.m, o.saved, &o.d, b.x, b.y_ours, b.dy, b.dx_ours,
@@ -512,6 +600,8 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
   free(b.y_dnnl);
   free(b.dx_dnnl);
   free(b.dz_dnnl);
+  free(b.copy_src);
+  free(b.copy_dst);
   for (size_t i = 0; i < sizeof small / sizeof small[0]; i++)
     free(*small[i]);
 }
