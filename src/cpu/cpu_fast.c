@@ -861,6 +861,90 @@ fbn_fast_pipe_row_avx2(const float *x, const float *z, float *y, int64_t len, fl
   acc[1] += s2;
 }
 
+/*
+ * One row of the pipelined NCHW backward (fbn_fast_backward_nchw_pipe).
+ * APPLY: for the current group's row, g = (its mask bit ? dy : +0),
+ * dz <- g and dx <- g k + (x - m) c1 + c0 (bwd_apply_piece's per-row
+ * arithmetic, products and sums not fused), non-temporal stores. REDUCE:
+ * for the next group's row (xs, bs, dys), acc[0] += sum g, acc[1] += sum
+ * g (xs - mean) in float64. len % 8 == 0 and each row's mask on whole
+ * bytes; dx and dz 16-byte aligned (32-byte: al32).
+ */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+fbn_fast_bwd_pipe_body(const bool APPLY, const bool REDUCE, const float *x, const uint8_t *bits,
+                       const float *dy, float *dx, float *dz, int64_t len, float m, float k,
+                       float c1, float c0, bool al32, const float *xs, const uint8_t *bs,
+                       const float *dys, double mean, double *acc) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256 mv = _mm256_set1_ps(m), kv = _mm256_set1_ps(k), c1v = _mm256_set1_ps(c1);
+  const __m256 c0v = _mm256_set1_ps(c0);
+  const __m256d meanv = _mm256_set1_pd(mean);
+  __m256d s10 = _mm256_setzero_pd(), s11 = s10, s20 = s10, s21 = s10;
+  for (int64_t i = 0; i < len; i += 8) {
+    if (REDUCE) {
+      const __m256i bv = _mm256_and_si256(_mm256_set1_epi32(bs[i / 8]), sel);
+      const __m256 g = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(bv, sel)),
+                                     _mm256_loadu_ps(dys + i));
+      const __m256 xv = _mm256_loadu_ps(xs + i);
+      const __m256d g0 = _mm256_cvtps_pd(_mm256_castps256_ps128(g));
+      const __m256d g1 = _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1));
+      const __m256d x0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(xv)), meanv);
+      const __m256d x1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(xv, 1)), meanv);
+      s10 = _mm256_add_pd(s10, g0);
+      s11 = _mm256_add_pd(s11, g1);
+      s20 = _mm256_add_pd(s20, _mm256_mul_pd(g0, x0));
+      s21 = _mm256_add_pd(s21, _mm256_mul_pd(g1, x1));
+    }
+    if (APPLY) {
+      const __m256i bv = _mm256_and_si256(_mm256_set1_epi32(bits[i / 8]), sel);
+      const __m256 g = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(bv, sel)),
+                                     _mm256_loadu_ps(dy + i));
+      const __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv), c1v);
+      const __m256 d = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(g, kv), t), c0v);
+      if (al32) {
+        _mm256_stream_ps(dz + i, g);
+        _mm256_stream_ps(dx + i, d);
+      } else {
+        _mm_stream_ps(dz + i, _mm256_castps256_ps128(g));
+        _mm_stream_ps(dz + i + 4, _mm256_extractf128_ps(g, 1));
+        _mm_stream_ps(dx + i, _mm256_castps256_ps128(d));
+        _mm_stream_ps(dx + i + 4, _mm256_extractf128_ps(d, 1));
+      }
+    }
+  }
+  if (REDUCE) {
+    double l1[4], l2[4];
+    _mm256_storeu_pd(l1, _mm256_add_pd(s10, s11));
+    _mm256_storeu_pd(l2, _mm256_add_pd(s20, s21));
+    acc[0] += (l1[0] + l1[1]) + (l1[2] + l1[3]);
+    acc[1] += (l2[0] + l2[1]) + (l2[2] + l2[3]);
+  }
+}
+
+__attribute__((target("avx2,fma"))) static void
+fbn_fast_bwd_pipe_both_avx2(const float *x, const uint8_t *bits, const float *dy, float *dx,
+                            float *dz, int64_t len, float m, float k, float c1, float c0,
+                            bool al32, const float *xs, const uint8_t *bs, const float *dys,
+                            double mean, double *acc) {
+  fbn_fast_bwd_pipe_body(true, true, x, bits, dy, dx, dz, len, m, k, c1, c0, al32, xs, bs, dys,
+                         mean, acc);
+}
+
+__attribute__((target("avx2,fma"))) static void
+fbn_fast_bwd_pipe_apply_avx2(const float *x, const uint8_t *bits, const float *dy, float *dx,
+                             float *dz, int64_t len, float m, float k, float c1, float c0,
+                             bool al32) {
+  fbn_fast_bwd_pipe_body(true, false, x, bits, dy, dx, dz, len, m, k, c1, c0, al32, NULL, NULL,
+                         NULL, 0.0, NULL);
+}
+
+__attribute__((target("avx2,fma"))) static void
+fbn_fast_bwd_pipe_reduce_avx2(int64_t len, const float *xs, const uint8_t *bs, const float *dys,
+                              double mean, double *acc) {
+  fbn_fast_bwd_pipe_body(false, true, NULL, NULL, NULL, NULL, NULL, len, 0.0f, 0.0f, 0.0f, 0.0f,
+                         false, xs, bs, dys, mean, acc);
+}
+
 /* The same for one flat run of `total` elements with per-element
  * coefficients and any alignment of y (scalar elements until y is 16-byte
  * aligned, and at the end): rows whose length is not a multiple of 8 (NCHW
@@ -1122,9 +1206,124 @@ static void fbn_fast_forward_nchw_pipe(fbn_module *m, const fbn_forward_args *a,
                          (u + 1) * stages < ngroups ? (u + 1) * stages : ngroups, bits, bpr);
   }
 }
+/*
+ * Backward, NCHW, long rows, float32, batch statistics, with the saved mask
+ * and both dx and daddend, streamed (AVX2): the reduction of group k+1
+ * (x, dy and mask read from memory) in the loop that writes dx and daddend
+ * of group k (whose x, dy and mask are still in the caches), as the
+ * forward above. A group's sums are in this loop's order (not
+ * bwd_reduce_block's).
+ */
+static bool fbn_fast_bwd_pipe_usable(const fbn_backward_args *a, const uint8_t *bits,
+                                     int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t hw = d->h * d->w;
+  return d->dtype == FBN_DTYPE_FLOAT32 && d->layout == FBN_LAYOUT_NCHW &&
+         hw >= FBN_FAST_NCHW_VEC_HW && hw % 8 == 0 && bits != NULL && bpr == hw / 8 &&
+         a->saved->batch_stats && a->dx != NULL && a->daddend != NULL &&
+         ((uintptr_t)a->dx & 15) == 0 && ((uintptr_t)a->daddend & 15) == 0 &&
+         fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(float)) &&
+         fbn_fast_have_avx2();
+}
+
+typedef struct fbn_fast_bwd_pipe_group {
+  int64_t c0, gc;
+  fbn_fast_bwd_chan ch[FBN_FAST_MAX_GROUP];
+  double acc[FBN_FAST_MAX_GROUP][2];
+} fbn_fast_bwd_pipe_group;
+
+static void fbn_fast_bwd_pipe_group_init(const fbn_module *m, const fbn_backward_args *a,
+                                         fbn_fast_bwd_pipe_group *g, int64_t c0, int64_t gc) {
+  g->c0 = c0;
+  g->gc = gc;
+  for (int64_t j = 0; j < gc; j++) {
+    fbn_fast_bwd_chan_init(m, a, c0 + j, &g->ch[j]);
+    g->acc[j][0] = g->acc[j][1] = 0.0;
+  }
+}
+
+static void fbn_fast_bwd_pipe_unit(fbn_module *m, const fbn_backward_args *a, int64_t g_,
+                                   int64_t gi0, int64_t gi1, const uint8_t *bits, int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w, count = n_ * hw;
+  const float *x = a->x, *dy = a->dy;
+  float *dx = a->dx, *dz = a->daddend;
+  const bool al32 = (((uintptr_t)dx | (uintptr_t)dz) & 31) == 0;
+  fbn_fast_bwd_pipe_group grp[2];
+  float cm[FBN_FAST_MAX_GROUP], ck[FBN_FAST_MAX_GROUP], cc1[FBN_FAST_MAX_GROUP],
+      cc0[FBN_FAST_MAX_GROUP];
+  bool fast[FBN_FAST_MAX_GROUP];
+
+  fbn_fast_bwd_pipe_group *cur = &grp[0], *next = &grp[1];
+  const int64_t first = gi0 * g_;
+  fbn_fast_bwd_pipe_group_init(m, a, cur, first, c_ - first < g_ ? c_ - first : g_);
+  for (int64_t n = 0; n < n_; n++)
+    for (int64_t j = 0; j < cur->gc; j++) {
+      const int64_t o = (n * c_ + cur->c0 + j) * hw;
+      fbn_fast_bwd_pipe_reduce_avx2(hw, x + o, bits + (n * c_ + cur->c0 + j) * bpr, dy + o,
+                                    cur->ch[j].mean, cur->acc[j]);
+    }
+  for (int64_t gi = gi0; gi < gi1; gi++) {
+    const int64_t c0 = cur->c0, gc = cur->gc;
+    for (int64_t j = 0; j < gc; j++) {
+      fast[j] = fbn_fast_bwd_chan_sums(m, a, c0 + j, cur->ch[j].finite, cur->acc[j][0],
+                                       cur->acc[j][1], &cur->ch[j]);
+      cm[j] = ck[j] = cc1[j] = cc0[j] = 0.0f;
+      if (fast[j])
+        fast[j] = backward_coef_f32(&cur->ch[j], true, count, &cm[j], &ck[j], &cc1[j], &cc0[j]);
+    }
+    const bool more = gi + 1 < gi1;
+    const int64_t c1 = c0 + gc, gc1 = !more ? 0 : c_ - c1 < g_ ? c_ - c1 : g_;
+    if (more)
+      fbn_fast_bwd_pipe_group_init(m, a, next, c1, gc1);
+    for (int64_t n = 0; n < n_; n++) {
+      for (int64_t j = 0; j < gc; j++) { /* gc1 <= gc: only the tensor's last group is smaller */
+        const int64_t o = (n * c_ + c0 + j) * hw, o1 = (n * c_ + c1 + j) * hw;
+        const uint8_t *b = bits + (n * c_ + c0 + j) * bpr;
+        if (j < gc1)
+          fbn_fast_bwd_pipe_both_avx2(x + o, b, dy + o, dx + o, dz + o, hw, cm[j], ck[j], cc1[j],
+                                      cc0[j], al32, x + o1, bits + (n * c_ + c1 + j) * bpr,
+                                      dy + o1, next->ch[j].mean, next->acc[j]);
+        else
+          fbn_fast_bwd_pipe_apply_avx2(x + o, b, dy + o, dx + o, dz + o, hw, cm[j], ck[j],
+                                       cc1[j], cc0[j], al32);
+      }
+    }
+    _mm_sfence();
+    for (int64_t j = 0; j < gc; j++)
+      if (!fast[j])
+        fbn_fast_exact_backward_apply(m, a, c0 + j, &cur->ch[j]);
+    fbn_fast_bwd_pipe_group *t = cur;
+    cur = next;
+    next = t;
+  }
+}
+
+static void fbn_fast_backward_nchw_pipe(fbn_module *m, const fbn_backward_args *a, int nt,
+                                        const uint8_t *bits, int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t bpc = d->n * d->h * d->w * (int64_t)(2 * sizeof(float));
+  int64_t g_ = FBN_FAST_PIPE_GROUP_BYTES / bpc;
+  g_ = g_ < 1 ? 1 : g_ > FBN_FAST_MAX_GROUP ? FBN_FAST_MAX_GROUP : g_;
+  const int64_t ngroups = (d->c + g_ - 1) / g_;
+  const int64_t stages = fbn_fast_pipe_stages(ngroups, nt);
+  const int64_t units = (ngroups + stages - 1) / stages;
+  if (nt > 1) {
+    FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt))
+    for (int64_t u = 0; u < units; u++)
+      fbn_fast_bwd_pipe_unit(m, a, g_, u * stages,
+                             (u + 1) * stages < ngroups ? (u + 1) * stages : ngroups, bits, bpr);
+  } else {
+    for (int64_t u = 0; u < units; u++)
+      fbn_fast_bwd_pipe_unit(m, a, g_, u * stages,
+                             (u + 1) * stages < ngroups ? (u + 1) * stages : ngroups, bits, bpr);
+  }
+}
 #else
 #define fbn_fast_pipe_usable(...) false
 #define fbn_fast_forward_nchw_pipe(...) ((void)0)
+#define fbn_fast_bwd_pipe_usable(...) false
+#define fbn_fast_backward_nchw_pipe(...) ((void)0)
 #endif
 
 #define FBN_T double
@@ -1221,7 +1420,9 @@ static fbn_status fast_backward(fbn_module *m, const fbn_backward_args *a) {
           : NULL;
   const int64_t bpr = fbn_fast_mask_bpr(d);
   if (d->layout == FBN_LAYOUT_NCHW && d->h * d->w >= FBN_FAST_NCHW_VEC_HW) {
-    if (f32)
+    if (fbn_fast_bwd_pipe_usable(a, bits, bpr))
+      fbn_fast_backward_nchw_pipe(m, a, nt, bits, bpr);
+    else if (f32)
       backward_nchw_f32(m, a, nt, bits, bpr);
     else
       backward_nchw_f64(m, a, nt, bits, bpr);
