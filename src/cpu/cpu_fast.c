@@ -16,6 +16,11 @@
  *   backward      one reduction pass (sum g, sum g*(x - mean)) and one pass
  *                 writing dx and daddend; eval-mode backward without affine
  *                 gradients skips the reduction
+ *   pipelines     NCHW with long rows, float32, large (AVX2): the first
+ *                 pass of channel group k+1 runs inside the loop of group
+ *                 k's second pass (fbn_fast_forward_nchw_pipe,
+ *                 fbn_fast_backward_nchw_pipe): a pass that only reads gets
+ *                 ~2/3 of the bandwidth of one that also writes here
  *   memory        NCHW channel groups are sized so that their data comes
  *                 back from the caches in the second pass; outputs of 8 MiB
  *                 and more are written with non-temporal stores; no
