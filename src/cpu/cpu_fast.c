@@ -755,11 +755,30 @@ static fbn_status fbn_fast_nchw_plan_make(fbn_module *m, const fbn_tensor_desc *
  */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #include <immintrin.h>
+/* v = fma(x - m, a, b) [+ z]; y[0..8) <- v where !(v <= 0) (NaN included),
+ * else +0, with non-temporal stores (one 32-byte store when y32, else two
+ * 16-byte ones); returns the 8 mask bits !(v <= 0). */
+static inline __attribute__((always_inline, target("avx2,fma"))) unsigned
+fbn_fast_norm8_nt(const float *x, const float *z, float *y, __m256 m, __m256 a, __m256 b,
+                  bool y32) {
+  __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x), m), a, b);
+  if (z != NULL)
+    v = _mm256_add_ps(v, _mm256_loadu_ps(z));
+  const __m256 pass = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NLE_UQ);
+  const __m256 out = _mm256_and_ps(pass, v);
+  if (y32) {
+    _mm256_stream_ps(y, out);
+  } else {
+    _mm_stream_ps(y, _mm256_castps256_ps128(out));
+    _mm_stream_ps(y + 4, _mm256_extractf128_ps(out, 1));
+  }
+  return (unsigned)_mm256_movemask_ps(pass);
+}
+
 __attribute__((target("avx2,fma"))) static void
 fbn_fast_norm_nt_avx2(const float *x, const float *z, float *y, int64_t rows, int64_t len,
                       bool per_row, const float *m, const float *a, const float *b,
                       uint8_t *bits, bool y32) {
-  const __m256 zero = _mm256_setzero_ps();
   for (int64_t r = 0; r < rows; r++) {
     const int64_t o = r * len;
     __m256 mv = _mm256_set1_ps(per_row ? m[r] : 0.0f), av = _mm256_set1_ps(per_row ? a[r] : 0.0f);
@@ -770,19 +789,11 @@ fbn_fast_norm_nt_avx2(const float *x, const float *z, float *y, int64_t rows, in
         av = _mm256_loadu_ps(a + o + i);
         bv = _mm256_loadu_ps(b + o + i);
       }
-      __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + o + i), mv), av, bv);
-      if (z != NULL)
-        v = _mm256_add_ps(v, _mm256_loadu_ps(z + o + i));
-      const __m256 pass = _mm256_cmp_ps(v, zero, _CMP_NLE_UQ);
-      const __m256 out = _mm256_and_ps(pass, v);
-      if (y32) {
-        _mm256_stream_ps(y + o + i, out);
-      } else { /* y 16-byte aligned (e.g. glibc's malloc of a large block) */
-        _mm_stream_ps(y + o + i, _mm256_castps256_ps128(out));
-        _mm_stream_ps(y + o + i + 4, _mm256_extractf128_ps(out, 1));
-      }
+      /* y 16-byte aligned at least (e.g. glibc's malloc of a large block) */
+      const unsigned mask = fbn_fast_norm8_nt(x + o + i, z != NULL ? z + o + i : NULL, y + o + i,
+                                              mv, av, bv, y32);
       if (bits != NULL)
-        bits[(o + i) / 8] = (uint8_t)_mm256_movemask_ps(pass);
+        bits[(o + i) / 8] = (uint8_t)mask;
     }
   }
   _mm_sfence();
@@ -802,8 +813,7 @@ __attribute__((target("avx2,fma"))) static void
 fbn_fast_pipe_row_avx2(const float *x, const float *z, float *y, int64_t len, float m, float a,
                        float b, uint8_t *bits, bool y32, const float *xs, double k,
                        double *acc) {
-  const __m256 zero = _mm256_setzero_ps(), mv = _mm256_set1_ps(m), av = _mm256_set1_ps(a);
-  const __m256 bv = _mm256_set1_ps(b);
+  const __m256 mv = _mm256_set1_ps(m), av = _mm256_set1_ps(a), bv = _mm256_set1_ps(b);
   const __m256d kv = _mm256_set1_pd(k);
   __m256d p10 = _mm256_setzero_pd(), p11 = p10, p12 = p10, p13 = p10;
   __m256d p20 = p10, p21 = p10, p22 = p10, p23 = p10;
@@ -815,19 +825,10 @@ fbn_fast_pipe_row_avx2(const float *x, const float *z, float *y, int64_t len, fl
   } while (0)
 #define FBN_PIPE_NORM8(e)                                                                        \
   do {                                                                                         \
-    __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + (e)), mv), av, bv);            \
-    if (z != NULL)                                                                             \
-      v = _mm256_add_ps(v, _mm256_loadu_ps(z + (e)));                                          \
-    const __m256 pass = _mm256_cmp_ps(v, zero, _CMP_NLE_UQ);                                   \
-    const __m256 out = _mm256_and_ps(pass, v);                                                 \
-    if (y32) {                                                                                 \
-      _mm256_stream_ps(y + (e), out);                                                          \
-    } else {                                                                                   \
-      _mm_stream_ps(y + (e), _mm256_castps256_ps128(out));                                     \
-      _mm_stream_ps(y + (e) + 4, _mm256_extractf128_ps(out, 1));                               \
-    }                                                                                          \
+    const unsigned mask_ =                                                                     \
+        fbn_fast_norm8_nt(x + (e), z != NULL ? z + (e) : NULL, y + (e), mv, av, bv, y32);      \
     if (bits != NULL)                                                                          \
-      bits[(e) / 8] = (uint8_t)_mm256_movemask_ps(pass);                                       \
+      bits[(e) / 8] = (uint8_t)mask_;                                                          \
   } while (0)
   int64_t i = 0;
   for (; i + 16 <= len; i += 16) {
@@ -970,27 +971,17 @@ fbn_fast_norm_nt_flat_avx2(const float *x, const float *z, float *y, int64_t tot
       fb[e / 8] = (uint8_t)(fb[e / 8] | 1u << (e % 8));
   }
   const bool y32 = ((uintptr_t)(y + e) & 31) == 0;
-  const __m256 zero = _mm256_setzero_ps();
   /* the vectors' bits start at bit sh of each byte; carry: the bits that
    * went past the last byte written (and the peel's bits at first), so that
    * each byte is stored once, with no read-modify-write chain */
   const unsigned sh = (unsigned)(e % 8);
   unsigned carry = fb != NULL ? fb[e / 8] : 0u;
   for (; e + 8 <= total; e += 8) {
-    __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x + e), _mm256_loadu_ps(m + e)),
-                               _mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e));
-    if (z != NULL)
-      v = _mm256_add_ps(v, _mm256_loadu_ps(z + e));
-    const __m256 pass = _mm256_cmp_ps(v, zero, _CMP_NLE_UQ);
-    const __m256 out = _mm256_and_ps(pass, v);
-    if (y32) {
-      _mm256_stream_ps(y + e, out);
-    } else {
-      _mm_stream_ps(y + e, _mm256_castps256_ps128(out));
-      _mm_stream_ps(y + e + 4, _mm256_extractf128_ps(out, 1));
-    }
+    const unsigned mask =
+        fbn_fast_norm8_nt(x + e, z != NULL ? z + e : NULL, y + e, _mm256_loadu_ps(m + e),
+                          _mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e), y32);
     if (fb != NULL) {
-      const unsigned w = carry | (unsigned)_mm256_movemask_ps(pass) << sh;
+      const unsigned w = carry | mask << sh;
       fb[e / 8] = (uint8_t)w;
       carry = w >> 8;
     }
@@ -1104,13 +1095,33 @@ static bool fbn_fast_norm_nt_f32(const float *x, const float *z, float *y, int64
  * its first group's statistics are read alone, its last group is normalized
  * alone. The sums are bit for bit those of forward_nchw (same order).
  */
-/* Groups per unit of work: FBN_FAST_PIPE_STAGES, fewer when that would
- * leave fewer than 4 units per thread. */
-static int64_t fbn_fast_pipe_stages(int64_t ngroups, int nt) {
-  if (nt == 1)
-    return FBN_FAST_PIPE_STAGES;
-  const int64_t s = ngroups / (4 * (int64_t)nt);
-  return s < 1 ? 1 : s > FBN_FAST_PIPE_STAGES ? FBN_FAST_PIPE_STAGES : s;
+/* Channels per group (FBN_FAST_PIPE_GROUP_BYTES of the first pass's
+ * inputs), groups per unit of work (FBN_FAST_PIPE_STAGES, fewer when that
+ * would leave fewer than 4 units per thread) and units. */
+typedef struct fbn_fast_pipe_plan {
+  int64_t group, stages, ngroups, units;
+} fbn_fast_pipe_plan;
+
+static fbn_fast_pipe_plan fbn_fast_pipe_plan_of(const fbn_tensor_desc *d,
+                                                int64_t bytes_per_element, int nt) {
+  fbn_fast_pipe_plan p;
+  const int64_t g = FBN_FAST_PIPE_GROUP_BYTES / (d->n * d->h * d->w * bytes_per_element);
+  p.group = g < 1 ? 1 : g > FBN_FAST_MAX_GROUP ? FBN_FAST_MAX_GROUP : g;
+  p.ngroups = (d->c + p.group - 1) / p.group;
+  const int64_t s = p.ngroups / (4 * (int64_t)nt);
+  p.stages = nt == 1 ? FBN_FAST_PIPE_STAGES
+             : s < 1 ? 1
+             : s > FBN_FAST_PIPE_STAGES ? FBN_FAST_PIPE_STAGES
+                                        : s;
+  p.units = (p.ngroups + p.stages - 1) / p.stages;
+  return p;
+}
+
+/* Groups [*gi0, *gi1) of unit u. */
+static void fbn_fast_pipe_groups(const fbn_fast_pipe_plan *p, int64_t u, int64_t *gi0,
+                                 int64_t *gi1) {
+  *gi0 = u * p->stages;
+  *gi1 = *gi0 + p->stages < p->ngroups ? *gi0 + p->stages : p->ngroups;
 }
 
 static bool fbn_fast_pipe_usable(const fbn_forward_args *a, const uint8_t *bits, int64_t bpr) {
@@ -1137,11 +1148,14 @@ static void fbn_fast_pipe_group_init(fbn_fast_pipe_group *g, const float *x, int
   }
 }
 
-/* Groups [gi0, gi1) of g_ channels. */
-static void fbn_fast_pipe_unit(fbn_module *m, const fbn_forward_args *a, int64_t g_, int64_t gi0,
-                               int64_t gi1, uint8_t *bits, int64_t bpr) {
+/* Unit u of plan p. */
+static void fbn_fast_pipe_unit(fbn_module *m, const fbn_forward_args *a,
+                               const fbn_fast_pipe_plan *p, int64_t u, uint8_t *bits,
+                               int64_t bpr) {
   const fbn_tensor_desc *d = a->desc;
-  const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w;
+  const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w, g_ = p->group;
+  int64_t gi0, gi1;
+  fbn_fast_pipe_groups(p, u, &gi0, &gi1);
   const float *x = a->x, *z = a->addend;
   float *y = a->y;
   const bool y32 = ((uintptr_t)y & 31) == 0;
@@ -1193,22 +1207,14 @@ static void fbn_fast_pipe_unit(fbn_module *m, const fbn_forward_args *a, int64_t
 
 static void fbn_fast_forward_nchw_pipe(fbn_module *m, const fbn_forward_args *a, int nt,
                                        uint8_t *bits, int64_t bpr) {
-  const fbn_tensor_desc *d = a->desc;
-  const int64_t bpc = d->n * d->h * d->w * (int64_t)sizeof(float);
-  int64_t g_ = FBN_FAST_PIPE_GROUP_BYTES / bpc;
-  g_ = g_ < 1 ? 1 : g_ > FBN_FAST_MAX_GROUP ? FBN_FAST_MAX_GROUP : g_;
-  const int64_t ngroups = (d->c + g_ - 1) / g_;
-  const int64_t stages = fbn_fast_pipe_stages(ngroups, nt);
-  const int64_t units = (ngroups + stages - 1) / stages;
+  const fbn_fast_pipe_plan p = fbn_fast_pipe_plan_of(a->desc, (int64_t)sizeof(float), nt);
   if (nt > 1) {
     FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt))
-    for (int64_t u = 0; u < units; u++)
-      fbn_fast_pipe_unit(m, a, g_, u * stages,
-                         (u + 1) * stages < ngroups ? (u + 1) * stages : ngroups, bits, bpr);
+    for (int64_t u = 0; u < p.units; u++)
+      fbn_fast_pipe_unit(m, a, &p, u, bits, bpr);
   } else {
-    for (int64_t u = 0; u < units; u++)
-      fbn_fast_pipe_unit(m, a, g_, u * stages,
-                         (u + 1) * stages < ngroups ? (u + 1) * stages : ngroups, bits, bpr);
+    for (int64_t u = 0; u < p.units; u++)
+      fbn_fast_pipe_unit(m, a, &p, u, bits, bpr);
   }
 }
 /*
@@ -1247,10 +1253,14 @@ static void fbn_fast_bwd_pipe_group_init(const fbn_module *m, const fbn_backward
   }
 }
 
-static void fbn_fast_bwd_pipe_unit(fbn_module *m, const fbn_backward_args *a, int64_t g_,
-                                   int64_t gi0, int64_t gi1, const uint8_t *bits, int64_t bpr) {
+/* Unit u of plan p. */
+static void fbn_fast_bwd_pipe_unit(fbn_module *m, const fbn_backward_args *a,
+                                   const fbn_fast_pipe_plan *p, int64_t u, const uint8_t *bits,
+                                   int64_t bpr) {
   const fbn_tensor_desc *d = a->desc;
-  const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w, count = n_ * hw;
+  const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w, count = n_ * hw, g_ = p->group;
+  int64_t gi0, gi1;
+  fbn_fast_pipe_groups(p, u, &gi0, &gi1);
   const float *x = a->x, *dy = a->dy;
   float *dx = a->dx, *dz = a->daddend;
   const bool al32 = (((uintptr_t)dx | (uintptr_t)dz) & 31) == 0;
@@ -1306,22 +1316,15 @@ static void fbn_fast_bwd_pipe_unit(fbn_module *m, const fbn_backward_args *a, in
 
 static void fbn_fast_backward_nchw_pipe(fbn_module *m, const fbn_backward_args *a, int nt,
                                         const uint8_t *bits, int64_t bpr) {
-  const fbn_tensor_desc *d = a->desc;
-  const int64_t bpc = d->n * d->h * d->w * (int64_t)(2 * sizeof(float));
-  int64_t g_ = FBN_FAST_PIPE_GROUP_BYTES / bpc;
-  g_ = g_ < 1 ? 1 : g_ > FBN_FAST_MAX_GROUP ? FBN_FAST_MAX_GROUP : g_;
-  const int64_t ngroups = (d->c + g_ - 1) / g_;
-  const int64_t stages = fbn_fast_pipe_stages(ngroups, nt);
-  const int64_t units = (ngroups + stages - 1) / stages;
+  /* the first pass reads x and dy (and 1/8 byte of mask) per element */
+  const fbn_fast_pipe_plan p = fbn_fast_pipe_plan_of(a->desc, 2 * (int64_t)sizeof(float), nt);
   if (nt > 1) {
     FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt))
-    for (int64_t u = 0; u < units; u++)
-      fbn_fast_bwd_pipe_unit(m, a, g_, u * stages,
-                             (u + 1) * stages < ngroups ? (u + 1) * stages : ngroups, bits, bpr);
+    for (int64_t u = 0; u < p.units; u++)
+      fbn_fast_bwd_pipe_unit(m, a, &p, u, bits, bpr);
   } else {
-    for (int64_t u = 0; u < units; u++)
-      fbn_fast_bwd_pipe_unit(m, a, g_, u * stages,
-                             (u + 1) * stages < ngroups ? (u + 1) * stages : ngroups, bits, bpr);
+    for (int64_t u = 0; u < p.units; u++)
+      fbn_fast_bwd_pipe_unit(m, a, &p, u, bits, bpr);
   }
 }
 #else
