@@ -870,8 +870,8 @@ fbn_fast_pipe_row_avx2(const float *x, const float *z, float *y, int64_t len, fl
 /*
  * One row of the pipelined NCHW backward (fbn_fast_backward_nchw_pipe).
  * APPLY: for the current group's row, g = (its mask bit ? dy : +0),
- * dz <- g and dx <- g k + (x - m) c1 + c0 (bwd_apply_piece's per-row
- * arithmetic, products and sums not fused), non-temporal stores. REDUCE:
+ * dz <- g (dz not NULL) and dx <- g k + (x - m) c1 + c0 (bwd_apply_piece's
+ * per-row arithmetic, products and sums not fused), non-temporal stores. REDUCE:
  * for the next group's row (xs, bs, dys), acc[0] += sum g, acc[1] += sum
  * g (xs - mean) in float64. len % 8 == 0 and each row's mask on whole
  * bytes; dx and dz 16-byte aligned (32-byte: al32).
@@ -908,11 +908,14 @@ fbn_fast_bwd_pipe_body(const bool APPLY, const bool REDUCE, const float *x, cons
       const __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv), c1v);
       const __m256 d = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(g, kv), t), c0v);
       if (al32) {
-        _mm256_stream_ps(dz + i, g);
+        if (dz != NULL)
+          _mm256_stream_ps(dz + i, g);
         _mm256_stream_ps(dx + i, d);
       } else {
-        _mm_stream_ps(dz + i, _mm256_castps256_ps128(g));
-        _mm_stream_ps(dz + i + 4, _mm256_extractf128_ps(g, 1));
+        if (dz != NULL) {
+          _mm_stream_ps(dz + i, _mm256_castps256_ps128(g));
+          _mm_stream_ps(dz + i + 4, _mm256_extractf128_ps(g, 1));
+        }
         _mm_stream_ps(dx + i, _mm256_castps256_ps128(d));
         _mm_stream_ps(dx + i + 4, _mm256_extractf128_ps(d, 1));
       }
@@ -1219,9 +1222,9 @@ static void fbn_fast_forward_nchw_pipe(fbn_module *m, const fbn_forward_args *a,
 }
 /*
  * Backward, NCHW, long rows, float32, batch statistics, with the saved mask
- * and both dx and daddend, streamed (AVX2): the reduction of group k+1
- * (x, dy and mask read from memory) in the loop that writes dx and daddend
- * of group k (whose x, dy and mask are still in the caches), as the
+ * and dx (daddend too or not), streamed (AVX2): the reduction of group k+1
+ * (x, dy and mask read from memory) in the loop that writes dx (and
+ * daddend) of group k (whose x, dy and mask are still in the caches), as the
  * forward above. A group's sums are in this loop's order (not
  * bwd_reduce_block's).
  */
@@ -1231,8 +1234,8 @@ static bool fbn_fast_bwd_pipe_usable(const fbn_backward_args *a, const uint8_t *
   const int64_t hw = d->h * d->w;
   return d->dtype == FBN_DTYPE_FLOAT32 && d->layout == FBN_LAYOUT_NCHW &&
          hw >= FBN_FAST_NCHW_VEC_HW && hw % 8 == 0 && bits != NULL && bpr == hw / 8 &&
-         a->saved->batch_stats && a->dx != NULL && a->daddend != NULL &&
-         ((uintptr_t)a->dx & 15) == 0 && ((uintptr_t)a->daddend & 15) == 0 &&
+         a->saved->batch_stats && a->dx != NULL && ((uintptr_t)a->dx & 15) == 0 &&
+         ((uintptr_t)a->daddend & 15) == 0 &&
          fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(float)) &&
          fbn_fast_have_avx2();
 }
@@ -1263,7 +1266,7 @@ static void fbn_fast_bwd_pipe_unit(fbn_module *m, const fbn_backward_args *a,
   fbn_fast_pipe_groups(p, u, &gi0, &gi1);
   const float *x = a->x, *dy = a->dy;
   float *dx = a->dx, *dz = a->daddend;
-  const bool al32 = (((uintptr_t)dx | (uintptr_t)dz) & 31) == 0;
+  const bool al32 = (((uintptr_t)dx | (uintptr_t)dz) & 31) == 0; /* dz may be NULL */
   fbn_fast_bwd_pipe_group grp[2];
   float cm[FBN_FAST_MAX_GROUP], ck[FBN_FAST_MAX_GROUP], cc1[FBN_FAST_MAX_GROUP],
       cc0[FBN_FAST_MAX_GROUP];
@@ -1295,13 +1298,14 @@ static void fbn_fast_bwd_pipe_unit(fbn_module *m, const fbn_backward_args *a,
       for (int64_t j = 0; j < gc; j++) { /* gc1 <= gc: only the tensor's last group is smaller */
         const int64_t o = (n * c_ + c0 + j) * hw, o1 = (n * c_ + c1 + j) * hw;
         const uint8_t *b = bits + (n * c_ + c0 + j) * bpr;
+        float *dzo = dz != NULL ? dz + o : NULL;
         if (j < gc1)
-          fbn_fast_bwd_pipe_both_avx2(x + o, b, dy + o, dx + o, dz + o, hw, cm[j], ck[j], cc1[j],
+          fbn_fast_bwd_pipe_both_avx2(x + o, b, dy + o, dx + o, dzo, hw, cm[j], ck[j], cc1[j],
                                       cc0[j], al32, x + o1, bits + (n * c_ + c1 + j) * bpr,
                                       dy + o1, next->ch[j].mean, next->acc[j]);
         else
-          fbn_fast_bwd_pipe_apply_avx2(x + o, b, dy + o, dx + o, dz + o, hw, cm[j], ck[j],
-                                       cc1[j], cc0[j], al32);
+          fbn_fast_bwd_pipe_apply_avx2(x + o, b, dy + o, dx + o, dzo, hw, cm[j], ck[j], cc1[j],
+                                       cc0[j], al32);
       }
     }
     _mm_sfence();
