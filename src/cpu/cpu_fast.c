@@ -12,7 +12,7 @@
  *   forward       training: one statistics pass (float64 sums of the data
  *                 shifted by a value of the channel: no E[x^2] - E[x]^2 in
  *                 float) and one fused normalize + add + ReLU pass; eval: the
- *                 fused pass only
+ *                 fused pass only (NCHW with long rows: in memory order)
  *   backward      one reduction pass (sum g, sum g*(x - mean)) and one pass
  *                 writing dx and daddend; eval-mode backward without affine
  *                 gradients skips the reduction
@@ -105,6 +105,8 @@
  * groups per unit of work there. */
 #define FBN_FAST_PIPE_GROUP_BYTES ((int64_t)512 << 10)
 #define FBN_FAST_PIPE_STAGES 8
+/* Elements of one unit of the NCHW eval forward (forward_nchw_eval). */
+#define FBN_FAST_EVAL_CHUNK ((int64_t)64 << 10)
 /* Elements of one NHWC block (P rows, P*C >= this) per vector loop. */
 #define FBN_FAST_NHWC_BLOCK 4096
 /* Bytes of x in one NHWC unit of work (threads take units dynamically). */
@@ -1386,7 +1388,21 @@ static fbn_status fast_forward(fbn_module *m, const fbn_forward_args *a) {
                       ? (uint8_t *)a->saved->payload + 2 * (size_t)d->c * sizeof(double)
                       : NULL;
   const int64_t bpr = fbn_fast_mask_bpr(d);
-  if (d->layout == FBN_LAYOUT_NCHW && d->h * d->w >= FBN_FAST_NCHW_VEC_HW) {
+  if (d->layout == FBN_LAYOUT_NCHW && d->h * d->w >= FBN_FAST_NCHW_VEC_HW && !a->batch_stats) {
+    /* scratch: 2 C doubles (mean, invstd), 3 C coefficients, C flags */
+    const size_t c = (size_t)d->c, stat_bytes = 2 * c * sizeof(double);
+    const size_t coef_bytes = 3 * c * fbn_dtype_size(d->dtype);
+    char *sc = fbn_fast_scratch(m, stat_bytes + coef_bytes + c, "fbn_module_forward");
+    if (sc == NULL)
+      return FBN_STATUS_OUT_OF_MEMORY;
+    double *stat = (double *)sc;
+    void *coef = sc + stat_bytes;
+    bool *fast = (bool *)(sc + stat_bytes + coef_bytes);
+    if (f32)
+      forward_nchw_eval_f32(m, a, nt, bits, bpr, coef, stat, fast);
+    else
+      forward_nchw_eval_f64(m, a, nt, bits, bpr, coef, stat, fast);
+  } else if (d->layout == FBN_LAYOUT_NCHW && d->h * d->w >= FBN_FAST_NCHW_VEC_HW) {
     if (fbn_fast_pipe_usable(a, bits, bpr))
       fbn_fast_forward_nchw_pipe(m, a, nt, bits, bpr);
     else if (f32)

@@ -612,6 +612,44 @@ static void FBN_K(forward_nchw)(fbn_module *m, const fbn_forward_args *a, int nt
 }
 
 /*
+ * NCHW, long rows, running statistics (eval): there is no statistics pass,
+ * so the tensor is read in memory order, in units of up to
+ * FBN_FAST_EVAL_CHUNK elements (whole rows of one n) handed out
+ * dynamically: long contiguous runs instead of a channel group's N short
+ * ones. coef: 3 C elements (m, a, b), stat: 2 C doubles, fast: C flags
+ * (scratch).
+ */
+static void FBN_K(forward_nchw_eval)(fbn_module *m, const fbn_forward_args *a, int nt,
+                                     uint8_t *bits, int64_t bpr, FBN_T *coef, double *stat,
+                                     bool *fast) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w;
+  const FBN_T *x = a->x, *z = a->addend;
+  FBN_T *y = a->y;
+  const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
+  FBN_T *cm = coef, *ca = coef + c_, *cb = coef + 2 * c_;
+  for (int64_t c = 0; c < c_; c++) {
+    fbn_fast_running_stats(m, a, c, &stat[c], &stat[c_ + c]);
+    fast[c] = FBN_K(forward_coef)(stat[c], stat[c_ + c], fbn_fast_weight(m, c),
+                                  fbn_fast_bias(m, c), &cm[c], &ca[c], &cb[c]);
+  }
+  int64_t rpc = FBN_FAST_EVAL_CHUNK / hw;
+  rpc = rpc < 1 ? 1 : rpc > c_ ? c_ : rpc;
+  const int64_t cpn = (c_ + rpc - 1) / rpc, total = n_ * cpn;
+  FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1))
+  for (int64_t k = 0; k < total; k++) {
+    const int64_t n = k / cpn, c0 = (k % cpn) * rpc, c1 = c0 + rpc < c_ ? c0 + rpc : c_;
+    const int64_t off = (n * c_ + c0) * hw;
+    FBN_K(norm_block)(x + off, z != NULL ? z + off : NULL, y + off, c1 - c0, hw, true, cm + c0,
+                      ca + c0, cb + c0, bits != NULL ? bits + (n * c_ + c0) * bpr : NULL, bpr,
+                      stream);
+  }
+  for (int64_t c = 0; c < c_; c++)
+    if (!fast[c])
+      fbn_fast_exact_normalize(m, a, c, stat[c], stat[c_ + c], bits, bpr);
+}
+
+/*
  * NCHW, short rows: a group of gc channels is, for each n, one run of
  * gc*H*W contiguous elements; the runs are treated like channels-last
  * blocks (stride C*H*W) with per-element accumulators and coefficients, so
