@@ -962,19 +962,26 @@ fbn_fast_bwd_pipe_reduce_avx2(int64_t len, const float *xs, const uint8_t *bs, c
  * with short H*W, where a group's rows for one n are contiguous). The mask
  * goes to fb as one bit string (bit e = element e; fb zeroed by the caller),
  * cut into rows by fbn_fast_mask_rows(). */
+/* Element e of fbn_fast_norm_nt_flat_avx2 with plain stores (its unaligned
+ * head and its tail). */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+fbn_fast_norm1(const float *x, const float *z, float *y, const float *m, const float *a,
+               const float *b, uint8_t *fb, int64_t e) {
+  float v = __builtin_fmaf(x[e] - m[e], a[e], b[e]);
+  if (z != NULL)
+    v += z[e];
+  const bool pass = !(v <= 0.0f);
+  y[e] = pass ? v : 0.0f;
+  if (fb != NULL && pass)
+    fb[e / 8] = (uint8_t)(fb[e / 8] | 1u << (e % 8));
+}
+
 __attribute__((target("avx2,fma"))) static void
 fbn_fast_norm_nt_flat_avx2(const float *x, const float *z, float *y, int64_t total,
                            const float *m, const float *a, const float *b, uint8_t *fb) {
   int64_t e = 0;
-  for (; e < total && ((uintptr_t)(y + e) & 15) != 0; e++) {
-    float v = __builtin_fmaf(x[e] - m[e], a[e], b[e]);
-    if (z != NULL)
-      v += z[e];
-    const bool pass = !(v <= 0.0f);
-    y[e] = pass ? v : 0.0f;
-    if (fb != NULL && pass)
-      fb[e / 8] = (uint8_t)(fb[e / 8] | 1u << (e % 8));
-  }
+  for (; e < total && ((uintptr_t)(y + e) & 15) != 0; e++)
+    fbn_fast_norm1(x, z, y, m, a, b, fb, e);
   const bool y32 = ((uintptr_t)(y + e) & 31) == 0;
   /* the vectors' bits start at bit sh of each byte; carry: the bits that
    * went past the last byte written (and the peel's bits at first), so that
@@ -994,15 +1001,8 @@ fbn_fast_norm_nt_flat_avx2(const float *x, const float *z, float *y, int64_t tot
   if (fb != NULL)
     fb[e / 8] = (uint8_t)carry;
   _mm_sfence();
-  for (; e < total; e++) {
-    float v = __builtin_fmaf(x[e] - m[e], a[e], b[e]);
-    if (z != NULL)
-      v += z[e];
-    const bool pass = !(v <= 0.0f);
-    y[e] = pass ? v : 0.0f;
-    if (fb != NULL && pass)
-      fb[e / 8] = (uint8_t)(fb[e / 8] | 1u << (e % 8));
-  }
+  for (; e < total; e++)
+    fbn_fast_norm1(x, z, y, m, a, b, fb, e);
 }
 
 /* Row r of the saved mask (bpr bytes) <- bits [r*len, (r+1)*len) of fb

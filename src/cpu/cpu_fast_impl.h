@@ -636,14 +636,23 @@ static void FBN_K(forward_nchw_eval)(fbn_module *m, const fbn_forward_args *a, i
   int64_t rpc = FBN_FAST_EVAL_CHUNK / hw;
   rpc = rpc < 1 ? 1 : rpc > c_ ? c_ : rpc;
   const int64_t cpn = (c_ + rpc - 1) / rpc, total = n_ * cpn;
-  FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1))
-  for (int64_t k = 0; k < total; k++) {
-    const int64_t n = k / cpn, c0 = (k % cpn) * rpc, c1 = c0 + rpc < c_ ? c0 + rpc : c_;
-    const int64_t off = (n * c_ + c0) * hw;
-    FBN_K(norm_block)(x + off, z != NULL ? z + off : NULL, y + off, c1 - c0, hw, true, cm + c0,
-                      ca + c0, cb + c0, bits != NULL ? bits + (n * c_ + c0) * bpr : NULL, bpr,
-                      stream);
+#define FBN_EVAL_UNIT(k)                                                                         \
+  do {                                                                                         \
+    const int64_t n = (k) / cpn, c0 = (k) % cpn * rpc, c1 = c0 + rpc < c_ ? c0 + rpc : c_;     \
+    const int64_t off = (n * c_ + c0) * hw;                                                    \
+    FBN_K(norm_block)(x + off, z != NULL ? z + off : NULL, y + off, c1 - c0, hw, true,         \
+                      cm + c0, ca + c0, cb + c0,                                               \
+                      bits != NULL ? bits + (n * c_ + c0) * bpr : NULL, bpr, stream);          \
+  } while (0)
+  if (nt > 1) { /* one thread: no OpenMP region at all (its fixed cost) */
+    FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt))
+    for (int64_t k = 0; k < total; k++)
+      FBN_EVAL_UNIT(k);
+  } else {
+    for (int64_t k = 0; k < total; k++)
+      FBN_EVAL_UNIT(k);
   }
+#undef FBN_EVAL_UNIT
   for (int64_t c = 0; c < c_; c++)
     if (!fast[c])
       fbn_fast_exact_normalize(m, a, c, stat[c], stat[c_ + c], bits, bpr);
