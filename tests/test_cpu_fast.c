@@ -540,16 +540,25 @@ static void test_cpu_fast_streamed_outputs_match_reference(void **state) {
     fail_msg("%d of %d cases failed", failed, total);
 }
 
-/* NCHW training forward and backward with long rows, float32, 8 MiB and
- * more (AVX2): the statistics (forward) or sums (backward) of a group of
+/* Float32 tensors of 8 MiB and more (AVX2 loops with streamed output).
+ *
+ * NCHW, long rows: the statistics (forward) or sums (backward) of a group of
  * channels are accumulated while the previous group is normalized (dx and
  * daddend written), in units of several groups. (4,35,46,348): forward
  * groups of 2 channels and a last group of 1, which ends a unit after a
  * group of 2, and rows of 16k + 8 elements (the forward loop's tail);
  * (4,69,40,200): backward groups of 2 and a last of 1 (forward: 4 and 1).
+ *
+ * NHWC: the statistics pass reads whole chunks four at a time, the
+ * normalization two at a time. (3,48,139,113): 37 chunks of 1290 rows, the
+ * last partial, 36 whole ones in 9 quads and one chunk alone; the pairs
+ * (u, u + 19) end with a pair whose second chunk is partial and a chunk
+ * alone. (2,35,180,180): C not a multiple of 8, so the paired loop does not
+ * apply and each pair falls back to one chunk at a time.
+ *
  * Specials put channels on the exact path inside a unit; eval without
  * running statistics takes batch statistics (pipelined too). */
-static void test_cpu_fast_pipelined_nchw_matches_reference(void **state) {
+static void test_cpu_fast_large_streamed_matches_reference(void **state) {
   (void)state;
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
@@ -560,17 +569,27 @@ static void test_cpu_fast_pipelined_nchw_matches_reference(void **state) {
       {true, true, false, true, false, SPECIAL_NONE},
       {false, true, true, false, false, SPECIAL_NONE},
       {true, false, false, true, true, SPECIAL_NONE},
+      {true, true, false, true, true, SPECIAL_NONE},
       {true, true, false, true, false, SPECIAL_NAN_X},
       {true, true, false, true, false, SPECIAL_INF_WEIGHT},
       {true, true, false, true, false, SPECIAL_NAN_ADDEND},
       {true, true, false, true, false, SPECIAL_NAN_DY},
   };
-  static const int64_t pshapes[2][4] = {{4, 35, 46, 348}, {4, 69, 40, 200}};
+  static const struct {
+    int64_t n, c, h, w;
+    fbn_layout layout;
+    size_t variants; /* the first ones of v[] */
+  } big[] = {
+      {4, 35, 46, 348, FBN_LAYOUT_NCHW, 8},
+      {4, 69, 40, 200, FBN_LAYOUT_NCHW, 8},
+      {3, 48, 139, 113, FBN_LAYOUT_NHWC, 8},
+      {2, 35, 180, 180, FBN_LAYOUT_NHWC, 4},
+  };
   int failed = 0, total = 0;
-  for (size_t sh = 0; sh < 2; sh++)
-    for (size_t i = 0; i < sizeof v / sizeof v[0]; i++) {
-      fcase k = {pshapes[sh][0], pshapes[sh][1], pshapes[sh][2], pshapes[sh][3],
-                 FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW, v[i].affine, v[i].track,
+  for (size_t sh = 0; sh < sizeof big / sizeof big[0]; sh++)
+    for (size_t i = 0; i < big[sh].variants; i++) {
+      fcase k = {big[sh].n, big[sh].c, big[sh].h, big[sh].w,
+                 FBN_DTYPE_FLOAT32, big[sh].layout, v[i].affine, v[i].track,
                  v[i].cumulative, v[i].addend, v[i].eval, v[i].sp, 2};
       total++;
       if (!run_case(&k, &rng))
@@ -694,7 +713,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_cpu_fast_eval_single_value_matches_reference),
       cmocka_unit_test(test_cpu_fast_streamed_outputs_match_reference),
       cmocka_unit_test(test_cpu_fast_streamed_outputs_at_offsets),
-      cmocka_unit_test(test_cpu_fast_pipelined_nchw_matches_reference),
+      cmocka_unit_test(test_cpu_fast_large_streamed_matches_reference),
   };
   return cmocka_run_group_tests_name("cpu_fast", tests, NULL, NULL);
 }

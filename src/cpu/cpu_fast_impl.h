@@ -787,6 +787,18 @@ static void FBN_K(forward_nhwc_stats_chunk)(const fbn_forward_args *a,
     FBN_K(stats_blocks)(x + rtail * c_, 1, lp, (r1 - rtail) * c_, plan->shift, s1, s2);
 }
 
+/* Statistics of the four whole chunks k + j*q (j < 4), one block of each
+ * per step: four streams far apart. */
+static void FBN_K(forward_nhwc_stats_quad)(const fbn_forward_args *a,
+                                           const fbn_fast_nhwc_plan *plan, int64_t k, int64_t q,
+                                           double *s1, double *s2) {
+  const int64_t c_ = a->desc->c, cr = plan->chunk_rows, p_ = plan->rows_per_block;
+  const int64_t lp = plan->block;
+  const FBN_T *x = (const FBN_T *)a->x + k * cr * c_;
+  for (int64_t r = 0; r < cr; r += p_)
+    FBN_K(stats_blocks)(x + r * c_, 4, q * cr * c_, lp, plan->shift, s1, s2);
+}
+
 /* Per-channel statistics and coefficients (one thread), from the partial
  * sums of nthreads threads (batch statistics) or the running statistics. */
 static void FBN_K(forward_nhwc_coef)(fbn_module *m, const fbn_forward_args *a,
@@ -810,17 +822,14 @@ static void FBN_K(forward_nhwc_coef)(fbn_module *m, const fbn_forward_args *a,
   fbn_fast_repeat(cb, sizeof(FBN_T), c_, p_);
 }
 
-/* Normalization of chunk k. */
-static void FBN_K(forward_nhwc_norm_chunk)(const fbn_forward_args *a,
-                                           const fbn_fast_nhwc_plan *plan, int64_t k, bool stream,
-                                           uint8_t *bits, int64_t bpr) {
-  const fbn_tensor_desc *d = a->desc;
-  const int64_t c_ = d->c, rows = d->n * d->h * d->w, cr = plan->chunk_rows;
-  const int64_t p_ = plan->rows_per_block;
+/* Normalization of rows [r0, r1), r0 a multiple of P. */
+static void FBN_K(forward_nhwc_norm_rows)(const fbn_forward_args *a,
+                                          const fbn_fast_nhwc_plan *plan, int64_t r0, int64_t r1,
+                                          bool stream, uint8_t *bits, int64_t bpr) {
+  const int64_t c_ = a->desc->c, p_ = plan->rows_per_block;
   const FBN_T *x = a->x, *z = a->addend;
   FBN_T *y = a->y;
-  const int64_t r1 = (k + 1) * cr < rows ? (k + 1) * cr : rows;
-  for (int64_t r = k * cr; r < r1; r += p_) {
+  for (int64_t r = r0; r < r1; r += p_) {
     const int64_t nr = r + p_ <= r1 ? p_ : r1 - r;
     FBN_K(norm_block)(x + r * c_, z != NULL ? z + r * c_ : NULL, y + r * c_, nr, c_, false,
                       plan->coef[0], plan->coef[1], plan->coef[2],
@@ -828,13 +837,77 @@ static void FBN_K(forward_nhwc_norm_chunk)(const fbn_forward_args *a,
   }
 }
 
-/* The work of one thread of forward_nhwc (par: inside the parallel region
- * of nt > 1 threads; else the only thread, no OpenMP calls). */
+/* Normalization of chunk k. */
+static void FBN_K(forward_nhwc_norm_chunk)(const fbn_forward_args *a,
+                                           const fbn_fast_nhwc_plan *plan, int64_t k, bool stream,
+                                           uint8_t *bits, int64_t bpr) {
+  const int64_t rows = a->desc->n * a->desc->h * a->desc->w, cr = plan->chunk_rows;
+  FBN_K(forward_nhwc_norm_rows)(a, plan, k * cr, (k + 1) * cr < rows ? (k + 1) * cr : rows,
+                                stream, bits, bpr);
+}
+
+/* Normalization of chunks k0 and k1 > k0 (k0 whole; streamed output): a
+ * block of each per step of one loop while both have whole blocks and the
+ * loop applies, the rest block by block. */
+static void FBN_K(forward_nhwc_norm_pair)(const fbn_forward_args *a,
+                                          const fbn_fast_nhwc_plan *plan, int64_t k0, int64_t k1,
+                                          uint8_t *bits, int64_t bpr) {
+  const int64_t c_ = a->desc->c, rows = a->desc->n * a->desc->h * a->desc->w;
+  const int64_t cr = plan->chunk_rows, p_ = plan->rows_per_block;
+  const int64_t e1 = (k1 + 1) * cr < rows ? (k1 + 1) * cr : rows, dr = (k1 - k0) * cr;
+  const FBN_T *x = a->x, *z = a->addend;
+  FBN_T *y = a->y;
+  int64_t r = k0 * cr;
+  for (; r + dr + p_ <= e1; r += p_)
+    if (!FBN_K(fbn_fast_norm_nt2)(x + r * c_, z != NULL ? z + r * c_ : NULL, y + r * c_, p_, c_,
+                                  plan->coef[0], plan->coef[1], plan->coef[2],
+                                  bits != NULL ? bits + r * bpr : NULL, bpr, dr * c_, dr * bpr))
+      break;
+  FBN_K(forward_nhwc_norm_rows)(a, plan, r, (k0 + 1) * cr, true, bits, bpr);
+  FBN_K(forward_nhwc_norm_rows)(a, plan, r + dr, e1, true, bits, bpr);
+}
+
+/* Unit u of forward_nhwc's statistics pass. Streamed tensors: the whole
+ * chunks in quads (u < q: chunks u + j*q, j < 4), then the rest one by one. */
+static void FBN_K(forward_nhwc_stats_unit)(const fbn_forward_args *a,
+                                           const fbn_fast_nhwc_plan *plan, int64_t u, int64_t q,
+                                           double *s1, double *s2) {
+  if (u < q)
+    FBN_K(forward_nhwc_stats_quad)(a, plan, u, q, s1, s2);
+  else
+    FBN_K(forward_nhwc_stats_chunk)(a, plan, u + 3 * q, s1, s2);
+}
+
+/* Unit u of the normalization pass: chunks u and u + half where both exist
+ * (half > 0 only for streamed output), else chunk u. */
+static void FBN_K(forward_nhwc_norm_unit)(const fbn_forward_args *a,
+                                          const fbn_fast_nhwc_plan *plan, int64_t u,
+                                          int64_t half, int64_t nchunks, bool stream,
+                                          uint8_t *bits, int64_t bpr) {
+  if (half > 0 && u + half < nchunks)
+    FBN_K(forward_nhwc_norm_pair)(a, plan, u, u + half, bits, bpr);
+  else
+    FBN_K(forward_nhwc_norm_chunk)(a, plan, u, stream, bits, bpr);
+}
+
+/*
+ * The work of one thread of forward_nhwc (par: inside the parallel region
+ * of nt > 1 threads; else the only thread, no OpenMP calls).
+ *
+ * Tensors larger than the caches are read from several places at once: the
+ * statistics pass reads four chunks a quarter of the tensor apart, the
+ * normalization two chunks half of it apart. On these machines a core reads
+ * one sequential stream at 60-70% of the rate it reaches with two to four
+ * (docs/benchmarks.md).
+ */
 static void FBN_K(forward_nhwc_run)(fbn_module *m, const fbn_forward_args *a,
                                     const fbn_fast_nhwc_plan *plan, bool par, bool stream,
                                     uint8_t *bits, int64_t bpr) {
   const int64_t rows = a->desc->n * a->desc->h * a->desc->w, lp = plan->block;
   const int64_t nchunks = (rows + plan->chunk_rows - 1) / plan->chunk_rows;
+  const int64_t q = stream ? rows / plan->chunk_rows / 4 : 0;
+  const int64_t nstats = nchunks - 3 * q;
+  const int64_t half = stream ? (nchunks + 1) / 2 : 0, nnorm = stream ? half : nchunks;
   const int t = par ? fbn_fast_thread_num() : 0, nthreads = par ? fbn_fast_num_threads() : 1;
   if (a->batch_stats) {
     double *s1 = fbn_fast_partial(plan, t, 0), *s2 = fbn_fast_partial(plan, t, 1);
@@ -842,24 +915,24 @@ static void FBN_K(forward_nhwc_run)(fbn_module *m, const fbn_forward_args *a,
     memset(s2, 0, (size_t)lp * sizeof(double));
     if (par) {
       FBN_OMP(omp for schedule(dynamic, 1) nowait)
-      for (int64_t k = 0; k < nchunks; k++)
-        FBN_K(forward_nhwc_stats_chunk)(a, plan, k, s1, s2);
+      for (int64_t u = 0; u < nstats; u++)
+        FBN_K(forward_nhwc_stats_unit)(a, plan, u, q, s1, s2);
       FBN_OMP(omp barrier)
     } else {
-      for (int64_t k = 0; k < nchunks; k++)
-        FBN_K(forward_nhwc_stats_chunk)(a, plan, k, s1, s2);
+      for (int64_t u = 0; u < nstats; u++)
+        FBN_K(forward_nhwc_stats_unit)(a, plan, u, q, s1, s2);
     }
   }
   if (par) {
     FBN_OMP(omp single)
     FBN_K(forward_nhwc_coef)(m, a, plan, nthreads);
     FBN_OMP(omp for schedule(dynamic, 1))
-    for (int64_t k = 0; k < nchunks; k++)
-      FBN_K(forward_nhwc_norm_chunk)(a, plan, k, stream, bits, bpr);
+    for (int64_t u = 0; u < nnorm; u++)
+      FBN_K(forward_nhwc_norm_unit)(a, plan, u, half, nchunks, stream, bits, bpr);
   } else {
     FBN_K(forward_nhwc_coef)(m, a, plan, 1);
-    for (int64_t k = 0; k < nchunks; k++)
-      FBN_K(forward_nhwc_norm_chunk)(a, plan, k, stream, bits, bpr);
+    for (int64_t u = 0; u < nnorm; u++)
+      FBN_K(forward_nhwc_norm_unit)(a, plan, u, half, nchunks, stream, bits, bpr);
   }
 }
 
