@@ -556,6 +556,10 @@ static void test_cpu_fast_streamed_outputs_match_reference(void **state) {
  * alone. (2,35,180,180): C not a multiple of 8, so the paired loop does not
  * apply and each pair falls back to one chunk at a time.
  *
+ * NCHW eval (long rows) and short rows (7x7, flat loop): the runs of n and
+ * n + N/2 are normalized in one loop; odd N leaves the last n alone
+ * ((5,600,28,28), (17,2700,7,7)).
+ *
  * Specials put channels on the exact path inside a unit; eval without
  * running statistics takes batch statistics (pipelined too). */
 static void test_cpu_fast_large_streamed_matches_reference(void **state) {
@@ -584,6 +588,8 @@ static void test_cpu_fast_large_streamed_matches_reference(void **state) {
       {4, 69, 40, 200, FBN_LAYOUT_NCHW, 8},
       {3, 48, 139, 113, FBN_LAYOUT_NHWC, 8},
       {2, 35, 180, 180, FBN_LAYOUT_NHWC, 4},
+      {5, 600, 28, 28, FBN_LAYOUT_NCHW, 4},
+      {17, 2700, 7, 7, FBN_LAYOUT_NCHW, 4},
   };
   int failed = 0, total = 0;
   for (size_t sh = 0; sh < sizeof big / sizeof big[0]; sh++)

@@ -777,28 +777,62 @@ fbn_fast_norm8_nt(const float *x, const float *z, float *y, __m256 m, __m256 a, 
   return (unsigned)_mm256_movemask_ps(pass);
 }
 
-__attribute__((target("avx2,fma"))) static void
-fbn_fast_norm_nt_avx2(const float *x, const float *z, float *y, int64_t rows, int64_t len,
-                      bool per_row, const float *m, const float *a, const float *b,
-                      uint8_t *bits, bool y32) {
+/* rows x len elements (len % 8 == 0, bits on whole bytes); TWO: and a
+ * second block at x + d (z + d, y + d, bits + db) with the same
+ * coefficients, 64 elements of each in turn (two sets of streams in flight;
+ * y and y + d alike modulo 32 bytes). */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+fbn_fast_norm_rows_body(const bool TWO, const float *x, const float *z, float *y, int64_t rows,
+                        int64_t len, bool per_row, const float *m, const float *a,
+                        const float *b, uint8_t *bits, bool y32, int64_t d, int64_t db) {
   for (int64_t r = 0; r < rows; r++) {
     const int64_t o = r * len;
     __m256 mv = _mm256_set1_ps(per_row ? m[r] : 0.0f), av = _mm256_set1_ps(per_row ? a[r] : 0.0f);
     __m256 bv = _mm256_set1_ps(per_row ? b[r] : 0.0f);
-    for (int64_t i = 0; i < len; i += 8) {
-      if (!per_row) {
-        mv = _mm256_loadu_ps(m + o + i);
-        av = _mm256_loadu_ps(a + o + i);
-        bv = _mm256_loadu_ps(b + o + i);
+    int64_t i = 0;
+    /* one step: the 8 elements at i of set s (0 or 1) */
+#define FBN_NORM_STEP(s, i)                                                                      \
+  do {                                                                                         \
+    if (!per_row) {                                                                            \
+      mv = _mm256_loadu_ps(m + o + (i));                                                       \
+      av = _mm256_loadu_ps(a + o + (i));                                                       \
+      bv = _mm256_loadu_ps(b + o + (i));                                                       \
+    }                                                                                          \
+    const int64_t e = o + (i) + ((s) != 0 ? d : 0);                                            \
+    const unsigned k = fbn_fast_norm8_nt(x + e, z != NULL ? z + e : NULL, y + e, mv, av, bv, y32); \
+    if (bits != NULL)                                                                          \
+      bits[(o + (i)) / 8 + ((s) != 0 ? db : 0)] = (uint8_t)k;                                  \
+  } while (0)
+    if (TWO) {
+      for (; i + 64 <= len; i += 64) {
+        for (int64_t j = 0; j < 64; j += 8)
+          FBN_NORM_STEP(0, i + j);
+        for (int64_t j = 0; j < 64; j += 8)
+          FBN_NORM_STEP(1, i + j);
       }
-      /* y 16-byte aligned at least (e.g. glibc's malloc of a large block) */
-      const unsigned mask = fbn_fast_norm8_nt(x + o + i, z != NULL ? z + o + i : NULL, y + o + i,
-                                              mv, av, bv, y32);
-      if (bits != NULL)
-        bits[(o + i) / 8] = (uint8_t)mask;
     }
+    for (; i < len; i += 8) {
+      FBN_NORM_STEP(0, i);
+      if (TWO)
+        FBN_NORM_STEP(1, i);
+    }
+#undef FBN_NORM_STEP
   }
   _mm_sfence();
+}
+
+__attribute__((target("avx2,fma"))) static void
+fbn_fast_norm_nt_avx2(const float *x, const float *z, float *y, int64_t rows, int64_t len,
+                      bool per_row, const float *m, const float *a, const float *b,
+                      uint8_t *bits, bool y32) {
+  fbn_fast_norm_rows_body(false, x, z, y, rows, len, per_row, m, a, b, bits, y32, 0, 0);
+}
+
+__attribute__((target("avx2,fma"))) static void
+fbn_fast_norm_nt2_rows_avx2(const float *x, const float *z, float *y, int64_t rows, int64_t len,
+                            bool per_row, const float *m, const float *a, const float *b,
+                            uint8_t *bits, bool y32, int64_t d, int64_t db) {
+  fbn_fast_norm_rows_body(true, x, z, y, rows, len, per_row, m, a, b, bits, y32, d, db);
 }
 
 /*
@@ -956,32 +990,6 @@ fbn_fast_bwd_pipe_reduce_avx2(int64_t len, const float *xs, const uint8_t *bs, c
                          false, xs, bs, dys, mean, acc);
 }
 
-/* Two blocks of len elements (len % 8 == 0) with the same per-element
- * coefficients, normalized in one loop: two sets of streams in flight per
- * core instead of one (see fbn_fast_norm_nt2_f32). Bits as
- * fbn_fast_norm_nt_avx2's (when not NULL, b0 and b1 both given). */
-__attribute__((target("avx2,fma"))) static void
-fbn_fast_norm_nt2_avx2(const float *x0, const float *z0, float *y0, uint8_t *b0, const float *x1,
-                       const float *z1, float *y1, uint8_t *b1, int64_t len, const float *m,
-                       const float *a, const float *b, bool y32) {
-  for (int64_t i0 = 0; i0 < len; i0 += 64) {
-    const int64_t i1 = i0 + 64 < len ? i0 + 64 : len;
-    for (int s = 0; s < 2; s++) {
-      const float *x = s == 0 ? x0 : x1, *z = s == 0 ? z0 : z1;
-      float *y = s == 0 ? y0 : y1;
-      uint8_t *bits = s == 0 ? b0 : b1;
-      for (int64_t i = i0; i < i1; i += 8) {
-        const unsigned k = fbn_fast_norm8_nt(x + i, z != NULL ? z + i : NULL, y + i,
-                                             _mm256_loadu_ps(m + i), _mm256_loadu_ps(a + i),
-                                             _mm256_loadu_ps(b + i), y32);
-        if (bits != NULL)
-          bits[i / 8] = (uint8_t)k;
-      }
-    }
-  }
-  _mm_sfence();
-}
-
 /* The same for one flat run of `total` elements with per-element
  * coefficients and any alignment of y (scalar elements until y is 16-byte
  * aligned, and at the end): rows whose length is not a multiple of 8 (NCHW
@@ -1002,33 +1010,79 @@ fbn_fast_norm1(const float *x, const float *z, float *y, const float *m, const f
     fb[e / 8] = (uint8_t)(fb[e / 8] | 1u << (e % 8));
 }
 
-__attribute__((target("avx2,fma"))) static void
-fbn_fast_norm_nt_flat_avx2(const float *x, const float *z, float *y, int64_t total,
-                           const float *m, const float *a, const float *b, uint8_t *fb) {
+/* 8 elements at e of a flat run: bits into fb through the carry (see
+ * fbn_fast_norm_flat_body). */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+fbn_fast_norm8_flat(const float *x, const float *z, float *y, const float *m, const float *a,
+                    const float *b, uint8_t *fb, int64_t e, unsigned sh, unsigned *carry,
+                    bool y32) {
+  const unsigned mask =
+      fbn_fast_norm8_nt(x + e, z != NULL ? z + e : NULL, y + e, _mm256_loadu_ps(m + e),
+                        _mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e), y32);
+  if (fb != NULL) {
+    const unsigned w = *carry | mask << sh;
+    fb[e / 8] = (uint8_t)w;
+    *carry = w >> 8;
+  }
+}
+
+/* One flat run (TWO: and a second one at x + d, z + d, y + d, its bits in
+ * fb1, with the same coefficients, 64 elements of each in turn: two sets of
+ * streams in flight; y and y + d alike modulo 32 bytes). */
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+fbn_fast_norm_flat_body(const bool TWO, const float *x, const float *z, float *y,
+                        int64_t total, const float *m, const float *a, const float *b,
+                        uint8_t *fb0, uint8_t *fb1, int64_t d) {
+  const float *x1 = TWO ? x + d : NULL, *z1 = TWO && z != NULL ? z + d : NULL;
+  float *y1 = TWO ? y + d : NULL;
   int64_t e = 0;
-  for (; e < total && ((uintptr_t)(y + e) & 15) != 0; e++)
-    fbn_fast_norm1(x, z, y, m, a, b, fb, e);
+  for (; e < total && ((uintptr_t)(y + e) & 15) != 0; e++) {
+    fbn_fast_norm1(x, z, y, m, a, b, fb0, e);
+    if (TWO)
+      fbn_fast_norm1(x1, z1, y1, m, a, b, fb1, e);
+  }
   const bool y32 = ((uintptr_t)(y + e) & 31) == 0;
   /* the vectors' bits start at bit sh of each byte; carry: the bits that
    * went past the last byte written (and the peel's bits at first), so that
    * each byte is stored once, with no read-modify-write chain */
   const unsigned sh = (unsigned)(e % 8);
-  unsigned carry = fb != NULL ? fb[e / 8] : 0u;
-  for (; e + 8 <= total; e += 8) {
-    const unsigned mask =
-        fbn_fast_norm8_nt(x + e, z != NULL ? z + e : NULL, y + e, _mm256_loadu_ps(m + e),
-                          _mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e), y32);
-    if (fb != NULL) {
-      const unsigned w = carry | mask << sh;
-      fb[e / 8] = (uint8_t)w;
-      carry = w >> 8;
+  unsigned c0 = fb0 != NULL ? fb0[e / 8] : 0u, c1 = TWO && fb1 != NULL ? fb1[e / 8] : 0u;
+  if (TWO) {
+    for (; e + 64 <= total; e += 64) {
+      for (int64_t j = 0; j < 64; j += 8)
+        fbn_fast_norm8_flat(x, z, y, m, a, b, fb0, e + j, sh, &c0, y32);
+      for (int64_t j = 0; j < 64; j += 8)
+        fbn_fast_norm8_flat(x1, z1, y1, m, a, b, fb1, e + j, sh, &c1, y32);
     }
   }
-  if (fb != NULL)
-    fb[e / 8] = (uint8_t)carry;
+  for (; e + 8 <= total; e += 8) {
+    fbn_fast_norm8_flat(x, z, y, m, a, b, fb0, e, sh, &c0, y32);
+    if (TWO)
+      fbn_fast_norm8_flat(x1, z1, y1, m, a, b, fb1, e, sh, &c1, y32);
+  }
+  if (fb0 != NULL)
+    fb0[e / 8] = (uint8_t)c0;
+  if (TWO && fb1 != NULL)
+    fb1[e / 8] = (uint8_t)c1;
   _mm_sfence();
-  for (; e < total; e++)
-    fbn_fast_norm1(x, z, y, m, a, b, fb, e);
+  for (; e < total; e++) {
+    fbn_fast_norm1(x, z, y, m, a, b, fb0, e);
+    if (TWO)
+      fbn_fast_norm1(x1, z1, y1, m, a, b, fb1, e);
+  }
+}
+
+__attribute__((target("avx2,fma"))) static void
+fbn_fast_norm_nt_flat_avx2(const float *x, const float *z, float *y, int64_t total,
+                           const float *m, const float *a, const float *b, uint8_t *fb) {
+  fbn_fast_norm_flat_body(false, x, z, y, total, m, a, b, fb, NULL, 0);
+}
+
+__attribute__((target("avx2,fma"))) static void
+fbn_fast_norm_nt2_flat_avx2(const float *x, const float *z, float *y, int64_t total,
+                            const float *m, const float *a, const float *b, uint8_t *fb0,
+                            uint8_t *fb1, int64_t d) {
+  fbn_fast_norm_flat_body(true, x, z, y, total, m, a, b, fb0, fb1, d);
 }
 
 /* Row r of the saved mask (bpr bytes) <- bits [r*len, (r+1)*len) of fb
@@ -1088,26 +1142,44 @@ static bool fbn_fast_norm_nt_f32(const float *x, const float *z, float *y, int64
   return true;
 }
 
-/* Two blocks of rows x len elements with per-element coefficients, the
- * second at x + d (z + d, y + d, bits + db): false where the fast loop does
- * not apply (the caller then normalizes each block on its own). */
+/* fbn_fast_norm_nt_f32 on two blocks of rows x len elements with the same
+ * coefficients, the second at x + d (z + d, y + d, bits + db), in one loop:
+ * false where it does not apply (the caller then normalizes each block on
+ * its own). */
 static bool fbn_fast_norm_nt2_f32(const float *x, const float *z, float *y, int64_t rows,
-                                  int64_t len, const float *m, const float *a, const float *b,
-                                  uint8_t *bits, int64_t bpr, int64_t d, int64_t db) {
-  const int64_t n = rows * len;
-  if (!fbn_fast_have_avx2() || n % 8 != 0 || (bits != NULL && bpr * 8 != len) ||
-      ((uintptr_t)y & 15) != 0 || ((uintptr_t)(y + d) & 31) != ((uintptr_t)y & 31))
+                                  int64_t len, bool per_row, const float *m, const float *a,
+                                  const float *b, uint8_t *bits, int64_t bpr, int64_t d,
+                                  int64_t db) {
+  if (!fbn_fast_have_avx2() || ((uintptr_t)(y + d) & 31) != ((uintptr_t)y & 31))
     return false;
-  fbn_fast_norm_nt2_avx2(x, z, y, bits, x + d, z != NULL ? z + d : NULL, y + d,
-                         bits != NULL ? bits + db : NULL, n, m, a, b, ((uintptr_t)y & 31) == 0);
+  if (len % 8 == 0 && (bits == NULL || bpr == len / 8) && ((uintptr_t)y & 15) == 0) {
+    fbn_fast_norm_nt2_rows_avx2(x, z, y, rows, len, per_row, m, a, b, bits,
+                                ((uintptr_t)y & 31) == 0, d, db);
+    return true;
+  }
+  const int64_t total = rows * len;
+  if (per_row || (bits != NULL && total > FBN_FAST_NT_FLAT_MAX))
+    return false;
+  uint8_t fb[2][FBN_FAST_NT_FLAT_MAX / 8 + 9];
+  if (bits != NULL) {
+    memset(fb[0], 0, (size_t)(total / 8 + 9));
+    memset(fb[1], 0, (size_t)(total / 8 + 9));
+  }
+  fbn_fast_norm_nt2_flat_avx2(x, z, y, total, m, a, b, bits != NULL ? fb[0] : NULL,
+                              bits != NULL ? fb[1] : NULL, d);
+  if (bits != NULL) {
+    fbn_fast_mask_rows(fb[0], rows, len, bits, bpr);
+    fbn_fast_mask_rows(fb[1], rows, len, bits + db, bpr);
+  }
   return true;
 }
 #define FBN_FAST_PIPE 1
 #else
 #define fbn_fast_norm_nt_f32(...) false /* no AVX2 loop: the staged one */
 static bool fbn_fast_norm_nt2_f32(const float *x, const float *z, float *y, int64_t rows,
-                                  int64_t len, const float *m, const float *a, const float *b,
-                                  uint8_t *bits, int64_t bpr, int64_t d, int64_t db) {
+                                  int64_t len, bool per_row, const float *m, const float *a,
+                                  const float *b, uint8_t *bits, int64_t bpr, int64_t d,
+                                  int64_t db) {
   return false;
 }
 #define FBN_FAST_PIPE 0
@@ -1115,7 +1187,7 @@ static bool fbn_fast_norm_nt2_f32(const float *x, const float *z, float *y, int6
 /* float64 tensors keep the staged loop (they have no saved mask either). */
 #define fbn_fast_norm_nt_f64(...) false
 static bool fbn_fast_norm_nt2_f64(const double *x, const double *z, double *y, int64_t rows,
-                                  int64_t len, const double *m, const double *a,
+                                  int64_t len, bool per_row, const double *m, const double *a,
                                   const double *b, uint8_t *bits, int64_t bpr, int64_t d,
                                   int64_t db) {
   return false;

@@ -635,14 +635,29 @@ static void FBN_K(forward_nchw_eval)(fbn_module *m, const fbn_forward_args *a, i
   }
   int64_t rpc = FBN_FAST_EVAL_CHUNK / hw;
   rpc = rpc < 1 ? 1 : rpc > c_ ? c_ : rpc;
-  const int64_t cpn = (c_ + rpc - 1) / rpc, total = n_ * cpn;
+  /* streamed: unit (n, rows) together with (n + half, rows) where the
+   * paired loop applies (two sets of streams in flight, see forward_nhwc_run) */
+  const int64_t half = stream ? n_ / 2 : 0, dn = half * c_;
+  const int64_t cpn = (c_ + rpc - 1) / rpc, total = (n_ - half) * cpn;
+#define FBN_EVAL_RUN(n, c0, c1)                                                                  \
+  FBN_K(norm_block)(x + ((n) * c_ + (c0)) * hw, z != NULL ? z + ((n) * c_ + (c0)) * hw : NULL,   \
+                    y + ((n) * c_ + (c0)) * hw, (c1) - (c0), hw, true, cm + (c0), ca + (c0),     \
+                    cb + (c0), bits != NULL ? bits + ((n) * c_ + (c0)) * bpr : NULL, bpr, stream)
 #define FBN_EVAL_UNIT(k)                                                                         \
   do {                                                                                         \
-    const int64_t n = (k) / cpn, c0 = (k) % cpn * rpc, c1 = c0 + rpc < c_ ? c0 + rpc : c_;     \
-    const int64_t off = (n * c_ + c0) * hw;                                                    \
-    FBN_K(norm_block)(x + off, z != NULL ? z + off : NULL, y + off, c1 - c0, hw, true,         \
-                      cm + c0, ca + c0, cb + c0,                                               \
-                      bits != NULL ? bits + (n * c_ + c0) * bpr : NULL, bpr, stream);          \
+    const int64_t c0 = (k) % cpn * rpc, c1 = c0 + rpc < c_ ? c0 + rpc : c_;                    \
+    if ((k) < half * cpn) {                                                                    \
+      const int64_t n = (k) / cpn, off = (n * c_ + c0) * hw;                                   \
+      if (!FBN_K(fbn_fast_norm_nt2)(x + off, z != NULL ? z + off : NULL, y + off, c1 - c0, hw,  \
+                                    true, cm + c0, ca + c0, cb + c0,                           \
+                                    bits != NULL ? bits + (n * c_ + c0) * bpr : NULL, bpr,     \
+                                    dn * hw, dn * bpr)) {                                      \
+        FBN_EVAL_RUN(n, c0, c1);                                                               \
+        FBN_EVAL_RUN(n + half, c0, c1);                                                        \
+      }                                                                                        \
+    } else {                                                                                   \
+      FBN_EVAL_RUN(2 * half + ((k) - half * cpn) / cpn, c0, c1);                               \
+    }                                                                                          \
   } while (0)
   if (nt > 1) { /* one thread: no OpenMP region at all (its fixed cost) */
     FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt))
@@ -652,6 +667,7 @@ static void FBN_K(forward_nchw_eval)(fbn_module *m, const fbn_forward_args *a, i
     for (int64_t k = 0; k < total; k++)
       FBN_EVAL_UNIT(k);
   }
+#undef FBN_EVAL_RUN
 #undef FBN_EVAL_UNIT
   for (int64_t c = 0; c < c_; c++)
     if (!fast[c])
@@ -707,11 +723,26 @@ static void FBN_K(forward_nchw_vec_group)(fbn_module *m, const fbn_forward_args 
     FBN_K(expand)(cm, gc, hw);
     FBN_K(expand)(ca, gc, hw);
     FBN_K(expand)(cb, gc, hw);
-    for (int64_t n = 0; n < n_; n++) {
+    /* streamed: the runs of n and n + half in one loop where it applies
+     * (two sets of streams in flight, see forward_nhwc_run), the rest one
+     * run at a time */
+    const int64_t half = stream ? n_ / 2 : 0, dn = half * c_;
+#define FBN_VEC_RUN(n)                                                                           \
+  FBN_K(norm_block)(x + ((n) * c_ + c0) * hw, z != NULL ? z + ((n) * c_ + c0) * hw : NULL,       \
+                    y + ((n) * c_ + c0) * hw, gc, hw, false, cm, ca, cb,                         \
+                    bits != NULL ? bits + ((n) * c_ + c0) * bpr : NULL, bpr, stream)
+    for (int64_t n = 0; n < half; n++) {
       const int64_t off = (n * c_ + c0) * hw;
-      FBN_K(norm_block)(x + off, z != NULL ? z + off : NULL, y + off, gc, hw, false, cm, ca, cb,
-                        bits != NULL ? bits + (n * c_ + c0) * bpr : NULL, bpr, stream);
+      if (!FBN_K(fbn_fast_norm_nt2)(x + off, z != NULL ? z + off : NULL, y + off, gc, hw, false,
+                                    cm, ca, cb, bits != NULL ? bits + (n * c_ + c0) * bpr : NULL, bpr,
+                                    dn * hw, dn * bpr)) {
+        FBN_VEC_RUN(n);
+        FBN_VEC_RUN(n + half);
+      }
     }
+    for (int64_t n = 2 * half; n < n_; n++)
+      FBN_VEC_RUN(n);
+#undef FBN_VEC_RUN
     for (int64_t j = 0; j < gc; j++)
       if (!v.fast[j])
         fbn_fast_exact_normalize(m, a, c0 + j, v.mean[j], v.invstd[j], bits, bpr);
@@ -860,7 +891,7 @@ static void FBN_K(forward_nhwc_norm_pair)(const fbn_forward_args *a,
   int64_t r = k0 * cr;
   for (; r + dr + p_ <= e1; r += p_)
     if (!FBN_K(fbn_fast_norm_nt2)(x + r * c_, z != NULL ? z + r * c_ : NULL, y + r * c_, p_, c_,
-                                  plan->coef[0], plan->coef[1], plan->coef[2],
+                                  false, plan->coef[0], plan->coef[1], plan->coef[2],
                                   bits != NULL ? bits + r * bpr : NULL, bpr, dr * c_, dr * bpr))
       break;
   FBN_K(forward_nhwc_norm_rows)(a, plan, r, (k0 + 1) * cr, true, bits, bpr);
