@@ -6,8 +6,10 @@ generated part of docs/benchmarks.md (between the BEGIN/END markers) and a PNG
 chart. Numbers are medians of the calls of one round. The memory floor of a
 pass is the median time of a 2-thread memcpy moving its minimal traffic, timed
 call by call interleaved with the implementations ("memcpy-floor" rows of
-fbn-peers-bench); the floor at the round's global copy bandwidth (the faster of
-the copy measurements at its start and end) is shown beside it.
+fbn-peers-bench). Beside it, a stricter floor: the same copy with two sets of
+streams per thread ("copy2-floor", as the library's large loops read and
+write); and, in the list under the goal checks, the floor at the round's global
+copy bandwidth (the faster of the copy measurements at its start and end).
 """
 import argparse
 import csv
@@ -91,7 +93,7 @@ def table(rounds, pass_):
     out = []
     hdr = ("| shape (N,C,H,W) | layout | round | fusedbn ms | oneDNN ms | oneDNN unfused ms | "
            "PyTorch ms | floor ms | oneDNN / fusedbn | PyTorch / fusedbn | fusedbn / floor | "
-           "global floor ms | fusedbn / global floor |")
+           "2-stream floor ms | fusedbn / 2-stream floor |")
     out.append(hdr)
     out.append("|" + "|".join(["---"] * 13) + "|")
     keys = sorted({k for r in rounds for k in r[0] if k[0] == pass_},
@@ -104,17 +106,17 @@ def table(rounds, pass_):
             dnnl = best_onednn(impls)
             torch = impls.get("pytorch")
             fl = floor_paired(impls, pass_, shape, gbs)
-            gfl = floor_ms(pass_, shape, gbs)
+            fl2 = impls.get("copy2-floor")
             out.append("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
                 ",".join(str(v) for v in shape), layout, i + 1, fmt(ours), fmt(impls.get("onednn")),
                 fmt(impls.get("onednn-unfused")), fmt(torch), fmt(fl), fmt(ratio(dnnl, ours)),
-                fmt(ratio(torch, ours)), fmt(ratio(ours, fl)), fmt(gfl), fmt(ratio(ours, gfl))))
+                fmt(ratio(torch, ours)), fmt(ratio(ours, fl)), fmt(fl2), fmt(ratio(ours, fl2))))
     return "\n".join(out)
 
 
 def goal_check(rounds):
     """Lines listing every shape/layout/pass/round where a goal is not met."""
-    misses, checked, global_misses = [], 0, []
+    misses, checked, global_misses, strict_misses = [], 0, [], []
     for i, (rows, gbs, _, _) in enumerate(rounds):
         for key, impls in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1][1], kv[0][2])):
             pass_, shape, layout = key
@@ -140,7 +142,11 @@ def goal_check(rounds):
                 rg = ours / floor_ms(pass_, shape, gbs)
                 if rg > GOAL_FLOOR:
                     global_misses.append("- %s: fusedbn / global floor = %.2f" % (name, rg))
-    return checked, misses, global_misses
+                f2 = impls.get("copy2-floor")
+                if f2 is not None and ours / f2 > GOAL_FLOOR:
+                    strict_misses.append("- %s: fusedbn / 2-stream floor = %.2f" % (
+                        name, ours / f2))
+    return checked, misses, global_misses, strict_misses
 
 
 def chart(rounds, path):
@@ -198,7 +204,7 @@ def main():
 
     rounds = [read_round(paths) for paths in args.round]
     chart(rounds, args.png)
-    checked, misses, global_misses = goal_check(rounds)
+    checked, misses, global_misses, strict_misses = goal_check(rounds)
 
     g = [BEGIN, ""]
     g.append("Command: `%s`  " % args.command)
@@ -244,6 +250,14 @@ def main():
     if global_misses:
         g.append("")
         g.extend(global_misses)
+    g.append("")
+    g.append("Forward training against the 2-stream floor (a copy reading and writing two places "
+             "per thread; not the goal's definition, shown because the library's large loops do "
+             "the same): %s" % ("%d rows above %.2f:" % (len(strict_misses), GOAL_FLOOR)
+                                if strict_misses else "no row above %.2f." % GOAL_FLOOR))
+    if strict_misses:
+        g.append("")
+        g.extend(strict_misses)
     g.append("")
     g.append(END)
     generated = "\n".join(g)

@@ -990,13 +990,7 @@ fbn_fast_bwd_pipe_reduce_avx2(int64_t len, const float *xs, const uint8_t *bs, c
                          false, xs, bs, dys, mean, acc);
 }
 
-/* The same for one flat run of `total` elements with per-element
- * coefficients and any alignment of y (scalar elements until y is 16-byte
- * aligned, and at the end): rows whose length is not a multiple of 8 (NCHW
- * with short H*W, where a group's rows for one n are contiguous). The mask
- * goes to fb as one bit string (bit e = element e; fb zeroed by the caller),
- * cut into rows by fbn_fast_mask_rows(). */
-/* Element e of fbn_fast_norm_nt_flat_avx2 with plain stores (its unaligned
+/* Element e of fbn_fast_norm_flat_body with plain stores (its unaligned
  * head and its tail). */
 static inline __attribute__((always_inline, target("avx2,fma"))) void
 fbn_fast_norm1(const float *x, const float *z, float *y, const float *m, const float *a,
@@ -1026,9 +1020,15 @@ fbn_fast_norm8_flat(const float *x, const float *z, float *y, const float *m, co
   }
 }
 
-/* One flat run (TWO: and a second one at x + d, z + d, y + d, its bits in
- * fb1, with the same coefficients, 64 elements of each in turn: two sets of
- * streams in flight; y and y + d alike modulo 32 bytes). */
+/* fbn_fast_norm_nt_avx2 for one flat run of `total` elements with
+ * per-element coefficients and any alignment of y (scalar elements until y
+ * is 16-byte aligned, and at the end): rows whose length is not a multiple
+ * of 8 (NCHW with short H*W, where a group's rows for one n are contiguous).
+ * The mask goes to fb0 as one bit string (bit e = element e; fb0 zeroed by
+ * the caller), cut into rows by fbn_fast_mask_rows(). TWO: and a second run
+ * at x + d, z + d, y + d, its bits in fb1, with the same coefficients, 64
+ * elements of each in turn (two sets of streams in flight; y and y + d
+ * alike modulo 32 bytes). */
 static inline __attribute__((always_inline, target("avx2,fma"))) void
 fbn_fast_norm_flat_body(const bool TWO, const float *x, const float *z, float *y,
                         int64_t total, const float *m, const float *a, const float *b,
