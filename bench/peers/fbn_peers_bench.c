@@ -89,6 +89,7 @@ typedef struct peers_config {
   bool layouts[2]; /* NCHW, NHWC */
   bool onednn;
   size_t copy_bytes;
+  size_t evict_bytes;  /* read before every timed call (0: none) */
   bool have_one_shape; /* --shape: only this one */
   peers_shape one_shape;
 } peers_config;
@@ -124,6 +125,30 @@ static void *alloc_touched(size_t bytes) {
     die("out of memory", NULL);
   memset(p, 0, rounded);
   return p;
+}
+
+/*
+ * Read `bytes` of a buffer with 2 threads, untimed, before every timed call
+ * (implementations and floors alike), so that each call starts from the same
+ * state: cold caches holding clean lines. Without it a call pays for writing
+ * back the dirty lines the previous call left (oneDNN writes its outputs
+ * with ordinary stores; on the 12.8 MB tensors that is up to ~0.5 ms of the
+ * next call, whichever implementation comes next), and a small tensor's
+ * inputs may still be in the 32 MiB L3 from an earlier call.
+ */
+static const uint64_t *evict_buf;
+static size_t evict_words;
+
+static volatile uint64_t evict_sink;
+
+static void evict_caches(void) {
+  uint64_t sum = 0;
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(2) reduction(+ : sum) schedule(static)
+#endif
+  for (size_t i = 0; i < evict_words; i += 8) /* one word per 64-byte line */
+    sum += evict_buf[i];
+  evict_sink = sum;
 }
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15u;
@@ -569,6 +594,7 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
     const size_t floor_copy = b.numel * (size_t)floor_bytes[pass] / 2 / 1024 * 1024;
     for (int r = 0; r < total; r++)
       for (int i = 0; i < nimpl; i++) {
+        evict_caches();
         const double t0 = now_s();
         if (i == IMPL_FLOOR || i == IMPL_FLOOR2) {
           copy_nt_2threads(b.copy_dst, b.copy_src, floor_copy, i == IMPL_FLOOR2 ? 2 : 1);
@@ -627,13 +653,15 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
 static void usage(void) {
   printf("usage: fbn-peers-bench [--reps N] [--warmup N] [--quick | --shape N,C,H,W]\n"
          "                       [--layout nchw|nhwc|both] [--no-onednn] [--copy-mib N]\n"
+         "                       [--evict-mib N]\n"
          "Times fusedbn's CPU module, oneDNN (if built with it) and a 2-thread memcpy on\n"
          "ResNet-50's batch-32 batch-norm shapes, float32. CSV on stdout.\n");
 }
 
 int main(int argc, char **argv) {
   peers_config cfg = {.reps = 25, .warmup = 3, .quick = false, .layouts = {true, true},
-                      .onednn = true, .copy_bytes = (size_t)512 << 20};
+                      .onednn = true, .copy_bytes = (size_t)512 << 20,
+                      .evict_bytes = (size_t)64 << 20};
 #ifndef FBN_PEERS_HAVE_ONEDNN
   cfg.onednn = false;
 #endif
@@ -648,6 +676,9 @@ int main(int argc, char **argv) {
       i++;
     } else if (strcmp(a, "--copy-mib") == 0 && v) {
       cfg.copy_bytes = (size_t)atoi(v) << 20;
+      i++;
+    } else if (strcmp(a, "--evict-mib") == 0 && v) {
+      cfg.evict_bytes = (size_t)atoi(v) << 20;
       i++;
     } else if (strcmp(a, "--layout") == 0 && v) {
       cfg.layouts[0] = strcmp(v, "nhwc") != 0;
@@ -676,7 +707,16 @@ int main(int argc, char **argv) {
   if (cfg.reps < 1 || cfg.warmup < 0 || cfg.copy_bytes < ((size_t)1 << 20))
     die("--reps must be >= 1, --warmup >= 0, --copy-mib >= 1", NULL);
 
+  if (cfg.evict_bytes > 0) {
+    uint64_t *e = alloc_touched(cfg.evict_bytes);
+    for (size_t i = 0; i < cfg.evict_bytes / sizeof(uint64_t); i++)
+      e[i] = i;
+    evict_buf = e;
+    evict_words = cfg.evict_bytes / sizeof(uint64_t);
+  }
   const char *backend = getenv("FBN_CPU_BACKEND");
+  printf("# fbn-peers-bench: evict_mib=%zu (read before every timed call)\n",
+         cfg.evict_bytes >> 20);
   printf("# fbn-peers-bench: fusedbn %d, FBN_CPU_BACKEND=%s, threads=%d, reps=%d, warmup=%d\n",
          fbn_version(), backend ? backend : "(unset: fast)",
 #ifdef _OPENMP
