@@ -31,12 +31,14 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def timed(fn, warmup, reps):
+def timed(fn, warmup, reps, evict):
     for _ in range(warmup):
         fn()
     times = []
     f0 = faults()
     for _ in range(reps):
+        if evict is not None:
+            evict()
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -69,9 +71,9 @@ def run_shape(torch, shape, layout, args):
         bn.train()
         y = forward()
         assert y.is_contiguous(memory_format=fmt), "BatchNorm2d changed the layout"
-        results.append(("train_fwd",) + timed(forward, args.warmup, args.reps))
+        results.append(("train_fwd",) + timed(forward, args.warmup, args.reps, args.evict))
         bn.eval()
-        results.append(("eval_fwd",) + timed(forward, args.warmup, args.reps))
+        results.append(("eval_fwd",) + timed(forward, args.warmup, args.reps, args.evict))
     bn.train()
     xg = x.detach().requires_grad_(True)
     zg = z.detach().requires_grad_(True)
@@ -83,7 +85,7 @@ def run_shape(torch, shape, layout, args):
     def backward():
         return torch.autograd.grad(yg, inputs, dy, retain_graph=True)
 
-    results.append(("bwd",) + timed(backward, args.warmup, args.reps))
+    results.append(("bwd",) + timed(backward, args.warmup, args.reps, args.evict))
     for name, times, fpc in results:
         print("%s,%d,%d,%d,%d,%s,pytorch,%.4f,%.4f,%d" %
               (name, n, c, h, w, layout, 1e3 * statistics.median(times), 1e3 * min(times),
@@ -102,6 +104,9 @@ def main():
     p.add_argument("--shape", help="N,C,H,W: only this shape")
     p.add_argument("--layout", choices=["nchw", "nhwc", "both"], default="both")
     p.add_argument("--header", action="store_true", help="print the CSV header line")
+    p.add_argument("--evict-mib", type=int, default=64,
+                   help="read a buffer of this size, untimed, before every timed call "
+                        "(as fbn-peers-bench: cold caches holding clean lines; 0: none)")
     args = p.parse_args()
     try:
         import torch
@@ -109,6 +114,15 @@ def main():
         print("# pytorch: not available (%s)" % e)
         return 0
     torch.set_num_threads(args.threads)
+    args.evict = None
+    if args.evict_mib > 0:
+        buf = torch.ones(args.evict_mib << 17, dtype=torch.int64)  # evict_mib MiB
+        lines = buf[::8]  # one word per 64-byte line
+
+        def evict():
+            with torch.no_grad():
+                lines.sum().item()
+        args.evict = evict
     backend = [l.strip() for l in torch.__config__.parallel_info().splitlines()
                if "parallel backend" in l]
     print("# pytorch %s, threads=%d, %s" % (torch.__version__, torch.get_num_threads(),
