@@ -1029,6 +1029,103 @@ fbn_fast_bwd_pipe_reduce_avx2(int64_t len, const float *xs, const uint8_t *bs, c
                          false, xs, bs, dys, mean, acc);
 }
 
+/*
+ * NHWC backward over two blocks of n elements (n % 8 == 0) at once, the
+ * second at + d (x, dy, dz, dx; its mask at bits + db), with per-element
+ * arrays of the block (the first block's element i and the second's share
+ * them), 64 elements of each in turn (two sets of streams in flight). Mask
+ * bytes on whole rows (bit e of byte e / 8); dz and dx 16-byte aligned
+ * (32-byte: al32), the second block's alike.
+ *
+ * reduce: g = (mask bit ? dy : +0), dz <- g when dz is not NULL;
+ *   s1[i] += g, s2[i] += g * (x - mean[i]) in float64 (bwd_reduce_block's
+ *   arithmetic; the two blocks' terms summed into the same accumulators).
+ * apply: g from the mask and dy, or (g_given) read from dz;
+ *   dz <- g when dz is not NULL and not g_given;
+ *   dx <- g * k[i] + (x - m[i]) * c1[i] + c0[i] (full), else g * k[i]
+ *   (bwd_apply_piece's arithmetic, products and sums not fused).
+ */
+static inline __attribute__((always_inline, target("avx2,fma"))) __m256
+fbn_fast_g8(const uint8_t *bits, const float *dy, int64_t i) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i bv = _mm256_and_si256(_mm256_set1_epi32(bits[i / 8]), sel);
+  return _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(bv, sel)), _mm256_loadu_ps(dy + i));
+}
+
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+fbn_fast_store8(float *p, __m256 v, bool al32) {
+  if (al32) {
+    _mm256_stream_ps(p, v);
+  } else {
+    _mm_stream_ps(p, _mm256_castps256_ps128(v));
+    _mm_stream_ps(p + 4, _mm256_extractf128_ps(v, 1));
+  }
+}
+
+__attribute__((target("avx2,fma"))) static void
+fbn_fast_bwd_reduce2_avx2(const float *x, const uint8_t *bits, const float *dy, float *dz,
+                          int64_t n, const double *mean, double *s1, double *s2, bool al32,
+                          int64_t d, int64_t db) {
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    const int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
+    for (int s = 0; s < 2; s++) {
+      const int64_t o = s != 0 ? d : 0;
+      const uint8_t *bs = bits + (s != 0 ? db : 0);
+      for (int64_t i = i0; i < i1; i += 8) {
+        const __m256 g = fbn_fast_g8(bs, dy + o, i);
+        if (dz != NULL)
+          fbn_fast_store8(dz + o + i, g, al32);
+        const __m256 xv = _mm256_loadu_ps(x + o + i);
+        const __m256d g0 = _mm256_cvtps_pd(_mm256_castps256_ps128(g));
+        const __m256d g1 = _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1));
+        const __m256d x0 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(xv)),
+                                         _mm256_loadu_pd(mean + i));
+        const __m256d x1 = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(xv, 1)),
+                                         _mm256_loadu_pd(mean + i + 4));
+        _mm256_storeu_pd(s1 + i, _mm256_add_pd(_mm256_loadu_pd(s1 + i), g0));
+        _mm256_storeu_pd(s1 + i + 4, _mm256_add_pd(_mm256_loadu_pd(s1 + i + 4), g1));
+        _mm256_storeu_pd(s2 + i, _mm256_add_pd(_mm256_loadu_pd(s2 + i), _mm256_mul_pd(g0, x0)));
+        _mm256_storeu_pd(s2 + i + 4,
+                         _mm256_add_pd(_mm256_loadu_pd(s2 + i + 4), _mm256_mul_pd(g1, x1)));
+      }
+    }
+  }
+  _mm_sfence();
+}
+
+__attribute__((target("avx2,fma"))) static void
+fbn_fast_bwd_apply2_avx2(const float *x, const uint8_t *bits, const float *dy, float *dz,
+                         float *dx, int64_t n, bool full, bool g_given, const float *m,
+                         const float *k, const float *c1, const float *c0, bool al32, int64_t d,
+                         int64_t db) {
+  for (int64_t i0 = 0; i0 < n; i0 += 64) {
+    const int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
+    for (int s = 0; s < 2; s++) {
+      const int64_t o = s != 0 ? d : 0;
+      const uint8_t *bs = bits != NULL ? bits + (s != 0 ? db : 0) : NULL;
+      for (int64_t i = i0; i < i1; i += 8) {
+        __m256 g;
+        if (g_given) {
+          g = _mm256_loadu_ps(dz + o + i);
+        } else {
+          g = fbn_fast_g8(bs, dy + o, i);
+          if (dz != NULL)
+            fbn_fast_store8(dz + o + i, g, al32);
+        }
+        __m256 v = _mm256_mul_ps(g, _mm256_loadu_ps(k + i));
+        if (full) {
+          const __m256 t = _mm256_mul_ps(
+              _mm256_sub_ps(_mm256_loadu_ps(x + o + i), _mm256_loadu_ps(m + i)),
+              _mm256_loadu_ps(c1 + i));
+          v = _mm256_add_ps(_mm256_add_ps(v, t), _mm256_loadu_ps(c0 + i));
+        }
+        fbn_fast_store8(dx + o + i, v, al32);
+      }
+    }
+  }
+  _mm_sfence();
+}
+
 /* Element e of fbn_fast_norm_flat_body with plain stores (its unaligned
  * head and its tail). */
 static inline __attribute__((always_inline, target("avx2,fma"))) void
@@ -1212,6 +1309,39 @@ static bool fbn_fast_norm_nt2_f32(const float *x, const float *z, float *y, int6
   }
   return true;
 }
+
+/* Two NHWC backward blocks of rows x len (the second at + d, its mask at
+ * + db) through fbn_fast_bwd_reduce2_avx2 / fbn_fast_bwd_apply2_avx2: false
+ * where they do not apply (the caller then takes each block on its own). */
+static bool fbn_fast_bwd_reduce2_f32(const float *x, const uint8_t *bits, int64_t bpr,
+                                     const float *dy, float *dz, int64_t rows, int64_t len,
+                                     const double *mean, double *s1, double *s2, int64_t d,
+                                     int64_t db) {
+  if (!fbn_fast_have_avx2() || bits == NULL || bpr * 8 != len ||
+      (dz != NULL && (((uintptr_t)dz & 15) != 0 ||
+                      ((uintptr_t)(dz + d) & 31) != ((uintptr_t)dz & 31))))
+    return false;
+  fbn_fast_bwd_reduce2_avx2(x, bits, dy, dz, rows * len, mean, s1, s2,
+                            dz != NULL && ((uintptr_t)dz & 31) == 0, d, db);
+  return true;
+}
+
+static bool fbn_fast_bwd_apply2_f32(const float *x, const uint8_t *bits, int64_t bpr,
+                                    const float *dy, float *dz, float *dx, int64_t rows,
+                                    int64_t len, bool full, bool g_given, const float *m,
+                                    const float *k, const float *c1, const float *c0, int64_t d,
+                                    int64_t db) {
+  if (!fbn_fast_have_avx2() || dx == NULL || ((uintptr_t)dx & 15) != 0 ||
+      ((uintptr_t)(dx + d) & 31) != ((uintptr_t)dx & 31))
+    return false;
+  /* without g_given: the mask on whole bytes, dz stored like dx */
+  if (!g_given && (bits == NULL || bpr * 8 != len ||
+                   (dz != NULL && ((uintptr_t)dz & 31) != ((uintptr_t)dx & 31))))
+    return false;
+  fbn_fast_bwd_apply2_avx2(x, bits, dy, dz, dx, rows * len, full, g_given, m, k, c1, c0,
+                           ((uintptr_t)dx & 31) == 0, d, db);
+  return true;
+}
 #define FBN_FAST_PIPE 1
 #else
 #define fbn_fast_norm_nt_f32(...) false /* no AVX2 loop: the staged one */
@@ -1221,10 +1351,36 @@ static bool fbn_fast_norm_nt2_f32(const float *x, const float *z, float *y, int6
                                   int64_t db) {
   return false;
 }
+static bool fbn_fast_bwd_reduce2_f32(const float *x, const uint8_t *bits, int64_t bpr,
+                                     const float *dy, float *dz, int64_t rows, int64_t len,
+                                     const double *mean, double *s1, double *s2, int64_t d,
+                                     int64_t db) {
+  return false;
+}
+static bool fbn_fast_bwd_apply2_f32(const float *x, const uint8_t *bits, int64_t bpr,
+                                    const float *dy, float *dz, float *dx, int64_t rows,
+                                    int64_t len, bool full, bool g_given, const float *m,
+                                    const float *k, const float *c1, const float *c0, int64_t d,
+                                    int64_t db) {
+  return false;
+}
 #define FBN_FAST_PIPE 0
 #endif
 /* float64 tensors keep the staged loop (they have no saved mask either). */
 #define fbn_fast_norm_nt_f64(...) false
+static bool fbn_fast_bwd_reduce2_f64(const double *x, const uint8_t *bits, int64_t bpr,
+                                     const double *dy, double *dz, int64_t rows, int64_t len,
+                                     const double *mean, double *s1, double *s2, int64_t d,
+                                     int64_t db) {
+  return false;
+}
+static bool fbn_fast_bwd_apply2_f64(const double *x, const uint8_t *bits, int64_t bpr,
+                                    const double *dy, double *dz, double *dx, int64_t rows,
+                                    int64_t len, bool full, bool g_given, const double *m,
+                                    const double *k, const double *c1, const double *c0,
+                                    int64_t d, int64_t db) {
+  return false;
+}
 static bool fbn_fast_norm_nt2_f64(const double *x, const double *z, double *y, int64_t rows,
                                   int64_t len, bool per_row, const double *m, const double *a,
                                   const double *b, uint8_t *bits, int64_t bpr, int64_t d,

@@ -1165,19 +1165,26 @@ typedef struct FBN_K(fbn_fast_bwd_nhwc) {
   bool g_early; /* g written by the reduction pass; the second pass computes dx from it */
 } FBN_K(fbn_fast_bwd_nhwc);
 
-static void FBN_K(backward_nhwc_reduce_chunk)(const FBN_K(fbn_fast_bwd_nhwc) *b, int64_t k,
-                                              double *s1, double *s2) {
+/* Sums over rows [r0, r1) (r0 a multiple of P) into s1, s2. */
+static void FBN_K(backward_nhwc_reduce_rows)(const FBN_K(fbn_fast_bwd_nhwc) *b, int64_t r0,
+                                             int64_t r1, double *s1, double *s2) {
   const fbn_backward_args *a = b->a;
-  const int64_t c_ = a->desc->c, cr = b->plan->chunk_rows, p_ = b->plan->rows_per_block;
+  const int64_t c_ = a->desc->c, p_ = b->plan->rows_per_block;
   const FBN_T *x = a->x, *y = a->y, *dy = a->dy;
   FBN_T *dz = a->daddend;
-  const int64_t r1 = (k + 1) * cr < b->rows ? (k + 1) * cr : b->rows;
-  for (int64_t r = k * cr; r < r1; r += p_) {
+  for (int64_t r = r0; r < r1; r += p_) {
     const int64_t nr = r + p_ <= r1 ? p_ : r1 - r;
     FBN_K(bwd_reduce_block)(x + r * c_, y + r * c_, b->bits != NULL ? b->bits + r * b->bpr : NULL,
                             b->bpr, dy + r * c_, b->g_early ? dz + r * c_ : NULL, nr, c_, false,
                             b->plan->shift, NULL, s1, s2, b->stream);
   }
+}
+
+static void FBN_K(backward_nhwc_reduce_chunk)(const FBN_K(fbn_fast_bwd_nhwc) *b, int64_t k,
+                                              double *s1, double *s2) {
+  const int64_t cr = b->plan->chunk_rows;
+  FBN_K(backward_nhwc_reduce_rows)(b, k * cr, (k + 1) * cr < b->rows ? (k + 1) * cr : b->rows,
+                                   s1, s2);
 }
 
 /* Per-channel sums (from nthreads threads' partial sums) and coefficients. */
@@ -1203,22 +1210,76 @@ static void FBN_K(backward_nhwc_coef)(const FBN_K(fbn_fast_bwd_nhwc) *b, int nth
   fbn_fast_repeat(cc0, sizeof(FBN_T), c_, p_);
 }
 
-static void FBN_K(backward_nhwc_apply_chunk)(const FBN_K(fbn_fast_bwd_nhwc) *b, int64_t k) {
+/* dx (and dz) of rows [r0, r1), r0 a multiple of P. */
+static void FBN_K(backward_nhwc_apply_rows)(const FBN_K(fbn_fast_bwd_nhwc) *b, int64_t r0,
+                                            int64_t r1) {
   const fbn_backward_args *a = b->a;
   const fbn_fast_nhwc_plan *plan = b->plan;
-  const int64_t c_ = a->desc->c, cr = plan->chunk_rows, p_ = plan->rows_per_block;
+  const int64_t c_ = a->desc->c, p_ = plan->rows_per_block;
   const FBN_T *x = a->x, *y = a->y;
   FBN_T *dx = a->dx;
   /* g_early: dz holds g; read it instead of the mask and dy. */
   const FBN_T *pdy = b->g_early ? (const FBN_T *)a->daddend : (const FBN_T *)a->dy;
   FBN_T *pdz = b->g_early ? NULL : (FBN_T *)a->daddend;
-  const int64_t r1 = (k + 1) * cr < b->rows ? (k + 1) * cr : b->rows;
-  for (int64_t r = k * cr; r < r1; r += p_) {
+  for (int64_t r = r0; r < r1; r += p_) {
     const int64_t nr = r + p_ <= r1 ? p_ : r1 - r;
     FBN_K(bwd_apply_block)(x + r * c_, y + r * c_, b->bits != NULL ? b->bits + r * b->bpr : NULL,
                            b->bpr, pdy + r * c_, dx != NULL ? dx + r * c_ : NULL,
                            pdz != NULL ? pdz + r * c_ : NULL, nr, c_, b->full, b->g_early, false,
                            plan->coef[0], plan->coef[1], plan->coef[2], plan->coef[3], b->stream);
+  }
+}
+
+static void FBN_K(backward_nhwc_apply_chunk)(const FBN_K(fbn_fast_bwd_nhwc) *b, int64_t k) {
+  const int64_t cr = b->plan->chunk_rows;
+  FBN_K(backward_nhwc_apply_rows)(b, k * cr, (k + 1) * cr < b->rows ? (k + 1) * cr : b->rows);
+}
+
+/* Unit u of a backward pass (apply: dx and dz; else the sums into s1, s2):
+ * chunks u and u + half (half > 0 only for streamed tensors), a block of each
+ * per step of one loop while both have whole blocks and the loop applies,
+ * the rest block by block; else chunk u alone. */
+static void FBN_K(backward_nhwc_unit)(const FBN_K(fbn_fast_bwd_nhwc) *b, bool apply, int64_t u,
+                                      int64_t half, double *s1, double *s2) {
+  const int64_t cr = b->plan->chunk_rows, p_ = b->plan->rows_per_block;
+  const int64_t k1 = u + half;
+  if (half == 0 || k1 >= b->nchunks) {
+    if (apply)
+      FBN_K(backward_nhwc_apply_chunk)(b, u);
+    else
+      FBN_K(backward_nhwc_reduce_chunk)(b, u, s1, s2);
+    return;
+  }
+  const fbn_backward_args *a = b->a;
+  const fbn_fast_nhwc_plan *plan = b->plan;
+  const int64_t c_ = a->desc->c, e1 = (k1 + 1) * cr < b->rows ? (k1 + 1) * cr : b->rows;
+  const int64_t dr = half * cr;
+  const FBN_T *x = a->x, *dy = a->dy;
+  FBN_T *dz = a->daddend, *dx = a->dx;
+  int64_t r = u * cr;
+  for (; r + dr + p_ <= e1; r += p_) {
+    const uint8_t *bb = b->bits != NULL ? b->bits + r * b->bpr : NULL;
+    const int64_t o = r * c_;
+    bool done;
+    if (apply)
+      done = FBN_K(fbn_fast_bwd_apply2)(x + o, bb, b->bpr, dy + o, dz != NULL ? dz + o : NULL,
+                                        dx != NULL ? dx + o : NULL, p_, c_, b->full, b->g_early,
+                                        plan->coef[0], plan->coef[1], plan->coef[2],
+                                        plan->coef[3], dr * c_, dr * b->bpr);
+    else
+      done = FBN_K(fbn_fast_bwd_reduce2)(x + o, bb, b->bpr, dy + o,
+                                         b->g_early ? dz + o : NULL, p_, c_, plan->shift, s1, s2,
+                                         dr * c_, dr * b->bpr);
+    if (!done)
+      break;
+  }
+  /* the rest of both chunks, one block at a time */
+  if (apply) {
+    FBN_K(backward_nhwc_apply_rows)(b, r, (u + 1) * cr);
+    FBN_K(backward_nhwc_apply_rows)(b, r + dr, e1);
+  } else {
+    FBN_K(backward_nhwc_reduce_rows)(b, r, (u + 1) * cr, s1, s2);
+    FBN_K(backward_nhwc_reduce_rows)(b, r + dr, e1, s1, s2);
   }
 }
 
@@ -1228,18 +1289,20 @@ static void FBN_K(backward_nhwc_run)(const FBN_K(fbn_fast_bwd_nhwc) *b, bool par
   const int64_t lp = b->plan->block, nchunks = b->nchunks;
   const int t = par ? fbn_fast_thread_num() : 0, nthreads = par ? fbn_fast_num_threads() : 1;
   const bool apply = a->dx != NULL || (a->daddend != NULL && !b->g_early);
+  /* streamed: pairs of chunks half the tensor apart (see forward_nhwc_run) */
+  const int64_t half = b->stream ? (nchunks + 1) / 2 : 0, nunits = b->stream ? half : nchunks;
   if (b->reduce) {
     double *s1 = fbn_fast_partial(b->plan, t, 0), *s2 = fbn_fast_partial(b->plan, t, 1);
     memset(s1, 0, (size_t)lp * sizeof(double));
     memset(s2, 0, (size_t)lp * sizeof(double));
     if (par) {
       FBN_OMP(omp for schedule(dynamic, 1) nowait)
-      for (int64_t k = 0; k < nchunks; k++)
-        FBN_K(backward_nhwc_reduce_chunk)(b, k, s1, s2);
+      for (int64_t u = 0; u < nunits; u++)
+        FBN_K(backward_nhwc_unit)(b, false, u, half, s1, s2);
       FBN_OMP(omp barrier)
     } else {
-      for (int64_t k = 0; k < nchunks; k++)
-        FBN_K(backward_nhwc_reduce_chunk)(b, k, s1, s2);
+      for (int64_t u = 0; u < nunits; u++)
+        FBN_K(backward_nhwc_unit)(b, false, u, half, s1, s2);
     }
   }
   if (par) {
@@ -1247,14 +1310,14 @@ static void FBN_K(backward_nhwc_run)(const FBN_K(fbn_fast_bwd_nhwc) *b, bool par
     FBN_K(backward_nhwc_coef)(b, nthreads);
     if (apply) {
       FBN_OMP(omp for schedule(dynamic, 1))
-      for (int64_t k = 0; k < nchunks; k++)
-        FBN_K(backward_nhwc_apply_chunk)(b, k);
+      for (int64_t u = 0; u < nunits; u++)
+        FBN_K(backward_nhwc_unit)(b, true, u, half, NULL, NULL);
     }
   } else {
     FBN_K(backward_nhwc_coef)(b, 1);
     if (apply)
-      for (int64_t k = 0; k < nchunks; k++)
-        FBN_K(backward_nhwc_apply_chunk)(b, k);
+      for (int64_t u = 0; u < nunits; u++)
+        FBN_K(backward_nhwc_unit)(b, true, u, half, NULL, NULL);
   }
 }
 
