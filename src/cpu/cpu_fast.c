@@ -118,6 +118,14 @@
 /* Partial sums per row reduction (stats_rows): four AVX2 vectors of
  * doubles per sum, so that four adds are in flight. */
 #define FBN_FAST_LANES 16
+/* Elements of each of two sets of streams taken in turn by the paired loops
+ * (fbn_fast_pair_run): 64 where the outputs of both sets start on 64-byte
+ * lines, else 256 (outputs 16 bytes past a line, as glibc's malloc returns
+ * large blocks: every switch then leaves two lines half written, and runs of
+ * 64 made the loops 35-50% slower than one set at a time; runs of 256
+ * measured 4-7% faster than one set). */
+#define FBN_FAST_PAIR_RUN_LINES 64
+#define FBN_FAST_PAIR_RUN_OTHER 256
 /* Tensors with fewer elements run on one thread. */
 #define FBN_FAST_MIN_PARALLEL (64 * 1024)
 /* Outputs of at least this many bytes are written with non-temporal stores
@@ -777,6 +785,14 @@ fbn_fast_norm8_nt(const float *x, const float *z, float *y, __m256 m, __m256 a, 
   return (unsigned)_mm256_movemask_ps(pass);
 }
 
+/* The run of the paired loops for outputs at p and p + d whose runs start
+ * every `step` floats (the row length; 0: one flat run). */
+static inline int64_t fbn_fast_pair_run(const float *p, int64_t d, int64_t step) {
+  const bool lines = ((uintptr_t)p & 63) == 0 && ((uintptr_t)(p + d) & 63) == 0 &&
+                     (step == 0 || step % 16 == 0);
+  return lines ? FBN_FAST_PAIR_RUN_LINES : FBN_FAST_PAIR_RUN_OTHER;
+}
+
 /* rows x len elements (len % 8 == 0, bits on whole bytes); TWO: and a
  * second block at x + d (z + d, y + d, bits + db) with the same
  * coefficients, 64 elements of each in turn (two sets of streams in flight;
@@ -784,7 +800,8 @@ fbn_fast_norm8_nt(const float *x, const float *z, float *y, __m256 m, __m256 a, 
 static inline __attribute__((always_inline, target("avx2,fma"))) void
 fbn_fast_norm_rows_body(const bool TWO, const float *x, const float *z, float *y, int64_t rows,
                         int64_t len, bool per_row, const float *m, const float *a,
-                        const float *b, uint8_t *bits, bool y32, int64_t d, int64_t db) {
+                        const float *b, uint8_t *bits, bool y32, int64_t d, int64_t db,
+                        int64_t run) {
   for (int64_t r = 0; r < rows; r++) {
     const int64_t o = r * len;
     __m256 mv = _mm256_set1_ps(per_row ? m[r] : 0.0f), av = _mm256_set1_ps(per_row ? a[r] : 0.0f);
@@ -804,18 +821,21 @@ fbn_fast_norm_rows_body(const bool TWO, const float *x, const float *z, float *y
       bits[(o + (i)) / 8 + ((s) != 0 ? db : 0)] = (uint8_t)k;                                  \
   } while (0)
     if (TWO) {
-      for (; i + 64 <= len; i += 64) {
-        for (int64_t j = 0; j < 64; j += 8)
+      for (; i + run <= len; i += run) {
+        for (int64_t j = 0; j < run; j += 8)
           FBN_NORM_STEP(0, i + j);
-        for (int64_t j = 0; j < 64; j += 8)
+        for (int64_t j = 0; j < run; j += 8)
           FBN_NORM_STEP(1, i + j);
       }
     }
-    for (; i < len; i += 8) {
-      FBN_NORM_STEP(0, i);
-      if (TWO)
-        FBN_NORM_STEP(1, i);
-    }
+    /* the rest of each set in turn (not 8 elements of each: that puts the
+     * loads of one set right behind the stores of the other, 4 KiB-aliased
+     * when d is a multiple of 1024) */
+    for (int64_t j = i; j < len; j += 8)
+      FBN_NORM_STEP(0, j);
+    if (TWO)
+      for (int64_t j = i; j < len; j += 8)
+        FBN_NORM_STEP(1, j);
 #undef FBN_NORM_STEP
   }
   _mm_sfence();
@@ -825,14 +845,14 @@ __attribute__((target("avx2,fma"))) static void
 fbn_fast_norm_nt_avx2(const float *x, const float *z, float *y, int64_t rows, int64_t len,
                       bool per_row, const float *m, const float *a, const float *b,
                       uint8_t *bits, bool y32) {
-  fbn_fast_norm_rows_body(false, x, z, y, rows, len, per_row, m, a, b, bits, y32, 0, 0);
+  fbn_fast_norm_rows_body(false, x, z, y, rows, len, per_row, m, a, b, bits, y32, 0, 0, 0);
 }
 
 __attribute__((target("avx2,fma"))) static void
 fbn_fast_norm_nt2_rows_avx2(const float *x, const float *z, float *y, int64_t rows, int64_t len,
                             bool per_row, const float *m, const float *a, const float *b,
-                            uint8_t *bits, bool y32, int64_t d, int64_t db) {
-  fbn_fast_norm_rows_body(true, x, z, y, rows, len, per_row, m, a, b, bits, y32, d, db);
+                            uint8_t *bits, bool y32, int64_t d, int64_t db, int64_t run) {
+  fbn_fast_norm_rows_body(true, x, z, y, rows, len, per_row, m, a, b, bits, y32, d, db, run);
 }
 
 /*
@@ -851,7 +871,7 @@ fbn_fast_norm_nt2_rows_avx2(const float *x, const float *z, float *y, int64_t ro
 static inline __attribute__((always_inline, target("avx2,fma"))) void
 fbn_fast_pipe_row_body(const bool TWO, const float *x, const float *z, float *y, int64_t len,
                        float m, float a, float b, uint8_t *bits, bool y32, const float *xs,
-                       double k, double *acc, int64_t d, int64_t db) {
+                       double k, double *acc, int64_t d, int64_t db, int64_t run) {
   const __m256 mv = _mm256_set1_ps(m), av = _mm256_set1_ps(a), bv = _mm256_set1_ps(b);
   const __m256d kv = _mm256_set1_pd(k);
   __m256d p10 = _mm256_setzero_pd(), p11 = p10, p12 = p10, p13 = p10;
@@ -883,18 +903,20 @@ fbn_fast_pipe_row_body(const bool TWO, const float *x, const float *z, float *y,
   } while (0)
   int64_t i = 0;
   if (TWO) {
-    for (; i + 64 <= len; i += 64) {
-      for (int64_t j = 0; j < 64; j += 16)
+    for (; i + run <= len; i += run) {
+      for (int64_t j = 0; j < run; j += 16)
         FBN_PIPE_STEP16(0, i + j);
-      for (int64_t j = 0; j < 64; j += 16)
+      for (int64_t j = 0; j < run; j += 16)
         FBN_PIPE_STEP16(1, i + j);
     }
   }
-  for (; i + 16 <= len; i += 16) {
+  /* the rest of each set in turn (see fbn_fast_norm_rows_body) */
+  const int64_t i0 = i;
+  for (; i + 16 <= len; i += 16)
     FBN_PIPE_STEP16(0, i);
-    if (TWO)
-      FBN_PIPE_STEP16(1, i);
-  }
+  if (TWO)
+    for (int64_t j = i0; j + 16 <= len; j += 16)
+      FBN_PIPE_STEP16(1, j);
   double s1 = 0.0, s2 = 0.0;
   if (i < len) {
     for (int s = 0; s < (TWO ? 2 : 1); s++) {
@@ -930,7 +952,7 @@ __attribute__((target("avx2,fma"))) static void
 fbn_fast_pipe_row_avx2(const float *x, const float *z, float *y, int64_t len, float m, float a,
                        float b, uint8_t *bits, bool y32, const float *xs, double k,
                        double *acc) {
-  fbn_fast_pipe_row_body(false, x, z, y, len, m, a, b, bits, y32, xs, k, acc, 0, 0);
+  fbn_fast_pipe_row_body(false, x, z, y, len, m, a, b, bits, y32, xs, k, acc, 0, 0, 0);
 }
 
 /* Two rows at once: the second (and its statistics row) at + d, its bits at
@@ -938,8 +960,8 @@ fbn_fast_pipe_row_avx2(const float *x, const float *z, float *y, int64_t len, fl
 __attribute__((target("avx2,fma"))) static void
 fbn_fast_pipe_row2_avx2(const float *x, const float *z, float *y, int64_t len, float m, float a,
                         float b, uint8_t *bits, bool y32, const float *xs, double k,
-                        double *acc, int64_t d, int64_t db) {
-  fbn_fast_pipe_row_body(true, x, z, y, len, m, a, b, bits, y32, xs, k, acc, d, db);
+                        double *acc, int64_t d, int64_t db, int64_t run) {
+  fbn_fast_pipe_row_body(true, x, z, y, len, m, a, b, bits, y32, xs, k, acc, d, db, run);
 }
 
 /*
@@ -1065,9 +1087,9 @@ fbn_fast_store8(float *p, __m256 v, bool al32) {
 __attribute__((target("avx2,fma"))) static void
 fbn_fast_bwd_reduce2_avx2(const float *x, const uint8_t *bits, const float *dy, float *dz,
                           int64_t n, const double *mean, double *s1, double *s2, bool al32,
-                          int64_t d, int64_t db) {
-  for (int64_t i0 = 0; i0 < n; i0 += 64) {
-    const int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
+                          int64_t d, int64_t db, int64_t run) {
+  for (int64_t i0 = 0; i0 < n; i0 += run) {
+    const int64_t i1 = i0 + run < n ? i0 + run : n;
     for (int s = 0; s < 2; s++) {
       const int64_t o = s != 0 ? d : 0;
       const uint8_t *bs = bits + (s != 0 ? db : 0);
@@ -1097,9 +1119,9 @@ __attribute__((target("avx2,fma"))) static void
 fbn_fast_bwd_apply2_avx2(const float *x, const uint8_t *bits, const float *dy, float *dz,
                          float *dx, int64_t n, bool full, bool g_given, const float *m,
                          const float *k, const float *c1, const float *c0, bool al32, int64_t d,
-                         int64_t db) {
-  for (int64_t i0 = 0; i0 < n; i0 += 64) {
-    const int64_t i1 = i0 + 64 < n ? i0 + 64 : n;
+                         int64_t db, int64_t run) {
+  for (int64_t i0 = 0; i0 < n; i0 += run) {
+    const int64_t i1 = i0 + run < n ? i0 + run : n;
     for (int s = 0; s < 2; s++) {
       const int64_t o = s != 0 ? d : 0;
       const uint8_t *bs = bits != NULL ? bits + (s != 0 ? db : 0) : NULL;
@@ -1168,7 +1190,7 @@ fbn_fast_norm8_flat(const float *x, const float *z, float *y, const float *m, co
 static inline __attribute__((always_inline, target("avx2,fma"))) void
 fbn_fast_norm_flat_body(const bool TWO, const float *x, const float *z, float *y,
                         int64_t total, const float *m, const float *a, const float *b,
-                        uint8_t *fb0, uint8_t *fb1, int64_t d) {
+                        uint8_t *fb0, uint8_t *fb1, int64_t d, int64_t run) {
   const float *x1 = TWO ? x + d : NULL, *z1 = TWO && z != NULL ? z + d : NULL;
   float *y1 = TWO ? y + d : NULL;
   int64_t e = 0;
@@ -1184,18 +1206,20 @@ fbn_fast_norm_flat_body(const bool TWO, const float *x, const float *z, float *y
   const unsigned sh = (unsigned)(e % 8);
   unsigned c0 = fb0 != NULL ? fb0[e / 8] : 0u, c1 = TWO && fb1 != NULL ? fb1[e / 8] : 0u;
   if (TWO) {
-    for (; e + 64 <= total; e += 64) {
-      for (int64_t j = 0; j < 64; j += 8)
+    for (; e + run <= total; e += run) {
+      for (int64_t j = 0; j < run; j += 8)
         fbn_fast_norm8_flat(x, z, y, m, a, b, fb0, e + j, sh, &c0, y32);
-      for (int64_t j = 0; j < 64; j += 8)
+      for (int64_t j = 0; j < run; j += 8)
         fbn_fast_norm8_flat(x1, z1, y1, m, a, b, fb1, e + j, sh, &c1, y32);
     }
   }
-  for (; e + 8 <= total; e += 8) {
+  /* the rest of each set in turn (see fbn_fast_norm_rows_body) */
+  const int64_t e0 = e;
+  for (; e + 8 <= total; e += 8)
     fbn_fast_norm8_flat(x, z, y, m, a, b, fb0, e, sh, &c0, y32);
-    if (TWO)
-      fbn_fast_norm8_flat(x1, z1, y1, m, a, b, fb1, e, sh, &c1, y32);
-  }
+  if (TWO)
+    for (int64_t j = e0; j + 8 <= total; j += 8)
+      fbn_fast_norm8_flat(x1, z1, y1, m, a, b, fb1, j, sh, &c1, y32);
   if (fb0 != NULL)
     fb0[e / 8] = (uint8_t)c0;
   if (TWO && fb1 != NULL)
@@ -1211,14 +1235,14 @@ fbn_fast_norm_flat_body(const bool TWO, const float *x, const float *z, float *y
 __attribute__((target("avx2,fma"))) static void
 fbn_fast_norm_nt_flat_avx2(const float *x, const float *z, float *y, int64_t total,
                            const float *m, const float *a, const float *b, uint8_t *fb) {
-  fbn_fast_norm_flat_body(false, x, z, y, total, m, a, b, fb, NULL, 0);
+  fbn_fast_norm_flat_body(false, x, z, y, total, m, a, b, fb, NULL, 0, 0);
 }
 
 __attribute__((target("avx2,fma"))) static void
 fbn_fast_norm_nt2_flat_avx2(const float *x, const float *z, float *y, int64_t total,
                             const float *m, const float *a, const float *b, uint8_t *fb0,
-                            uint8_t *fb1, int64_t d) {
-  fbn_fast_norm_flat_body(true, x, z, y, total, m, a, b, fb0, fb1, d);
+                            uint8_t *fb1, int64_t d, int64_t run) {
+  fbn_fast_norm_flat_body(true, x, z, y, total, m, a, b, fb0, fb1, d, run);
 }
 
 /* Row r of the saved mask (bpr bytes) <- bits [r*len, (r+1)*len) of fb
@@ -1290,7 +1314,7 @@ static bool fbn_fast_norm_nt2_f32(const float *x, const float *z, float *y, int6
     return false;
   if (len % 8 == 0 && (bits == NULL || bpr == len / 8) && ((uintptr_t)y & 15) == 0) {
     fbn_fast_norm_nt2_rows_avx2(x, z, y, rows, len, per_row, m, a, b, bits,
-                                ((uintptr_t)y & 31) == 0, d, db);
+                                ((uintptr_t)y & 31) == 0, d, db, fbn_fast_pair_run(y, d, len));
     return true;
   }
   const int64_t total = rows * len;
@@ -1302,7 +1326,7 @@ static bool fbn_fast_norm_nt2_f32(const float *x, const float *z, float *y, int6
     memset(fb[1], 0, (size_t)(total / 8 + 9));
   }
   fbn_fast_norm_nt2_flat_avx2(x, z, y, total, m, a, b, bits != NULL ? fb[0] : NULL,
-                              bits != NULL ? fb[1] : NULL, d);
+                              bits != NULL ? fb[1] : NULL, d, fbn_fast_pair_run(y, d, 0));
   if (bits != NULL) {
     fbn_fast_mask_rows(fb[0], rows, len, bits, bpr);
     fbn_fast_mask_rows(fb[1], rows, len, bits + db, bpr);
@@ -1322,7 +1346,8 @@ static bool fbn_fast_bwd_reduce2_f32(const float *x, const uint8_t *bits, int64_
                       ((uintptr_t)(dz + d) & 31) != ((uintptr_t)dz & 31))))
     return false;
   fbn_fast_bwd_reduce2_avx2(x, bits, dy, dz, rows * len, mean, s1, s2,
-                            dz != NULL && ((uintptr_t)dz & 31) == 0, d, db);
+                            dz != NULL && ((uintptr_t)dz & 31) == 0, d, db,
+                            dz != NULL ? fbn_fast_pair_run(dz, d, 0) : FBN_FAST_PAIR_RUN_LINES);
   return true;
 }
 
@@ -1338,8 +1363,11 @@ static bool fbn_fast_bwd_apply2_f32(const float *x, const uint8_t *bits, int64_t
   if (!g_given && (bits == NULL || bpr * 8 != len ||
                    (dz != NULL && ((uintptr_t)dz & 31) != ((uintptr_t)dx & 31))))
     return false;
+  int64_t run = fbn_fast_pair_run(dx, d, 0);
+  if (!g_given && dz != NULL && fbn_fast_pair_run(dz, d, 0) != run)
+    run = FBN_FAST_PAIR_RUN_OTHER;
   fbn_fast_bwd_apply2_avx2(x, bits, dy, dz, dx, rows * len, full, g_given, m, k, c1, c0,
-                           ((uintptr_t)dx & 31) == 0, d, db);
+                           ((uintptr_t)dx & 31) == 0, d, db, run);
   return true;
 }
 #define FBN_FAST_PIPE 1
@@ -1524,7 +1552,8 @@ static void fbn_fast_pipe_unit(fbn_module *m, const fbn_forward_args *a,
         if (two)
           fbn_fast_pipe_row2_avx2(x + o, z != NULL ? z + o : NULL, y + o, hw, cm[j], ca[j], cb[j],
                                   bn != NULL ? bn + j * bpr : NULL, y32, x + off1 + j * hw,
-                                  next->shift[j], next->acc[j], dn * hw, dn * bpr);
+                                  next->shift[j], next->acc[j], dn * hw, dn * bpr,
+                                  fbn_fast_pair_run(y + o, dn * hw, 0));
         else
           fbn_fast_pipe_row_avx2(x + o, z != NULL ? z + o : NULL, y + o, hw, cm[j], ca[j], cb[j],
                                  bn != NULL ? bn + j * bpr : NULL, y32, x + off1 + j * hw,
@@ -1536,7 +1565,7 @@ static void fbn_fast_pipe_unit(fbn_module *m, const fbn_forward_args *a,
           fbn_fast_norm_nt2_rows_avx2(x + o, z != NULL ? z + o : NULL, y + o, gc - both, hw, true,
                                       cm + both, ca + both, cb + both,
                                       bn != NULL ? bn + both * bpr : NULL, y32, dn * hw,
-                                      dn * bpr);
+                                      dn * bpr, fbn_fast_pair_run(y + o, dn * hw, hw));
         else
           fbn_fast_norm_nt_avx2(x + o, z != NULL ? z + o : NULL, y + o, gc - both, hw, true,
                                 cm + both, ca + both, cb + both,

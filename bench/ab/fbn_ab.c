@@ -1,0 +1,245 @@
+/*
+ * fbn-ab: in-process A/B timing of two builds of libfusedbn (CPU backend).
+ *
+ *   fbn-ab LIB_A LIB_B [options] N,C,H,W...
+ *
+ * Both libraries are dlopen()ed into this one process (give two different
+ * files: copies of libfusedbn.so.0 from two builds) and their calls are
+ * alternated A B B A ..., so that each pair of calls sees the same state of
+ * the shared machine. Printed per shape: the median time of each library and
+ * the median of the per-pair ratios B/A with its quartiles. On the 2-core
+ * VMs this resolves differences of a few percent where separate processes,
+ * minutes apart, spread by +-20%.
+ *
+ * Options: --reps N (pairs, default 30), --layout nchw|nhwc (default nchw),
+ * --pass train|eval|bwd (default train), --evict-mib N (read a buffer of N
+ * MiB before every timed call, untimed: cold caches holding clean lines, as
+ * fbn-peers-bench; default 64, 0: none), --env-a NAME=VALUE / --env-b
+ * NAME=VALUE (setenv before each call of A / B: compare two settings of one
+ * library read from the environment at call time; LIB_B may then be LIB_A),
+ * --align N (buffers from aligned_alloc(N); default 0: malloc, which glibc
+ * answers for large blocks with an address 16 bytes past a page).
+ * Threads: OMP_NUM_THREADS. float32; x, addend and dy filled with a fixed
+ * pattern; every buffer written before timing.
+ */
+#include <dlfcn.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <fusedbn/fusedbn.h>
+
+typedef struct lib {
+  void (*options_init)(fbn_module_options *);
+  fbn_status (*create)(const fbn_module_options *, fbn_module **);
+  void (*destroy)(fbn_module *);
+  fbn_status (*set_training)(fbn_module *, bool);
+  fbn_status (*saved_create)(fbn_saved **);
+  void (*saved_destroy)(fbn_saved *);
+  fbn_status (*forward)(fbn_module *, const fbn_tensor_desc *, const void *, const void *, void *,
+                        fbn_saved *, void *, size_t);
+  fbn_status (*backward)(fbn_module *, const fbn_saved *, const fbn_tensor_desc *, const void *,
+                         const void *, const void *, void *, void *, void *, size_t);
+  const char *env; /* NAME=VALUE or NULL */
+  fbn_module *m;
+  fbn_saved *s;
+} lib;
+
+enum { PASS_TRAIN, PASS_EVAL, PASS_BWD };
+
+static void die(const char *what, const char *detail) {
+  fprintf(stderr, "fbn-ab: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
+  exit(1);
+}
+
+static double now_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_double(const void *a, const void *b) {
+  const double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
+
+static void *sym(void *h, const char *name) {
+  void *p = dlsym(h, name);
+  if (p == NULL)
+    die("missing symbol", name);
+  return p;
+}
+
+static void load(lib *l, const char *path) {
+  void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (h == NULL)
+    die("dlopen failed", dlerror());
+  *(void **)&l->options_init = sym(h, "fbn_module_options_init");
+  *(void **)&l->create = sym(h, "fbn_module_create");
+  *(void **)&l->destroy = sym(h, "fbn_module_destroy");
+  *(void **)&l->set_training = sym(h, "fbn_module_set_training");
+  *(void **)&l->saved_create = sym(h, "fbn_saved_create");
+  *(void **)&l->saved_destroy = sym(h, "fbn_saved_destroy");
+  *(void **)&l->forward = sym(h, "fbn_module_forward");
+  *(void **)&l->backward = sym(h, "fbn_module_backward");
+}
+
+static void apply_env(const lib *l) {
+  if (l->env == NULL)
+    return;
+  const char *eq = strchr(l->env, '=');
+  char name[128];
+  snprintf(name, sizeof name, "%.*s", (int)(eq - l->env), l->env);
+  setenv(name, eq + 1, 1);
+}
+
+static void check(fbn_status st, const char *what) {
+  if (st != FBN_STATUS_SUCCESS)
+    die("call failed", what);
+}
+
+/* bufs: x, addend, y, dy, dx, daddend */
+static void run(lib *l, int pass, const fbn_tensor_desc *d, float **bufs) {
+  apply_env(l);
+  if (pass == PASS_BWD)
+    check(l->backward(l->m, l->s, d, bufs[0], bufs[2], bufs[3], bufs[4], bufs[5], NULL, 0),
+          "backward");
+  else
+    check(l->forward(l->m, d, bufs[0], bufs[1], bufs[2], NULL, NULL, 0), "forward");
+}
+
+static volatile uint64_t evict_sink;
+
+static void evict(const uint64_t *buf, size_t words) {
+  uint64_t sum = 0;
+  for (size_t i = 0; i < words; i += 8) /* one word per 64-byte line */
+    sum += buf[i];
+  evict_sink = sum;
+}
+
+int main(int argc, char **argv) {
+  if (argc < 4) {
+    fprintf(stderr, "usage: fbn-ab LIB_A LIB_B [--reps N] [--layout nchw|nhwc] "
+                    "[--pass train|eval|bwd] [--evict-mib N] [--align N] [--env-a N=V] "
+                    "[--env-b N=V] "
+                    "N,C,H,W...\n");
+    return 2;
+  }
+  lib libs[2] = {{0}, {0}};
+  load(&libs[0], argv[1]);
+  load(&libs[1], argv[2]);
+  int reps = 30, pass = PASS_TRAIN;
+  fbn_layout layout = FBN_LAYOUT_NCHW;
+  size_t evict_bytes = (size_t)64 << 20, align = 0;
+  int first_shape = argc;
+  for (int i = 3; i < argc; i++) {
+    const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+    if (strncmp(a, "--", 2) != 0) {
+      first_shape = i;
+      break;
+    }
+    if (v == NULL)
+      die("option without a value", a);
+    if (strcmp(a, "--reps") == 0)
+      reps = atoi(v);
+    else if (strcmp(a, "--layout") == 0)
+      layout = strcmp(v, "nhwc") == 0 ? FBN_LAYOUT_NHWC : FBN_LAYOUT_NCHW;
+    else if (strcmp(a, "--pass") == 0)
+      pass = strcmp(v, "eval") == 0 ? PASS_EVAL : strcmp(v, "bwd") == 0 ? PASS_BWD : PASS_TRAIN;
+    else if (strcmp(a, "--align") == 0)
+      align = (size_t)atoi(v);
+    else if (strcmp(a, "--evict-mib") == 0)
+      evict_bytes = (size_t)atoi(v) << 20;
+    else if (strcmp(a, "--env-a") == 0 || strcmp(a, "--env-b") == 0) {
+      if (strchr(v, '=') == NULL)
+        die("--env-a/--env-b want NAME=VALUE", v);
+      libs[a[6] == 'b'].env = v;
+    } else
+      die("unknown option", a);
+    i++;
+  }
+  if (libs[0].forward == libs[1].forward && libs[0].env == NULL && libs[1].env == NULL)
+    die("LIB_A and LIB_B are the same library", "copy one of them to another file");
+  if (reps < 2)
+    die("--reps must be >= 2", NULL);
+  if (align != 0 && (align < sizeof(void *) || (align & (align - 1)) != 0))
+    die("--align must be 0 or a power of two >= 8", NULL);
+  uint64_t *ebuf = NULL;
+  const size_t ewords = evict_bytes / sizeof(uint64_t);
+  if (ewords > 0) {
+    ebuf = malloc(ewords * sizeof(uint64_t));
+    if (ebuf == NULL)
+      die("out of memory", NULL);
+    for (size_t i = 0; i < ewords; i++)
+      ebuf[i] = i;
+  }
+  static const char *const pass_names[] = {"train", "eval", "bwd"};
+  for (int a = first_shape; a < argc; a++) {
+    long long n, c, h, w;
+    if (sscanf(argv[a], "%lld,%lld,%lld,%lld", &n, &c, &h, &w) != 4 || n < 1 || c < 1 ||
+        h < 1 || w < 1)
+      die("a shape is N,C,H,W", argv[a]);
+    const fbn_tensor_desc d = {n, c, h, w, FBN_DTYPE_FLOAT32, layout};
+    const size_t numel = (size_t)(n * c * h * w);
+    float *bufs[6];
+    for (int i = 0; i < 6; i++) {
+      const size_t bytes = numel * sizeof(float);
+      bufs[i] = align > 0 ? aligned_alloc(align, (bytes + align - 1) / align * align)
+                          : malloc(bytes);
+      if (bufs[i] == NULL)
+        die("out of memory", NULL);
+      for (size_t e = 0; e < numel; e++)
+        bufs[i][e] = (float)((double)((e * 2654435761u) % 1000) / 500.0 - 1.0 + 0.01 * i);
+    }
+    for (int l = 0; l < 2; l++) {
+      apply_env(&libs[l]);
+      fbn_module_options o;
+      libs[l].options_init(&o);
+      o.num_features = c;
+      check(libs[l].create(&o, &libs[l].m), "create");
+      check(libs[l].saved_create(&libs[l].s), "saved_create");
+      check(libs[l].set_training(libs[l].m, pass != PASS_EVAL), "set_training");
+      check(libs[l].forward(libs[l].m, &d, bufs[0], bufs[1], bufs[2], libs[l].s, NULL, 0),
+            "forward");
+      run(&libs[l], pass, &d, bufs); /* warm-up */
+    }
+    double *t[2] = {malloc((size_t)reps * sizeof(double)), malloc((size_t)reps * sizeof(double))};
+    double *ratio = malloc((size_t)reps * sizeof(double));
+    if (t[0] == NULL || t[1] == NULL || ratio == NULL)
+      die("out of memory", NULL);
+    for (int k = 0; k < reps; k++)
+      for (int j = 0; j < 2; j++) {
+        const int l = (k & 1) ? 1 - j : j; /* A B, B A, ... */
+        if (ebuf != NULL)
+          evict(ebuf, ewords);
+        const double t0 = now_s();
+        run(&libs[l], pass, &d, bufs);
+        t[l][k] = now_s() - t0;
+      }
+    for (int k = 0; k < reps; k++)
+      ratio[k] = t[1][k] / t[0][k];
+    qsort(t[0], (size_t)reps, sizeof(double), cmp_double);
+    qsort(t[1], (size_t)reps, sizeof(double), cmp_double);
+    qsort(ratio, (size_t)reps, sizeof(double), cmp_double);
+    printf("%-16s %s %-5s A %8.3f ms  B %8.3f ms  B/A median %.3f [quartiles %.3f %.3f] (%d "
+           "pairs)\n",
+           argv[a], layout == FBN_LAYOUT_NHWC ? "nhwc" : "nchw", pass_names[pass],
+           1e3 * t[0][reps / 2], 1e3 * t[1][reps / 2], ratio[reps / 2], ratio[reps / 4],
+           ratio[3 * reps / 4], reps);
+    fflush(stdout);
+    free(t[0]);
+    free(t[1]);
+    free(ratio);
+    for (int l = 0; l < 2; l++) {
+      libs[l].saved_destroy(libs[l].s);
+      libs[l].destroy(libs[l].m);
+    }
+    for (int i = 0; i < 6; i++)
+      free(bufs[i]);
+  }
+  free(ebuf);
+  return 0;
+}
