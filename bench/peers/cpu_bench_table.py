@@ -243,22 +243,19 @@ def main():
     else:
         g.append("None: all %d checks met in every round." % checked)
     g.append("")
-    g.append("Forward training against the floor at the round's global copy bandwidth instead "
-             "(not a goal check; the interleaved floor above is the one measured under the same "
-             "conditions): %s" % ("%d rows above %.2f:" % (len(global_misses), GOAL_FLOOR)
-                                  if global_misses else "no row above %.2f." % GOAL_FLOOR))
-    if global_misses:
+    for what, rows in (("the floor at the round's global copy bandwidth instead (not a goal "
+                        "check; the interleaved floor above is the one measured under the same "
+                        "conditions)", global_misses),
+                       ("the 2-stream floor (a copy reading and writing two places per thread; "
+                        "not the goal's definition, shown because the library's large loops do "
+                        "the same)", strict_misses)):
+        g.append("Forward training against %s: %s" % (
+            what, "%d rows above %.2f:" % (len(rows), GOAL_FLOOR) if rows
+            else "no row above %.2f." % GOAL_FLOOR))
+        if rows:
+            g.append("")
+            g.extend(rows)
         g.append("")
-        g.extend(global_misses)
-    g.append("")
-    g.append("Forward training against the 2-stream floor (a copy reading and writing two places "
-             "per thread; not the goal's definition, shown because the library's large loops do "
-             "the same): %s" % ("%d rows above %.2f:" % (len(strict_misses), GOAL_FLOOR)
-                                if strict_misses else "no row above %.2f." % GOAL_FLOOR))
-    if strict_misses:
-        g.append("")
-        g.extend(strict_misses)
-    g.append("")
     g.append(END)
     generated = "\n".join(g)
 
