@@ -940,7 +940,7 @@ static void FBN_K(forward_nhwc_norm_unit)(const fbn_forward_args *a,
  * Tensors larger than the caches are read from several places at once: the
  * statistics pass reads four chunks a quarter of the tensor apart, the
  * normalization two chunks half of it apart. On these machines a core reads
- * one sequential stream at 60-70% of the rate it reaches with two to four
+ * one sequential stream at 60-80% of the rate it reaches with two to four
  * (docs/benchmarks.md).
  */
 static void FBN_K(forward_nhwc_run)(fbn_module *m, const fbn_forward_args *a,
