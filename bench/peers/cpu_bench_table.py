@@ -8,8 +8,10 @@ pass is the median time of a 2-thread memcpy moving its minimal traffic, timed
 call by call interleaved with the implementations ("memcpy-floor" rows of
 fbn-peers-bench). Beside it, a stricter floor: the same copy with two sets of
 streams per thread ("copy2-floor", as the library's large loops read and
-write); and, in the list under the goal checks, the floor at the round's global
-copy bandwidth (the faster of the copy measurements at its start and end).
+write); for forward training, plain two-pass loops moving the floor's traffic
+with a read-only first pass ("two-pass-loops"); and, in the list under the goal
+checks, the floor at the round's global copy bandwidth (the faster of the copy
+measurements at its start and end).
 """
 import argparse
 import csv
@@ -94,8 +96,14 @@ def table(rounds, pass_):
     hdr = ("| shape (N,C,H,W) | layout | round | fusedbn ms | oneDNN ms | oneDNN unfused ms | "
            "PyTorch ms | floor ms | oneDNN / fusedbn | PyTorch / fusedbn | fusedbn / floor | "
            "2-stream floor ms | fusedbn / 2-stream floor |")
+    # Forward training also has the plain two-pass loops (read x, then
+    # normalize): the floor's traffic with a read-only first pass.
+    twopass = any("two-pass-loops" in impls for r in rounds for k, impls in r[0].items()
+                  if k[0] == pass_)
+    if twopass:
+        hdr += " two-pass loops ms | fusedbn / two-pass loops | two-pass loops / floor |"
     out.append(hdr)
-    out.append("|" + "|".join(["---"] * 13) + "|")
+    out.append("|" + "|".join(["---"] * (16 if twopass else 13)) + "|")
     keys = sorted({k for r in rounds for k in r[0] if k[0] == pass_},
                   key=lambda k: (k[1][1], k[2]))
     for key in keys:
@@ -107,10 +115,14 @@ def table(rounds, pass_):
             torch = impls.get("pytorch")
             fl = floor_paired(impls, pass_, shape, gbs)
             fl2 = impls.get("copy2-floor")
-            out.append("| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            line = "| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
                 ",".join(str(v) for v in shape), layout, i + 1, fmt(ours), fmt(impls.get("onednn")),
                 fmt(impls.get("onednn-unfused")), fmt(torch), fmt(fl), fmt(ratio(dnnl, ours)),
-                fmt(ratio(torch, ours)), fmt(ratio(ours, fl)), fmt(fl2), fmt(ratio(ours, fl2))))
+                fmt(ratio(torch, ours)), fmt(ratio(ours, fl)), fmt(fl2), fmt(ratio(ours, fl2)))
+            if twopass:
+                tp = impls.get("two-pass-loops")
+                line += " %s | %s | %s |" % (fmt(tp), fmt(ratio(ours, tp)), fmt(ratio(tp, fl)))
+            out.append(line)
     return "\n".join(out)
 
 

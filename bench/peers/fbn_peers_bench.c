@@ -22,6 +22,9 @@
  *                    thread's half cut in two parts copied in turn), as the
  *                    library's large loops read and write: a stricter floor,
  *                    shown beside the goal's
+ *   two-pass-loops   forward training only: plain loops reading x, then
+ *                    normalizing it (twopass_2threads): the floor's traffic
+ *                    with a read-only first pass, as batch statistics need
  *   copy             memcpy with 2 threads over 512 MiB at the start and the
  *                    end: the machine's copy bandwidth
  *
@@ -262,6 +265,83 @@ static void copy_nt_2threads(char *dst, const char *src, size_t bytes, size_t pa
 #endif
 }
 
+/*
+ * "two-pass-loops": the two plain passes of a training forward whose x does
+ * not stay in the caches between its statistics and its normalization. A
+ * read of x (a sum: no per-channel work), then y = max(x * s + z, 0) with
+ * non-temporal stores: the floor's 16 bytes per element, but the first pass
+ * only reads, as every implementation of batch statistics must (no element
+ * of y before all of x is read) unless it overlaps the two, as fusedbn's
+ * NCHW pipeline does. Same threads as the floors, each its half; the read in
+ * 4 parts, the normalization in 2 (256 bytes of each in turn: the fastest
+ * of 1, 2, 4 and 8 parts measured here). Not a goal check: it shows how much
+ * of fusedbn / floor is this machine's read-only bandwidth. n: a multiple of
+ * 2 * 4 * 64; buffers 64-byte aligned.
+ */
+static volatile float twopass_sink;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx"))) static void twopass_avx(const float *x, const float *z, float *y,
+                                                       size_t n) {
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                   _mm256_setzero_ps()};
+  const size_t part4 = n / 4, part2 = n / 2;
+  for (size_t i = 0; i < part4; i += 64)
+    for (size_t p = 0; p < 4; p++)
+      for (size_t j = p * part4 + i; j < p * part4 + i + 64; j += 32)
+        for (int k = 0; k < 4; k++)
+          acc[k] = _mm256_add_ps(acc[k], _mm256_load_ps(x + j + 8 * k));
+  float lanes[8];
+  _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]),
+                                        _mm256_add_ps(acc[2], acc[3])));
+  twopass_sink = lanes[0];
+  const __m256 s = _mm256_set1_ps(0.5f), zero = _mm256_setzero_ps();
+  for (size_t i = 0; i < part2; i += 64)
+    for (size_t p = 0; p < 2; p++)
+      for (size_t j = p * part2 + i; j < p * part2 + i + 64; j += 8) {
+        const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_load_ps(x + j), s),
+                                       _mm256_load_ps(z + j));
+        _mm256_stream_ps(y + j, _mm256_max_ps(v, zero));
+      }
+  _mm_sfence();
+}
+#endif
+
+static void twopass_plain(const float *x, const float *z, float *y, size_t n) {
+  float acc = 0.0f;
+  for (size_t i = 0; i < n; i++)
+    acc += x[i];
+  twopass_sink = acc;
+  for (size_t i = 0; i < n; i++) {
+    const float v = x[i] * 0.5f + z[i];
+    y[i] = v > 0.0f ? v : 0.0f;
+  }
+}
+
+static void twopass_2threads(const float *x, const float *z, float *y, size_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const bool avx = __builtin_cpu_supports("avx");
+#else
+  const bool avx = false;
+#endif
+#ifdef _OPENMP
+#pragma omp parallel num_threads(2)
+#endif
+  {
+#ifdef _OPENMP
+    const size_t half = n / 2, id = (size_t)omp_get_thread_num();
+#else
+    const size_t half = n, id = 0;
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (avx)
+      twopass_avx(x + id * half, z + id * half, y + id * half, half);
+    else
+#endif
+      twopass_plain(x + id * half, z + id * half, y + id * half, half);
+  }
+}
+
 /* Median time of a 2-thread memcpy of `bytes`; bandwidth counts bytes read
  * plus bytes written. */
 static double measure_copy(const peers_config *cfg, double *best_ms) {
@@ -500,9 +580,31 @@ static void dnnl_peer_fini(dnnl_peer *p) {
  * interleaving as the implementations, so that the floor is measured under
  * the same conditions of the shared machine as the calls it is compared
  * with (its bandwidth moves by 10-40% within a minute here). */
-enum { IMPL_OURS, IMPL_FLOOR, IMPL_FLOOR2, IMPL_DNNL, IMPL_DNNL_UNFUSED, IMPL_COUNT };
-static const char *const impl_names[IMPL_COUNT] = {"fusedbn", "memcpy-floor", "copy2-floor",
-                                                   "onednn", "onednn-unfused"};
+enum {
+  IMPL_OURS,
+  IMPL_FLOOR,
+  IMPL_FLOOR2,
+  IMPL_TWOPASS,
+  IMPL_DNNL,
+  IMPL_DNNL_UNFUSED,
+  IMPL_COUNT
+};
+static const char *const impl_names[IMPL_COUNT] = {
+    "fusedbn", "memcpy-floor", "copy2-floor", "two-pass-loops", "onednn", "onednn-unfused"};
+
+/* Whether implementation i is timed for this pass. */
+static bool impl_applies(const peers_config *cfg, int i, int pass) {
+  switch (i) {
+  case IMPL_TWOPASS:
+    return pass == PASS_TRAIN_FWD;
+  case IMPL_DNNL:
+    return cfg->onednn;
+  case IMPL_DNNL_UNFUSED:
+    return cfg->onednn && pass != PASS_BWD;
+  default:
+    return true;
+  }
+}
 
 typedef struct shape_bufs {
   size_t numel;
@@ -510,7 +612,8 @@ typedef struct shape_bufs {
   float *y_ours, *dx_ours, *dz_ours;
   float *y_dnnl, *dx_dnnl, *dz_dnnl;
   float *weight, *bias, *mean, *var, *dscale, *dshift;
-  char *copy_src, *copy_dst; /* the floor's memcpy: 10 bytes per element */
+  char *copy_src, *copy_dst; /* the floors' copies: 10 bytes per element (also
+                                the output of two-pass-loops) */
 } shape_bufs;
 
 static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout layout) {
@@ -590,14 +693,17 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
         dnnl_train_fwd(&dp, false);
 #endif
     }
-    const int nimpl = cfg->onednn ? (pass == PASS_BWD ? 4 : 5) : 3;
     const size_t floor_copy = b.numel * (size_t)floor_bytes[pass] / 2 / 1024 * 1024;
     for (int r = 0; r < total; r++)
-      for (int i = 0; i < nimpl; i++) {
+      for (int i = 0; i < IMPL_COUNT; i++) {
+        if (!impl_applies(cfg, i, pass))
+          continue;
         evict_caches();
         const double t0 = now_s();
         if (i == IMPL_FLOOR || i == IMPL_FLOOR2) {
           copy_nt_2threads(b.copy_dst, b.copy_src, floor_copy, i == IMPL_FLOOR2 ? 2 : 1);
+        } else if (i == IMPL_TWOPASS) {
+          twopass_2threads(b.x, b.z, (float *)b.copy_dst, b.numel / 1024 * 1024);
         } else if (i == IMPL_OURS) {
           fbn_status st;
           if (pass == PASS_BWD)
@@ -619,7 +725,9 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
 #endif
         times[i][r] = now_s() - t0;
       }
-    for (int i = 0; i < nimpl; i++) {
+    for (int i = 0; i < IMPL_COUNT; i++) {
+      if (!impl_applies(cfg, i, pass))
+        continue;
       double *timed = times[i] + cfg->warmup;
       const double med = median(timed, cfg->reps);
       printf("%s,%lld,%lld,%lld,%lld,%s,%s,%.4f,%.4f,%d\n", pass_names[pass], (long long)s->n,
