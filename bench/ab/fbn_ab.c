@@ -12,7 +12,9 @@
  * minutes apart, spread by +-20%.
  *
  * Options: --reps N (pairs, default 30), --layout nchw|nhwc (default nchw),
- * --pass train|eval|bwd (default train), --evict-mib N (read a buffer of N
+ * --pass train|eval|bwd|train-saved (default train; train-saved: forward
+ * training that also saves the context for backward, the ReLU mask included,
+ * as fbn-peers-bench times it), --evict-mib N (read a buffer of N
  * MiB before every timed call, untimed: cold caches holding clean lines, as
  * fbn-peers-bench; default 64, 0: none), --env-a NAME=VALUE / --env-b
  * NAME=VALUE (setenv before each call of A / B: compare two settings of one
@@ -48,7 +50,7 @@ typedef struct lib {
   fbn_saved *s;
 } lib;
 
-enum { PASS_TRAIN, PASS_EVAL, PASS_BWD };
+enum { PASS_TRAIN, PASS_EVAL, PASS_BWD, PASS_TRAIN_SAVED };
 
 static void die(const char *what, const char *detail) {
   fprintf(stderr, "fbn-ab: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
@@ -108,7 +110,9 @@ static void run(lib *l, int pass, const fbn_tensor_desc *d, float **bufs) {
     check(l->backward(l->m, l->s, d, bufs[0], bufs[2], bufs[3], bufs[4], bufs[5], NULL, 0),
           "backward");
   else
-    check(l->forward(l->m, d, bufs[0], bufs[1], bufs[2], NULL, NULL, 0), "forward");
+    check(l->forward(l->m, d, bufs[0], bufs[1], bufs[2], pass == PASS_TRAIN_SAVED ? l->s : NULL,
+                     NULL, 0),
+          "forward");
 }
 
 static volatile uint64_t evict_sink;
@@ -123,7 +127,7 @@ static void evict(const uint64_t *buf, size_t words) {
 int main(int argc, char **argv) {
   if (argc < 4) {
     fprintf(stderr, "usage: fbn-ab LIB_A LIB_B [--reps N] [--layout nchw|nhwc] "
-                    "[--pass train|eval|bwd] [--evict-mib N] [--align N] [--env-a N=V] "
+                    "[--pass train|eval|bwd|train-saved] [--evict-mib N] [--align N] [--env-a N=V] "
                     "[--env-b N=V] "
                     "N,C,H,W...\n");
     return 2;
@@ -148,7 +152,10 @@ int main(int argc, char **argv) {
     else if (strcmp(a, "--layout") == 0)
       layout = strcmp(v, "nhwc") == 0 ? FBN_LAYOUT_NHWC : FBN_LAYOUT_NCHW;
     else if (strcmp(a, "--pass") == 0)
-      pass = strcmp(v, "eval") == 0 ? PASS_EVAL : strcmp(v, "bwd") == 0 ? PASS_BWD : PASS_TRAIN;
+      pass = strcmp(v, "eval") == 0          ? PASS_EVAL
+             : strcmp(v, "bwd") == 0         ? PASS_BWD
+             : strcmp(v, "train-saved") == 0 ? PASS_TRAIN_SAVED
+                                             : PASS_TRAIN;
     else if (strcmp(a, "--align") == 0)
       align = (size_t)atoi(v);
     else if (strcmp(a, "--evict-mib") == 0)
@@ -176,7 +183,7 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < ewords; i++)
       ebuf[i] = i;
   }
-  static const char *const pass_names[] = {"train", "eval", "bwd"};
+  static const char *const pass_names[] = {"train", "eval", "bwd", "train-saved"};
   for (int a = first_shape; a < argc; a++) {
     long long n, c, h, w;
     if (sscanf(argv[a], "%lld,%lld,%lld,%lld", &n, &c, &h, &w) != 4 || n < 1 || c < 1 ||
