@@ -748,6 +748,15 @@ static fbn_status fbn_fast_nchw_plan_make(fbn_module *m, const fbn_tensor_desc *
   return plan->base != NULL ? FBN_STATUS_SUCCESS : FBN_STATUS_OUT_OF_MEMORY;
 }
 
+/* Stands in for a paired AVX2 loop where there is none (float64 tensors, or a
+ * build without the loops): false, so that the caller runs its plain loop.
+ * The arguments are passed on (and dropped) so that values computed only for
+ * the call do not become unused variables. */
+static inline bool fbn_fast_no_loop(int unused, ...) {
+  (void)unused;
+  return false;
+}
+
 /* ---- streamed normalization without a staging buffer (AVX2) ------------- */
 
 /*
@@ -1373,48 +1382,17 @@ static bool fbn_fast_bwd_apply2_f32(const float *x, const uint8_t *bits, int64_t
 #define FBN_FAST_PIPE 1
 #else
 #define fbn_fast_norm_nt_f32(...) false /* no AVX2 loop: the staged one */
-static bool fbn_fast_norm_nt2_f32(const float *x, const float *z, float *y, int64_t rows,
-                                  int64_t len, bool per_row, const float *m, const float *a,
-                                  const float *b, uint8_t *bits, int64_t bpr, int64_t d,
-                                  int64_t db) {
-  return false;
-}
-static bool fbn_fast_bwd_reduce2_f32(const float *x, const uint8_t *bits, int64_t bpr,
-                                     const float *dy, float *dz, int64_t rows, int64_t len,
-                                     const double *mean, double *s1, double *s2, int64_t d,
-                                     int64_t db) {
-  return false;
-}
-static bool fbn_fast_bwd_apply2_f32(const float *x, const uint8_t *bits, int64_t bpr,
-                                    const float *dy, float *dz, float *dx, int64_t rows,
-                                    int64_t len, bool full, bool g_given, const float *m,
-                                    const float *k, const float *c1, const float *c0, int64_t d,
-                                    int64_t db) {
-  return false;
-}
+#define fbn_fast_norm_nt2_f32(...) fbn_fast_no_loop(0, __VA_ARGS__)
+#define fbn_fast_bwd_reduce2_f32(...) fbn_fast_no_loop(0, __VA_ARGS__)
+#define fbn_fast_bwd_apply2_f32(...) fbn_fast_no_loop(0, __VA_ARGS__)
 #define FBN_FAST_PIPE 0
 #endif
-/* float64 tensors keep the staged loop (they have no saved mask either). */
+/* float64 tensors keep the staged loop (they have no saved mask either) and
+ * the loops of one set of streams. */
 #define fbn_fast_norm_nt_f64(...) false
-static bool fbn_fast_bwd_reduce2_f64(const double *x, const uint8_t *bits, int64_t bpr,
-                                     const double *dy, double *dz, int64_t rows, int64_t len,
-                                     const double *mean, double *s1, double *s2, int64_t d,
-                                     int64_t db) {
-  return false;
-}
-static bool fbn_fast_bwd_apply2_f64(const double *x, const uint8_t *bits, int64_t bpr,
-                                    const double *dy, double *dz, double *dx, int64_t rows,
-                                    int64_t len, bool full, bool g_given, const double *m,
-                                    const double *k, const double *c1, const double *c0,
-                                    int64_t d, int64_t db) {
-  return false;
-}
-static bool fbn_fast_norm_nt2_f64(const double *x, const double *z, double *y, int64_t rows,
-                                  int64_t len, bool per_row, const double *m, const double *a,
-                                  const double *b, uint8_t *bits, int64_t bpr, int64_t d,
-                                  int64_t db) {
-  return false;
-}
+#define fbn_fast_norm_nt2_f64(...) fbn_fast_no_loop(0, __VA_ARGS__)
+#define fbn_fast_bwd_reduce2_f64(...) fbn_fast_no_loop(0, __VA_ARGS__)
+#define fbn_fast_bwd_apply2_f64(...) fbn_fast_no_loop(0, __VA_ARGS__)
 
 /* ---- the loops, for float and double ------------------------------------ */
 
