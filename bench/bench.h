@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "bench_time.h"
 #include "fusedbn/fusedbn.h"
 
 #define BENCH_MAX_SHAPES 32
@@ -71,10 +72,7 @@ typedef struct bench_config {
 
 /* ---- timing and statistics (bench_util.c) -------------------------------- */
 
-/* Monotonic wall clock in seconds. */
-double bench_now_s(void);
-/* Median of values[0..count) (sorts the array in place). */
-double bench_median(double *values, int count);
+/* bench_now_s, bench_median: bench_time.h. */
 double bench_min(const double *values, int count);
 
 /* Timings of one implementation for one row; reps == 0: not measured. */

@@ -5,34 +5,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "bench.h"
 
 /* ---- timing and statistics ----------------------------------------------- */
-
-double bench_now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int compare_double(const void *a, const void *b) {
-  const double x = *(const double *)a;
-  const double y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-
-double bench_median(double *values, int count) {
-  if (count <= 0) {
-    return NAN;
-  }
-  qsort(values, (size_t)count, sizeof(double), compare_double);
-  if (count % 2 == 1) {
-    return values[count / 2];
-  }
-  return 0.5 * (values[count / 2 - 1] + values[count / 2]);
-}
 
 double bench_min(const double *values, int count) {
   double m = INFINITY;

@@ -34,6 +34,8 @@
 
 #include <fusedbn/fusedbn.h>
 
+#include "../bench_time.h"
+
 typedef struct lib {
   void (*options_init)(fbn_module_options *);
   fbn_status (*create)(const fbn_module_options *, fbn_module **);
@@ -55,17 +57,6 @@ enum { PASS_TRAIN, PASS_EVAL, PASS_BWD, PASS_TRAIN_SAVED };
 static void die(const char *what, const char *detail) {
   fprintf(stderr, "fbn-ab: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
   exit(1);
-}
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-  const double x = *(const double *)a, y = *(const double *)b;
-  return x < y ? -1 : x > y;
 }
 
 static void *sym(void *h, const char *name) {
@@ -222,15 +213,15 @@ int main(int argc, char **argv) {
         const int l = (k & 1) ? 1 - j : j; /* A B, B A, ... */
         if (ebuf != NULL)
           evict(ebuf, ewords);
-        const double t0 = now_s();
+        const double t0 = bench_now_s();
         run(&libs[l], pass, &d, bufs);
-        t[l][k] = now_s() - t0;
+        t[l][k] = bench_now_s() - t0;
       }
     for (int k = 0; k < reps; k++)
       ratio[k] = t[1][k] / t[0][k];
-    qsort(t[0], (size_t)reps, sizeof(double), cmp_double);
-    qsort(t[1], (size_t)reps, sizeof(double), cmp_double);
-    qsort(ratio, (size_t)reps, sizeof(double), cmp_double);
+    qsort(t[0], (size_t)reps, sizeof(double), bench_cmp_double);
+    qsort(t[1], (size_t)reps, sizeof(double), bench_cmp_double);
+    qsort(ratio, (size_t)reps, sizeof(double), bench_cmp_double);
     printf("%-16s %s %-5s A %8.3f ms  B %8.3f ms  B/A median %.3f [quartiles %.3f %.3f] (%d "
            "pairs)\n",
            argv[a], layout == FBN_LAYOUT_NHWC ? "nhwc" : "nchw", pass_names[pass],

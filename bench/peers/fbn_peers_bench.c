@@ -55,6 +55,8 @@
 
 #include "fusedbn/fusedbn.h"
 
+#include "../bench_time.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #endif
@@ -98,22 +100,6 @@ typedef struct peers_config {
 } peers_config;
 
 /* ---- utilities ---------------------------------------------------------- */
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-  const double x = *(const double *)a, y = *(const double *)b;
-  return x < y ? -1 : x > y;
-}
-
-static double median(double *v, int n) {
-  qsort(v, (size_t)n, sizeof *v, cmp_double);
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
 
 static void die(const char *what, const char *detail) {
   fprintf(stderr, "fbn-peers-bench: %s%s%s\n", what, detail ? ": " : "", detail ? detail : "");
@@ -351,12 +337,12 @@ static double measure_copy(const peers_config *cfg, double *best_ms) {
   const int total = cfg->warmup + cfg->reps;
   double *t = calloc((size_t)total, sizeof *t);
   for (int r = 0; r < total; r++) {
-    const double t0 = now_s();
+    const double t0 = bench_now_s();
     copy_2threads(dst, src, bytes);
-    t[r] = now_s() - t0;
+    t[r] = bench_now_s() - t0;
   }
   double *timed = t + cfg->warmup;
-  const double med = median(timed, cfg->reps);
+  const double med = bench_median(timed, cfg->reps);
   *best_ms = 1e3 * timed[0];
   free(t);
   free(src);
@@ -699,7 +685,7 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
         if (!impl_applies(cfg, i, pass))
           continue;
         evict_caches();
-        const double t0 = now_s();
+        const double t0 = bench_now_s();
         if (i == IMPL_FLOOR || i == IMPL_FLOOR2) {
           copy_nt_2threads(b.copy_dst, b.copy_src, floor_copy, i == IMPL_FLOOR2 ? 2 : 1);
         } else if (i == IMPL_TWOPASS) {
@@ -723,13 +709,13 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
           dnnl_bwd(&dp);
         }
 #endif
-        times[i][r] = now_s() - t0;
+        times[i][r] = bench_now_s() - t0;
       }
     for (int i = 0; i < IMPL_COUNT; i++) {
       if (!impl_applies(cfg, i, pass))
         continue;
       double *timed = times[i] + cfg->warmup;
-      const double med = median(timed, cfg->reps);
+      const double med = bench_median(timed, cfg->reps);
       printf("%s,%lld,%lld,%lld,%lld,%s,%s,%.4f,%.4f,%d\n", pass_names[pass], (long long)s->n,
              (long long)s->c, (long long)s->h, (long long)s->w, lname,
              pass == PASS_BWD && i == IMPL_DNNL ? "onednn" : impl_names[i], 1e3 * med,
