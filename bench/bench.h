@@ -150,6 +150,10 @@ typedef struct bench_row {
  * stderr, beyond bench_agreement_tolerance()) to row->note. Returns whether
  * the outputs agree. */
 bool bench_note_agreement(bench_row *row, const char *prefix, double diff);
+/* How many agreement checks have failed so far (fusedbn-bench then exits
+ * with BENCH_EXIT_MISMATCH after its table). */
+int bench_mismatch_count(void);
+#define BENCH_EXIT_MISMATCH 4
 /* Append text to row->note ("; "-separated). */
 void bench_note_append(bench_row *row, const char *text);
 

@@ -2,7 +2,8 @@
  * fusedbn-bench: options, the shapes table, device selection.
  *
  * Exit status: 0 success, 1 a library/CUDA call failed, 2 bad usage,
- * 3 the requested device (--device cuda) is not usable.
+ * 3 the requested device (--device cuda) is not usable, 4 (after the whole
+ * table) an agreement check failed.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -339,10 +340,21 @@ int main(int argc, char **argv) {
   }
   apply_defaults(&cfg, &args);
 
+  int status;
 #ifdef FBN_BENCH_HAVE_CUDA
   if (cfg.device == BENCH_DEVICE_CUDA) {
-    return bench_run_cuda(&cfg);
-  }
+    status = bench_run_cuda(&cfg);
+  } else
 #endif
-  return bench_run_cpu(&cfg);
+  {
+    status = bench_run_cpu(&cfg);
+  }
+  if (status == 0 && bench_mismatch_count() > 0) {
+    fprintf(stderr,
+            "fusedbn-bench: %d agreement check(s) failed (rows marked MISMATCH): the fused "
+            "results differ from the unfused baseline\n",
+            bench_mismatch_count());
+    return BENCH_EXIT_MISMATCH;
+  }
+  return status;
 }

@@ -191,8 +191,14 @@ double bench_agreement_tolerance(fbn_dtype dtype) {
   return 0.0;
 }
 
+static int bench_mismatches;
+
+int bench_mismatch_count(void) { return bench_mismatches; }
+
 bool bench_note_agreement(bench_row *row, const char *prefix, double diff) {
   const bool ok = !isnan(diff) && diff <= bench_agreement_tolerance(row->dtype);
+  if (!ok)
+    bench_mismatches++;
   const size_t used = strlen(row->note);
   snprintf(row->note + used, sizeof row->note - used, "%s%s%smax rel diff %.1e",
            used > 0 ? "; " : "", prefix, ok ? "" : "MISMATCH ", diff);
