@@ -261,7 +261,8 @@ static void copy_nt_2threads(char *dst, const char *src, size_t bytes, size_t pa
  * NCHW pipeline does. Same threads as the floors, each its half; the read in
  * 4 parts, the normalization in 2 (256 bytes of each in turn: the fastest
  * of 1, 2, 4 and 8 parts measured here). Not a goal check: it shows how much
- * of fusedbn / floor is this machine's read-only bandwidth. n: a multiple of
+ * of fusedbn / floor is the read-only pass, and (fusedbn / two-pass-loops)
+ * how much is the module's own per-element work. n: a multiple of
  * 2 * 4 * 64; buffers 64-byte aligned.
  */
 static volatile float twopass_sink;
