@@ -340,15 +340,11 @@ int main(int argc, char **argv) {
   }
   apply_defaults(&cfg, &args);
 
-  int status;
 #ifdef FBN_BENCH_HAVE_CUDA
-  if (cfg.device == BENCH_DEVICE_CUDA) {
-    status = bench_run_cuda(&cfg);
-  } else
+  const int status = cfg.device == BENCH_DEVICE_CUDA ? bench_run_cuda(&cfg) : bench_run_cpu(&cfg);
+#else
+  const int status = bench_run_cpu(&cfg);
 #endif
-  {
-    status = bench_run_cpu(&cfg);
-  }
   if (status == 0 && bench_mismatch_count() > 0) {
     fprintf(stderr,
             "fusedbn-bench: %d agreement check(s) failed (rows marked MISMATCH): the fused "

@@ -190,40 +190,34 @@ static void copy_2threads(char *dst, const char *src, size_t bytes) {
  * library's loops). dst and src 64-byte aligned, bytes a multiple of
  * 256 * parts. */
 #if defined(__x86_64__) && defined(__GNUC__)
+/* The loop of both: V, the vector type; LOAD, STREAM its intrinsics; W, its
+ * bytes. Four vectors per step, 256 bytes of each part in turn. */
+#define COPY_NT_BODY(V, LOAD, STREAM, W)                                                        \
+  do {                                                                                         \
+    const size_t part = bytes / parts;                                                         \
+    for (size_t i = 0; i < part; i += 256)                                                     \
+      for (size_t p = 0; p < parts; p++)                                                       \
+        for (size_t j = p * part + i; j < p * part + i + 256; j += 4 * (W)) {                  \
+          const V a = LOAD((const V *)(src + j)), b = LOAD((const V *)(src + j + (W)));        \
+          const V c = LOAD((const V *)(src + j + 2 * (W)));                                    \
+          const V e = LOAD((const V *)(src + j + 3 * (W)));                                    \
+          STREAM((V *)(dst + j), a);                                                           \
+          STREAM((V *)(dst + j + (W)), b);                                                     \
+          STREAM((V *)(dst + j + 2 * (W)), c);                                                 \
+          STREAM((V *)(dst + j + 3 * (W)), e);                                                 \
+        }                                                                                      \
+    _mm_sfence();                                                                              \
+  } while (0)
+
 __attribute__((target("avx"))) static void copy_nt_avx(char *dst, const char *src, size_t bytes,
                                                        size_t parts) {
-  const size_t part = bytes / parts;
-  for (size_t i = 0; i < part; i += 256)
-    for (size_t p = 0; p < parts; p++)
-      for (size_t j = p * part + i; j < p * part + i + 256; j += 128) {
-        const __m256 a = _mm256_load_ps((const float *)(src + j));
-        const __m256 b = _mm256_load_ps((const float *)(src + j + 32));
-        const __m256 c = _mm256_load_ps((const float *)(src + j + 64));
-        const __m256 e = _mm256_load_ps((const float *)(src + j + 96));
-        _mm256_stream_ps((float *)(dst + j), a);
-        _mm256_stream_ps((float *)(dst + j + 32), b);
-        _mm256_stream_ps((float *)(dst + j + 64), c);
-        _mm256_stream_ps((float *)(dst + j + 96), e);
-      }
-  _mm_sfence();
+  COPY_NT_BODY(__m256i, _mm256_load_si256, _mm256_stream_si256, 32);
 }
 
 static void copy_nt_sse2(char *dst, const char *src, size_t bytes, size_t parts) {
-  const size_t part = bytes / parts;
-  for (size_t i = 0; i < part; i += 256)
-    for (size_t p = 0; p < parts; p++)
-      for (size_t j = p * part + i; j < p * part + i + 256; j += 64) {
-        const __m128i a = _mm_load_si128((const __m128i *)(src + j));
-        const __m128i b = _mm_load_si128((const __m128i *)(src + j + 16));
-        const __m128i c = _mm_load_si128((const __m128i *)(src + j + 32));
-        const __m128i e = _mm_load_si128((const __m128i *)(src + j + 48));
-        _mm_stream_si128((__m128i *)(dst + j), a);
-        _mm_stream_si128((__m128i *)(dst + j + 16), b);
-        _mm_stream_si128((__m128i *)(dst + j + 32), c);
-        _mm_stream_si128((__m128i *)(dst + j + 48), e);
-      }
-  _mm_sfence();
+  COPY_NT_BODY(__m128i, _mm_load_si128, _mm_stream_si128, 16);
 }
+#undef COPY_NT_BODY
 #endif
 
 /* bytes: a multiple of 512 * parts. */
