@@ -154,7 +154,9 @@ static void fill_random(float *p, size_t count, double offset, double scale) {
     p[i] = (float)(offset + scale * (2.0 * rng_unit() - 1.0));
 }
 
-/* Largest |a - b| / (1 + |b|) over the elements (NaN counts as infinite). */
+#ifdef FBN_PEERS_HAVE_ONEDNN
+/* Largest |a - b| / (1 + |b|) over the elements (NaN counts as infinite):
+ * the agreement check of oneDNN's outputs with fusedbn's. */
 static double max_rel_diff(const float *a, const float *b, size_t count) {
   double worst = 0.0;
   for (size_t i = 0; i < count; i++) {
@@ -164,6 +166,7 @@ static double max_rel_diff(const float *a, const float *b, size_t count) {
   }
   return worst;
 }
+#endif
 
 /* ---- copy bandwidth ----------------------------------------------------- */
 
