@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # Install test: `meson install` the build into a temporary DESTDIR, then
-# build and run a client that sees only the installed headers and library,
-# through `pkg-config --cflags --libs fusedbn`.
+# build and run a client that sees only the installed headers and library.
 #
-#   install-test.sh BUILDDIR CLIENT.c
+#   install-test.sh BUILDDIR CLIENT.c pkg-config|cmake
+#
+#   pkg-config  every installed header compiles on its own (C11, C++11), and
+#               CLIENT.c is built with `pkg-config --cflags --libs fusedbn`
+#   cmake       CLIENT.c is built by tests/install/cmake/CMakeLists.txt with
+#               find_package(fusedbn X.Y REQUIRED COMPONENTS <the build's
+#               features>) and fusedbn::fusedbn; a newer or (for 0.x) older
+#               series, an unknown component and a component the build lacks
+#               are refused, a version range is accepted
 #
 # Environment (set by tests/install/meson.build):
 #   FBN_CC          the C compiler command of the build
@@ -11,26 +18,44 @@
 #   FBN_SANITIZE    b_sanitize of the build ("none" or e.g. "address,undefined"):
 #                   the client is built the same way so it can load the library
 #   FBN_FEATURES    comma-separated: cuda, state_io (what the build has)
+#   FBN_LIBRARY     default_library of the build: shared, static or both
+#   FBN_VERSION     the project's version
 #   FBN_CUDA_CFLAGS the CUDA toolkit's -I flags: what a client of
 #                   <fusedbn/fusedbn_cuda.h> adds itself (that header includes
 #                   <cuda_runtime_api.h>; fusedbn.pc does not carry CUDA's paths)
+#   FBN_CUDA_ROOT   the CUDA toolkit prefix (CUDAToolkit_ROOT of the CMake client)
+#   FBN_CMAKE_CLIENT the directory of the CMake client's CMakeLists.txt
 #   FBN_PREFIX, FBN_LIBDIR, FBN_INCLUDEDIR   the build's install directories
-#   MESON           the meson command
-# Exit status 77 (skip) when pkg-config is missing.
+#   MESON, CMAKE    the meson and cmake commands (CMAKE empty: not found)
+# Exit status 77 (skip) when the client's tool (pkg-config, cmake) is missing.
 set -euo pipefail
 
 build=$(cd "$1" && pwd)
-client_src=$2
+client_src=$(cd "$(dirname "$2")" && pwd)/$(basename "$2")
+kind=$3
 : "${FBN_CC:?}" "${FBN_PREFIX:?}" "${FBN_LIBDIR:?}" "${FBN_INCLUDEDIR:?}"
 meson_cmd=${MESON:-meson}
 
-if ! command -v pkg-config >/dev/null; then
-  echo "SKIP: pkg-config not found"
-  exit 77
-fi
+case $kind in
+  pkg-config)
+    if ! command -v pkg-config >/dev/null; then
+      echo "SKIP: pkg-config not found: the pkg-config client is not built"
+      exit 77
+    fi ;;
+  cmake)
+    cmake_cmd=${CMAKE:-}
+    if [ -z "$cmake_cmd" ] || ! command -v "$cmake_cmd" >/dev/null; then
+      echo "SKIP: cmake not found (Debian package cmake): the CMake client is not built"
+      exit 77
+    fi
+    : "${FBN_CMAKE_CLIENT:?}" "${FBN_VERSION:?}" ;;
+  *) echo "install-test: unknown client kind '$kind' (pkg-config or cmake)" >&2; exit 2 ;;
+esac
 
 has_feature() { case ",${FBN_FEATURES:-}," in *",$1,"*) return 0 ;; esac; return 1; }
 fail() { echo "install-test: FAIL: $*" >&2; exit 1; }
+static=false
+[ "${FBN_LIBRARY:-shared}" = static ] && static=true
 
 dest=$(mktemp -d "${TMPDIR:-/tmp}/fusedbn-install.XXXXXX")
 trap 'rm -rf "$dest"' EXIT
@@ -44,6 +69,7 @@ abs() { case $1 in /*) echo "$1" ;; *) echo "$FBN_PREFIX/$1" ;; esac; }
 root=$dest$FBN_PREFIX
 libdir=$dest$(abs "$FBN_LIBDIR")
 incdir=$dest$(abs "$FBN_INCLUDEDIR")
+cmakedir=$libdir/cmake/fusedbn
 
 echo "== installed files"
 (cd "$dest" && find . \( -type f -o -type l \) | LC_ALL=C sort | sed 's/^\./  /')
@@ -51,8 +77,15 @@ echo "== installed files"
 # What must (and must not) be there.
 [ -f "$incdir/fusedbn/fusedbn.h" ] || fail "fusedbn/fusedbn.h not installed in $incdir"
 [ -f "$libdir/pkgconfig/fusedbn.pc" ] || fail "fusedbn.pc not installed in $libdir/pkgconfig"
-[ -e "$libdir/libfusedbn.so" ] || fail "libfusedbn.so (development link) not installed in $libdir"
-ls "$libdir"/libfusedbn.so.* >/dev/null 2>&1 || fail "no versioned libfusedbn.so.* in $libdir"
+for f in fusedbnConfig.cmake fusedbnConfigVersion.cmake; do
+  [ -f "$cmakedir/$f" ] || fail "$f not installed in $cmakedir"
+done
+if $static; then
+  [ -f "$libdir/libfusedbn.a" ] || fail "libfusedbn.a not installed in $libdir"
+else
+  [ -e "$libdir/libfusedbn.so" ] || fail "libfusedbn.so (development link) not installed in $libdir"
+  ls "$libdir"/libfusedbn.so.* >/dev/null 2>&1 || fail "no versioned libfusedbn.so.* in $libdir"
+fi
 if has_feature state_io; then
   [ -f "$incdir/fusedbn/fusedbn_state.h" ] || fail "state_io build without fusedbn_state.h"
 else
@@ -62,69 +95,163 @@ if find "$dest" -name 'internal.h' -o -name 'fbn_config.h' -o -name '*.cuh' | gr
   fail "an internal header was installed"
 fi
 
-echo "== pkg-config"
-# The installed .pc first, then the system's (for Requires such as jansson).
-system_pc=$(pkg-config --variable pc_path pkg-config)
-export PKG_CONFIG_LIBDIR=$libdir/pkgconfig${system_pc:+:$system_pc}
-export PKG_CONFIG_PATH=
-pc() { pkg-config --define-variable=prefix="$root" "$@" fusedbn; }
-pc --exists --print-errors || fail "pkg-config does not find fusedbn in $libdir/pkgconfig"
-case $(pc --variable=pcfiledir) in
-  "$libdir/pkgconfig") ;;
-  *) fail "pkg-config found another fusedbn.pc: $(pc --variable=pcfiledir)" ;;
-esac
-cflags=$(pc --cflags)
-libs=$(pc --libs)
-echo "  version: $(pc --modversion)"
-echo "  cflags:  $cflags"
-echo "  libs:    $libs"
-case " $cflags $libs " in
-  *"$build"*) fail "pkg-config flags point into the build directory" ;;
-esac
-
 san=()
 if [ -n "${FBN_SANITIZE:-}" ] && [ "$FBN_SANITIZE" != none ]; then
   san=(-fsanitize="$FBN_SANITIZE")
 fi
 read -r -a cc <<<"$FBN_CC"
-cuda_cflags=""
-has_feature cuda && cuda_cflags=${FBN_CUDA_CFLAGS:-}
-cxx=()
-[ -n "${FBN_CXX:-}" ] && read -r -a cxx <<<"$FBN_CXX"
-
-echo "== every installed header compiles on its own (C11 -pedantic$([ ${#cxx[@]} -gt 0 ] && echo ', C++11'))"
-for h in "$incdir"/fusedbn/*.h; do
-  name=fusedbn/$(basename "$h")
-  extra=""
-  [ "$name" = fusedbn/fusedbn_cuda.h ] && extra=$cuda_cflags
-  # shellcheck disable=SC2086 # word splitting of pkg-config output is intended
-  printf '#include <%s>\n#include <%s>\nint fbn_header_check;\n' "$name" "$name" |
-    "${cc[@]}" -std=c11 -pedantic -Wall -Wextra -Werror $cflags $extra -fsyntax-only -x c - ||
-    fail "$name does not compile on its own as C11"
-  if [ ${#cxx[@]} -gt 0 ]; then
-    # shellcheck disable=SC2086
-    printf '#include <%s>\nint fbn_header_check;\n' "$name" |
-      "${cxx[@]}" -std=c++11 -pedantic -Wall -Wextra -Werror $cflags $extra -fsyntax-only -x c++ - ||
-      fail "$name does not compile on its own as C++11"
-  fi
-  echo "  $name"
-done
-
-echo "== build the client"
 defs=()
 has_feature state_io && defs+=(-DCLIENT_STATE_IO)
 has_feature cuda && defs+=(-DCLIENT_CUDA)
-# shellcheck disable=SC2086
-"${cc[@]}" -std=c11 -pedantic -Wall -Wextra -Werror "${san[@]}" "${defs[@]}" $cflags $cuda_cflags \
-  -o "$dest/client" "$client_src" $libs -lm
 
-echo "== run it against the installed library"
-export LD_LIBRARY_PATH=$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-resolved=$(ldd "$dest/client" | awk '/libfusedbn\.so/ { print $3 }')
-echo "  libfusedbn resolves to $resolved"
-case $resolved in
-  "$dest"/*) ;;
-  *) fail "the client does not load the installed library (got '$resolved')" ;;
+# Run the client at $1 against the installed library.
+run_client() {
+  export LD_LIBRARY_PATH=$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  resolved=$(ldd "$1" | awk '/libfusedbn\.so/ { print $3 }')
+  if $static; then
+    [ -z "$resolved" ] || fail "a client of the static library loads $resolved"
+    echo "  linked statically"
+  else
+    echo "  libfusedbn resolves to $resolved"
+    case $resolved in
+      "$dest"/*) ;;
+      *) fail "the client does not load the installed library (got '$resolved')" ;;
+    esac
+  fi
+  "$1"
+}
+
+pkg_config_client() {
+  echo "== pkg-config"
+  # The installed .pc first, then the system's (for Requires such as jansson).
+  system_pc=$(pkg-config --variable pc_path pkg-config)
+  export PKG_CONFIG_LIBDIR=$libdir/pkgconfig${system_pc:+:$system_pc}
+  export PKG_CONFIG_PATH=
+  pc() { pkg-config --define-variable=prefix="$root" "$@" fusedbn; }
+  pc --exists --print-errors || fail "pkg-config does not find fusedbn in $libdir/pkgconfig"
+  case $(pc --variable=pcfiledir) in
+    "$libdir/pkgconfig") ;;
+    *) fail "pkg-config found another fusedbn.pc: $(pc --variable=pcfiledir)" ;;
+  esac
+  cflags=$(pc --cflags)
+  if $static; then libs=$(pc --libs --static); else libs=$(pc --libs); fi
+  echo "  version: $(pc --modversion)"
+  echo "  cflags:  $cflags"
+  echo "  libs:    $libs"
+  case " $cflags $libs " in
+    *"$build"*) fail "pkg-config flags point into the build directory" ;;
+  esac
+
+  cuda_cflags=""
+  has_feature cuda && cuda_cflags=${FBN_CUDA_CFLAGS:-}
+  cxx=()
+  [ -n "${FBN_CXX:-}" ] && read -r -a cxx <<<"$FBN_CXX"
+
+  echo "== every installed header compiles on its own (C11 -pedantic$([ ${#cxx[@]} -gt 0 ] && echo ', C++11'))"
+  for h in "$incdir"/fusedbn/*.h; do
+    name=fusedbn/$(basename "$h")
+    extra=""
+    [ "$name" = fusedbn/fusedbn_cuda.h ] && extra=$cuda_cflags
+    # shellcheck disable=SC2086 # word splitting of pkg-config output is intended
+    printf '#include <%s>\n#include <%s>\nint fbn_header_check;\n' "$name" "$name" |
+      "${cc[@]}" -std=c11 -pedantic -Wall -Wextra -Werror $cflags $extra -fsyntax-only -x c - ||
+      fail "$name does not compile on its own as C11"
+    if [ ${#cxx[@]} -gt 0 ]; then
+      # shellcheck disable=SC2086
+      printf '#include <%s>\nint fbn_header_check;\n' "$name" |
+        "${cxx[@]}" -std=c++11 -pedantic -Wall -Wextra -Werror $cflags $extra -fsyntax-only -x c++ - ||
+        fail "$name does not compile on its own as C++11"
+    fi
+    echo "  $name"
+  done
+
+  echo "== build the client"
+  # shellcheck disable=SC2086
+  "${cc[@]}" -std=c11 -pedantic -Wall -Wextra -Werror "${san[@]}" "${defs[@]}" $cflags $cuda_cflags \
+    -o "$dest/client" "$client_src" $libs -lm
+
+  echo "== run it against the installed library"
+  run_client "$dest/client"
+}
+
+cmake_client() {
+  echo "== the CMake package"
+  # Relocatable: no installed CMake file names the install prefix's
+  # directories, the build or the source tree; the DESTDIR install works only
+  # because the config finds everything from its own location.
+  for p in "$(abs "$FBN_LIBDIR")" "$(abs "$FBN_INCLUDEDIR")" "$build" "$(dirname "$FBN_CMAKE_CLIENT")"; do
+    if grep -F -n -- "$p" "$cmakedir"/*.cmake; then
+      fail "an installed CMake file names $p"
+    fi
+  done
+
+  series=$(echo "$FBN_VERSION" | cut -d. -f1,2)
+  major=${series%%.*}
+  minor=${series#*.}
+  components=()
+  has_feature state_io && components+=(state_io)
+  has_feature cuda && components+=(cuda)
+  missing=""
+  has_feature state_io || missing=state_io
+  has_feature cuda || missing=${missing:-cuda}
+
+  gen=()
+  command -v ninja >/dev/null && gen=(-G Ninja)
+  launcher=("${cc[@]:0:${#cc[@]}-1}")
+  args=(-DCMAKE_C_COMPILER="${cc[-1]}"
+        -DCMAKE_PREFIX_PATH="$root"
+        -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF
+        -DCMAKE_FIND_USE_SYSTEM_PACKAGE_REGISTRY=OFF
+        -DCMAKE_BUILD_TYPE=Debug
+        -DCLIENT_SOURCE="$client_src")
+  [ ${#launcher[@]} -gt 0 ] && args+=(-DCMAKE_C_COMPILER_LAUNCHER="$(IFS=';'; echo "${launcher[*]}")")
+  if [ ${#san[@]} -gt 0 ]; then
+    args+=(-DCMAKE_C_FLAGS="${san[*]}" -DCMAKE_EXE_LINKER_FLAGS="${san[*]}")
+  fi
+  has_feature cuda && [ -n "${FBN_CUDA_ROOT:-}" ] && args+=(-DCUDAToolkit_ROOT="$FBN_CUDA_ROOT")
+  bdir=$dest/cmake-client
+  log=$dest/cmake.log
+
+  # configure EXPECT VERSION COMPONENTS [MESSAGE]: cmake configures (ok) or
+  # stops with MESSAGE in its output (refused).
+  configure() {
+    local expect=$1 version=$2 comps=$3 message=${4:-}
+    echo "  find_package(fusedbn $version REQUIRED${comps:+ COMPONENTS ${comps//;/ }}): $expect"
+    if "$cmake_cmd" -S "$FBN_CMAKE_CLIENT" -B "$bdir" "${gen[@]}" "${args[@]}" \
+         -DFUSEDBN_VERSION="$version" -DFUSEDBN_COMPONENTS="$comps" >"$log" 2>&1; then
+      [ "$expect" = ok ] || { cat "$log"; fail "find_package(fusedbn $version) $comps was accepted"; }
+    else
+      [ "$expect" = refused ] || { cat "$log"; fail "cmake could not configure the client"; }
+      grep -q -F -- "$message" "$log" ||
+        { cat "$log"; fail "cmake refused, but without \"$message\""; }
+    fi
+  }
+
+  comps=$(IFS=';'; echo "${components[*]}")
+  echo "== configure the CMake client (fusedbn $FBN_VERSION, components: ${comps:-none})"
+  configure refused "$major.$((minor + 1))" "" "compatible with requested version"
+  if [ "$major" = 0 ] && [ "$minor" -gt 0 ]; then
+    configure refused "0.$((minor - 1))" "" "compatible with requested version"
+  fi
+  configure refused "$series" "no_such_part" "component no_such_part: unknown component"
+  if [ -n "$missing" ]; then
+    configure refused "$series" "$missing" "component $missing: this fusedbn was built without it"
+  fi
+  configure ok "$series...<$major.$((minor + 1))" "$comps"
+  configure ok "$series" "$comps"
+  found=$(sed -n 's/^fusedbn_DIR:[A-Z]*=//p' "$bdir/CMakeCache.txt")
+  [ "$found" = "$cmakedir" ] || fail "find_package used $found, not the installed $cmakedir"
+  grep -F "fusedbn $FBN_VERSION from" "$log" | sed 's/^-- /  /'
+
+  echo "== build the client with cmake --build"
+  "$cmake_cmd" --build "$bdir" >"$log" 2>&1 || { cat "$log"; fail "the CMake client does not build"; }
+
+  echo "== run it against the installed library"
+  run_client "$bdir/client"
+}
+
+case $kind in
+  pkg-config) pkg_config_client ;;
+  cmake) cmake_client ;;
 esac
-"$dest/client"
-echo "install-test: OK"
+echo "install-test: OK ($kind client)"
