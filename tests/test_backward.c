@@ -28,9 +28,19 @@ static void run_matrix(const char *test, fbn_layout layout, fbn_dtype dtype) {
   int failed = 0, total = 0;
   for (size_t s = 0; s < NUM_SHAPES; s++) {
     for (int flags = 0; flags < 16; flags++) {
-      fbnt_case cs = {shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], dtype, layout,
-                      (flags & 1) != 0, (flags & 2) != 0, (flags & 4) != 0, (flags & 8) != 0,
-                      true};
+      fbnt_case cs = {
+          .n = shapes[s][0],
+          .c = shapes[s][1],
+          .h = shapes[s][2],
+          .w = shapes[s][3],
+          .dtype = dtype,
+          .layout = layout,
+          .addend = (flags & 1) != 0,
+          .affine = (flags & 2) != 0,
+          .track = (flags & 4) != 0,
+          .training = (flags & 8) != 0,
+          .backward = true,
+      };
       total++;
       if (!fbnt_case_run(&cs, &rng)) {
         failed++;
@@ -59,99 +69,18 @@ static void test_backward_matches_reference_nhwc_f64(void **state) {
   run_matrix(__func__, FBN_LAYOUT_NHWC, FBN_DTYPE_FLOAT64);
 }
 
-/* ---- a forward/backward pair on host tensors ----------------------------- */
+/* ---- a module and forward/backward passes on host tensors ------------------ */
 
-typedef struct pass {
-  fbn_tensor_desc d;
-  size_t count;
-  void *x, *a, *y, *dy, *dx, *da;
-  double *xr, *ar, *yr, *dyr, *dxr, *dar;
-  fbn_saved *saved;
-  fbnt_ref_saved rs;
-} pass;
-
-static void pass_init(pass *p, fbnt_rng *rng, fbn_tensor_desc d) {
-  memset(p, 0, sizeof *p);
-  p->d = d;
-  p->count = fbnt_desc_numel(&d);
-  void **bufs[6] = {&p->x, &p->a, &p->y, &p->dy, &p->dx, &p->da};
-  double **refs[6] = {&p->xr, &p->ar, &p->yr, &p->dyr, &p->dxr, &p->dar};
-  for (int i = 0; i < 6; i++) {
-    *bufs[i] = fbnt_tensor_alloc(&d);
-    *refs[i] = calloc(p->count, sizeof(double));
-    assert_non_null(*refs[i]);
-  }
-  fbnt_fill_channels(rng, &d, p->x, p->xr);
-  fbnt_fill_normal(rng, &d, p->a, p->ar, 1.0);
-  fbnt_fill_normal(rng, &d, p->dy, p->dyr, 1.0);
-  fbnt_tensor_poison(&d, p->y);
-  fbnt_tensor_poison(&d, p->dx);
-  fbnt_tensor_poison(&d, p->da);
-  assert_int_equal(fbn_saved_create(&p->saved), FBN_STATUS_SUCCESS);
-  fbnt_ref_saved_init(&p->rs);
+/* A module of c features with random state, in dtype, and its reference. */
+static void make(fbnt_fixture *f, fbnt_rng *rng, int64_t c, fbn_dtype dtype, bool affine,
+                 bool track) {
+  const fbnt_spec spec = {.c = c, .dtype = dtype, .no_affine = !affine, .no_track = !track};
+  assert_int_equal(fbnt_fixture_create(f, rng, &spec), FBN_STATUS_SUCCESS);
 }
 
-static void pass_free(pass *p) {
-  void *bufs[6] = {p->x, p->a, p->y, p->dy, p->dx, p->da};
-  double *refs[6] = {p->xr, p->ar, p->yr, p->dyr, p->dxr, p->dar};
-  for (int i = 0; i < 6; i++) {
-    fbnt_free(bufs[i]);
-    free(refs[i]);
-  }
-  fbn_saved_destroy(p->saved);
-  fbnt_ref_saved_free(&p->rs);
-}
-
-/* Forward of module and reference; checks y and the module state. */
-static void pass_forward(pass *p, fbn_module *m, fbnt_ref_module *ref, fbn_saved *saved,
-                         const char *name) {
-  fbnt_tensor_poison(&p->d, p->y);
-  fbn_status st = fbn_module_forward(m, &p->d, p->x, p->a, p->y, saved, NULL, 0);
-  if (st != FBN_STATUS_SUCCESS) {
-    fail_msg("%s: forward = %s: %s", name, fbn_status_string(st), fbn_last_error_message());
-  }
-  assert_true(fbnt_ref_forward(ref, p->d.n, p->d.h, p->d.w, p->xr, p->ar, p->yr, &p->rs));
-  assert_true(fbnt_check_tensor(name, "y", &p->d, p->y, p->yr));
-  assert_true(fbnt_check_module(name, m, ref, fbnt_tol_for(p->d.dtype, 1.0).rtol, true));
-}
-
-/* Backward of module and reference; checks dx, daddend, grads. */
-static void pass_backward(pass *p, fbn_module *m, fbnt_ref_module *ref, const fbn_saved *saved,
-                          bool want_dx, bool want_da, const char *name) {
-  fbnt_tensor_poison(&p->d, p->dx);
-  fbnt_tensor_poison(&p->d, p->da);
-  fbn_status st = fbn_module_backward(m, saved, &p->d, p->x, p->y, p->dy, want_dx ? p->dx : NULL,
-                                      want_da ? p->da : NULL, NULL, 0);
-  if (st != FBN_STATUS_SUCCESS) {
-    fail_msg("%s: backward = %s: %s", name, fbn_status_string(st), fbn_last_error_message());
-  }
-  double *ym = calloc(p->count, sizeof *ym);
-  fbnt_tensor_to_ref(&p->d, p->y, ym);
-  fbnt_ref_backward(ref, &p->rs, p->xr, ym, p->dyr, p->dxr, p->dar);
-  free(ym);
-  double *nan_ref = calloc(p->count, sizeof *nan_ref);
-  for (size_t i = 0; i < p->count; i++) {
-    nan_ref[i] = NAN;
-  }
-  /* an output that was not asked for stays poisoned */
-  assert_true(fbnt_check_tensor(name, "dx", &p->d, p->dx, want_dx ? p->dxr : nan_ref));
-  assert_true(fbnt_check_tensor(name, "daddend", &p->d, p->da, want_da ? p->dar : nan_ref));
-  free(nan_ref);
-  assert_true(fbnt_check_module(name, m, ref, fbnt_tol_for(p->d.dtype, 1.0).rtol, true));
-}
-
-static fbn_module *make(fbnt_rng *rng, fbnt_ref_module *ref, int64_t c, fbn_dtype dtype,
-                        bool affine, bool track) {
-  fbn_module_options opt;
-  fbn_module_options_init(&opt);
-  opt.num_features = c;
-  opt.param_dtype = dtype;
-  opt.affine = affine;
-  opt.track_running_stats = track;
-  memset(ref, 0, sizeof *ref);
-  fbn_module *m = NULL;
-  assert_int_equal(fbnt_module_create_random(rng, &opt, &m, ref), FBN_STATUS_SUCCESS);
-  return m;
+/* Tensors of d, with an addend passed to every forward. */
+static void pass_init(fbnt_tensors *p, fbnt_rng *rng, fbn_tensor_desc d) {
+  fbnt_tensors_init(p, rng, d, true);
 }
 
 /* ---- finite differences -------------------------------------------------- */
@@ -180,22 +109,30 @@ static void run_gradcheck(const char *test, fbn_layout layout, bool training, bo
                           bool affine) {
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, test);
-  fbnt_ref_module ref;
-  fbn_module *m = make(&rng, &ref, 3, FBN_DTYPE_FLOAT64, affine, track);
-  assert_int_equal(fbn_module_set_training(m, training), FBN_STATUS_SUCCESS);
-  ref.training = training;
-  fbn_tensor_desc d = {2, 3, 3, 2, FBN_DTYPE_FLOAT64, layout};
-  size_t count = fbnt_desc_numel(&d);
-  double *x = fbnt_tensor_alloc(&d), *a = fbnt_tensor_alloc(&d), *r = fbnt_tensor_alloc(&d);
-  double *y = fbnt_tensor_alloc(&d), *dx = fbnt_tensor_alloc(&d), *da = fbnt_tensor_alloc(&d);
-  double *xr = calloc(count, sizeof *xr), *ar = calloc(count, sizeof *ar);
+  fbnt_fixture f;
+  assert_int_equal(fbnt_fixture_create(&f, &rng,
+                                       &(fbnt_spec){.n = 2,
+                                                    .c = 3,
+                                                    .h = 3,
+                                                    .w = 2,
+                                                    .dtype = FBN_DTYPE_FLOAT64,
+                                                    .layout = layout,
+                                                    .addend = true,
+                                                    .eval = !training,
+                                                    .no_affine = !affine,
+                                                    .no_track = !track}),
+                   FBN_STATUS_SUCCESS);
+  fbn_module *m = f.m;
+  const fbn_tensor_desc d = f.t.d;
+  const size_t count = f.t.count;
+  /* float64 tensors; r (the loss weights) is dy */
+  double *x = f.t.x, *a = f.t.a, *r = f.t.dy, *y = f.t.y, *dx = f.t.dx, *da = f.t.da;
+  double *ar = f.t.ar;
   double *pre = calloc(count, sizeof *pre);
-  fbnt_fill_channels(&rng, &d, x, xr);
-  fbnt_fill_normal(&rng, &d, a, ar, 1.0);
-  fbnt_fill_normal(&rng, &d, r, NULL, 1.0);
+  assert_non_null(pre);
   /* move the addend so every pre-activation is at least 0.1 from the ReLU
    * kink (a perturbation of 1e-6 then never crosses it) */
-  fbnt_ref_preactivation(&ref, d.n, d.h, d.w, xr, ar, pre);
+  fbnt_ref_preactivation(&f.ref, d.n, d.h, d.w, f.t.xr, ar, pre);
   int positive = 0;
   for (size_t i = 0; i < count; i++) {
     if (fabs(pre[i]) < 0.1) {
@@ -262,16 +199,7 @@ static void run_gradcheck(const char *test, fbn_layout layout, bool training, bo
     }
   }
   fbn_saved_destroy(saved);
-  fbn_module_destroy(m);
-  fbnt_ref_module_free(&ref);
-  fbnt_free(x);
-  fbnt_free(a);
-  fbnt_free(r);
-  fbnt_free(y);
-  fbnt_free(dx);
-  fbnt_free(da);
-  free(xr);
-  free(ar);
+  fbnt_fixture_destroy(&f);
   free(pre);
 }
 
@@ -302,35 +230,36 @@ static void test_backward_accumulates_grads_and_zero_grad(void **state) {
   fbnt_rng_for_test(&rng, __func__);
   for (int t = 0; t < 2; t++) {
     fbn_dtype dtype = t ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
-    fbnt_ref_module ref;
-    fbn_module *m = make(&rng, &ref, 4, dtype, true, true);
-    pass p;
+    fbnt_fixture f;
+    make(&f, &rng, 4, dtype, true, true);
+    fbnt_tensors p;
     pass_init(&p, &rng, (fbn_tensor_desc){3, 4, 5, 2, dtype, FBN_LAYOUT_NHWC});
-    pass_forward(&p, m, &ref, p.saved, "accumulate forward");
+    assert_true(fbnt_fixture_forward(&f, &p, p.saved, "accumulate forward"));
     /* starts from the random gradients create_random wrote: accumulates */
-    pass_backward(&p, m, &ref, p.saved, true, true, "accumulate backward 1");
+    assert_true(fbnt_fixture_backward(&f, &p, p.saved, true, true, "accumulate backward 1"));
     size_t bytes = p.count * (t ? 8 : 4);
     void *dx1 = fbnt_alloc(bytes);
     memcpy(dx1, p.dx, bytes);
-    pass_backward(&p, m, &ref, p.saved, true, true, "accumulate backward 2");
+    assert_true(fbnt_fixture_backward(&f, &p, p.saved, true, true, "accumulate backward 2"));
     assert_memory_equal(dx1, p.dx, bytes); /* same saved, same dx */
-    assert_int_equal(fbn_module_zero_grad(m), FBN_STATUS_SUCCESS);
+    assert_int_equal(fbn_module_zero_grad(f.m), FBN_STATUS_SUCCESS);
     for (int c = 0; c < 4; c++) {
-      ref.weight_grad[c] = ref.bias_grad[c] = 0.0;
+      f.ref.weight_grad[c] = f.ref.bias_grad[c] = 0.0;
     }
-    assert_true(fbnt_check_module("after zero_grad", m, &ref, fbnt_tol_for(dtype, 1.0).rtol, true));
+    assert_true(
+        fbnt_check_module("after zero_grad", f.m, &f.ref, fbnt_tol_for(dtype, 1.0).rtol, true));
     double g[4] = {1, 1, 1, 1};
-    assert_int_equal(fbn_module_read_buffer(m, FBN_BUFFER_WEIGHT_GRAD, FBN_DTYPE_FLOAT64, g, 4),
+    assert_int_equal(fbn_module_read_buffer(f.m, FBN_BUFFER_WEIGHT_GRAD, FBN_DTYPE_FLOAT64, g, 4),
                      FBN_STATUS_SUCCESS);
     assert_true(g[0] == 0.0 && g[1] == 0.0 && g[2] == 0.0 && g[3] == 0.0);
-    assert_int_equal(fbn_module_read_buffer(m, FBN_BUFFER_BIAS_GRAD, FBN_DTYPE_FLOAT64, g, 4),
+    assert_int_equal(fbn_module_read_buffer(f.m, FBN_BUFFER_BIAS_GRAD, FBN_DTYPE_FLOAT64, g, 4),
                      FBN_STATUS_SUCCESS);
     assert_true(g[0] == 0.0 && g[1] == 0.0 && g[2] == 0.0 && g[3] == 0.0);
-    pass_backward(&p, m, &ref, p.saved, false, false, "backward after zero_grad, grads only");
+    assert_true(fbnt_fixture_backward(&f, &p, p.saved, false, false,
+                                      "backward after zero_grad, grads only"));
     fbnt_free(dx1);
-    pass_free(&p);
-    fbn_module_destroy(m);
-    fbnt_ref_module_free(&ref);
+    fbnt_tensors_free(&p);
+    fbnt_fixture_destroy(&f);
   }
 }
 
@@ -343,19 +272,18 @@ static void test_backward_two_saved_in_reverse_order(void **state) {
   for (int t = 0; t < 2; t++) {
     fbn_dtype dtype = t ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
     fbn_layout layout = t ? FBN_LAYOUT_NCHW : FBN_LAYOUT_NHWC;
-    fbnt_ref_module ref;
-    fbn_module *m = make(&rng, &ref, 3, dtype, true, true);
-    pass p1, p2;
+    fbnt_fixture f;
+    make(&f, &rng, 3, dtype, true, true);
+    fbnt_tensors p1, p2;
     pass_init(&p1, &rng, (fbn_tensor_desc){4, 3, 2, 5, dtype, layout});
     pass_init(&p2, &rng, (fbn_tensor_desc){2, 3, 3, 3, dtype, layout});
-    pass_forward(&p1, m, &ref, p1.saved, "first forward");
-    pass_forward(&p2, m, &ref, p2.saved, "second forward");
-    pass_backward(&p2, m, &ref, p2.saved, true, true, "second backward");
-    pass_backward(&p1, m, &ref, p1.saved, true, true, "first backward");
-    pass_free(&p1);
-    pass_free(&p2);
-    fbn_module_destroy(m);
-    fbnt_ref_module_free(&ref);
+    assert_true(fbnt_fixture_forward(&f, &p1, p1.saved, "first forward"));
+    assert_true(fbnt_fixture_forward(&f, &p2, p2.saved, "second forward"));
+    assert_true(fbnt_fixture_backward(&f, &p2, p2.saved, true, true, "second backward"));
+    assert_true(fbnt_fixture_backward(&f, &p1, p1.saved, true, true, "first backward"));
+    fbnt_tensors_free(&p1);
+    fbnt_tensors_free(&p2);
+    fbnt_fixture_destroy(&f);
   }
 }
 
@@ -364,37 +292,36 @@ static void test_backward_saved_reuse(void **state) {
   (void)state;
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
-  fbnt_ref_module ref;
-  fbn_module *m = make(&rng, &ref, 2, FBN_DTYPE_FLOAT32, true, true);
+  fbnt_fixture f;
+  make(&f, &rng, 2, FBN_DTYPE_FLOAT32, true, true);
   fbn_saved *saved = NULL;
   assert_int_equal(fbn_saved_create(&saved), FBN_STATUS_SUCCESS);
-  pass p1, p2, p3;
+  fbnt_tensors p1, p2, p3;
   pass_init(&p1, &rng, (fbn_tensor_desc){4, 2, 8, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW});
   pass_init(&p2, &rng, (fbn_tensor_desc){6, 2, 3, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NHWC});
   pass_init(&p3, &rng, (fbn_tensor_desc){2, 2, 5, 1, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW});
-  pass_forward(&p1, m, &ref, saved, "reuse forward 1");
-  pass_backward(&p1, m, &ref, saved, true, true, "reuse backward 1");
-  pass_forward(&p2, m, &ref, saved, "reuse forward 2 (other shape, layout)");
-  pass_backward(&p2, m, &ref, saved, true, true, "reuse backward 2");
+  assert_true(fbnt_fixture_forward(&f, &p1, saved, "reuse forward 1"));
+  assert_true(fbnt_fixture_backward(&f, &p1, saved, true, true, "reuse backward 1"));
+  assert_true(fbnt_fixture_forward(&f, &p2, saved, "reuse forward 2 (other shape, layout)"));
+  assert_true(fbnt_fixture_backward(&f, &p2, saved, true, true, "reuse backward 2"));
   /* the saved object now describes p2's shape only */
   fbnt_state before, after;
-  fbnt_state_capture(m, &before);
-  assert_int_equal(fbn_module_backward(m, saved, &p1.d, p1.x, p1.y, p1.dy, p1.dx, NULL, NULL, 0),
-                   FBN_STATUS_SHAPE_MISMATCH);
-  fbnt_state_capture(m, &after);
+  fbnt_state_capture(f.m, &before);
+  assert_int_equal(
+      fbn_module_backward(f.m, saved, &p1.d, p1.x, p1.y, p1.dy, p1.dx, NULL, NULL, 0),
+      FBN_STATUS_SHAPE_MISMATCH);
+  fbnt_state_capture(f.m, &after);
   assert_true(fbnt_state_equal(&before, &after));
   fbnt_state_free(&before);
   fbnt_state_free(&after);
-  assert_int_equal(fbn_module_set_training(m, false), FBN_STATUS_SUCCESS);
-  ref.training = false;
-  pass_forward(&p3, m, &ref, saved, "reuse forward 3 (eval)");
-  pass_backward(&p3, m, &ref, saved, true, true, "reuse backward 3 (eval)");
-  pass_free(&p1);
-  pass_free(&p2);
-  pass_free(&p3);
+  assert_int_equal(fbnt_fixture_set_training(&f, false), FBN_STATUS_SUCCESS);
+  assert_true(fbnt_fixture_forward(&f, &p3, saved, "reuse forward 3 (eval)"));
+  assert_true(fbnt_fixture_backward(&f, &p3, saved, true, true, "reuse backward 3 (eval)"));
+  fbnt_tensors_free(&p1);
+  fbnt_tensors_free(&p2);
+  fbnt_tensors_free(&p3);
   fbn_saved_destroy(saved);
-  fbn_module_destroy(m);
-  fbnt_ref_module_free(&ref);
+  fbnt_fixture_destroy(&f);
 }
 
 /* A saved object is rebound by the next forward, whichever module runs it. */
@@ -402,32 +329,31 @@ static void test_backward_saved_rebinds_to_other_module(void **state) {
   (void)state;
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
-  fbnt_ref_module ref_a, ref_b;
-  fbn_module *a = make(&rng, &ref_a, 3, FBN_DTYPE_FLOAT32, true, true);
-  fbn_module *b = make(&rng, &ref_b, 3, FBN_DTYPE_FLOAT32, true, true);
+  fbnt_fixture a, b;
+  make(&a, &rng, 3, FBN_DTYPE_FLOAT32, true, true);
+  make(&b, &rng, 3, FBN_DTYPE_FLOAT32, true, true);
   fbn_saved *saved = NULL;
   assert_int_equal(fbn_saved_create(&saved), FBN_STATUS_SUCCESS);
-  pass p1, p2;
+  fbnt_tensors p1, p2;
   pass_init(&p1, &rng, (fbn_tensor_desc){4, 3, 3, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NHWC});
   pass_init(&p2, &rng, (fbn_tensor_desc){4, 3, 3, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NHWC});
-  pass_forward(&p1, a, &ref_a, saved, "forward of a");
-  pass_forward(&p2, b, &ref_b, saved, "forward of b into a's saved object");
-  pass_backward(&p2, b, &ref_b, saved, true, true, "backward of b");
+  assert_true(fbnt_fixture_forward(&a, &p1, saved, "forward of a"));
+  assert_true(fbnt_fixture_forward(&b, &p2, saved, "forward of b into a's saved object"));
+  assert_true(fbnt_fixture_backward(&b, &p2, saved, true, true, "backward of b"));
   fbnt_state before, after;
-  fbnt_state_capture(a, &before);
-  assert_int_equal(fbn_module_backward(a, saved, &p1.d, p1.x, p1.y, p1.dy, p1.dx, NULL, NULL, 0),
-                   FBN_STATUS_INVALID_STATE);
-  fbnt_state_capture(a, &after);
+  fbnt_state_capture(a.m, &before);
+  assert_int_equal(
+      fbn_module_backward(a.m, saved, &p1.d, p1.x, p1.y, p1.dy, p1.dx, NULL, NULL, 0),
+      FBN_STATUS_INVALID_STATE);
+  fbnt_state_capture(a.m, &after);
   assert_true(fbnt_state_equal(&before, &after));
   fbnt_state_free(&before);
   fbnt_state_free(&after);
-  pass_free(&p1);
-  pass_free(&p2);
+  fbnt_tensors_free(&p1);
+  fbnt_tensors_free(&p2);
   fbn_saved_destroy(saved);
-  fbn_module_destroy(a);
-  fbn_module_destroy(b);
-  fbnt_ref_module_free(&ref_a);
-  fbnt_ref_module_free(&ref_b);
+  fbnt_fixture_destroy(&a);
+  fbnt_fixture_destroy(&b);
 }
 
 /* Backward follows the statistics the forward used, not the current mode. */
@@ -436,20 +362,18 @@ static void test_backward_uses_mode_recorded_in_saved(void **state) {
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
   for (int first_training = 0; first_training < 2; first_training++) {
-    fbnt_ref_module ref;
-    fbn_module *m = make(&rng, &ref, 3, FBN_DTYPE_FLOAT64, true, true);
-    assert_int_equal(fbn_module_set_training(m, first_training), FBN_STATUS_SUCCESS);
-    ref.training = first_training;
-    pass p;
+    fbnt_fixture f;
+    make(&f, &rng, 3, FBN_DTYPE_FLOAT64, true, true);
+    assert_int_equal(fbnt_fixture_set_training(&f, first_training), FBN_STATUS_SUCCESS);
+    fbnt_tensors p;
     pass_init(&p, &rng, (fbn_tensor_desc){3, 3, 4, 2, FBN_DTYPE_FLOAT64, FBN_LAYOUT_NHWC});
-    pass_forward(&p, m, &ref, p.saved, "forward");
-    assert_int_equal(fbn_module_set_training(m, !first_training), FBN_STATUS_SUCCESS);
-    ref.training = !first_training;
-    pass_backward(&p, m, &ref, p.saved, true, true,
-                  first_training ? "train forward, eval backward" : "eval forward, train backward");
-    pass_free(&p);
-    fbn_module_destroy(m);
-    fbnt_ref_module_free(&ref);
+    assert_true(fbnt_fixture_forward(&f, &p, p.saved, "forward"));
+    assert_int_equal(fbnt_fixture_set_training(&f, !first_training), FBN_STATUS_SUCCESS);
+    assert_true(fbnt_fixture_backward(&f, &p, p.saved, true, true,
+                                      first_training ? "train forward, eval backward"
+                                                     : "eval forward, train backward"));
+    fbnt_tensors_free(&p);
+    fbnt_fixture_destroy(&f);
   }
 }
 
@@ -458,17 +382,16 @@ static void test_backward_optional_outputs(void **state) {
   (void)state;
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
-  fbnt_ref_module ref;
-  fbn_module *m = make(&rng, &ref, 2, FBN_DTYPE_FLOAT32, true, true);
-  pass p;
+  fbnt_fixture f;
+  make(&f, &rng, 2, FBN_DTYPE_FLOAT32, true, true);
+  fbnt_tensors p;
   pass_init(&p, &rng, (fbn_tensor_desc){4, 2, 8, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NHWC});
-  pass_forward(&p, m, &ref, p.saved, "forward");
-  pass_backward(&p, m, &ref, p.saved, true, false, "dx only");
-  pass_backward(&p, m, &ref, p.saved, false, true, "daddend only");
-  pass_backward(&p, m, &ref, p.saved, false, false, "gradients only");
-  pass_free(&p);
-  fbn_module_destroy(m);
-  fbnt_ref_module_free(&ref);
+  assert_true(fbnt_fixture_forward(&f, &p, p.saved, "forward"));
+  assert_true(fbnt_fixture_backward(&f, &p, p.saved, true, false, "dx only"));
+  assert_true(fbnt_fixture_backward(&f, &p, p.saved, false, true, "daddend only"));
+  assert_true(fbnt_fixture_backward(&f, &p, p.saved, false, false, "gradients only"));
+  fbnt_tensors_free(&p);
+  fbnt_fixture_destroy(&f);
 }
 
 /* ---- NaN through the ReLU gate ---------------------------------------------- */
@@ -484,32 +407,24 @@ static void run_nan_gate(const char *backend, fbn_layout layout) {
            layout == FBN_LAYOUT_NCHW ? "NCHW" : "NHWC");
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, name);
-  fbn_module_options opt;
-  fbn_module_options_init(&opt);
-  opt.num_features = 3;
-  fbnt_ref_module ref;
-  memset(&ref, 0, sizeof ref);
+  fbnt_fixture f;
   assert_int_equal(setenv("FBN_CPU_BACKEND", backend, 1), 0);
-  fbn_module *m = NULL;
-  const fbn_status cs = fbnt_module_create_random(&rng, &opt, &m, &ref);
+  const fbn_status cs = fbnt_fixture_create(
+      &f, &rng, &(fbnt_spec){.n = 4, .c = 3, .h = 3, .w = 5, .layout = layout, .addend = true});
   assert_int_equal(unsetenv("FBN_CPU_BACKEND"), 0);
   assert_int_equal(cs, FBN_STATUS_SUCCESS);
+  fbn_module *m = f.m;
   assert_int_equal(fbn_module_zero_grad(m), FBN_STATUS_SUCCESS);
-  const fbn_tensor_desc d = {4, 3, 3, 5, FBN_DTYPE_FLOAT32, layout};
-  const size_t count = fbnt_desc_numel(&d);
-  void *x = fbnt_tensor_alloc(&d), *a = fbnt_tensor_alloc(&d), *y = fbnt_tensor_alloc(&d);
-  void *dy = fbnt_tensor_alloc(&d), *dx = fbnt_tensor_alloc(&d), *da = fbnt_tensor_alloc(&d);
-  double *yr = calloc(count, sizeof *yr), *dyr = calloc(count, sizeof *dyr);
-  double *dxr = calloc(count, sizeof *dxr), *dar = calloc(count, sizeof *dar);
-  assert_true(yr != NULL && dyr != NULL && dxr != NULL && dar != NULL);
-  fbnt_fill_channels(&rng, &d, x, NULL);
-  fbnt_fill_normal(&rng, &d, a, NULL, 1.0);
-  fbnt_fill_normal(&rng, &d, dy, dyr, 1.0);
+  const fbn_tensor_desc d = f.t.d;
+  const size_t count = f.t.count;
+  void *x = f.t.x, *a = f.t.a, *y = f.t.y, *dy = f.t.dy, *dx = f.t.dx, *da = f.t.da;
+  const double *dyr = f.t.dyr;
+  /* the module's outputs as float64 */
+  double *yr = calloc(count, sizeof *yr), *dxr = calloc(count, sizeof *dxr);
+  double *dar = calloc(count, sizeof *dar);
+  assert_true(yr != NULL && dxr != NULL && dar != NULL);
   fbnt_set(&d, x, 2, 1, 1, 3, NAN);
   fbnt_set(&d, a, 0, 2, 0, 0, NAN);
-  fbnt_tensor_poison(&d, y);
-  fbnt_tensor_poison(&d, dx);
-  fbnt_tensor_poison(&d, da);
   fbn_saved *saved = NULL;
   assert_int_equal(fbn_saved_create(&saved), FBN_STATUS_SUCCESS);
   assert_int_equal(fbn_module_forward(m, &d, x, a, y, saved, NULL, 0), FBN_STATUS_SUCCESS);
@@ -548,16 +463,8 @@ static void run_nan_gate(const char *backend, fbn_layout layout) {
       fail_msg("%s: dweight[%d] = %g, NaN expected: %d", name, c, dw[c], c == 1);
   }
   fbn_saved_destroy(saved);
-  fbn_module_destroy(m);
-  fbnt_ref_module_free(&ref);
-  fbnt_free(x);
-  fbnt_free(a);
-  fbnt_free(y);
-  fbnt_free(dy);
-  fbnt_free(dx);
-  fbnt_free(da);
+  fbnt_fixture_destroy(&f);
   free(yr);
-  free(dyr);
   free(dxr);
   free(dar);
 }

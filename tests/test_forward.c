@@ -17,7 +17,7 @@
 
 #include "fbn_testutil.h"
 
-/* C=1; H=W=1 with N>1; odd sizes; the seed's (4,2,8,3); a larger one. */
+/* C=1; H=W=1 with N>1; odd sizes; OneFlow's example shape (4, 2, 8, 3); a larger one. */
 static const int64_t shapes[][4] = {
     {3, 1, 4, 5}, {5, 3, 1, 1}, {3, 5, 7, 3}, {4, 2, 8, 3}, {8, 16, 12, 10}, {32, 24, 7, 9},
 };
@@ -29,9 +29,19 @@ static void run_matrix(const char *test, fbn_layout layout, fbn_dtype dtype, boo
   int failed = 0, total = 0;
   for (size_t s = 0; s < NUM_SHAPES; s++) {
     for (int flags = 0; flags < 16; flags++) {
-      fbnt_case cs = {shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], dtype, layout,
-                      (flags & 1) != 0, (flags & 2) != 0, (flags & 4) != 0, (flags & 8) != 0,
-                      backward};
+      fbnt_case cs = {
+          .n = shapes[s][0],
+          .c = shapes[s][1],
+          .h = shapes[s][2],
+          .w = shapes[s][3],
+          .dtype = dtype,
+          .layout = layout,
+          .addend = (flags & 1) != 0,
+          .affine = (flags & 2) != 0,
+          .track = (flags & 4) != 0,
+          .training = (flags & 8) != 0,
+          .backward = backward,
+      };
       total++;
       if (!fbnt_case_run(&cs, &rng)) {
         failed++;
@@ -66,122 +76,106 @@ typedef struct steps_setup {
   fbn_dtype dtype;
   fbn_layout layout;
   bool cumulative;
-  double momentum;
+  double momentum; /* 0: PyTorch's 0.1 */
   int64_t start_nbt;
   bool addend;
 } steps_setup;
 
 /* One forward of module and reference on fresh data, checks y and state. */
-static void step(fbnt_rng *rng, fbn_module *m, fbnt_ref_module *ref, const fbn_tensor_desc *d,
-                 bool addend, const char *name) {
-  size_t count = fbnt_desc_numel(d);
-  void *x = fbnt_tensor_alloc(d), *a = fbnt_tensor_alloc(d), *y = fbnt_tensor_alloc(d);
-  double *xr = calloc(count, sizeof *xr), *ar = calloc(count, sizeof *ar);
-  double *yr = calloc(count, sizeof *yr);
-  fbnt_fill_channels(rng, d, x, xr);
-  fbnt_fill_normal(rng, d, a, ar, 0.5);
-  fbnt_tensor_poison(d, y);
-  fbn_status st = fbn_module_forward(m, d, x, addend ? a : NULL, y, NULL, NULL, 0);
-  if (st != FBN_STATUS_SUCCESS) {
-    fail_msg("%s: forward = %s: %s", name, fbn_status_string(st), fbn_last_error_message());
-  }
-  assert_true(fbnt_ref_forward(ref, d->n, d->h, d->w, xr, addend ? ar : NULL, yr, NULL));
-  double rtol = fbnt_tol_for(d->dtype, 1.0).rtol;
-  assert_true(fbnt_check_tensor(name, "y", d, y, yr));
-  assert_true(fbnt_check_module(name, m, ref, rtol, true));
-  fbnt_free(x);
-  fbnt_free(a);
-  fbnt_free(y);
-  free(xr);
-  free(ar);
-  free(yr);
+static void step(fbnt_rng *rng, fbnt_fixture *f, fbn_tensor_desc d, bool addend,
+                 const char *name) {
+  fbnt_tensors t;
+  fbnt_tensors_init(&t, rng, d, addend);
+  fbnt_fill_normal(rng, &d, t.a, t.ar, 0.5);
+  assert_true(fbnt_fixture_forward(f, &t, NULL, name));
+  fbnt_tensors_free(&t);
 }
 
 static void run_steps(const char *test, const steps_setup *su) {
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, test);
   const int64_t c = 3;
-  fbn_module_options opt;
-  fbn_module_options_init(&opt);
-  opt.num_features = c;
-  opt.momentum = su->momentum;
-  opt.cumulative_average = su->cumulative;
-  opt.param_dtype = su->dtype;
-  fbnt_ref_module ref;
-  memset(&ref, 0, sizeof ref);
-  fbn_module *m = NULL;
-  assert_int_equal(fbnt_module_create_random(&rng, &opt, &m, &ref), FBN_STATUS_SUCCESS);
-  assert_int_equal(fbn_module_set_num_batches_tracked(m, su->start_nbt), FBN_STATUS_SUCCESS);
-  ref.num_batches_tracked = su->start_nbt;
+  fbnt_fixture f;
+  assert_int_equal(fbnt_fixture_create(&f, &rng,
+                                       &(fbnt_spec){.c = c,
+                                                    .dtype = su->dtype,
+                                                    .momentum = su->momentum,
+                                                    .cumulative = su->cumulative}),
+                   FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_module_set_num_batches_tracked(f.m, su->start_nbt), FBN_STATUS_SUCCESS);
+  f.ref.num_batches_tracked = su->start_nbt;
   char name[128];
   for (int s = 0; s < 5; s++) {
     /* a different batch size each step */
-    fbn_tensor_desc d = {2 + s, c, 5, 3, su->dtype, su->layout};
     snprintf(name, sizeof name, "%s step %d", test, s + 1);
-    step(&rng, m, &ref, &d, su->addend, name);
+    step(&rng, &f, (fbn_tensor_desc){2 + s, c, 5, 3, su->dtype, su->layout}, su->addend, name);
     int64_t nbt = -1;
-    assert_int_equal(fbn_module_get_num_batches_tracked(m, &nbt), FBN_STATUS_SUCCESS);
+    assert_int_equal(fbn_module_get_num_batches_tracked(f.m, &nbt), FBN_STATUS_SUCCESS);
     assert_int_equal(nbt, su->start_nbt + s + 1);
   }
   /* eval: normalize with the running statistics, change nothing */
-  assert_int_equal(fbn_module_set_training(m, false), FBN_STATUS_SUCCESS);
-  ref.training = false;
+  assert_int_equal(fbnt_fixture_set_training(&f, false), FBN_STATUS_SUCCESS);
   for (int s = 0; s < 2; s++) {
-    fbn_tensor_desc d = {3, c, 4, 4, su->dtype, su->layout};
     snprintf(name, sizeof name, "%s eval %d", test, s + 1);
-    step(&rng, m, &ref, &d, su->addend, name);
+    step(&rng, &f, (fbn_tensor_desc){3, c, 4, 4, su->dtype, su->layout}, su->addend, name);
   }
   /* and training resumes counting */
-  assert_int_equal(fbn_module_set_training(m, true), FBN_STATUS_SUCCESS);
-  ref.training = true;
-  fbn_tensor_desc d = {4, c, 2, 3, su->dtype, su->layout};
+  assert_int_equal(fbnt_fixture_set_training(&f, true), FBN_STATUS_SUCCESS);
   snprintf(name, sizeof name, "%s step 6", test);
-  step(&rng, m, &ref, &d, su->addend, name);
-  fbn_module_destroy(m);
-  fbnt_ref_module_free(&ref);
+  step(&rng, &f, (fbn_tensor_desc){4, c, 2, 3, su->dtype, su->layout}, su->addend, name);
+  fbnt_fixture_destroy(&f);
 }
 
 static void test_forward_training_steps_momentum(void **state) {
   (void)state;
-  steps_setup a = {FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW, false, 0.1, 0, true};
-  run_steps("momentum f32 NCHW", &a);
-  steps_setup b = {FBN_DTYPE_FLOAT64, FBN_LAYOUT_NHWC, false, 0.1, 0, false};
-  run_steps("momentum f64 NHWC", &b);
-  steps_setup c = {FBN_DTYPE_FLOAT32, FBN_LAYOUT_NHWC, false, 0.3, 11, false};
-  run_steps("momentum 0.3 f32 NHWC", &c);
+  run_steps("momentum f32 NCHW",
+            &(steps_setup){.dtype = FBN_DTYPE_FLOAT32, .layout = FBN_LAYOUT_NCHW, .addend = true});
+  run_steps("momentum f64 NHWC",
+            &(steps_setup){.dtype = FBN_DTYPE_FLOAT64, .layout = FBN_LAYOUT_NHWC});
+  run_steps("momentum 0.3 f32 NHWC", &(steps_setup){.dtype = FBN_DTYPE_FLOAT32,
+                                                    .layout = FBN_LAYOUT_NHWC,
+                                                    .momentum = 0.3,
+                                                    .start_nbt = 11});
 }
 
 static void test_forward_training_steps_cumulative_average(void **state) {
   (void)state;
-  steps_setup a = {FBN_DTYPE_FLOAT32, FBN_LAYOUT_NHWC, true, 0.1, 0, true};
-  run_steps("cumulative f32 NHWC", &a);
-  steps_setup b = {FBN_DTYPE_FLOAT64, FBN_LAYOUT_NCHW, true, 0.1, 0, false};
-  run_steps("cumulative f64 NCHW", &b);
+  run_steps("cumulative f32 NHWC", &(steps_setup){.dtype = FBN_DTYPE_FLOAT32,
+                                                  .layout = FBN_LAYOUT_NHWC,
+                                                  .cumulative = true,
+                                                  .addend = true});
+  run_steps("cumulative f64 NCHW", &(steps_setup){.dtype = FBN_DTYPE_FLOAT64,
+                                                  .layout = FBN_LAYOUT_NCHW,
+                                                  .cumulative = true});
   /* starting from num_batches_tracked = 4: factors 1/5, 1/6, ... */
-  steps_setup c = {FBN_DTYPE_FLOAT64, FBN_LAYOUT_NHWC, true, 0.1, 4, true};
-  run_steps("cumulative from 4 f64 NHWC", &c);
+  run_steps("cumulative from 4 f64 NHWC", &(steps_setup){.dtype = FBN_DTYPE_FLOAT64,
+                                                         .layout = FBN_LAYOUT_NHWC,
+                                                         .cumulative = true,
+                                                         .start_nbt = 4,
+                                                         .addend = true});
 }
 
 /* Direct checks of the edge factors, without going through the reference. */
 static void run_momentum_edge(const char *test, double momentum, bool cumulative) {
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, test);
-  fbn_module_options opt;
-  fbn_module_options_init(&opt);
-  opt.num_features = 2;
-  opt.momentum = momentum;
-  opt.cumulative_average = cumulative;
-  opt.param_dtype = FBN_DTYPE_FLOAT64;
-  fbn_module *m = NULL;
-  fbnt_ref_module ref;
-  memset(&ref, 0, sizeof ref);
-  assert_int_equal(fbnt_module_create_random(&rng, &opt, &m, &ref), FBN_STATUS_SUCCESS);
+  fbnt_fixture f;
+  assert_int_equal(fbnt_fixture_create(&f, &rng,
+                                       &(fbnt_spec){.n = 3,
+                                                    .c = 2,
+                                                    .h = 3,
+                                                    .w = 4,
+                                                    .dtype = FBN_DTYPE_FLOAT64,
+                                                    .momentum = momentum,
+                                                    .zero_momentum = momentum == 0.0,
+                                                    .cumulative = cumulative}),
+                   FBN_STATUS_SUCCESS);
+  fbn_module *m = f.m;
+  assert_true(f.ref.momentum == momentum && f.ref.cumulative_average == cumulative);
   if (cumulative) {
     assert_int_equal(fbn_module_set_num_batches_tracked(m, 0), FBN_STATUS_SUCCESS);
   }
-  fbn_tensor_desc d = {3, 2, 3, 4, FBN_DTYPE_FLOAT64, FBN_LAYOUT_NCHW};
-  double x[72], y[72];
-  fbnt_fill_channels(&rng, &d, x, NULL);
+  const double *x = f.t.xr; /* NCHW float64: the tensor's own values */
   double rm0[2], rv0[2];
   assert_int_equal(fbn_module_read_buffer(m, FBN_BUFFER_RUNNING_MEAN, FBN_DTYPE_FLOAT64, rm0, 2),
                    FBN_STATUS_SUCCESS);
@@ -189,7 +183,8 @@ static void run_momentum_edge(const char *test, double momentum, bool cumulative
                    FBN_STATUS_SUCCESS);
   int64_t nbt0 = 0;
   assert_int_equal(fbn_module_get_num_batches_tracked(m, &nbt0), FBN_STATUS_SUCCESS);
-  assert_int_equal(fbn_module_forward(m, &d, x, NULL, y, NULL, NULL, 0), FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_module_forward(m, &f.t.d, f.t.x, NULL, f.t.y, NULL, NULL, 0),
+                   FBN_STATUS_SUCCESS);
   double rm[2], rv[2];
   assert_int_equal(fbn_module_read_buffer(m, FBN_BUFFER_RUNNING_MEAN, FBN_DTYPE_FLOAT64, rm, 2),
                    FBN_STATUS_SUCCESS);
@@ -218,8 +213,7 @@ static void run_momentum_edge(const char *test, double momentum, bool cumulative
       assert_true(fabs(rv[c] - unbiased) <= 1e-12 * unbiased);
     }
   }
-  fbn_module_destroy(m);
-  fbnt_ref_module_free(&ref);
+  fbnt_fixture_destroy(&f);
 }
 
 static void test_forward_momentum_zero_keeps_running_stats(void **state) {
@@ -243,40 +237,32 @@ static void run_nan(const char *test, fbn_dtype dtype, fbn_layout layout, bool t
                     bool in_addend) {
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, test);
-  fbn_module_options opt;
-  fbn_module_options_init(&opt);
-  opt.num_features = 3;
-  opt.param_dtype = dtype;
-  fbnt_ref_module ref;
-  memset(&ref, 0, sizeof ref);
-  fbn_module *m = NULL;
-  assert_int_equal(fbnt_module_create_random(&rng, &opt, &m, &ref), FBN_STATUS_SUCCESS);
-  assert_int_equal(fbn_module_set_training(m, training), FBN_STATUS_SUCCESS);
-  ref.training = training;
-  fbn_tensor_desc d = {4, 3, 3, 5, dtype, layout};
-  size_t count = fbnt_desc_numel(&d);
-  void *x = fbnt_tensor_alloc(&d), *a = fbnt_tensor_alloc(&d), *y = fbnt_tensor_alloc(&d);
-  double *xr = calloc(count, sizeof *xr), *ar = calloc(count, sizeof *ar);
-  double *yr = calloc(count, sizeof *yr), *ym = calloc(count, sizeof *ym);
-  fbnt_fill_channels(&rng, &d, x, xr);
-  fbnt_fill_normal(&rng, &d, a, ar, 1.0);
+  fbnt_fixture f;
+  assert_int_equal(fbnt_fixture_create(&f, &rng,
+                                       &(fbnt_spec){.n = 4,
+                                                    .c = 3,
+                                                    .h = 3,
+                                                    .w = 5,
+                                                    .dtype = dtype,
+                                                    .layout = layout,
+                                                    .addend = true,
+                                                    .eval = !training}),
+                   FBN_STATUS_SUCCESS);
+  fbnt_tensors *t = &f.t;
+  const fbn_tensor_desc d = t->d;
   /* one NaN in channel 1 */
   if (in_addend) {
-    fbnt_set(&d, a, 2, 1, 1, 3, NAN);
-    ar[fbnt_ref_index(&d, 2, 1, 1, 3)] = NAN;
+    fbnt_set(&d, t->a, 2, 1, 1, 3, NAN);
+    t->ar[fbnt_ref_index(&d, 2, 1, 1, 3)] = NAN;
   } else {
-    fbnt_set(&d, x, 2, 1, 1, 3, NAN);
-    xr[fbnt_ref_index(&d, 2, 1, 1, 3)] = NAN;
+    fbnt_set(&d, t->x, 2, 1, 1, 3, NAN);
+    t->xr[fbnt_ref_index(&d, 2, 1, 1, 3)] = NAN;
   }
-  fbnt_tensor_poison(&d, y);
-  fbn_saved *saved = NULL;
-  assert_int_equal(fbn_saved_create(&saved), FBN_STATUS_SUCCESS);
-  assert_int_equal(fbn_module_forward(m, &d, x, a, y, saved, NULL, 0), FBN_STATUS_SUCCESS);
-  assert_true(fbnt_ref_forward(&ref, d.n, d.h, d.w, xr, ar, yr, NULL));
-  assert_true(fbnt_check_tensor(test, "y", &d, y, yr));
-  assert_true(fbnt_check_module(test, m, &ref, fbnt_tol_for(dtype, 1.0).rtol, true));
+  assert_true(fbnt_fixture_forward(&f, NULL, t->saved, test));
   /* spelled out: which elements are NaN */
-  fbnt_tensor_to_ref(&d, y, ym);
+  double *ym = calloc(t->count, sizeof *ym);
+  assert_non_null(ym);
+  fbnt_tensor_to_ref(&d, t->y, ym);
   for (int64_t n = 0; n < d.n; n++)
     for (int64_t c = 0; c < d.c; c++)
       for (int64_t h = 0; h < d.h; h++)
@@ -291,20 +277,12 @@ static void run_nan(const char *test, fbn_dtype dtype, fbn_layout layout, bool t
           }
         }
   double rm[3];
-  assert_int_equal(fbn_module_read_buffer(m, FBN_BUFFER_RUNNING_MEAN, FBN_DTYPE_FLOAT64, rm, 3),
+  assert_int_equal(fbn_module_read_buffer(f.m, FBN_BUFFER_RUNNING_MEAN, FBN_DTYPE_FLOAT64, rm, 3),
                    FBN_STATUS_SUCCESS);
   assert_false(isnan(rm[0]) || isnan(rm[2]));
   assert_int_equal(isnan(rm[1]) != 0, training && !in_addend);
-  fbn_saved_destroy(saved);
-  fbn_module_destroy(m);
-  fbnt_ref_module_free(&ref);
-  fbnt_free(x);
-  fbnt_free(a);
-  fbnt_free(y);
-  free(xr);
-  free(ar);
-  free(yr);
   free(ym);
+  fbnt_fixture_destroy(&f);
 }
 
 static void test_forward_nan_in_x_poisons_its_channel(void **state) {
@@ -335,7 +313,17 @@ static void test_forward_eval_one_value_per_channel(void **state) {
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
   for (int l = 0; l < 2; l++) {
-    fbnt_case cs = {1, 4, 1, 1, FBN_DTYPE_FLOAT32, (fbn_layout)l, true, true, true, false, true};
+    fbnt_case cs = {.n = 1,
+                    .c = 4,
+                    .h = 1,
+                    .w = 1,
+                    .dtype = FBN_DTYPE_FLOAT32,
+                    .layout = (fbn_layout)l,
+                    .addend = true,
+                    .affine = true,
+                    .track = true,
+                    .training = false,
+                    .backward = true};
     assert_true(fbnt_case_run(&cs, &rng));
     cs.dtype = FBN_DTYPE_FLOAT64;
     cs.addend = false;
@@ -348,30 +336,32 @@ static void test_forward_saved_and_workspace_optional(void **state) {
   (void)state;
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
-  fbn_module_options opt;
-  fbn_module_options_init(&opt);
-  opt.num_features = 2;
-  opt.track_running_stats = false; /* forward changes nothing: repeatable */
-  fbn_module *m = NULL;
-  assert_int_equal(fbnt_module_create_random(&rng, &opt, &m, NULL), FBN_STATUS_SUCCESS);
-  fbn_tensor_desc d = {4, 2, 8, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NHWC};
-  float x[192], a[192], y1[192], y2[192], y3[192];
-  fbnt_fill_channels(&rng, &d, x, NULL);
-  fbnt_fill_normal(&rng, &d, a, NULL, 1.0);
-  fbn_saved *saved = NULL;
-  assert_int_equal(fbn_saved_create(&saved), FBN_STATUS_SUCCESS);
-  fbnt_tensor_poison(&d, y1);
+  /* no running statistics: forward changes nothing, so it is repeatable */
+  fbnt_fixture f;
+  assert_int_equal(fbnt_fixture_create(&f, &rng,
+                                       &(fbnt_spec){.n = 4,
+                                                    .c = 2,
+                                                    .h = 8,
+                                                    .w = 3,
+                                                    .layout = FBN_LAYOUT_NHWC,
+                                                    .addend = true,
+                                                    .no_track = true}),
+                   FBN_STATUS_SUCCESS);
+  const fbn_tensor_desc d = f.t.d;
+  assert_true(fbnt_fixture_forward(&f, NULL, f.t.saved, NULL));
+  const float *y1 = f.t.y;
+  float y2[192], y3[192];
   fbnt_tensor_poison(&d, y2);
   fbnt_tensor_poison(&d, y3);
-  assert_int_equal(fbn_module_forward(m, &d, x, a, y1, saved, NULL, 0), FBN_STATUS_SUCCESS);
-  assert_int_equal(fbn_module_forward(m, &d, x, a, y2, NULL, NULL, 0), FBN_STATUS_SUCCESS);
-  size_t ws = 1;
-  assert_int_equal(fbn_module_forward_workspace_size(m, &d, true, &ws), FBN_STATUS_SUCCESS);
-  void *workspace = fbnt_alloc(ws + 256);
-  assert_int_equal(fbn_module_forward(m, &d, x, a, y3, saved, workspace, ws + 256),
+  assert_int_equal(fbn_module_forward(f.m, &d, f.t.x, f.t.a, y2, NULL, NULL, 0),
                    FBN_STATUS_SUCCESS);
-  assert_memory_equal(y1, y2, sizeof y1);
-  assert_memory_equal(y1, y3, sizeof y1);
+  size_t ws = 1;
+  assert_int_equal(fbn_module_forward_workspace_size(f.m, &d, true, &ws), FBN_STATUS_SUCCESS);
+  void *workspace = fbnt_alloc(ws + 256);
+  assert_int_equal(fbn_module_forward(f.m, &d, f.t.x, f.t.a, y3, f.t.saved, workspace, ws + 256),
+                   FBN_STATUS_SUCCESS);
+  assert_memory_equal(y1, y2, sizeof y2);
+  assert_memory_equal(y1, y3, sizeof y3);
   bool any_nan = false, any_positive = false, any_zero = false;
   for (int i = 0; i < 192; i++) {
     any_nan |= isnan(y1[i]);
@@ -381,8 +371,7 @@ static void test_forward_saved_and_workspace_optional(void **state) {
   assert_false(any_nan);
   assert_true(any_positive && any_zero); /* the ReLU did something */
   fbnt_free(workspace);
-  fbn_saved_destroy(saved);
-  fbn_module_destroy(m);
+  fbnt_fixture_destroy(&f);
 }
 
 /* Large mean, small spread: the statistics must not cancel catastrophically
@@ -392,33 +381,19 @@ static void test_forward_large_mean_small_variance(void **state) {
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
   for (int l = 0; l < 2; l++) {
-    fbn_module_options opt;
-    fbn_module_options_init(&opt);
-    opt.num_features = 4;
-    fbnt_ref_module ref;
-    memset(&ref, 0, sizeof ref);
-    fbn_module *m = NULL;
-    assert_int_equal(fbnt_module_create_random(&rng, &opt, &m, &ref), FBN_STATUS_SUCCESS);
-    fbn_tensor_desc d = {16, 4, 9, 7, FBN_DTYPE_FLOAT32, (fbn_layout)l};
-    size_t count = fbnt_desc_numel(&d);
-    void *x = fbnt_tensor_alloc(&d), *y = fbnt_tensor_alloc(&d);
-    double *xr = calloc(count, sizeof *xr), *yr = calloc(count, sizeof *yr);
-    fbnt_fill_normal(&rng, &d, x, xr, 0.05);
-    for (size_t i = 0; i < count; i++) {
-      xr[i] = (double)(float)(xr[i] + 1000.0);
+    fbnt_fixture f;
+    assert_int_equal(
+        fbnt_fixture_create(&f, &rng,
+                            &(fbnt_spec){.n = 16, .c = 4, .h = 9, .w = 7, .layout = (fbn_layout)l}),
+        FBN_STATUS_SUCCESS);
+    fbnt_tensors *t = &f.t;
+    fbnt_fill_normal(&rng, &t->d, t->x, t->xr, 0.05);
+    for (size_t i = 0; i < t->count; i++) {
+      t->xr[i] = (double)(float)(t->xr[i] + 1000.0);
     }
-    fbnt_tensor_from_ref(&d, xr, x);
-    fbnt_tensor_poison(&d, y);
-    assert_int_equal(fbn_module_forward(m, &d, x, NULL, y, NULL, NULL, 0), FBN_STATUS_SUCCESS);
-    assert_true(fbnt_ref_forward(&ref, d.n, d.h, d.w, xr, NULL, yr, NULL));
-    assert_true(fbnt_check_tensor(__func__, "y", &d, y, yr));
-    assert_true(fbnt_check_module(__func__, m, &ref, 2e-5, true));
-    fbn_module_destroy(m);
-    fbnt_ref_module_free(&ref);
-    fbnt_free(x);
-    fbnt_free(y);
-    free(xr);
-    free(yr);
+    fbnt_tensor_from_ref(&t->d, t->xr, t->x);
+    assert_true(fbnt_fixture_forward(&f, NULL, NULL, __func__));
+    fbnt_fixture_destroy(&f);
   }
 }
 

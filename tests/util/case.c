@@ -1,6 +1,6 @@
-/* One forward (+ backward) on host memory, checked against the reference. */
+/* Checks of a module and a tensor against the reference, and one forward
+ * (+ backward) of an fbnt_case through the fixture. */
 #include <inttypes.h>
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -93,131 +93,27 @@ bool fbnt_check_tensor(const char *name, const char *what, const fbn_tensor_desc
 }
 
 bool fbnt_case_run(const fbnt_case *cs, fbnt_rng *rng) {
-  char name[160];
-  fbnt_case_name(cs, name, sizeof name);
-  fbn_tensor_desc d = {cs->n, cs->c, cs->h, cs->w, cs->dtype, cs->layout};
-  size_t count = fbnt_desc_numel(&d);
-  size_t bytes = count * (cs->dtype == FBN_DTYPE_FLOAT64 ? 8 : 4);
-  fbn_module_options opt;
-  fbn_module_options_init(&opt);
-  opt.num_features = cs->c;
-  opt.param_dtype = cs->dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
-  opt.affine = cs->affine;
-  opt.track_running_stats = cs->track;
-  double rtol = fbnt_tol_for(opt.param_dtype, 1.0).rtol;
-
-  fbnt_ref_module ref;
-  memset(&ref, 0, sizeof ref);
-  fbn_module *m = NULL;
-  fbn_status st = fbnt_module_create_random(rng, &opt, &m, &ref);
-  if (st != FBN_STATUS_SUCCESS) {
-    print_error("%s: module setup failed: %s %s\n", name, fbn_status_string(st),
-                fbn_last_error_message());
-    fbnt_ref_module_free(&ref);
+  const fbnt_spec spec = {
+      .n = cs->n,
+      .c = cs->c,
+      .h = cs->h,
+      .w = cs->w,
+      .dtype = cs->dtype,
+      .layout = cs->layout,
+      .addend = cs->addend,
+      .eval = !cs->training,
+      .no_affine = !cs->affine,
+      .no_track = !cs->track,
+  };
+  fbnt_fixture f;
+  if (fbnt_fixture_create(&f, rng, &spec) != FBN_STATUS_SUCCESS) {
     return false;
   }
-  bool ok = true;
-  st = fbn_module_set_training(m, cs->training);
-  ref.training = cs->training;
-  ok &= st == FBN_STATUS_SUCCESS;
-
-  void *x = fbnt_tensor_alloc(&d), *a = fbnt_tensor_alloc(&d), *y = fbnt_tensor_alloc(&d);
-  void *x_copy = fbnt_alloc(bytes), *a_copy = fbnt_alloc(bytes);
-  double *xr = calloc(count, sizeof *xr), *ar = calloc(count, sizeof *ar);
-  double *yr = calloc(count, sizeof *yr), *ym = calloc(count, sizeof *ym);
-  if (xr == NULL || ar == NULL || yr == NULL || ym == NULL) {
-    abort();
+  fbnt_case_name(cs, f.name, sizeof f.name);
+  bool ok = fbnt_fixture_forward(&f, NULL, f.t.saved, NULL);
+  if (cs->backward && f.t.forward_done) {
+    ok &= fbnt_fixture_backward(&f, NULL, f.t.saved, true, cs->addend, NULL);
   }
-  fbnt_fill_channels(rng, &d, x, xr);
-  fbnt_fill_normal(rng, &d, a, ar, 1.0);
-  memcpy(x_copy, x, bytes);
-  memcpy(a_copy, a, bytes);
-  fbnt_tensor_poison(&d, y);
-
-  fbn_saved *saved = NULL;
-  ok &= fbn_saved_create(&saved) == FBN_STATUS_SUCCESS;
-  st = fbn_module_forward(m, &d, x, cs->addend ? a : NULL, y, saved, NULL, 0);
-  if (st != FBN_STATUS_SUCCESS) {
-    print_error("%s: forward = %s: %s\n", name, fbn_status_string(st), fbn_last_error_message());
-    ok = false;
-    goto done;
-  }
-  fbnt_ref_saved rs;
-  fbnt_ref_saved_init(&rs);
-  if (!fbnt_ref_forward(&ref, cs->n, cs->h, cs->w, xr, cs->addend ? ar : NULL, yr, &rs)) {
-    print_error("%s: reference refused the case\n", name);
-    ok = false;
-    goto done;
-  }
-  ok &= fbnt_check_tensor(name, "forward y", &d, y, yr);
-  ok &= fbnt_check_module(name, m, &ref, rtol, true);
-  if (memcmp(x, x_copy, bytes) != 0 || memcmp(a, a_copy, bytes) != 0) {
-    print_error("%s: forward modified x or addend\n", name);
-    ok = false;
-  }
-
-  if (cs->backward) {
-    void *dy = fbnt_tensor_alloc(&d), *dx = fbnt_tensor_alloc(&d), *da = fbnt_tensor_alloc(&d);
-    double *dyr = calloc(count, sizeof *dyr), *dxr = calloc(count, sizeof *dxr);
-    double *dar = calloc(count, sizeof *dar);
-    if (dyr == NULL || dxr == NULL || dar == NULL) {
-      abort();
-    }
-    fbnt_fill_normal(rng, &d, dy, dyr, 1.0);
-    fbnt_tensor_poison(&d, dx);
-    fbnt_tensor_poison(&d, da);
-    st = fbn_module_backward(m, saved, &d, x, y, dy, dx, cs->addend ? da : NULL, NULL, 0);
-    if (st != FBN_STATUS_SUCCESS) {
-      print_error("%s: backward = %s: %s\n", name, fbn_status_string(st),
-                  fbn_last_error_message());
-      ok = false;
-    } else {
-      /* the ReLU gate is !(y <= 0) of the forward's actual output */
-      fbnt_tensor_to_ref(&d, y, ym);
-      fbnt_ref_backward(&ref, &rs, xr, ym, dyr, dxr, dar);
-      ok &= fbnt_check_tensor(name, "backward dx", &d, dx, dxr);
-      if (cs->addend) {
-        ok &= fbnt_check_tensor(name, "backward daddend", &d, da, dar);
-      } else {
-        /* not requested: must not have been written */
-        double *dam = calloc(count, sizeof *dam);
-        fbnt_tensor_to_ref(&d, da, dam);
-        for (size_t i = 0; i < count; i++) {
-          if (!isnan(dam[i])) {
-            print_error("%s: daddend written although NULL was passed\n", name);
-            ok = false;
-            break;
-          }
-        }
-        free(dam);
-      }
-      ok &= fbnt_check_module(name, m, &ref, rtol, true);
-      if (memcmp(x, x_copy, bytes) != 0) {
-        print_error("%s: backward modified x\n", name);
-        ok = false;
-      }
-    }
-    fbnt_free(dy);
-    fbnt_free(dx);
-    fbnt_free(da);
-    free(dyr);
-    free(dxr);
-    free(dar);
-  }
-  fbnt_ref_saved_free(&rs);
-
-done:
-  fbn_saved_destroy(saved);
-  fbn_module_destroy(m);
-  fbnt_ref_module_free(&ref);
-  fbnt_free(x);
-  fbnt_free(a);
-  fbnt_free(y);
-  fbnt_free(x_copy);
-  fbnt_free(a_copy);
-  free(xr);
-  free(ar);
-  free(yr);
-  free(ym);
+  fbnt_fixture_destroy(&f);
   return ok;
 }

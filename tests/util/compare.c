@@ -78,6 +78,81 @@ double fbnt_max_abs(const double *v, size_t count) {
   return m;
 }
 
+double fbnt_max_finite(const double *v, size_t count) {
+  double m = 0.0;
+  for (size_t i = 0; i < count; i++) {
+    if (isfinite(v[i]) && fabs(v[i]) > m) {
+      m = fabs(v[i]);
+    }
+  }
+  return m;
+}
+
+bool fbnt_check_values(const char *name, const char *what, const double *got, const double *want,
+                       size_t count, double rtol, double atol_rel, const fbn_tensor_desc *desc) {
+  char label[256];
+  snprintf(label, sizeof label, "%s: %s", name, what);
+  const double scale = fbnt_max_finite(want, count);
+  return fbnt_check_close(label, got, want, count, rtol, atol_rel * (scale > 0 ? scale : 1.0),
+                          desc);
+}
+
+bool fbnt_check_modules_agree(const char *name, const fbn_module *got, const fbn_module *want,
+                              double rtol) {
+  static const char *const names[] = {"weight",      "bias",         "running_mean",
+                                      "running_var", "weight_grad",  "bias_grad"};
+  fbn_module_options opt;
+  fbn_status st = fbn_module_get_options(want, &opt);
+  if (st != FBN_STATUS_SUCCESS) {
+    print_error("%s: get_options = %s\n", name, fbn_status_string(st));
+    return false;
+  }
+  const size_t c = (size_t)opt.num_features;
+  double *g = malloc(c * sizeof *g), *w = malloc(c * sizeof *w);
+  if (g == NULL || w == NULL) {
+    abort();
+  }
+  bool ok = true;
+  for (int b = 0; b < 6; b++) {
+    const bool present = fbn_module_has_buffer(want, (fbn_buffer)b);
+    if (present != fbn_module_has_buffer(got, (fbn_buffer)b)) {
+      print_error("%s: %s present on one module only\n", name, names[b]);
+      ok = false;
+      continue;
+    }
+    if (!present) {
+      continue;
+    }
+    const fbn_status sg = fbn_module_read_buffer(got, (fbn_buffer)b, FBN_DTYPE_FLOAT64, g, c);
+    const fbn_status sw = fbn_module_read_buffer(want, (fbn_buffer)b, FBN_DTYPE_FLOAT64, w, c);
+    if (sg != FBN_STATUS_SUCCESS || sw != FBN_STATUS_SUCCESS) {
+      print_error("%s: read_buffer(%s) = %s / %s: %s\n", name, names[b], fbn_status_string(sg),
+                  fbn_status_string(sw), fbn_last_error_message());
+      ok = false;
+      continue;
+    }
+    ok &= fbnt_check_values(name, names[b], g, w, c, rtol, rtol, NULL);
+  }
+  int64_t ng = -1, nw = -2;
+  const fbn_status sg = fbn_module_get_num_batches_tracked(got, &ng);
+  const fbn_status sw = fbn_module_get_num_batches_tracked(want, &nw);
+  if (sg != sw) {
+    print_error("%s: num_batches_tracked: %s, want %s\n", name, fbn_status_string(sg),
+                fbn_status_string(sw));
+    ok = false;
+  } else if (sg != FBN_STATUS_SUCCESS && sg != FBN_STATUS_ABSENT) {
+    print_error("%s: num_batches_tracked: %s: %s\n", name, fbn_status_string(sg),
+                fbn_last_error_message());
+    ok = false;
+  } else if (sg == FBN_STATUS_SUCCESS && ng != nw) {
+    print_error("%s: num_batches_tracked %" PRId64 ", want %" PRId64 "\n", name, ng, nw);
+    ok = false;
+  }
+  free(g);
+  free(w);
+  return ok;
+}
+
 fbnt_tol fbnt_tol_for(fbn_dtype dtype, double scale) {
   double r;
   switch (dtype) {

@@ -13,6 +13,10 @@
  *                       absolute tolerance, NaN exactly where expected
  *   module snapshots    fbnt_state_*: capture / compare everything a failing
  *                       call must leave unchanged
+ *   fixture             fbnt_spec, fbnt_fixture_*, fbnt_tensors_*: a module
+ *                       described with designated initializers, its float64
+ *                       twin and poisoned host tensors of fresh random data;
+ *                       forward/backward checked element by element
  *
  * Reference arrays are float64 in logical NCHW order, whatever the layout of
  * the tensors handed to the library; fbnt_tensor_to_ref() /
@@ -119,6 +123,17 @@ bool fbnt_check_close(const char *what, const double *got, const double *want, s
                       double rtol, double atol, const fbn_tensor_desc *desc);
 /* Max |v[i]| over non-NaN elements (0 for none). */
 double fbnt_max_abs(const double *v, size_t count);
+/* Max |v[i]| over finite elements (0 for none). */
+double fbnt_max_finite(const double *v, size_t count);
+/* fbnt_check_close labelled "name: what", with the absolute tolerance
+ * atol_rel * max finite |want| (atol_rel when want has none). */
+bool fbnt_check_values(const char *name, const char *what, const double *got, const double *want,
+                       size_t count, double rtol, double atol_rel, const fbn_tensor_desc *desc);
+/* Two modules hold the same state: the same buffers present, each within
+ * fbnt_check_values(rtol, rtol), and the same num_batches_tracked (or both
+ * ABSENT). Prints every difference. */
+bool fbnt_check_modules_agree(const char *name, const fbn_module *got, const fbn_module *want,
+                              double rtol);
 
 /* Tolerances for results of a given dtype relative to a float64 reference
  * whose magnitude is scale. */
@@ -254,6 +269,96 @@ bool fbnt_check_module(const char *name, const fbn_module *m, const fbnt_ref_mod
  * fbnt_tol_for(d->dtype, max |want|). */
 bool fbnt_check_tensor(const char *name, const char *what, const fbn_tensor_desc *d,
                        const void *data, const double *want);
+
+/* ---- fixture: a module, its reference twin, host tensors ---------------- */
+
+/*
+ * A module (and its tensors' shape) described with designated initializers:
+ * what is left out takes PyTorch's defaults, as fbn_module_options_init()
+ * gives them. The switches PyTorch has on are named for turning them off;
+ * eps and momentum 0 stand for the defaults (1e-5, 0.1), zero_eps and
+ * zero_momentum ask for a true 0. Parameters are float64 for float64 data,
+ * float32 otherwise.
+ */
+typedef struct fbnt_spec {
+  int64_t n, c, h, w; /* c is num_features; n = 0: no tensors */
+  fbn_dtype dtype;    /* of the data */
+  fbn_layout layout;
+  bool addend;        /* forward with an addend, backward with daddend */
+  bool eval;          /* set to eval mode after creation */
+  bool no_affine;
+  bool no_track;      /* track_running_stats = false */
+  bool cumulative;    /* cumulative_average (Python's momentum=None) */
+  double eps;
+  double momentum;
+  bool zero_eps;
+  bool zero_momentum;
+  fbn_bn_mode bn_mode;
+  fbn_device_type device;
+} fbnt_spec;
+
+/* The module options a spec describes. */
+fbn_module_options fbnt_options(const fbnt_spec *spec);
+/* "(n,c,h,w) NCHW f32 addend affine track train" and the like. */
+void fbnt_spec_name(const fbnt_spec *spec, char *buf, size_t size);
+
+/*
+ * Host tensors of one shape in its dtype and layout, with their logical
+ * NCHW float64 copies: x (per-channel offset and scale), addend and dy
+ * (normal) fresh random data, as stored; y, dx, daddend poisoned (NaN), and
+ * yr, dxr, dar the reference's answers once a check has run. saved is a
+ * fresh fbn_saved for the forward on these tensors; rs is what the
+ * reference's forward kept.
+ */
+typedef struct fbnt_tensors {
+  fbn_tensor_desc d;
+  size_t count;
+  bool addend;
+  void *x, *a, *y, *dy, *dx, *da;
+  double *xr, *ar, *yr, *dyr, *dxr, *dar;
+  fbn_saved *saved;
+  fbnt_ref_saved rs;
+  bool forward_done; /* a forward on these tensors succeeded */
+} fbnt_tensors;
+
+/* Aborts when out of memory. */
+void fbnt_tensors_init(fbnt_tensors *t, fbnt_rng *rng, fbn_tensor_desc d, bool addend);
+void fbnt_tensors_free(fbnt_tensors *t);
+
+typedef struct fbnt_fixture {
+  fbnt_spec spec;
+  char name[192];
+  fbn_module *m;
+  fbnt_ref_module ref;
+  fbnt_tensors t; /* of spec's shape (none when spec.n == 0) */
+} fbnt_fixture;
+
+/*
+ * Create the module of spec with random state (fbnt_module_create_random),
+ * its reference twin, the mode spec asks for, and tensors of spec's shape.
+ * Prints and returns the failing status (f is then destroyed already).
+ */
+fbn_status fbnt_fixture_create(fbnt_fixture *f, fbnt_rng *rng, const fbnt_spec *spec);
+void fbnt_fixture_destroy(fbnt_fixture *f);
+/* Mode of the module and of the reference. */
+fbn_status fbnt_fixture_set_training(fbnt_fixture *f, bool training);
+/*
+ * Forward of the module on t (NULL: f->t) into its freshly poisoned y, with
+ * saved (may be NULL, or another saved object than t->saved), and of the
+ * reference; checks every element of y, the module's state (parameters
+ * bitwise) and that x and addend are unchanged. Prints every failure
+ * (labelled what, or f->name); returns true iff everything matched.
+ */
+bool fbnt_fixture_forward(fbnt_fixture *f, fbnt_tensors *t, fbn_saved *saved, const char *what);
+/*
+ * Backward of the last forward on t (NULL: f->t) with saved, into freshly
+ * poisoned dx and daddend (passed only when wanted), and of the reference
+ * with the module's y as the ReLU gate; checks every element of dx and
+ * daddend (an output not asked for must stay NaN), the accumulated
+ * gradients and the rest of the state, and that x is unchanged.
+ */
+bool fbnt_fixture_backward(fbnt_fixture *f, fbnt_tensors *t, const fbn_saved *saved,
+                           bool want_dx, bool want_daddend, const char *what);
 
 /* ---- misc --------------------------------------------------------------- */
 
