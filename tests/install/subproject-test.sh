@@ -9,9 +9,10 @@
 # The project is assembled in a temporary directory: its meson.build and
 # meson_options.txt, CLIENT.c, and subprojects/fusedbn, a link to
 # SOURCE_ROOT. The fallback is forced (an installed fusedbn must not be
-# picked up instead); the subproject is built without tests, benchmarks and
-# CUDA, with state files when this build has them, at -O0 (the client is
-# small), with this build's compiler and sanitizers.
+# picked up instead); the subproject is built without tests and benchmarks
+# (the client's default_options: checked), without CUDA, with state files
+# when this build has them, at -O0 (the client is small), with this build's
+# compiler and sanitizers.
 #
 # Environment (set by tests/install/meson.build): FBN_CC, FBN_SANITIZE,
 # FBN_FEATURES and MESON, as for install-test.sh.
@@ -49,7 +50,7 @@ echo "== meson setup (fusedbn as a subproject, state_io $state_io, b_sanitize $s
 if ! CC=$FBN_CC $meson_cmd setup "$work/build" "$proj" \
      --buildtype=debug --force-fallback-for=fusedbn \
      -Db_sanitize="$sanitize" -Dclient_state_io=$client_state_io \
-     -Dfusedbn:tests=disabled -Dfusedbn:bench=disabled -Dfusedbn:cuda=disabled \
+     -Dfusedbn:cuda=disabled \
      -Dfusedbn:state_io=$state_io >"$work/setup.log" 2>&1; then
   cat "$work/setup.log"
   fail "meson setup of the subproject client failed"
@@ -62,6 +63,11 @@ if ! $meson_cmd compile -C "$work/build" >"$work/build.log" 2>&1; then
   cat "$work/build.log"
   fail "the subproject client does not build"
 fi
+
+for d in tests bench; do
+  [ ! -e "$work/build/subprojects/fusedbn/$d" ] ||
+    fail "the subproject built its $d/ despite default_options $d=disabled"
+done
 
 echo "== run it against the subproject's library"
 client=$work/build/client
