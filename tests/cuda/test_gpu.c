@@ -186,78 +186,26 @@ static double buffer_rtol(fbn_dtype data_dtype, double scale) {
 
 static bool check_values(const char *name, const char *what, const double *got,
                          const double *want, size_t count, tol t, const fbn_tensor_desc *d) {
-  char label[256];
-  snprintf(label, sizeof label, "%s: %s", name, what);
-  const double scale = fbnt_max_abs(want, count);
-  return fbnt_check_close(label, got, want, count, t.rtol, t.atol * (scale > 0 ? scale : 1.0), d);
-}
-
-/* Every buffer both modules have, and num_batches_tracked. */
-static bool check_modules(const char *name, const fbn_module *g, const fbn_module *c, int64_t C,
-                          double rtol) {
-  bool ok = true;
-  double *a = malloc((size_t)C * sizeof *a), *b = malloc((size_t)C * sizeof *b);
-  assert_non_null(a);
-  assert_non_null(b);
-  static const char *const names[] = {"weight", "bias", "running_mean", "running_var",
-                                      "weight_grad", "bias_grad"};
-  for (int i = 0; i < 6; i++) {
-    const bool hg = fbn_module_has_buffer(g, (fbn_buffer)i);
-    if (hg != fbn_module_has_buffer(c, (fbn_buffer)i)) {
-      print_error("%s: %s present on one module only\n", name, names[i]);
-      ok = false;
-      continue;
-    }
-    if (!hg)
-      continue;
-    FBN_OK(fbn_module_read_buffer(g, (fbn_buffer)i, FBN_DTYPE_FLOAT64, a, (size_t)C));
-    FBN_OK(fbn_module_read_buffer(c, (fbn_buffer)i, FBN_DTYPE_FLOAT64, b, (size_t)C));
-    tol t = {rtol, rtol};
-    ok &= check_values(name, names[i], a, b, (size_t)C, t, NULL);
-  }
-  int64_t ng = -1, nc = -2;
-  const fbn_status sg = fbn_module_get_num_batches_tracked(g, &ng);
-  const fbn_status sc = fbn_module_get_num_batches_tracked(c, &nc);
-  if (sg != sc) {
-    print_error("%s: num_batches_tracked: %s on the GPU module, %s on the CPU one\n", name,
-                fbn_status_string(sg), fbn_status_string(sc));
-    ok = false;
-  } else if (sg == FBN_STATUS_ABSENT) {
-    /* track_running_stats = false on both */
-  } else if (sg != FBN_STATUS_SUCCESS) {
-    fail_msg("%s: num_batches_tracked: %s: %s", name, fbn_status_string(sg),
-             fbn_last_error_message());
-  } else if (ng != nc) {
-    print_error("%s: num_batches_tracked %lld, want %lld\n", name, (long long)ng, (long long)nc);
-    ok = false;
-  }
-  free(a);
-  free(b);
-  return ok;
+  return fbnt_check_values(name, what, got, want, count, t.rtol, t.atol, d);
 }
 
 /* ---- one configuration: GPU module beside its CPU twin ---------------------------- */
 
+/* A configuration, with designated initializers: spec is the module and
+ * its tensors (fields left out: PyTorch's defaults), the rest what the GPU
+ * run adds (fields left out: off, or as stated). */
 typedef struct gcase {
-  int64_t n, c, h, w;
-  fbn_dtype dtype;
-  fbn_layout layout;
-  bool addend;
-  bool affine;
-  bool track;
-  bool cumulative;
-  fbn_bn_mode bn_mode;
+  fbnt_spec spec;
   const char *force;  /* FBN_CUDA_FORCE_PATH, or NULL */
-  int train_steps;    /* training forward+backward steps */
-  bool eval_step;     /* then one in eval mode */
+  int train_steps;    /* training forward+backward steps (0: one) */
+  bool no_eval_step;  /* no eval-mode step after them */
   bool skip_dx;       /* backward with dx = NULL */
   bool skip_daddend;  /* backward with daddend = NULL */
   bool caller_exec;   /* caller stream + workspace + saved memory */
   bool caller_handle; /* with caller_exec: also the caller's cuDNN handle */
-  double eps;
-  double tol_scale;   /* 1 unless stated */
-  /* NaN injection: x[0, nan_x_c, 0, 0] (-1: none), addend[last element] */
-  int64_t nan_x_c;
+  double tol_scale;   /* 0: 1 */
+  /* NaN injection: x[0, 1, 0, 0], addend[last element] */
+  bool nan_x;
   bool nan_addend;
   /* fbn_cuda_module_check_runtime_error after each GPU forward (non-blocking,
    * polled) and backward (blocking) with the call's exec: must answer
@@ -267,51 +215,27 @@ typedef struct gcase {
   size_t tensor_offset;
 } gcase;
 
-static gcase gcase_make(int64_t n, int64_t c, int64_t h, int64_t w, fbn_dtype dt, fbn_layout l) {
-  gcase g;
-  memset(&g, 0, sizeof g);
-  g.n = n;
-  g.c = c;
-  g.h = h;
-  g.w = w;
-  g.dtype = dt;
-  g.layout = l;
-  g.addend = true;
-  g.affine = true;
-  g.track = true;
-  g.bn_mode = FBN_BN_MODE_AUTO;
-  g.train_steps = 1;
-  g.eval_step = true;
-  g.tol_scale = 1.0;
-  g.nan_x_c = -1;
-  g.eps = 1e-5;
-  return g;
-}
+static double gcase_tol_scale(const gcase *g) { return g->tol_scale > 0 ? g->tol_scale : 1.0; }
 
 static void gcase_name(const gcase *g, char *buf, size_t size) {
-  snprintf(buf, size,
-           "%s %s (%lld,%lld,%lld,%lld) addend=%d affine=%d track=%d%s mode=%s%s%s eps=%g%s%s",
-           fbnt_dtype_str(g->dtype), fbnt_layout_str(g->layout), (long long)g->n,
-           (long long)g->c, (long long)g->h, (long long)g->w, g->addend, g->affine, g->track,
-           g->cumulative ? " cumulative" : "", g->bn_mode == FBN_BN_MODE_AUTO ? "auto" : "spatial",
-           g->force != NULL ? " force=" : "", g->force != NULL ? g->force : "", g->eps,
+  char spec[192];
+  fbnt_spec_name(&g->spec, spec, sizeof spec);
+  snprintf(buf, size, "%s mode=%s%s%s%s%s", spec,
+           g->spec.bn_mode == FBN_BN_MODE_AUTO ? "auto" : "spatial",
+           g->force != NULL ? " force=" : "", g->force != NULL ? g->force : "",
            g->caller_exec ? (g->caller_handle ? " caller stream+handle" : " caller stream") : "",
            g->tensor_offset != 0 ? " tensors off 256-byte alignment" : "");
 }
 
 static fbn_module_options gcase_options(const gcase *g, fbn_device_type dev) {
-  fbn_module_options o;
-  fbn_module_options_init(&o);
-  o.num_features = g->c;
-  o.param_dtype = g->dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
-  o.affine = g->affine;
-  o.track_running_stats = g->track;
-  o.cumulative_average = g->cumulative;
-  o.momentum = 0.1;
-  o.eps = g->eps;
-  o.bn_mode = g->bn_mode;
-  o.device = dev;
-  return o;
+  fbnt_spec s = g->spec;
+  s.device = dev;
+  return fbnt_options(&s);
+}
+
+static fbn_tensor_desc gcase_desc(const gcase *g) {
+  const fbnt_spec *s = &g->spec;
+  return fbn_tensor_desc_make(s->n, s->c, s->h, s->w, s->dtype, s->layout);
 }
 
 /* The path a step must take: the documented selection, the forced path
@@ -319,14 +243,14 @@ static fbn_module_options gcase_options(const gcase *g, fbn_device_type dev) {
  * at run time (returns NONE: any training path). */
 static fbn_cuda_path expected_path(const gcase *g, bool batch_stats) {
   fbn_module_options o = gcase_options(g, FBN_DEVICE_CUDA);
-  fbn_tensor_desc d = fbn_tensor_desc_make(g->n, g->c, g->h, g->w, g->dtype, g->layout);
+  fbn_tensor_desc d = gcase_desc(g);
   fbn_cuda_path p = FBN_CUDA_PATH_NONE;
-  FBN_OK(fbn_cuda_plan_path(&o, &d, g->addend, batch_stats, &p));
+  FBN_OK(fbn_cuda_plan_path(&o, &d, g->spec.addend, batch_stats, &p));
   /* the force applies to every training path the size gates leave alone
    * (here only N > 880801 can gate) */
-  if (g->force != NULL && p != FBN_CUDA_PATH_EVAL && p != FBN_CUDA_PATH_NONE && g->n <= 880801)
+  if (g->force != NULL && p != FBN_CUDA_PATH_EVAL && p != FBN_CUDA_PATH_NONE && d.n <= 880801)
     p = strcmp(g->force, "kernels") == 0 ? FBN_CUDA_PATH_KERNELS : FBN_CUDA_PATH_GENERAL;
-  if (g->dtype == FBN_DTYPE_BFLOAT16 && p != FBN_CUDA_PATH_EVAL && p != FBN_CUDA_PATH_KERNELS)
+  if (d.dtype == FBN_DTYPE_BFLOAT16 && p != FBN_CUDA_PATH_EVAL && p != FBN_CUDA_PATH_KERNELS)
     return FBN_CUDA_PATH_NONE;
   return p;
 }
@@ -440,57 +364,45 @@ static bool check_path(const char *name, const fbn_module *gm, const fbn_tensor_
 static bool run_step(const gcase *g, const char *name, fbnt_rng *rng, fbn_module *gm,
                      fbn_module *cm, bool batch_stats, caller_ctx *cc, fbn_saved *reuse) {
   bool ok = true;
-  const fbn_tensor_desc dg = fbn_tensor_desc_make(g->n, g->c, g->h, g->w, g->dtype, g->layout);
+  const bool addend = g->spec.addend;
+  const fbn_tensor_desc dg = gcase_desc(g);
   fbn_tensor_desc dc = dg;
-  dc.dtype = g->dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
+  dc.dtype = dg.dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
   const size_t count = fbnt_desc_numel(&dg);
   const size_t gbytes = count * fbn_dtype_size(dg.dtype);
-  const tol tt = tensor_tol(g->dtype, g->tol_scale);
+  const tol tt = tensor_tol(dg.dtype, gcase_tol_scale(g));
+  const double brtol = buffer_rtol(dg.dtype, gcase_tol_scale(g));
 
-  /* inputs in the GPU dtype, the same values as float32/float64 for the CPU */
-  void *xg = fbnt_tensor_alloc(&dg), *xc = fbnt_tensor_alloc(&dc);
-  double *xr = malloc(count * sizeof *xr);
-  assert_non_null(xr);
-  fbnt_fill_channels(rng, &dg, xg, xr);
-  if (g->nan_x_c >= 0) {
-    fbnt_set(&dg, xg, 0, g->nan_x_c, 0, 0, NAN);
-    xr[fbnt_ref_index(&dg, 0, g->nan_x_c, 0, 0)] = NAN;
+  /* inputs in the GPU dtype (host staging: tg), the same values as
+   * float32/float64 for the CPU module (tc); outputs poisoned */
+  fbnt_tensors tg, tc;
+  fbnt_tensors_init(&tg, rng, dg, addend);
+  if (g->nan_x) {
+    fbnt_set(&dg, tg.x, 0, 1, 0, 0, NAN);
+    tg.xr[fbnt_ref_index(&dg, 0, 1, 0, 0)] = NAN;
   }
-  fbnt_tensor_from_ref(&dc, xr, xc);
-  void *ag = NULL, *ac = NULL;
-  double *ar = NULL;
-  if (g->addend) {
-    ag = fbnt_tensor_alloc(&dg);
-    ac = fbnt_tensor_alloc(&dc);
-    ar = malloc(count * sizeof *ar);
-    assert_non_null(ar);
-    fbnt_fill_normal(rng, &dg, ag, ar, 1.0);
-    if (g->nan_addend) {
-      fbnt_store(dg.dtype, ag, count - 1, NAN);
-      /* the last element in memory is (n-1, c-1, h-1, w-1) in both layouts */
-      ar[fbnt_ref_index(&dg, g->n - 1, g->c - 1, g->h - 1, g->w - 1)] = NAN;
-    }
-    fbnt_tensor_from_ref(&dc, ar, ac);
+  if (addend && g->nan_addend) {
+    fbnt_store(dg.dtype, tg.a, count - 1, NAN);
+    /* the last element in memory is (n-1, c-1, h-1, w-1) in both layouts */
+    tg.ar[fbnt_ref_index(&dg, dg.n - 1, dg.c - 1, dg.h - 1, dg.w - 1)] = NAN;
   }
-  void *x_d = dev_from_host(xg, gbytes);
-  void *a_d = ag != NULL ? dev_from_host(ag, gbytes) : NULL;
-  void *y_d = dev_poisoned(&dg);
-  void *yc = fbnt_tensor_alloc(&dc);
-  fbnt_tensor_poison(&dc, yc);
+  fbnt_tensors_init_as(&tc, &tg, dc);
+  void *x_d = dev_from_host(tg.x, gbytes);
+  void *a_d = addend ? dev_from_host(tg.a, gbytes) : NULL;
+  void *y_d = dev_from_host(tg.y, gbytes);
 
-  fbn_saved *sg = reuse, *sc = NULL;
+  fbn_saved *sg = reuse;
   if (sg == NULL)
     FBN_OK(fbn_saved_create(&sg));
-  FBN_OK(fbn_saved_create(&sc));
 
   /* caller workspace and saved memory */
   void *ws = NULL, *saved_mem = NULL;
   size_t ws_bytes = 0;
   if (cc != NULL) {
     size_t fw = 0, bw = 0, sv = 0;
-    FBN_OK(fbn_module_forward_workspace_size(gm, &dg, g->addend, &fw));
-    FBN_OK(fbn_module_backward_workspace_size(gm, &dg, g->addend, &bw));
-    FBN_OK(fbn_cuda_saved_size(gm, &dg, g->addend, &sv));
+    FBN_OK(fbn_module_forward_workspace_size(gm, &dg, addend, &fw));
+    FBN_OK(fbn_module_backward_workspace_size(gm, &dg, addend, &bw));
+    FBN_OK(fbn_cuda_saved_size(gm, &dg, addend, &sv));
     ws_bytes = fw > bw ? fw : bw;
     ws = ws_bytes > 0 ? dev_alloc(ws_bytes) : NULL;
     saved_mem = dev_alloc(sv);
@@ -508,33 +420,22 @@ static bool run_step(const gcase *g, const char *name, fbnt_rng *rng, fbn_module
     ok &= check_runtime_clean(name, "forward", gm, cc, false);
   if (cc != NULL)
     CUDA_OK(cudaStreamSynchronize(cc->stream));
-  FBN_OK(fbn_module_forward(cm, &dc, xc, ac, yc, sc, NULL, 0));
+  FBN_OK(fbn_module_forward(cm, &dc, tc.x, addend ? tc.a : NULL, tc.y, tc.saved, NULL, 0));
 
   fbn_cuda_path want = expected_path(g, batch_stats), got = FBN_CUDA_PATH_NONE;
   FBN_OK(fbn_cuda_saved_path(sg, &got));
-  ok &= check_path(name, gm, &dg, g->addend, want, got);
+  ok &= check_path(name, gm, &dg, addend, want, got);
 
   double *ygr = dev_to_ref(&dg, y_d);
-  double *ycr = malloc(count * sizeof *ycr);
-  assert_non_null(ycr);
-  fbnt_tensor_to_ref(&dc, yc, ycr);
-  ok &= check_values(name, "y", ygr, ycr, count, tt, &dg);
-  ok &= check_modules(name, gm, cm, g->c, buffer_rtol(g->dtype, g->tol_scale));
+  fbnt_tensor_to_ref(&dc, tc.y, tc.yr);
+  ok &= check_values(name, "y", ygr, tc.yr, count, tt, &dg);
+  ok &= fbnt_check_modules_agree(name, gm, cm, brtol);
 
   /* backward: the same dy; the CPU module gets the GPU's y (same gate) */
-  void *dyg = fbnt_tensor_alloc(&dg), *dyc = fbnt_tensor_alloc(&dc);
-  double *dyr = malloc(count * sizeof *dyr);
-  assert_non_null(dyr);
-  fbnt_fill_normal(rng, &dg, dyg, dyr, 1.0);
-  fbnt_tensor_from_ref(&dc, dyr, dyc);
-  void *y_for_cpu = fbnt_tensor_alloc(&dc);
-  fbnt_tensor_from_ref(&dc, ygr, y_for_cpu);
-  void *dy_d = dev_from_host(dyg, gbytes);
-  void *dx_d = g->skip_dx ? NULL : dev_poisoned(&dg);
-  void *da_d = (g->addend && !g->skip_daddend) ? dev_poisoned(&dg) : NULL;
-  void *dxc = fbnt_tensor_alloc(&dc), *dac = fbnt_tensor_alloc(&dc);
-  fbnt_tensor_poison(&dc, dxc);
-  fbnt_tensor_poison(&dc, dac);
+  fbnt_tensor_from_ref(&dc, ygr, tc.y);
+  void *dy_d = dev_from_host(tg.dy, gbytes);
+  void *dx_d = g->skip_dx ? NULL : dev_from_host(tg.dx, gbytes);
+  void *da_d = (addend && !g->skip_daddend) ? dev_from_host(tg.da, gbytes) : NULL;
 
   if (cc != NULL)
     s = fbn_cuda_module_backward(gm, &cc->exec, sg, &dg, x_d, y_d, dy_d, dx_d, da_d, ws,
@@ -547,51 +448,36 @@ static bool run_step(const gcase *g, const char *name, fbnt_rng *rng, fbn_module
     ok &= check_runtime_clean(name, "backward", gm, cc, true);
   if (cc != NULL)
     CUDA_OK(cudaStreamSynchronize(cc->stream));
-  FBN_OK(fbn_module_backward(cm, sc, &dc, xc, y_for_cpu, dyc, g->skip_dx ? NULL : dxc,
-                             da_d != NULL ? dac : NULL, NULL, 0));
+  FBN_OK(fbn_module_backward(cm, tc.saved, &dc, tc.x, tc.y, tc.dy, dx_d != NULL ? tc.dx : NULL,
+                             da_d != NULL ? tc.da : NULL, NULL, 0));
 
-  double *want_r = malloc(count * sizeof *want_r);
-  assert_non_null(want_r);
   if (dx_d != NULL) {
     double *dxr = dev_to_ref(&dg, dx_d);
-    fbnt_tensor_to_ref(&dc, dxc, want_r);
-    ok &= check_values(name, "dx", dxr, want_r, count, tt, &dg);
+    fbnt_tensor_to_ref(&dc, tc.dx, tc.dxr);
+    ok &= check_values(name, "dx", dxr, tc.dxr, count, tt, &dg);
     free(dxr);
   }
   if (da_d != NULL) {
     double *dar = dev_to_ref(&dg, da_d);
-    fbnt_tensor_to_ref(&dc, dac, want_r);
-    ok &= check_values(name, "daddend", dar, want_r, count, tt, &dg);
+    fbnt_tensor_to_ref(&dc, tc.da, tc.dar);
+    ok &= check_values(name, "daddend", dar, tc.dar, count, tt, &dg);
     free(dar);
   }
-  ok &= check_modules(name, gm, cm, g->c, buffer_rtol(g->dtype, g->tol_scale));
+  ok &= fbnt_check_modules_agree(name, gm, cm, brtol);
 
   /* the inputs are unchanged */
   double *x_after = dev_to_ref(&dg, x_d);
   for (size_t i = 0; i < count; i++)
-    if (!(x_after[i] == xr[i] || (isnan(x_after[i]) && isnan(xr[i])))) {
+    if (!(x_after[i] == tg.xr[i] || (isnan(x_after[i]) && isnan(tg.xr[i])))) {
       print_error("%s: x changed at %zu\n", name, i);
       ok = false;
       break;
     }
   free(x_after);
 
-  free(want_r);
-  free(xr);
-  free(ar);
   free(ygr);
-  free(ycr);
-  free(dyr);
-  fbnt_free(xg);
-  fbnt_free(xc);
-  fbnt_free(ag);
-  fbnt_free(ac);
-  fbnt_free(yc);
-  fbnt_free(dyg);
-  fbnt_free(dyc);
-  fbnt_free(y_for_cpu);
-  fbnt_free(dxc);
-  fbnt_free(dac);
+  fbnt_tensors_free(&tg);
+  fbnt_tensors_free(&tc);
   dev_free(x_d);
   dev_free(a_d);
   dev_free(y_d);
@@ -602,7 +488,6 @@ static bool run_step(const gcase *g, const char *name, fbnt_rng *rng, fbn_module
     fbn_saved_destroy(sg); /* before its caller memory goes */
   else if (saved_mem != NULL)
     FBN_OK(fbn_cuda_saved_set_memory(sg, NULL, 0)); /* let go of the caller memory */
-  fbn_saved_destroy(sc);
   dev_free(ws);
   dev_free(saved_mem);
   return ok;
@@ -615,36 +500,39 @@ static void set_force(const char *force) {
     unsetenv("FBN_CUDA_FORCE_PATH");
 }
 
-/* Create the GPU module (random state) and its CPU twin, run the steps. */
-static bool run_gcase(const gcase *g, fbnt_rng *rng) {
-  char name[256];
-  gcase_name(g, name, sizeof name);
-  fbn_module_options go = gcase_options(g, FBN_DEVICE_CUDA);
-  fbn_module_options co = gcase_options(g, FBN_DEVICE_CPU);
-  fbnt_ref_module ref;
-  memset(&ref, 0, sizeof ref);
-  fbn_module *gm = NULL, *cm = NULL;
+/* The GPU module of g (random state, created under g's forced path) and its
+ * CPU twin with the same state. */
+static void create_pair(const gcase *g, const char *name, fbnt_rng *rng, fbn_module **gm,
+                        fbn_module **cm) {
+  const fbn_module_options go = gcase_options(g, FBN_DEVICE_CUDA);
+  const fbn_module_options co = gcase_options(g, FBN_DEVICE_CPU);
   set_force(g->force);
-  fbn_status s = fbnt_module_create_random(rng, &go, &gm, &ref);
+  const fbn_status s = fbnt_module_create_pair(rng, &go, &co, gm, cm);
   set_force(NULL);
   if (s != FBN_STATUS_SUCCESS)
-    fail_msg("%s: creating the CUDA module: %s: %s", name, fbn_status_string(s),
+    fail_msg("%s: creating the CUDA module and its CPU twin: %s: %s", name, fbn_status_string(s),
              fbn_last_error_message());
-  FBN_OK(fbn_module_create(&co, &cm));
-  FBN_OK(fbnt_ref_module_to(&ref, cm));
-  fbnt_ref_module_free(&ref);
+}
+
+/* Create the GPU module and its CPU twin, run the steps. */
+static bool run_gcase(const gcase *g, fbnt_rng *rng) {
+  char name[320];
+  gcase_name(g, name, sizeof name);
+  fbn_module *gm = NULL, *cm = NULL;
+  create_pair(g, name, rng, &gm, &cm);
 
   caller_ctx cc;
   if (g->caller_exec)
     caller_init(&cc, g->caller_handle);
   g_tensor_offset = g->tensor_offset;
   bool ok = true;
-  for (int i = 0; i < g->train_steps; i++)
+  const int train_steps = g->train_steps > 0 ? g->train_steps : 1;
+  for (int i = 0; i < train_steps; i++)
     ok &= run_step(g, name, rng, gm, cm, true, g->caller_exec ? &cc : NULL, NULL);
-  if (g->eval_step) {
+  if (!g->no_eval_step) {
     FBN_OK(fbn_module_set_training(gm, false));
     FBN_OK(fbn_module_set_training(cm, false));
-    ok &= run_step(g, name, rng, gm, cm, !g->track, g->caller_exec ? &cc : NULL, NULL);
+    ok &= run_step(g, name, rng, gm, cm, g->spec.no_track, g->caller_exec ? &cc : NULL, NULL);
   }
   g_tensor_offset = 0;
   if (g->caller_exec)
@@ -674,13 +562,17 @@ static void run_matrix(const char *test, const char *force, fbn_dtype dtype) {
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
     for (size_t l = 0; l < 2; l++)
       for (int flags = 0; flags < 8; flags++) {
-        gcase g = gcase_make(shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], dtype,
-                             layouts[l]);
-        g.addend = (flags & 1) != 0;
-        g.affine = (flags & 2) != 0;
-        g.track = (flags & 4) != 0;
-        g.force = force;
-        g.train_steps = 2;
+        const gcase g = {.spec = {.n = shapes[s][0],
+                                  .c = shapes[s][1],
+                                  .h = shapes[s][2],
+                                  .w = shapes[s][3],
+                                  .dtype = dtype,
+                                  .layout = layouts[l],
+                                  .addend = (flags & 1) != 0,
+                                  .no_affine = (flags & 2) == 0,
+                                  .no_track = (flags & 4) == 0},
+                         .force = force,
+                         .train_steps = 2};
         total++;
         if (!run_gcase(&g, &rng))
           failed++;
@@ -713,11 +605,18 @@ static void test_gpu_spatial_mode_and_partial_grads(void **state) {
   int failed = 0;
   for (size_t t = 0; t < 4; t++)
     for (int variant = 0; variant < 4; variant++) {
-      gcase g = gcase_make(4, 8, 6, 5, dtypes[t], FBN_LAYOUT_NHWC);
-      g.bn_mode = variant == 0 ? FBN_BN_MODE_SPATIAL : FBN_BN_MODE_AUTO;
-      g.skip_dx = variant == 1 || variant == 3;
-      g.skip_daddend = variant == 2 || variant == 3;
-      g.affine = variant != 3;
+      const gcase g = {
+          .spec = {.n = 4,
+                   .c = 8,
+                   .h = 6,
+                   .w = 5,
+                   .dtype = dtypes[t],
+                   .layout = FBN_LAYOUT_NHWC,
+                   .addend = true,
+                   .no_affine = variant == 3,
+                   .bn_mode = variant == 0 ? FBN_BN_MODE_SPATIAL : FBN_BN_MODE_AUTO},
+          .skip_dx = variant == 1 || variant == 3,
+          .skip_daddend = variant == 2 || variant == 3};
       if (!run_gcase(&g, &rng))
         failed++;
     }
@@ -734,9 +633,15 @@ static void test_gpu_several_steps_then_eval(void **state) {
   for (size_t t = 0; t < 4; t++)
     for (size_t l = 0; l < 2; l++)
       for (int cumulative = 0; cumulative < 2; cumulative++) {
-        gcase g = gcase_make(5, 16, 6, 7, dtypes[t], layouts[l]);
-        g.cumulative = cumulative != 0;
-        g.train_steps = 5;
+        const gcase g = {.spec = {.n = 5,
+                                  .c = 16,
+                                  .h = 6,
+                                  .w = 7,
+                                  .dtype = dtypes[t],
+                                  .layout = layouts[l],
+                                  .addend = true,
+                                  .cumulative = cumulative != 0},
+                         .train_steps = 5};
         if (!run_gcase(&g, &rng))
           failed++;
       }
@@ -755,7 +660,13 @@ static void test_gpu_odd_shapes(void **state) {
   for (size_t s = 0; s < sizeof odd / sizeof odd[0]; s++)
     for (size_t t = 0; t < 4; t++)
       for (size_t l = 0; l < 2; l++) {
-        gcase g = gcase_make(odd[s][0], odd[s][1], odd[s][2], odd[s][3], dtypes[t], layouts[l]);
+        const gcase g = {.spec = {.n = odd[s][0],
+                                  .c = odd[s][1],
+                                  .h = odd[s][2],
+                                  .w = odd[s][3],
+                                  .dtype = dtypes[t],
+                                  .layout = layouts[l],
+                                  .addend = true}};
         if (!run_gcase(&g, &rng))
           failed++;
       }
@@ -769,13 +680,18 @@ static void test_gpu_large_shape(void **state) {
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
   bool ok = true;
-  gcase g = gcase_make(32, 256, 56, 56, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC);
-  g.eval_step = false;
-  g.tol_scale = 4.0;
+  gcase g = {.spec = {.n = 32,
+                      .c = 256,
+                      .h = 56,
+                      .w = 56,
+                      .dtype = FBN_DTYPE_FLOAT16,
+                      .layout = FBN_LAYOUT_NHWC,
+                      .addend = true},
+             .no_eval_step = true,
+             .tol_scale = 4.0};
   ok &= run_gcase(&g, &rng); /* fused */
-  g = gcase_make(32, 256, 56, 56, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW);
-  g.eval_step = false;
-  g.tol_scale = 4.0;
+  g.spec.dtype = FBN_DTYPE_FLOAT32;
+  g.spec.layout = FBN_LAYOUT_NCHW;
   ok &= run_gcase(&g, &rng); /* general */
   g.force = "kernels";
   ok &= run_gcase(&g, &rng);
@@ -788,8 +704,13 @@ static void test_gpu_n_limit_routes_to_kernels(void **state) {
   REQUIRE_GPU();
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
-  gcase g = gcase_make(880802, 4, 1, 1, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC);
-  g.eval_step = true;
+  const gcase g = {.spec = {.n = 880802,
+                            .c = 4,
+                            .h = 1,
+                            .w = 1,
+                            .dtype = FBN_DTYPE_FLOAT16,
+                            .layout = FBN_LAYOUT_NHWC,
+                            .addend = true}};
   assert_int_equal(expected_path(&g, true), FBN_CUDA_PATH_KERNELS);
   if (!run_gcase(&g, &rng))
     fail_msg("N = 880802 failed");
@@ -804,15 +725,21 @@ static void test_gpu_nan_propagation(void **state) {
   for (size_t t = 0; t < 4; t++)
     for (size_t l = 0; l < 2; l++)
       for (size_t f = 0; f < 3; f++) {
-        gcase g = gcase_make(4, 8, 3, 5, dtypes[t], layouts[l]);
-        g.force = all_forces[f];
-        g.nan_x_c = 1;
-        g.eval_step = false;
+        gcase g = {.spec = {.n = 4,
+                            .c = 8,
+                            .h = 3,
+                            .w = 5,
+                            .dtype = dtypes[t],
+                            .layout = layouts[l],
+                            .addend = true},
+                   .force = all_forces[f],
+                   .nan_x = true,
+                   .no_eval_step = true};
         if (!run_gcase(&g, &rng))
           failed++;
-        g.nan_x_c = -1;
+        g.nan_x = false;
         g.nan_addend = true;
-        g.eval_step = true;
+        g.no_eval_step = false;
         if (!run_gcase(&g, &rng))
           failed++;
       }
@@ -830,18 +757,14 @@ static void test_gpu_paths_agree(void **state) {
   const size_t count = fbnt_desc_numel(&d), bytes = count * 2;
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
-  void *xh = fbnt_tensor_alloc(&d), *ah = fbnt_tensor_alloc(&d), *dyh = fbnt_tensor_alloc(&d);
-  fbnt_fill_channels(&rng, &d, xh, NULL);
-  fbnt_fill_normal(&rng, &d, ah, NULL, 1.0);
-  fbnt_fill_normal(&rng, &d, dyh, NULL, 1.0);
-  void *x = dev_from_host(xh, bytes), *a = dev_from_host(ah, bytes), *dy = dev_from_host(dyh, bytes);
+  fbnt_tensors in; /* x, addend, dy; y, dx, daddend poisoned */
+  fbnt_tensors_init(&in, &rng, d, true);
+  void *x = dev_from_host(in.x, bytes), *a = dev_from_host(in.a, bytes);
+  void *dy = dev_from_host(in.dy, bytes);
   const fbn_cuda_path want[] = {FBN_CUDA_PATH_FUSED, FBN_CUDA_PATH_GENERAL, FBN_CUDA_PATH_KERNELS};
   double *y[3], *dx[3], *da[3], grads[3][2][64], running[3][2][64];
   for (int p = 0; p < 3; p++) {
-    fbn_module_options o;
-    fbn_module_options_init(&o);
-    o.num_features = 64;
-    o.device = FBN_DEVICE_CUDA;
+    const fbn_module_options o = fbnt_options(&(fbnt_spec){.c = 64, .device = FBN_DEVICE_CUDA});
     set_force(all_forces[p]);
     fbn_module *m = NULL;
     fbn_status s = fbn_module_create(&o, &m);
@@ -849,7 +772,8 @@ static void test_gpu_paths_agree(void **state) {
     FBN_OK(s);
     fbn_saved *sv = NULL;
     FBN_OK(fbn_saved_create(&sv));
-    void *yd = dev_poisoned(&d), *dxd = dev_poisoned(&d), *dad = dev_poisoned(&d);
+    void *yd = dev_from_host(in.y, bytes), *dxd = dev_from_host(in.dx, bytes);
+    void *dad = dev_from_host(in.da, bytes);
     FBN_OK(fbn_module_forward(m, &d, x, a, yd, sv, NULL, 0));
     fbn_cuda_path got;
     FBN_OK(fbn_cuda_saved_path(sv, &got));
@@ -874,10 +798,7 @@ static void test_gpu_paths_agree(void **state) {
   const tol tb = {buffer_rtol(FBN_DTYPE_FLOAT16, 1.0), buffer_rtol(FBN_DTYPE_FLOAT16, 1.0)};
   /* x-hat and dy of every element, for the gate-flip allowance below */
   const int64_t C = d.c, hw = d.h * d.w;
-  double *xr = malloc(count * sizeof *xr), *dyr = malloc(count * sizeof *dyr);
-  assert_true(xr != NULL && dyr != NULL);
-  fbnt_tensor_to_ref(&d, xh, xr);
-  fbnt_tensor_to_ref(&d, dyh, dyr);
+  const double *xr = in.xr, *dyr = in.dyr;
   double mean[64] = {0}, var[64] = {0};
   for (size_t i = 0; i < count; i++)
     mean[(i / (size_t)hw) % (size_t)C] += xr[i] / (double)(count / (size_t)C);
@@ -942,11 +863,7 @@ static void test_gpu_paths_agree(void **state) {
   dev_free(x);
   dev_free(a);
   dev_free(dy);
-  fbnt_free(xh);
-  fbnt_free(ah);
-  fbnt_free(dyh);
-  free(xr);
-  free(dyr);
+  fbnt_tensors_free(&in);
   if (!ok)
     fail_msg("paths disagree");
 }
@@ -965,13 +882,19 @@ static void test_gpu_runtime_error_query(void **state) {
   fbnt_rng_for_test(&rng, __func__);
   int failed = 0;
   for (int variant = 0; variant < 8; variant++) {
-    gcase g = gcase_make(4, 32, 7, 7, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC);
-    g.addend = (variant & 1) == 0;
-    g.caller_exec = (variant & 6) != 0;
-    g.caller_handle = (variant & 6) == 4;
-    g.bn_mode = (variant & 6) == 6 ? FBN_BN_MODE_SPATIAL : FBN_BN_MODE_AUTO;
-    g.train_steps = 2;
-    g.check_runtime = true;
+    const gcase g = {
+        .spec = {.n = 4,
+                 .c = 32,
+                 .h = 7,
+                 .w = 7,
+                 .dtype = FBN_DTYPE_FLOAT16,
+                 .layout = FBN_LAYOUT_NHWC,
+                 .addend = (variant & 1) == 0,
+                 .bn_mode = (variant & 6) == 6 ? FBN_BN_MODE_SPATIAL : FBN_BN_MODE_AUTO},
+        .caller_exec = (variant & 6) != 0,
+        .caller_handle = (variant & 6) == 4,
+        .train_steps = 2,
+        .check_runtime = true};
     if (!run_gcase(&g, &rng))
       failed++;
   }
@@ -988,12 +911,17 @@ static void test_gpu_caller_stream_handle_workspace(void **state) {
   for (size_t t = 0; t < 4; t++)
     for (size_t f = 0; f < 3; f++)
       for (int variant = 0; variant < 4; variant++) {
-        gcase g = gcase_make(4, 16, 6, 6, dtypes[t], FBN_LAYOUT_NHWC);
-        g.force = all_forces[f];
-        g.addend = (variant & 1) != 0;
-        g.caller_exec = true;
-        g.caller_handle = (variant & 2) == 0;
-        g.train_steps = 2;
+        const gcase g = {.spec = {.n = 4,
+                                  .c = 16,
+                                  .h = 6,
+                                  .w = 6,
+                                  .dtype = dtypes[t],
+                                  .layout = FBN_LAYOUT_NHWC,
+                                  .addend = (variant & 1) != 0},
+                         .force = all_forces[f],
+                         .caller_exec = true,
+                         .caller_handle = (variant & 2) == 0,
+                         .train_steps = 2};
         if (!run_gcase(&g, &rng))
           failed++;
       }
@@ -1010,8 +938,14 @@ static int run_every_path(fbnt_rng *rng, int64_t n, int64_t c, int64_t h, int64_
   for (size_t t = 0; t < 4; t++)
     for (size_t l = 0; l < 2; l++)
       for (size_t f = 0; f < 3; f++) {
-        gcase g = gcase_make(n, c, h, w, dtypes[t], layouts[l]);
-        g.force = all_forces[f];
+        gcase g = {.spec = {.n = n,
+                            .c = c,
+                            .h = h,
+                            .w = w,
+                            .dtype = dtypes[t],
+                            .layout = layouts[l],
+                            .addend = true},
+                   .force = all_forces[f]};
         if (tweak != NULL)
           tweak(&g);
         if (!run_gcase(&g, rng))
@@ -1020,7 +954,7 @@ static int run_every_path(fbnt_rng *rng, int64_t n, int64_t c, int64_t h, int64_
   return failed;
 }
 
-static void eps_zero(gcase *g) { g->eps = 0.0; }
+static void eps_zero(gcase *g) { g->spec.zero_eps = true; }
 
 /* eps = 0 is valid (PyTorch accepts it; CUDNN_BN_MIN_EPSILON is 0.0 in cuDNN
  * 9): every path must take it and match the reference. */
@@ -1036,7 +970,7 @@ static void test_gpu_eps_zero(void **state) {
 
 static void misaligned(gcase *g) {
   g->train_steps = 2;
-  g->tensor_offset = fbn_dtype_size(g->dtype);
+  g->tensor_offset = fbn_dtype_size(g->spec.dtype);
 }
 
 /* Tensors one element past a 256-byte boundary (every pointer: x, addend,
@@ -1060,30 +994,26 @@ static void test_gpu_saved_reuse_across_shapes(void **state) {
   REQUIRE_GPU();
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
-  static const struct {
-    int64_t n, h, w;
-    fbn_dtype dtype;
-    fbn_layout layout;
-    bool addend;
-  } steps[] = {
-      {2, 3, 3, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC, true},   /* fused */
-      {4, 9, 7, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW, true},   /* general, bigger */
-      {1, 2, 2, FBN_DTYPE_BFLOAT16, FBN_LAYOUT_NHWC, false}, /* smaller: reused */
-      {6, 10, 10, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC, false}, /* fused, bigger */
-      {3, 4, 5, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NHWC, true},
+  static const fbnt_spec steps[] = {
+      /* fused */
+      {.n = 2, .c = 8, .h = 3, .w = 3, .dtype = FBN_DTYPE_FLOAT16, .layout = FBN_LAYOUT_NHWC,
+       .addend = true},
+      /* general, bigger */
+      {.n = 4, .c = 8, .h = 9, .w = 7, .dtype = FBN_DTYPE_FLOAT32, .layout = FBN_LAYOUT_NCHW,
+       .addend = true},
+      /* smaller: reused */
+      {.n = 1, .c = 8, .h = 2, .w = 2, .dtype = FBN_DTYPE_BFLOAT16, .layout = FBN_LAYOUT_NHWC},
+      /* fused, bigger */
+      {.n = 6, .c = 8, .h = 10, .w = 10, .dtype = FBN_DTYPE_FLOAT16, .layout = FBN_LAYOUT_NHWC},
+      {.n = 3, .c = 8, .h = 4, .w = 5, .dtype = FBN_DTYPE_FLOAT32, .layout = FBN_LAYOUT_NHWC,
+       .addend = true},
   };
   bool ok = true;
   for (int eval = 0; eval < 2; eval++) {
-    gcase g0 = gcase_make(2, 8, 3, 3, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC);
-    fbn_module_options go = gcase_options(&g0, FBN_DEVICE_CUDA);
-    fbn_module_options co = gcase_options(&g0, FBN_DEVICE_CPU);
-    fbnt_ref_module ref;
-    memset(&ref, 0, sizeof ref);
+    /* float32 parameters: every step's dtype but float64 */
+    const gcase g0 = {.spec = {.c = 8, .dtype = FBN_DTYPE_FLOAT16}};
     fbn_module *gm = NULL, *cm = NULL;
-    FBN_OK(fbnt_module_create_random(&rng, &go, &gm, &ref));
-    FBN_OK(fbn_module_create(&co, &cm));
-    FBN_OK(fbnt_ref_module_to(&ref, cm));
-    fbnt_ref_module_free(&ref);
+    create_pair(&g0, "saved reuse", &rng, &gm, &cm);
     if (eval) {
       FBN_OK(fbn_module_set_training(gm, false));
       FBN_OK(fbn_module_set_training(cm, false));
@@ -1091,9 +1021,7 @@ static void test_gpu_saved_reuse_across_shapes(void **state) {
     fbn_saved *reuse = NULL;
     FBN_OK(fbn_saved_create(&reuse));
     for (size_t i = 0; i < sizeof steps / sizeof steps[0]; i++) {
-      gcase g = gcase_make(steps[i].n, 8, steps[i].h, steps[i].w, steps[i].dtype,
-                           steps[i].layout);
-      g.addend = steps[i].addend;
+      const gcase g = {.spec = steps[i]};
       char name[320];
       gcase_name(&g, name, sizeof name);
       strncat(name, eval ? " (reused saved, eval)" : " (reused saved)",
@@ -1111,10 +1039,7 @@ static void test_gpu_saved_reuse_across_shapes(void **state) {
 static void test_gpu_rejects_bad_memory(void **state) {
   (void)state;
   REQUIRE_GPU();
-  fbn_module_options o;
-  fbn_module_options_init(&o);
-  o.num_features = 8;
-  o.device = FBN_DEVICE_CUDA;
+  const fbn_module_options o = fbnt_options(&(fbnt_spec){.c = 8, .device = FBN_DEVICE_CUDA});
   fbn_module *m = NULL;
   FBN_OK(fbn_module_create(&o, &m));
   const fbn_tensor_desc d = fbn_tensor_desc_make(2, 8, 4, 4, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC);
@@ -1195,11 +1120,8 @@ static void test_gpu_create_destroy_cycles(void **state) {
       CUDA_OK(cudaDeviceSynchronize());
       CUDA_OK(cudaMemGetInfo(&free_before, &total));
     }
-    fbn_module_options o;
-    fbn_module_options_init(&o);
-    o.num_features = 32;
-    o.device = FBN_DEVICE_CUDA;
-    o.affine = (i & 1) == 0;
+    const fbn_module_options o =
+        fbnt_options(&(fbnt_spec){.c = 32, .no_affine = (i & 1) != 0, .device = FBN_DEVICE_CUDA});
     fbn_module *m = NULL;
     FBN_OK(fbn_module_create(&o, &m));
     fbn_saved *sv = NULL;

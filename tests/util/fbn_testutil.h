@@ -237,6 +237,13 @@ void fbnt_state_free(fbnt_state *state);
  * be initialized or zeroed) receives the same state. */
 fbn_status fbnt_module_create_random(fbnt_rng *rng, const fbn_module_options *options,
                                      fbn_module **out, fbnt_ref_module *ref);
+/* A module of options a with random state (fbnt_module_create_random) and
+ * its twin of options b (same num_features and flags, another device or
+ * backend) holding the same state. On failure both are NULL and the
+ * status is that of the failing call. */
+fbn_status fbnt_module_create_pair(fbnt_rng *rng, const fbn_module_options *a,
+                                   const fbn_module_options *b, fbn_module **out_a,
+                                   fbn_module **out_b);
 
 /* ---- one checked forward (+ backward) on host memory -------------------- */
 
@@ -299,7 +306,8 @@ typedef struct fbnt_spec {
 
 /* The module options a spec describes. */
 fbn_module_options fbnt_options(const fbnt_spec *spec);
-/* "(n,c,h,w) NCHW f32 addend affine track train" and the like. */
+/* "(n,c,h,w) NCHW f32 addend affine track eps=1e-05 momentum=0.1 eval" and
+ * the like. */
 void fbnt_spec_name(const fbnt_spec *spec, char *buf, size_t size);
 
 /*
@@ -323,6 +331,9 @@ typedef struct fbnt_tensors {
 
 /* Aborts when out of memory. */
 void fbnt_tensors_init(fbnt_tensors *t, fbnt_rng *rng, fbn_tensor_desc d, bool addend);
+/* The inputs of src (x, addend, dy) in d's dtype and layout (d has src's
+ * shape), rounded to d's dtype; outputs poisoned, a fresh saved object. */
+void fbnt_tensors_init_as(fbnt_tensors *t, const fbnt_tensors *src, fbn_tensor_desc d);
 void fbnt_tensors_free(fbnt_tensors *t);
 
 typedef struct fbnt_fixture {

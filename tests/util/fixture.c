@@ -40,13 +40,13 @@ fbn_module_options fbnt_options(const fbnt_spec *spec) {
 void fbnt_spec_name(const fbnt_spec *spec, char *buf, size_t size) {
   const fbn_module_options o = fbnt_options(spec);
   snprintf(buf, size,
-           "(%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64 ") %s %s%s%s%s%s%s eps=%g momentum=%g %s",
+           "(%" PRId64 ",%" PRId64 ",%" PRId64 ",%" PRId64 ") %s %s%s%s%s%s%s eps=%g momentum=%g%s",
            spec->n, spec->c, spec->h, spec->w, fbnt_layout_str(spec->layout),
            fbnt_dtype_str(spec->dtype), spec->addend ? " addend" : "",
            o.affine ? " affine" : "", o.track_running_stats ? " track" : "",
            o.cumulative_average ? " cumulative" : "",
            o.device == FBN_DEVICE_CUDA ? " cuda" : "", o.eps, o.momentum,
-           spec->eval ? "eval" : "train");
+           spec->eval ? " eval" : "");
 }
 
 static double *ref_array(size_t count) {
@@ -71,6 +71,33 @@ void fbnt_tensors_init(fbnt_tensors *t, fbnt_rng *rng, fbn_tensor_desc d, bool a
   fbnt_fill_channels(rng, &d, t->x, t->xr);
   fbnt_fill_normal(rng, &d, t->a, t->ar, 1.0);
   fbnt_fill_normal(rng, &d, t->dy, t->dyr, 1.0);
+  fbnt_tensor_poison(&d, t->y);
+  fbnt_tensor_poison(&d, t->dx);
+  fbnt_tensor_poison(&d, t->da);
+  if (fbn_saved_create(&t->saved) != FBN_STATUS_SUCCESS) {
+    abort();
+  }
+  fbnt_ref_saved_init(&t->rs);
+}
+
+void fbnt_tensors_init_as(fbnt_tensors *t, const fbnt_tensors *src, fbn_tensor_desc d) {
+  memset(t, 0, sizeof *t);
+  t->d = d;
+  t->count = fbnt_desc_numel(&d);
+  t->addend = src->addend;
+  void **bufs[6] = {&t->x, &t->a, &t->y, &t->dy, &t->dx, &t->da};
+  double **refs[6] = {&t->xr, &t->ar, &t->yr, &t->dyr, &t->dxr, &t->dar};
+  for (int i = 0; i < 6; i++) {
+    *bufs[i] = fbnt_tensor_alloc(&d);
+    *refs[i] = ref_array(t->count);
+  }
+  /* store, then read back what the dtype holds */
+  fbnt_tensor_from_ref(&d, src->xr, t->x);
+  fbnt_tensor_from_ref(&d, src->ar, t->a);
+  fbnt_tensor_from_ref(&d, src->dyr, t->dy);
+  fbnt_tensor_to_ref(&d, t->x, t->xr);
+  fbnt_tensor_to_ref(&d, t->a, t->ar);
+  fbnt_tensor_to_ref(&d, t->dy, t->dyr);
   fbnt_tensor_poison(&d, t->y);
   fbnt_tensor_poison(&d, t->dx);
   fbnt_tensor_poison(&d, t->da);

@@ -121,3 +121,29 @@ fbn_status fbnt_module_create_random(fbnt_rng *rng, const fbn_module_options *op
   *out = m;
   return FBN_STATUS_SUCCESS;
 }
+
+fbn_status fbnt_module_create_pair(fbnt_rng *rng, const fbn_module_options *a,
+                                   const fbn_module_options *b, fbn_module **out_a,
+                                   fbn_module **out_b) {
+  *out_a = NULL;
+  *out_b = NULL;
+  fbnt_ref_module ref;
+  memset(&ref, 0, sizeof ref);
+  fbn_module *ma = NULL, *mb = NULL;
+  fbn_status st = fbnt_module_create_random(rng, a, &ma, &ref);
+  if (st == FBN_STATUS_SUCCESS) {
+    st = fbn_module_create(b, &mb);
+  }
+  if (st == FBN_STATUS_SUCCESS) {
+    st = fbnt_ref_module_to(&ref, mb);
+  }
+  fbnt_ref_module_free(&ref);
+  if (st != FBN_STATUS_SUCCESS) {
+    fbn_module_destroy(ma);
+    fbn_module_destroy(mb);
+    return st;
+  }
+  *out_a = ma;
+  *out_b = mb;
+  return FBN_STATUS_SUCCESS;
+}
