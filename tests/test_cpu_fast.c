@@ -121,15 +121,6 @@ static void pair_poke(pair *p, fbn_buffer which, int64_t c, double value) {
 
 static double tol_rel(fbn_dtype dtype) { return dtype == FBN_DTYPE_FLOAT64 ? 1e-10 : 2e-5; }
 
-/* Largest finite |v[i]| (0 for none): the scale of the absolute tolerance. */
-static double max_finite(const double *v, size_t count) {
-  double m = 0.0;
-  for (size_t i = 0; i < count; i++)
-    if (isfinite(v[i]) && fabs(v[i]) > m)
-      m = fabs(v[i]);
-  return m;
-}
-
 /* Every element of got against want (tensors of desc), relative tolerance
  * rtol and absolute rtol * max(max|want|, scale) (exact when rtol = 0). */
 static bool same_tensor(const char *name, const char *what, const fbn_tensor_desc *d,
@@ -140,7 +131,7 @@ static bool same_tensor(const char *name, const char *what, const fbn_tensor_des
   fbnt_tensor_to_ref(d, want, w);
   char label[256];
   snprintf(label, sizeof label, "%s: %s", name, what);
-  double atol = max_finite(w, count);
+  double atol = fbnt_max_finite(w, count);
   if (scale > atol)
     atol = scale;
   const bool ok = fbnt_check_close(label, g, w, count, rtol, rtol * atol, d);
@@ -166,8 +157,8 @@ static bool same_state(const char *name, const pair *p) {
         FBN_STATUS_SUCCESS);
     char label[256];
     snprintf(label, sizeof label, "%s: buffer %d", name, b);
-    ok = fbnt_check_close(label, g, w, (size_t)c, rtol, rtol * max_finite(w, (size_t)c), NULL) &&
-         ok;
+    const double atol = rtol * fbnt_max_finite(w, (size_t)c);
+    ok = fbnt_check_close(label, g, w, (size_t)c, rtol, atol, NULL) && ok;
   }
   if (p->ref->options.track_running_stats) {
     int64_t nr = -1, nf = -2;
@@ -228,7 +219,7 @@ static double dx_term_scale(const fbn_module *ref, const fbn_tensor_desc *d, con
       kmax = k;
   }
   fbnt_tensor_to_ref(d, dy, v);
-  const double scale = kmax * max_finite(v, numel);
+  const double scale = kmax * fbnt_max_finite(v, numel);
   free(v);
   free(w);
   free(rv);
@@ -250,20 +241,18 @@ typedef enum special {
   SPECIAL_COUNT,
 } special;
 
+/* A case with designated initializers: the module and shape (fields left
+ * out: PyTorch's defaults, but momentum 0.25), a special, the steps. */
 typedef struct fcase {
-  int64_t n, c, h, w;
-  fbn_dtype dtype;
-  fbn_layout layout;
-  bool affine, track, cumulative, addend, eval;
+  fbnt_spec spec;
   special sp;
   int steps;
 } fcase;
 
 static void case_name(const fcase *k, char *buf, size_t size) {
-  snprintf(buf, size, "(%lld,%lld,%lld,%lld) %s %s affine=%d track=%d cum=%d addend=%d %s sp=%d",
-           (long long)k->n, (long long)k->c, (long long)k->h, (long long)k->w,
-           fbnt_layout_str(k->layout), fbnt_dtype_str(k->dtype), k->affine, k->track,
-           k->cumulative, k->addend, k->eval ? "eval" : "train", (int)k->sp);
+  char spec[192];
+  fbnt_spec_name(&k->spec, spec, sizeof spec);
+  snprintf(buf, size, "%s sp=%d", spec, (int)k->sp);
 }
 
 /* Fresh random tensor: element of channel c uniform in offset_c +- scale_c
@@ -299,30 +288,27 @@ static void poke(const fbn_tensor_desc *d, void *t, int64_t n, int64_t c, int64_
 static bool run_case(const fcase *k, fbnt_rng *rng) {
   char name[256];
   case_name(k, name, sizeof name);
-  fbn_module_options o;
-  fbn_module_options_init(&o);
-  o.num_features = k->c;
-  o.affine = k->affine;
-  o.track_running_stats = k->track;
-  o.cumulative_average = k->cumulative;
-  o.momentum = 0.25;
-  o.param_dtype = k->dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
+  fbnt_spec spec = k->spec;
+  if (spec.momentum == 0.0 && !spec.zero_momentum)
+    spec.momentum = 0.25;
   if (k->sp == SPECIAL_CONSTANT_EPS0)
-    o.eps = 0.0;
+    spec.zero_eps = true;
+  const fbn_module_options o = fbnt_options(&spec);
+  const int64_t c_ = spec.c;
   pair p;
   pair_create(&p, &o, rng);
-  if (k->eval)
+  if (spec.eval)
     pair_set_training(&p, false);
-  if (k->sp == SPECIAL_NAN_RUNNING && k->track) {
+  if (k->sp == SPECIAL_NAN_RUNNING && o.track_running_stats) {
     pair_poke(&p, FBN_BUFFER_RUNNING_VAR, 0, NAN);
-    pair_poke(&p, FBN_BUFFER_RUNNING_MEAN, k->c - 1, INFINITY);
+    pair_poke(&p, FBN_BUFFER_RUNNING_MEAN, c_ - 1, INFINITY);
   }
-  if (k->sp == SPECIAL_INF_WEIGHT && k->affine) {
+  if (k->sp == SPECIAL_INF_WEIGHT && o.affine) {
     pair_poke(&p, FBN_BUFFER_WEIGHT, 0, INFINITY);
-    pair_poke(&p, FBN_BUFFER_WEIGHT, k->c - 1, NAN);
+    pair_poke(&p, FBN_BUFFER_WEIGHT, c_ - 1, NAN);
   }
 
-  const fbn_tensor_desc d = {k->n, k->c, k->h, k->w, k->dtype, k->layout};
+  const fbn_tensor_desc d = {spec.n, spec.c, spec.h, spec.w, spec.dtype, spec.layout};
   void *x = fbnt_tensor_alloc(&d), *a = fbnt_tensor_alloc(&d), *dy = fbnt_tensor_alloc(&d);
   void *yr = fbnt_tensor_alloc(&d), *yf = fbnt_tensor_alloc(&d);
   void *dxr = fbnt_tensor_alloc(&d), *dxf = fbnt_tensor_alloc(&d);
@@ -344,7 +330,7 @@ static bool run_case(const fcase *k, fbnt_rng *rng) {
       break;
     case SPECIAL_INF_X:
       poke(&d, x, 0, 0, 0, 1, INFINITY);
-      poke(&d, x, 1, k->c - 1, 0, 0, -INFINITY);
+      poke(&d, x, 1, c_ - 1, 0, 0, -INFINITY);
       break;
     case SPECIAL_NAN_ADDEND:
       poke(&d, a, 0, 0, 0, 0, NAN);
@@ -370,7 +356,7 @@ static bool run_case(const fcase *k, fbnt_rng *rng) {
     default:
       break;
     }
-    const void *addend = k->addend ? a : NULL;
+    const void *addend = spec.addend ? a : NULL;
     const double dx_scale = dx_term_scale(p.ref, &d, x, dy);
     /* Forward (step 2 without a saved object: the no-backward path). */
     const bool keep = step != 1;
@@ -384,15 +370,15 @@ static bool run_case(const fcase *k, fbnt_rng *rng) {
     if (st != FBN_STATUS_SUCCESS)
       fail_msg("%s: fast forward = %s: %s", sname, fbn_status_string(st),
                fbn_last_error_message());
-    ok = same_tensor(sname, "y", &d, yf, yr, tol_rel(k->dtype), 0.0) && ok;
+    ok = same_tensor(sname, "y", &d, yf, yr, tol_rel(d.dtype), 0.0) && ok;
     ok = same_state(sname, &p) && ok;
     if (!keep)
       continue;
 
     /* Backward on the fast forward's y; step 3 skips dx, step 4 daddend. */
     void *wantdx = step == 2 ? NULL : dxr, *gotdx = step == 2 ? NULL : dxf;
-    void *wantda = step == 3 || !k->addend ? NULL : dar;
-    void *gotda = step == 3 || !k->addend ? NULL : daf;
+    void *wantda = step == 3 || !spec.addend ? NULL : dar;
+    void *gotda = step == 3 || !spec.addend ? NULL : daf;
     fbnt_tensor_poison(&d, dxr);
     fbnt_tensor_poison(&d, dxf);
     fbnt_tensor_poison(&d, dar);
@@ -406,7 +392,7 @@ static bool run_case(const fcase *k, fbnt_rng *rng) {
       fail_msg("%s: fast backward = %s: %s", sname, fbn_status_string(st),
                fbn_last_error_message());
     /* Untouched outputs stay poisoned in both: compared as NaN == NaN. */
-    ok = same_tensor(sname, "dx", &d, dxf, dxr, tol_rel(k->dtype), dx_scale) && ok;
+    ok = same_tensor(sname, "dx", &d, dxf, dxr, tol_rel(d.dtype), dx_scale) && ok;
     ok = same_tensor(sname, "daddend", &d, daf, dar, 0.0, 0.0) && ok;
     ok = same_state(sname, &p) && ok;
   }
@@ -447,10 +433,20 @@ static void run_matrix(const char *test, fbn_layout layout, fbn_dtype dtype) {
       if (big && flags != 0 && flags != 6 && flags != 7 && flags != 15 && flags != 9 &&
           flags != 12)
         continue;
-      fcase k = {shapes[s][0], shapes[s][1], shapes[s][2], shapes[s][3], dtype, layout,
-                 (flags & 1) != 0, (flags & 2) != 0, false, (flags & 4) != 0, (flags & 8) != 0,
-                 SPECIAL_NONE, 4};
-      k.cumulative = k.track && (s % 2 == 1);
+      const bool track = (flags & 2) != 0;
+      const fcase k = {.spec = {.n = shapes[s][0],
+                                .c = shapes[s][1],
+                                .h = shapes[s][2],
+                                .w = shapes[s][3],
+                                .dtype = dtype,
+                                .layout = layout,
+                                .no_affine = (flags & 1) == 0,
+                                .no_track = !track,
+                                .cumulative = track && (s % 2 == 1),
+                                .addend = (flags & 4) != 0,
+                                .eval = (flags & 8) != 0},
+                       .sp = SPECIAL_NONE,
+                       .steps = 4};
       total++;
       if (!run_case(&k, &rng))
         failed++;
@@ -489,9 +485,16 @@ static void test_cpu_fast_nan_and_degenerate_channels_match_reference(void **sta
       for (int l = 0; l < 2; l++)
         for (int t = 0; t < (s == 0 ? 2 : 1); t++) /* float64 on the small shape only */
           for (int e = 0; e < 2; e++) {
-            fcase k = {sp_shapes[s][0], sp_shapes[s][1], sp_shapes[s][2], sp_shapes[s][3],
-                       t ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32, (fbn_layout)l, true, true,
-                       false, true, e != 0, (special)sp, 4};
+            const fcase k = {.spec = {.n = sp_shapes[s][0],
+                                      .c = sp_shapes[s][1],
+                                      .h = sp_shapes[s][2],
+                                      .w = sp_shapes[s][3],
+                                      .dtype = t ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32,
+                                      .layout = (fbn_layout)l,
+                                      .addend = true,
+                                      .eval = e != 0},
+                             .sp = (special)sp,
+                             .steps = 4};
             total++;
             if (!run_case(&k, &rng))
               failed++;
@@ -516,9 +519,16 @@ static void test_cpu_fast_streamed_outputs_match_reference(void **state) {
     for (int s = 0; s < 2; s++)
       for (int l = 0; l < 2; l++)
         for (int e = 0; e < 2; e++) {
-          fcase k = {big[t][s][0], big[t][s][1], big[t][s][2], big[t][s][3],
-                     t ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32, (fbn_layout)l, true, true, false,
-                     true, e != 0, SPECIAL_NONE, 3};
+          const fcase k = {.spec = {.n = big[t][s][0],
+                                    .c = big[t][s][1],
+                                    .h = big[t][s][2],
+                                    .w = big[t][s][3],
+                                    .dtype = t ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32,
+                                    .layout = (fbn_layout)l,
+                                    .addend = true,
+                                    .eval = e != 0},
+                           .sp = SPECIAL_NONE,
+                           .steps = 3};
           total++;
           if (!run_case(&k, &rng))
             failed++;
@@ -528,10 +538,15 @@ static void test_cpu_fast_streamed_outputs_match_reference(void **state) {
    * addend, both shapes and layouts */
   for (int l = 0; l < 4; l++)
     for (int sp = 0; sp < 2; sp++) {
-      fcase k = {big[0][l / 2][0], big[0][l / 2][1], big[0][l / 2][2], big[0][l / 2][3],
-                 FBN_DTYPE_FLOAT32,
-                 (fbn_layout)(l % 2), true, true, false, true, false,
-                 sp ? SPECIAL_NAN_ADDEND : SPECIAL_NAN_X, 2};
+      const fcase k = {.spec = {.n = big[0][l / 2][0],
+                                .c = big[0][l / 2][1],
+                                .h = big[0][l / 2][2],
+                                .w = big[0][l / 2][3],
+                                .dtype = FBN_DTYPE_FLOAT32,
+                                .layout = (fbn_layout)(l % 2),
+                                .addend = true},
+                       .sp = sp ? SPECIAL_NAN_ADDEND : SPECIAL_NAN_X,
+                       .steps = 2};
       total++;
       if (!run_case(&k, &rng))
         failed++;
@@ -566,18 +581,16 @@ static void test_cpu_fast_large_streamed_matches_reference(void **state) {
   (void)state;
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
-  static const struct {
-    bool affine, track, cumulative, addend, eval;
-    special sp;
-  } v[] = {
-      {true, true, false, true, false, SPECIAL_NONE},
-      {false, true, true, false, false, SPECIAL_NONE},
-      {true, false, false, true, true, SPECIAL_NONE},
-      {true, true, false, true, true, SPECIAL_NONE},
-      {true, true, false, true, false, SPECIAL_NAN_X},
-      {true, true, false, true, false, SPECIAL_INF_WEIGHT},
-      {true, true, false, true, false, SPECIAL_NAN_ADDEND},
-      {true, true, false, true, false, SPECIAL_NAN_DY},
+  /* float32; shape, layout and steps filled in below */
+  static const fcase v[] = {
+      {.spec = {.addend = true}},
+      {.spec = {.no_affine = true, .cumulative = true}},
+      {.spec = {.no_track = true, .addend = true, .eval = true}},
+      {.spec = {.addend = true, .eval = true}},
+      {.spec = {.addend = true}, .sp = SPECIAL_NAN_X},
+      {.spec = {.addend = true}, .sp = SPECIAL_INF_WEIGHT},
+      {.spec = {.addend = true}, .sp = SPECIAL_NAN_ADDEND},
+      {.spec = {.addend = true}, .sp = SPECIAL_NAN_DY},
   };
   static const struct {
     int64_t n, c, h, w;
@@ -594,9 +607,13 @@ static void test_cpu_fast_large_streamed_matches_reference(void **state) {
   int failed = 0, total = 0;
   for (size_t sh = 0; sh < sizeof big / sizeof big[0]; sh++)
     for (size_t i = 0; i < big[sh].variants; i++) {
-      fcase k = {big[sh].n, big[sh].c, big[sh].h, big[sh].w,
-                 FBN_DTYPE_FLOAT32, big[sh].layout, v[i].affine, v[i].track,
-                 v[i].cumulative, v[i].addend, v[i].eval, v[i].sp, 2};
+      fcase k = v[i];
+      k.spec.n = big[sh].n;
+      k.spec.c = big[sh].c;
+      k.spec.h = big[sh].h;
+      k.spec.w = big[sh].w;
+      k.spec.layout = big[sh].layout;
+      k.steps = 2;
       total++;
       if (!run_case(&k, &rng))
         failed++;
@@ -614,9 +631,7 @@ static void test_cpu_fast_streamed_outputs_at_offsets(void **state) {
   (void)state;
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, __func__);
-  fbn_module_options o;
-  fbn_module_options_init(&o);
-  o.num_features = 24;
+  const fbn_module_options o = fbnt_options(&(fbnt_spec){.c = 24});
   int failed = 0;
   for (int l = 0; l < 2; l++)
     for (int off = 4; off <= 16; off += 12) {
@@ -676,8 +691,16 @@ static void test_cpu_fast_eval_single_value_matches_reference(void **state) {
   fbnt_rng_for_test(&rng, __func__);
   for (int l = 0; l < 2; l++)
     for (int t = 0; t < 2; t++) {
-      fcase k = {1, 4, 1, 1, t ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32, (fbn_layout)l, true,
-                 true, false, true, true, SPECIAL_NONE, 4};
+      const fcase k = {.spec = {.n = 1,
+                                .c = 4,
+                                .h = 1,
+                                .w = 1,
+                                .dtype = t ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32,
+                                .layout = (fbn_layout)l,
+                                .addend = true,
+                                .eval = true},
+                       .sp = SPECIAL_NONE,
+                       .steps = 4};
       assert_true(run_case(&k, &rng));
     }
 }
@@ -685,9 +708,7 @@ static void test_cpu_fast_eval_single_value_matches_reference(void **state) {
 /* FBN_CPU_BACKEND picks the backend; an unknown value is rejected. */
 static void test_cpu_fast_backend_selection(void **state) {
   (void)state;
-  fbn_module_options o;
-  fbn_module_options_init(&o);
-  o.num_features = 4;
+  fbn_module_options o = fbnt_options(&(fbnt_spec){.c = 4});
   fbn_module *m = create_with(&o, NULL);
   assert_string_equal(m->backend->name, "cpu-fast");
   fbn_module_destroy(m);

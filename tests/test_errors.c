@@ -45,12 +45,8 @@ static unsigned char **fx_buffers(fx *f, int i) {
 }
 
 static fbn_module *fx_module(fbnt_rng *rng, fbn_dtype dtype, bool affine, bool track) {
-  fbn_module_options opt;
-  fbn_module_options_init(&opt);
-  opt.num_features = C;
-  opt.param_dtype = dtype;
-  opt.affine = affine;
-  opt.track_running_stats = track;
+  const fbn_module_options opt =
+      fbnt_options(&(fbnt_spec){.c = C, .dtype = dtype, .no_affine = !affine, .no_track = !track});
   fbn_module *m = NULL;
   assert_int_equal(fbnt_module_create_random(rng, &opt, &m, NULL), FBN_STATUS_SUCCESS);
   return m;
@@ -168,12 +164,7 @@ static void expect_create_fails(fbn_module_options opt, fbn_status want, const c
   }
 }
 
-static fbn_module_options good_options(void) {
-  fbn_module_options opt;
-  fbn_module_options_init(&opt);
-  opt.num_features = C;
-  return opt;
-}
+static fbn_module_options good_options(void) { return fbnt_options(&(fbnt_spec){.c = C}); }
 
 #define CREATE_FAILS(field_assignment, want)                                                     \
   do {                                                                                           \

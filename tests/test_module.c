@@ -23,12 +23,8 @@ static const fbn_buffer all_buffers[6] = {FBN_BUFFER_WEIGHT,       FBN_BUFFER_BI
                                           FBN_BUFFER_WEIGHT_GRAD,  FBN_BUFFER_BIAS_GRAD};
 
 static fbn_module *make_module(int64_t c, fbn_dtype param_dtype, bool affine, bool track) {
-  fbn_module_options opt;
-  fbn_module_options_init(&opt);
-  opt.num_features = c;
-  opt.param_dtype = param_dtype;
-  opt.affine = affine;
-  opt.track_running_stats = track;
+  const fbn_module_options opt = fbnt_options(
+      &(fbnt_spec){.c = c, .dtype = param_dtype, .no_affine = !affine, .no_track = !track});
   fbn_module *m = (fbn_module *)(uintptr_t)1; /* must be overwritten */
   assert_int_equal(fbn_module_create(&opt, &m), FBN_STATUS_SUCCESS);
   assert_non_null(m);
@@ -98,13 +94,8 @@ static void test_module_create_defaults(void **state) {
 
 static void test_module_options_are_copied(void **state) {
   (void)state;
-  fbn_module_options opt;
-  fbn_module_options_init(&opt);
-  opt.num_features = 3;
-  opt.eps = 1e-3;
-  opt.momentum = 0.25;
-  opt.cumulative_average = true;
-  opt.param_dtype = FBN_DTYPE_FLOAT64;
+  fbn_module_options opt = fbnt_options(&(fbnt_spec){
+      .c = 3, .eps = 1e-3, .momentum = 0.25, .cumulative = true, .dtype = FBN_DTYPE_FLOAT64});
   fbn_module *m = NULL;
   assert_int_equal(fbn_module_create(&opt, &m), FBN_STATUS_SUCCESS);
   opt.eps = 7.0;
@@ -455,9 +446,7 @@ static void *fail_on_thread(void *arg) {
 
 static void test_status_last_error_is_thread_local(void **state) {
   (void)state;
-  fbn_module_options opt;
-  fbn_module_options_init(&opt);
-  opt.num_features = 1;
+  const fbn_module_options opt = fbnt_options(&(fbnt_spec){.c = 1});
   fbn_module *m = NULL;
   assert_int_equal(fbn_module_create(&opt, &m), FBN_STATUS_SUCCESS);
   assert_string_equal(fbn_last_error_message(), "");

@@ -131,13 +131,8 @@ static unsigned char *read_file(const char *path, size_t *size) {
 
 static fbn_module *make_module_on(fbn_device_type device, int64_t c, fbn_dtype dtype, bool affine,
                                   bool track, fbn_status *status) {
-  fbn_module_options o;
-  fbn_module_options_init(&o);
-  o.num_features = c;
-  o.param_dtype = dtype;
-  o.affine = affine;
-  o.track_running_stats = track;
-  o.device = device;
+  const fbn_module_options o = fbnt_options(&(fbnt_spec){
+      .c = c, .dtype = dtype, .no_affine = !affine, .no_track = !track, .device = device});
   fbn_module *m = NULL;
   *status = fbn_module_create(&o, &m);
   return m;
