@@ -17,57 +17,21 @@
 
 #include "fbn_testutil.h"
 
-/* C=1; H=W=1 with N>1; odd sizes; OneFlow's example shape (4, 2, 8, 3); a larger one. */
-static const int64_t shapes[][4] = {
-    {3, 1, 4, 5}, {5, 3, 1, 1}, {3, 5, 7, 3}, {4, 2, 8, 3}, {8, 16, 12, 10}, {32, 24, 7, 9},
-};
-#define NUM_SHAPES (sizeof shapes / sizeof shapes[0])
-
-static void run_matrix(const char *test, fbn_layout layout, fbn_dtype dtype, bool backward) {
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, test);
-  int failed = 0, total = 0;
-  for (size_t s = 0; s < NUM_SHAPES; s++) {
-    for (int flags = 0; flags < 16; flags++) {
-      fbnt_case cs = {
-          .n = shapes[s][0],
-          .c = shapes[s][1],
-          .h = shapes[s][2],
-          .w = shapes[s][3],
-          .dtype = dtype,
-          .layout = layout,
-          .addend = (flags & 1) != 0,
-          .affine = (flags & 2) != 0,
-          .track = (flags & 4) != 0,
-          .training = (flags & 8) != 0,
-          .backward = backward,
-      };
-      total++;
-      if (!fbnt_case_run(&cs, &rng)) {
-        failed++;
-      }
-    }
-  }
-  if (failed != 0) {
-    fail_msg("%d of %d cases failed", failed, total);
-  }
-}
-
 static void test_forward_matches_reference_nchw_f32(void **state) {
   (void)state;
-  run_matrix(__func__, FBN_LAYOUT_NCHW, FBN_DTYPE_FLOAT32, false);
+  fbnt_case_matrix(__func__, FBN_LAYOUT_NCHW, FBN_DTYPE_FLOAT32, false);
 }
 static void test_forward_matches_reference_nhwc_f32(void **state) {
   (void)state;
-  run_matrix(__func__, FBN_LAYOUT_NHWC, FBN_DTYPE_FLOAT32, false);
+  fbnt_case_matrix(__func__, FBN_LAYOUT_NHWC, FBN_DTYPE_FLOAT32, false);
 }
 static void test_forward_matches_reference_nchw_f64(void **state) {
   (void)state;
-  run_matrix(__func__, FBN_LAYOUT_NCHW, FBN_DTYPE_FLOAT64, false);
+  fbnt_case_matrix(__func__, FBN_LAYOUT_NCHW, FBN_DTYPE_FLOAT64, false);
 }
 static void test_forward_matches_reference_nhwc_f64(void **state) {
   (void)state;
-  run_matrix(__func__, FBN_LAYOUT_NHWC, FBN_DTYPE_FLOAT64, false);
+  fbnt_case_matrix(__func__, FBN_LAYOUT_NHWC, FBN_DTYPE_FLOAT64, false);
 }
 
 /* ---- several training steps --------------------------------------------- */

@@ -117,3 +117,36 @@ bool fbnt_case_run(const fbnt_case *cs, fbnt_rng *rng) {
   fbnt_fixture_destroy(&f);
   return ok;
 }
+
+void fbnt_case_matrix(const char *test, fbn_layout layout, fbn_dtype dtype, bool backward) {
+  static const int64_t shapes[][4] = {
+      {3, 1, 4, 5}, {5, 3, 1, 1}, {3, 5, 7, 3}, {4, 2, 8, 3}, {8, 16, 12, 10}, {32, 24, 7, 9},
+  };
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, test);
+  int failed = 0, total = 0;
+  for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
+    for (int flags = 0; flags < 16; flags++) {
+      const fbnt_case cs = {
+          .n = shapes[s][0],
+          .c = shapes[s][1],
+          .h = shapes[s][2],
+          .w = shapes[s][3],
+          .dtype = dtype,
+          .layout = layout,
+          .addend = (flags & 1) != 0,
+          .affine = (flags & 2) != 0,
+          .track = (flags & 4) != 0,
+          .training = (flags & 8) != 0,
+          .backward = backward,
+      };
+      total++;
+      if (!fbnt_case_run(&cs, &rng)) {
+        failed++;
+      }
+    }
+  }
+  if (failed != 0) {
+    fail_msg("%d of %d cases failed", failed, total);
+  }
+}

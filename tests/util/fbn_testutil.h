@@ -268,6 +268,14 @@ void fbnt_case_name(const fbnt_case *cs, char *buf, size_t size);
  * failure; returns true iff everything matched.
  */
 bool fbnt_case_run(const fbnt_case *cs, fbnt_rng *rng);
+/*
+ * fbnt_case_run on every combination of addend, affine, track and mode for
+ * each shape of the matrix (C = 1; H = W = 1 with N > 1; odd sizes;
+ * OneFlow's example shape (4, 2, 8, 3); two larger ones) in one layout and
+ * dtype, forward only or with backward, with test's generator; fails the
+ * cmocka test, saying how many cases failed.
+ */
+void fbnt_case_matrix(const char *test, fbn_layout layout, fbn_dtype dtype, bool backward);
 /* Check every buffer, num_batches_tracked and the mode of m against ref
  * (weight/bias bitwise when exact_params). */
 bool fbnt_check_module(const char *name, const fbn_module *m, const fbnt_ref_module *ref,

@@ -57,7 +57,9 @@ static double *ref_array(size_t count) {
   return r;
 }
 
-void fbnt_tensors_init(fbnt_tensors *t, fbnt_rng *rng, fbn_tensor_desc d, bool addend) {
+/* Every tensor and float64 array of d, outputs poisoned, a fresh saved
+ * object; the inputs are the caller's to fill. */
+static void tensors_alloc(fbnt_tensors *t, fbn_tensor_desc d, bool addend) {
   memset(t, 0, sizeof *t);
   t->d = d;
   t->count = fbnt_desc_numel(&d);
@@ -68,9 +70,6 @@ void fbnt_tensors_init(fbnt_tensors *t, fbnt_rng *rng, fbn_tensor_desc d, bool a
     *bufs[i] = fbnt_tensor_alloc(&d);
     *refs[i] = ref_array(t->count);
   }
-  fbnt_fill_channels(rng, &d, t->x, t->xr);
-  fbnt_fill_normal(rng, &d, t->a, t->ar, 1.0);
-  fbnt_fill_normal(rng, &d, t->dy, t->dyr, 1.0);
   fbnt_tensor_poison(&d, t->y);
   fbnt_tensor_poison(&d, t->dx);
   fbnt_tensor_poison(&d, t->da);
@@ -80,17 +79,15 @@ void fbnt_tensors_init(fbnt_tensors *t, fbnt_rng *rng, fbn_tensor_desc d, bool a
   fbnt_ref_saved_init(&t->rs);
 }
 
+void fbnt_tensors_init(fbnt_tensors *t, fbnt_rng *rng, fbn_tensor_desc d, bool addend) {
+  tensors_alloc(t, d, addend);
+  fbnt_fill_channels(rng, &d, t->x, t->xr);
+  fbnt_fill_normal(rng, &d, t->a, t->ar, 1.0);
+  fbnt_fill_normal(rng, &d, t->dy, t->dyr, 1.0);
+}
+
 void fbnt_tensors_init_as(fbnt_tensors *t, const fbnt_tensors *src, fbn_tensor_desc d) {
-  memset(t, 0, sizeof *t);
-  t->d = d;
-  t->count = fbnt_desc_numel(&d);
-  t->addend = src->addend;
-  void **bufs[6] = {&t->x, &t->a, &t->y, &t->dy, &t->dx, &t->da};
-  double **refs[6] = {&t->xr, &t->ar, &t->yr, &t->dyr, &t->dxr, &t->dar};
-  for (int i = 0; i < 6; i++) {
-    *bufs[i] = fbnt_tensor_alloc(&d);
-    *refs[i] = ref_array(t->count);
-  }
+  tensors_alloc(t, d, src->addend);
   /* store, then read back what the dtype holds */
   fbnt_tensor_from_ref(&d, src->xr, t->x);
   fbnt_tensor_from_ref(&d, src->ar, t->a);
@@ -98,13 +95,6 @@ void fbnt_tensors_init_as(fbnt_tensors *t, const fbnt_tensors *src, fbn_tensor_d
   fbnt_tensor_to_ref(&d, t->x, t->xr);
   fbnt_tensor_to_ref(&d, t->a, t->ar);
   fbnt_tensor_to_ref(&d, t->dy, t->dyr);
-  fbnt_tensor_poison(&d, t->y);
-  fbnt_tensor_poison(&d, t->dx);
-  fbnt_tensor_poison(&d, t->da);
-  if (fbn_saved_create(&t->saved) != FBN_STATUS_SUCCESS) {
-    abort();
-  }
-  fbnt_ref_saved_init(&t->rs);
 }
 
 void fbnt_tensors_free(fbnt_tensors *t) {
