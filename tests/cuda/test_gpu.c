@@ -544,6 +544,30 @@ static bool run_gcase(const gcase *g, fbnt_rng *rng) {
   return ok;
 }
 
+/* The configurations of one test: its generator and a tally. */
+typedef struct runs {
+  fbnt_rng rng;
+  int failed, total;
+} runs;
+
+/* Skips the test when no device is usable. */
+static void runs_begin(runs *r, const char *test) {
+  REQUIRE_GPU();
+  fbnt_rng_for_test(&r->rng, test);
+  r->failed = r->total = 0;
+}
+
+static void runs_case(runs *r, const gcase *g) {
+  r->total++;
+  if (!run_gcase(g, &r->rng))
+    r->failed++;
+}
+
+static void runs_end(const runs *r) {
+  if (r->failed != 0)
+    fail_msg("%d of %d configurations failed", r->failed, r->total);
+}
+
 /* ---- tests ------------------------------------------------------------------------ */
 
 static const fbn_dtype dtypes[] = {FBN_DTYPE_FLOAT32, FBN_DTYPE_FLOAT64, FBN_DTYPE_FLOAT16,
@@ -555,10 +579,8 @@ static const char *const all_forces[] = {NULL, "general", "kernels"};
 static const int64_t shapes[][4] = {{2, 8, 5, 3}, {3, 3, 4, 4}, {6, 1, 1, 1}, {4, 12, 7, 9}};
 
 static void run_matrix(const char *test, const char *force, fbn_dtype dtype) {
-  REQUIRE_GPU();
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, test);
-  int failed = 0, total = 0;
+  runs r;
+  runs_begin(&r, test);
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
     for (size_t l = 0; l < 2; l++)
       for (int flags = 0; flags < 8; flags++) {
@@ -573,12 +595,9 @@ static void run_matrix(const char *test, const char *force, fbn_dtype dtype) {
                                   .no_track = (flags & 4) == 0},
                          .force = force,
                          .train_steps = 2};
-        total++;
-        if (!run_gcase(&g, &rng))
-          failed++;
+        runs_case(&r, &g);
       }
-  if (failed != 0)
-    fail_msg("%d of %d configurations failed", failed, total);
+  runs_end(&r);
 }
 
 #define MATRIX_TEST(name, force, dtype)                                                          \
@@ -599,10 +618,8 @@ MATRIX_TEST(test_gpu_kernels_bf16, "kernels", FBN_DTYPE_BFLOAT16)
 
 static void test_gpu_spatial_mode_and_partial_grads(void **state) {
   (void)state;
-  REQUIRE_GPU();
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, __func__);
-  int failed = 0;
+  runs r;
+  runs_begin(&r, __func__);
   for (size_t t = 0; t < 4; t++)
     for (int variant = 0; variant < 4; variant++) {
       const gcase g = {
@@ -617,19 +634,15 @@ static void test_gpu_spatial_mode_and_partial_grads(void **state) {
                    .bn_mode = variant == 0 ? FBN_BN_MODE_SPATIAL : FBN_BN_MODE_AUTO},
           .skip_dx = variant == 1 || variant == 3,
           .skip_daddend = variant == 2 || variant == 3};
-      if (!run_gcase(&g, &rng))
-        failed++;
+      runs_case(&r, &g);
     }
-  if (failed != 0)
-    fail_msg("%d configurations failed", failed);
+  runs_end(&r);
 }
 
 static void test_gpu_several_steps_then_eval(void **state) {
   (void)state;
-  REQUIRE_GPU();
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, __func__);
-  int failed = 0;
+  runs r;
+  runs_begin(&r, __func__);
   for (size_t t = 0; t < 4; t++)
     for (size_t l = 0; l < 2; l++)
       for (int cumulative = 0; cumulative < 2; cumulative++) {
@@ -642,21 +655,17 @@ static void test_gpu_several_steps_then_eval(void **state) {
                                   .addend = true,
                                   .cumulative = cumulative != 0},
                          .train_steps = 5};
-        if (!run_gcase(&g, &rng))
-          failed++;
+        runs_case(&r, &g);
       }
-  if (failed != 0)
-    fail_msg("%d configurations failed", failed);
+  runs_end(&r);
 }
 
 static void test_gpu_odd_shapes(void **state) {
   (void)state;
-  REQUIRE_GPU();
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, __func__);
+  runs r;
+  runs_begin(&r, __func__);
   static const int64_t odd[][4] = {{7, 13, 9, 11}, {1, 5, 17, 3}, {33, 2, 1, 1}, {2, 1, 31, 33},
                                    {3, 37, 2, 2}};
-  int failed = 0;
   for (size_t s = 0; s < sizeof odd / sizeof odd[0]; s++)
     for (size_t t = 0; t < 4; t++)
       for (size_t l = 0; l < 2; l++) {
@@ -667,19 +676,15 @@ static void test_gpu_odd_shapes(void **state) {
                                   .dtype = dtypes[t],
                                   .layout = layouts[l],
                                   .addend = true}};
-        if (!run_gcase(&g, &rng))
-          failed++;
+        runs_case(&r, &g);
       }
-  if (failed != 0)
-    fail_msg("%d configurations failed", failed);
+  runs_end(&r);
 }
 
 static void test_gpu_large_shape(void **state) {
   (void)state;
-  REQUIRE_GPU();
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, __func__);
-  bool ok = true;
+  runs r;
+  runs_begin(&r, __func__);
   gcase g = {.spec = {.n = 32,
                       .c = 256,
                       .h = 56,
@@ -689,21 +694,19 @@ static void test_gpu_large_shape(void **state) {
                       .addend = true},
              .no_eval_step = true,
              .tol_scale = 4.0};
-  ok &= run_gcase(&g, &rng); /* fused */
+  runs_case(&r, &g); /* fused */
   g.spec.dtype = FBN_DTYPE_FLOAT32;
   g.spec.layout = FBN_LAYOUT_NCHW;
-  ok &= run_gcase(&g, &rng); /* general */
+  runs_case(&r, &g); /* general */
   g.force = "kernels";
-  ok &= run_gcase(&g, &rng);
-  if (!ok)
-    fail_msg("large shapes failed");
+  runs_case(&r, &g);
+  runs_end(&r);
 }
 
 static void test_gpu_n_limit_routes_to_kernels(void **state) {
   (void)state;
-  REQUIRE_GPU();
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, __func__);
+  runs r;
+  runs_begin(&r, __func__);
   const gcase g = {.spec = {.n = 880802,
                             .c = 4,
                             .h = 1,
@@ -712,16 +715,14 @@ static void test_gpu_n_limit_routes_to_kernels(void **state) {
                             .layout = FBN_LAYOUT_NHWC,
                             .addend = true}};
   assert_int_equal(expected_path(&g, true), FBN_CUDA_PATH_KERNELS);
-  if (!run_gcase(&g, &rng))
-    fail_msg("N = 880802 failed");
+  runs_case(&r, &g);
+  runs_end(&r);
 }
 
 static void test_gpu_nan_propagation(void **state) {
   (void)state;
-  REQUIRE_GPU();
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, __func__);
-  int failed = 0;
+  runs r;
+  runs_begin(&r, __func__);
   for (size_t t = 0; t < 4; t++)
     for (size_t l = 0; l < 2; l++)
       for (size_t f = 0; f < 3; f++) {
@@ -735,16 +736,13 @@ static void test_gpu_nan_propagation(void **state) {
                    .force = all_forces[f],
                    .nan_x = true,
                    .no_eval_step = true};
-        if (!run_gcase(&g, &rng))
-          failed++;
+        runs_case(&r, &g);
         g.nan_x = false;
         g.nan_addend = true;
         g.no_eval_step = false;
-        if (!run_gcase(&g, &rng))
-          failed++;
+        runs_case(&r, &g);
       }
-  if (failed != 0)
-    fail_msg("%d configurations failed", failed);
+  runs_end(&r);
 }
 
 /* fused vs general vs kernels on the same data: equal within the dtype's
@@ -877,10 +875,8 @@ static void test_gpu_paths_agree(void **state) {
  * reference. bn_mode = SPATIAL (general path, no persistent kernel) too. */
 static void test_gpu_runtime_error_query(void **state) {
   (void)state;
-  REQUIRE_GPU();
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, __func__);
-  int failed = 0;
+  runs r;
+  runs_begin(&r, __func__);
   for (int variant = 0; variant < 8; variant++) {
     const gcase g = {
         .spec = {.n = 4,
@@ -895,19 +891,15 @@ static void test_gpu_runtime_error_query(void **state) {
         .caller_handle = (variant & 6) == 4,
         .train_steps = 2,
         .check_runtime = true};
-    if (!run_gcase(&g, &rng))
-      failed++;
+    runs_case(&r, &g);
   }
-  if (failed != 0)
-    fail_msg("%d configurations failed", failed);
+  runs_end(&r);
 }
 
 static void test_gpu_caller_stream_handle_workspace(void **state) {
   (void)state;
-  REQUIRE_GPU();
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, __func__);
-  int failed = 0;
+  runs r;
+  runs_begin(&r, __func__);
   for (size_t t = 0; t < 4; t++)
     for (size_t f = 0; f < 3; f++)
       for (int variant = 0; variant < 4; variant++) {
@@ -922,19 +914,15 @@ static void test_gpu_caller_stream_handle_workspace(void **state) {
                          .caller_exec = true,
                          .caller_handle = (variant & 2) == 0,
                          .train_steps = 2};
-        if (!run_gcase(&g, &rng))
-          failed++;
+        runs_case(&r, &g);
       }
-  if (failed != 0)
-    fail_msg("%d configurations failed", failed);
+  runs_end(&r);
 }
 
 /* Shape (n, c, h, w) in every dtype and layout through every training path
- * (auto, general, kernels), each case adjusted by tweak (may be NULL);
- * returns how many configurations failed. */
-static int run_every_path(fbnt_rng *rng, int64_t n, int64_t c, int64_t h, int64_t w,
-                          void (*tweak)(gcase *)) {
-  int failed = 0;
+ * (auto, general, kernels), each case adjusted by tweak (may be NULL). */
+static void run_every_path(runs *r, int64_t n, int64_t c, int64_t h, int64_t w,
+                           void (*tweak)(gcase *)) {
   for (size_t t = 0; t < 4; t++)
     for (size_t l = 0; l < 2; l++)
       for (size_t f = 0; f < 3; f++) {
@@ -948,10 +936,8 @@ static int run_every_path(fbnt_rng *rng, int64_t n, int64_t c, int64_t h, int64_
                    .force = all_forces[f]};
         if (tweak != NULL)
           tweak(&g);
-        if (!run_gcase(&g, rng))
-          failed++;
+        runs_case(r, &g);
       }
-  return failed;
 }
 
 static void eps_zero(gcase *g) { g->spec.zero_eps = true; }
@@ -960,12 +946,10 @@ static void eps_zero(gcase *g) { g->spec.zero_eps = true; }
  * 9): every path must take it and match the reference. */
 static void test_gpu_eps_zero(void **state) {
   (void)state;
-  REQUIRE_GPU();
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, __func__);
-  const int failed = run_every_path(&rng, 3, 8, 5, 4, eps_zero);
-  if (failed != 0)
-    fail_msg("%d configurations failed", failed);
+  runs r;
+  runs_begin(&r, __func__);
+  run_every_path(&r, 3, 8, 5, 4, eps_zero);
+  runs_end(&r);
 }
 
 static void misaligned(gcase *g) {
@@ -978,12 +962,10 @@ static void misaligned(gcase *g) {
  * to their scalar kernels, and cuDNN may refuse (then a noted fallback). */
 static void test_gpu_misaligned_tensors(void **state) {
   (void)state;
-  REQUIRE_GPU();
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, __func__);
-  const int failed = run_every_path(&rng, 4, 16, 6, 8, misaligned);
-  if (failed != 0)
-    fail_msg("%d configurations failed", failed);
+  runs r;
+  runs_begin(&r, __func__);
+  run_every_path(&r, 4, 16, 6, 8, misaligned);
+  runs_end(&r);
 }
 
 /* One GPU saved object through forwards of different shapes, layouts and
