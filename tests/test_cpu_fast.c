@@ -142,37 +142,7 @@ static bool same_tensor(const char *name, const char *what, const fbn_tensor_des
 
 /* Every buffer and num_batches_tracked of the two modules. */
 static bool same_state(const char *name, const pair *p) {
-  const int64_t c = p->ref->options.num_features;
-  const double rtol = tol_rel(p->ref->options.param_dtype);
-  bool ok = true;
-  double *g = calloc((size_t)c, sizeof *g), *w = calloc((size_t)c, sizeof *w);
-  for (int b = 0; b < FBN_NUM_BUFFERS; b++) {
-    if (!fbn_module_has_buffer(p->ref, (fbn_buffer)b))
-      continue;
-    assert_true(fbn_module_has_buffer(p->fast, (fbn_buffer)b));
-    assert_int_equal(fbn_module_read_buffer(p->ref, (fbn_buffer)b, FBN_DTYPE_FLOAT64, w, (size_t)c),
-                     FBN_STATUS_SUCCESS);
-    assert_int_equal(
-        fbn_module_read_buffer(p->fast, (fbn_buffer)b, FBN_DTYPE_FLOAT64, g, (size_t)c),
-        FBN_STATUS_SUCCESS);
-    char label[256];
-    snprintf(label, sizeof label, "%s: buffer %d", name, b);
-    const double atol = rtol * fbnt_max_finite(w, (size_t)c);
-    ok = fbnt_check_close(label, g, w, (size_t)c, rtol, atol, NULL) && ok;
-  }
-  if (p->ref->options.track_running_stats) {
-    int64_t nr = -1, nf = -2;
-    assert_int_equal(fbn_module_get_num_batches_tracked(p->ref, &nr), FBN_STATUS_SUCCESS);
-    assert_int_equal(fbn_module_get_num_batches_tracked(p->fast, &nf), FBN_STATUS_SUCCESS);
-    if (nr != nf) {
-      fprintf(stderr, "%s: num_batches_tracked %lld, reference %lld\n", name, (long long)nf,
-              (long long)nr);
-      ok = false;
-    }
-  }
-  free(g);
-  free(w);
-  return ok;
+  return fbnt_check_modules_agree(name, p->fast, p->ref, tol_rel(p->ref->options.param_dtype));
 }
 
 /*

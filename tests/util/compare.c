@@ -131,7 +131,9 @@ bool fbnt_check_modules_agree(const char *name, const fbn_module *got, const fbn
       ok = false;
       continue;
     }
-    ok &= fbnt_check_values(name, names[b], g, w, c, rtol, rtol, NULL);
+    char label[256];
+    snprintf(label, sizeof label, "%s: %s", name, names[b]);
+    ok &= fbnt_check_close(label, g, w, c, rtol, rtol * fbnt_max_finite(w, c), NULL);
   }
   int64_t ng = -1, nw = -2;
   const fbn_status sg = fbn_module_get_num_batches_tracked(got, &ng);

@@ -129,9 +129,10 @@ double fbnt_max_finite(const double *v, size_t count);
  * atol_rel * max finite |want| (atol_rel when want has none). */
 bool fbnt_check_values(const char *name, const char *what, const double *got, const double *want,
                        size_t count, double rtol, double atol_rel, const fbn_tensor_desc *desc);
-/* Two modules hold the same state: the same buffers present, each within
- * fbnt_check_values(rtol, rtol), and the same num_batches_tracked (or both
- * ABSENT). Prints every difference. */
+/* Two modules hold the same state: the same buffers present, each element
+ * within rtol relative and rtol * max finite |want| of the buffer absolute
+ * (exact where want has no finite nonzero value), and the same
+ * num_batches_tracked (or both ABSENT). Prints every difference. */
 bool fbnt_check_modules_agree(const char *name, const fbn_module *got, const fbn_module *want,
                               double rtol);
 
