@@ -3,10 +3,15 @@
  *
  * Layout of the program:
  *   bench_main.c          options, shapes table, device choice, main()
- *   bench_util.c          timing (clock, median), buffers, random data, dtypes
+ *   bench_util.c          repetition counts, random tensors, dtypes, agreement
  *   bench_report.c        text table and CSV output
- *   bench_unfused_cpu.c   the unfused CPU baseline (BN pass, add pass, ReLU pass)
+ *   bench_unfused_cpu.c   the unfused CPU baseline: a BN step, an add pass, a
+ *                         ReLU pass (bench_unfused_cpu.h)
+ *   bench_bn_plain.c      the baseline's BN step in plain C
  *   bench_cpu.c           CPU mode: fusedbn CPU module against that baseline
+ *                         and the copy floor
+ *   common/               the CPU timing harness shared with fbn-peers-bench
+ *                         and fbn-ab (clock, RNG, eviction, copy floor, machine)
  *   bench_cuda.c          GPU mode (only with the CUDA backend): fusedbn CUDA
  *                         module against the unfused cuDNN sequence
  */
@@ -17,12 +22,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "bench_time.h"
+#include "bench_common.h"
 #include "fusedbn/fusedbn.h"
 
 #define BENCH_MAX_SHAPES 32
 #define BENCH_DEFAULT_REPS 20
 #define BENCH_DEFAULT_WARMUP 2
+/* CPU runs shorter than this are timed as batches of back-to-back calls
+ * (bench_cpu.c). */
+#define BENCH_CPU_MIN_SAMPLE_S 0.5e-3
 
 /* ---- configuration ------------------------------------------------------ */
 
@@ -72,8 +80,7 @@ typedef struct bench_config {
 
 /* ---- timing and statistics (bench_util.c) -------------------------------- */
 
-/* bench_now_s, bench_median: bench_time.h. */
-double bench_min(const double *values, int count);
+/* bench_now_s, bench_median, bench_min: bench_common.h. */
 
 /* Timings of one implementation for one row; reps == 0: not measured. */
 typedef struct bench_timing {
@@ -91,18 +98,7 @@ int bench_choose_reps(const bench_config *cfg, double one_run_s);
 
 /* ---- buffers and data (bench_util.c) ------------------------------------- */
 
-/* 64-byte aligned host allocation of `bytes`, every page written (so no
- * page fault happens later). Exits with a message when out of memory. */
-void *bench_alloc_touched(size_t bytes);
-void bench_free(void *p);
-
-typedef struct bench_rng {
-  uint64_t state;
-} bench_rng;
-
-void bench_rng_seed(bench_rng *rng, uint64_t seed);
-/* Uniform in [-1, 1). */
-double bench_rng_uniform(bench_rng *rng);
+/* bench_alloc_touched, bench_free, bench_rng: bench_common.h. */
 
 /* Element count of a shape (validated: positive and no overflow). */
 int64_t bench_shape_numel(const bench_shape *s);
@@ -136,12 +132,13 @@ typedef struct bench_row {
   fbn_dtype dtype;
   fbn_layout layout;
   bench_pass pass;
-  /* Bytes the pass must move at minimum, counted for GB/s: 3 tensors for a
-   * forward (x, addend, y), 5 for a backward (x, y, dy, dx, daddend). */
+  /* Bytes the pass must move at minimum, counted for GB/s (the CPU and the
+   * GPU count them differently: bench_cpu.c, bench_pass_tensors()). */
   double bytes;
   bench_timing fused;   /* fusedbn module (default bn_mode) */
   bench_timing unfused; /* the unfused baseline of this device */
   bench_timing spatial; /* GPU only: fusedbn with bn_mode SPATIAL */
+  bench_timing floor;   /* CPU only: the copy floor moving `bytes` */
   /* Short note (path taken, baseline mode), may be "". */
   char note[160];
 } bench_row;
@@ -157,14 +154,18 @@ int bench_mismatch_count(void);
 /* Append text to row->note ("; "-separated). */
 void bench_note_append(bench_row *row, const char *text);
 
-/* Tensors counted per element of x for GB/s. */
+/* Tensors of x's size counted for GB/s on the GPU: 3 for a forward (x,
+ * addend, y), 5 for a backward (x, y, dy, dx, daddend). */
 int bench_pass_tensors(bench_pass pass);
 
 typedef struct bench_report_info {
   const char *device_desc;   /* "cpu: ..." or "cuda: <GPU name> ..." */
   const char *baseline_desc; /* what "unfused" is */
-  double copy_gbps;          /* copy bandwidth (read + write bytes) */
-  const char *copy_desc;     /* how it was measured */
+  /* GPU: the copy bandwidth (read + write bytes) every row is compared
+   * with; the CPU compares each row with its own floor (bench_row.floor)
+   * and leaves copy_gbps NaN. */
+  double copy_gbps;
+  const char *copy_desc; /* how the reference was measured */
 } bench_report_info;
 
 void bench_report_begin(const bench_config *cfg, const bench_report_info *info);

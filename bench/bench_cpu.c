@@ -3,17 +3,23 @@
  *
  * For each shape and (dtype, layout): a fusedbn CPU module (the library's
  * default CPU backend, or the float64 reference with --cpu-backend
- * reference) against the unfused baseline of bench_unfused_cpu.c,
- * for the training forward (with addend, filling a saved object), the eval
- * forward and the training backward (dx and daddend). Before timing a pass
- * both implementations run once on the same data and their outputs are
- * compared (the "note" column), so that a broken path is never timed.
+ * reference) against the unfused baseline of bench_unfused_cpu.h and the
+ * copy floor (bench_common.h), for the training forward (with addend,
+ * filling a saved object), the eval forward and the training backward (dx
+ * and daddend). Before timing a pass both implementations run once on the
+ * same data and their outputs are compared (the "note" column), so that a
+ * broken path is never timed.
+ *
+ * The three are timed sample by sample in turn, each sample after the same
+ * cache eviction, so that all start from memory and see the same state of
+ * the machine. The floor copies the pass's counted bytes (half read, half
+ * written) with the same threads: fused GB/s / floor GB/s is then at most
+ * 100% for a pass that is bound by memory.
  */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "bench.h"
 #include "bench_unfused_cpu.h"
@@ -25,6 +31,9 @@ typedef struct cpu_case {
   fbn_module *module;
   fbn_saved *saved;
   bench_unfused_cpu unfused;
+  bench_copy copy;        /* the floor's buffers */
+  size_t floor_copy;      /* bytes the floor copies for the pass timed now */
+  const bench_evict *evict;
   /* fusedbn's inputs/outputs; *_ref are the baseline's outputs. */
   void *x, *addend, *dy;
   void *y, *dx, *daddend;
@@ -68,16 +77,32 @@ static fbn_status unfused_backward(cpu_case *k) {
   return FBN_STATUS_SUCCESS;
 }
 
+static fbn_status floor_copy(cpu_case *k) {
+  bench_copy_run(&k->copy, k->floor_copy);
+  return FBN_STATUS_SUCCESS;
+}
+
+/* Bytes a pass must move at minimum on the CPU, in tensors of x's size: a
+ * training forward reads x twice (its statistics are needed before any y
+ * is written), addend once and writes y; eval reads x and addend and writes
+ * y; backward reads x, y and dy and writes dx and daddend. */
+static int cpu_pass_tensors(bench_pass pass) {
+  return pass == BENCH_PASS_TRAIN_FWD ? 4 : pass == BENCH_PASS_EVAL_FWD ? 3 : 5;
+}
+
 /* ---- timing ------------------------------------------------------------- */
 
 /* Runs shorter than this are timed in batches of back-to-back calls (the
  * sample is the batch time divided by its size), so that clock resolution
  * and call overhead do not dominate tiny shapes. */
-#define MIN_SAMPLE_S 0.5e-3
+#define MIN_SAMPLE_S BENCH_CPU_MIN_SAMPLE_S
 #define MAX_BATCH 10000
 
+/* One sample: evict the caches, then time `batch` calls (after the first
+ * of a batch, the data of a tiny shape is in the caches). */
 static fbn_status time_op(cpu_op op, cpu_case *k, int batch, double *ms) {
   fbn_status status = FBN_STATUS_SUCCESS;
+  bench_evict_run(k->evict);
   const double t0 = bench_now_s();
   for (int i = 0; i < batch && status == FBN_STATUS_SUCCESS; i++) {
     status = op(k);
@@ -94,38 +119,51 @@ static int batch_size(double one_run_ms) {
   return b > MAX_BATCH ? MAX_BATCH : (int)b + 1;
 }
 
-/* Warm up both, pick the repetition count, then alternate fused and
- * unfused samples so that both see the same machine conditions. Without
- * warm-up runs, check_ms (the agreement check's fused and unfused runs,
- * which warmed both up) estimates one run of the pair. */
-static int measure_pair(const bench_config *cfg, cpu_case *k, const char *what, cpu_op fused,
-                        cpu_op unfused, double check_ms, bench_row *row) {
-  double fused_ms = check_ms / 2, unfused_ms = check_ms / 2;
+/* Warm up, pick the repetition count, then take fused, unfused and floor
+ * samples in turn so that all three see the same machine conditions.
+ * Without warm-up runs, check_ms (the agreement check's fused and unfused
+ * runs, which warmed both up) estimates one run of the pair. */
+static int measure_row(const bench_config *cfg, cpu_case *k, const char *what, cpu_op fused,
+                       cpu_op unfused, double check_ms, bench_row *row) {
+  enum { FUSED, UNFUSED, FLOOR, FORMS };
+  const cpu_op ops[FORMS] = {fused, unfused, floor_copy};
+  bench_timing *const out[FORMS] = {&row->fused, &row->unfused, &row->floor};
+  double one_ms[FORMS] = {check_ms / 2, check_ms / 2, 0.0};
   fbn_status status;
+  (void)time_op(floor_copy, k, 1, &one_ms[FLOOR]); /* its warm-up and batch size */
   for (int i = 0; i < cfg->warmup; i++) {
-    if ((status = time_op(fused, k, 1, &fused_ms)) != FBN_STATUS_SUCCESS) {
-      return bench_fail_status(what, status);
+    for (int f = 0; f < FORMS; f++) {
+      if ((status = time_op(ops[f], k, 1, &one_ms[f])) != FBN_STATUS_SUCCESS) {
+        return bench_fail_status(what, status);
+      }
     }
-    (void)time_op(unfused, k, 1, &unfused_ms);
   }
-  const int reps = bench_choose_reps(cfg, (fused_ms + unfused_ms) * 1e-3);
+  const int reps = bench_choose_reps(cfg, (one_ms[FUSED] + one_ms[UNFUSED]) * 1e-3);
   /* Tiny shapes: without a warm-up the split of check_ms is a guess, and
    * batching only needs the order of magnitude. */
-  const int fused_batch = batch_size(fused_ms), unfused_batch = batch_size(unfused_ms);
-  double *samples = malloc(2 * (size_t)reps * sizeof(double));
+  int batch[FORMS];
+  for (int f = 0; f < FORMS; f++) {
+    batch[f] = batch_size(one_ms[f]);
+  }
+  /* Calls timed in batches stay in the caches after the first: no memory
+   * floor to compare them with. */
+  const int forms = batch[FUSED] > 1 ? FLOOR : FORMS;
+  double *samples = malloc(FORMS * (size_t)reps * sizeof(double));
   if (samples == NULL) {
     fprintf(stderr, "fusedbn-bench: out of memory\n");
     return 1;
   }
   for (int r = 0; r < reps; r++) {
-    if ((status = time_op(fused, k, fused_batch, &samples[r])) != FBN_STATUS_SUCCESS) {
-      free(samples);
-      return bench_fail_status(what, status);
+    for (int f = 0; f < forms; f++) {
+      if ((status = time_op(ops[f], k, batch[f], &samples[f * reps + r])) != FBN_STATUS_SUCCESS) {
+        free(samples);
+        return bench_fail_status(what, status);
+      }
     }
-    (void)time_op(unfused, k, unfused_batch, &samples[reps + r]);
   }
-  bench_timing_from_samples(&row->fused, samples, reps);
-  bench_timing_from_samples(&row->unfused, samples + reps, reps);
+  for (int f = 0; f < forms; f++) {
+    bench_timing_from_samples(out[f], samples + f * reps, reps);
+  }
   free(samples);
   return 0;
 }
@@ -193,8 +231,10 @@ static int check_pass(cpu_case *k, bench_row *row) {
 
 static void *tensor(const cpu_case *k) { return bench_alloc_touched(k->tensor_bytes); }
 
-static int case_init(cpu_case *k, const bench_shape *shape, const bench_variant *v) {
+static int case_init(cpu_case *k, const bench_shape *shape, const bench_variant *v,
+                     const bench_evict *evict) {
   memset(k, 0, sizeof *k);
+  k->evict = evict;
   k->shape = *shape;
   k->desc = fbn_tensor_desc_make(shape->n, shape->c, shape->h, shape->w, v->dtype, v->layout);
   k->tensor_bytes = (size_t)bench_shape_numel(shape) * fbn_dtype_size(v->dtype);
@@ -222,7 +262,9 @@ static int case_init(cpu_case *k, const bench_shape *shape, const bench_variant 
   k->fwd_ws = k->fwd_ws_bytes > 0 ? bench_alloc_touched(k->fwd_ws_bytes) : NULL;
   k->bwd_ws = k->bwd_ws_bytes > 0 ? bench_alloc_touched(k->bwd_ws_bytes) : NULL;
 
-  bench_unfused_cpu_init(&k->unfused, shape, v->dtype, v->layout);
+  bench_unfused_cpu_init(&k->unfused, shape, v->dtype, v->layout, &bench_bn_plain);
+  /* The floor of the pass moving most: backward's 5 tensors. */
+  bench_copy_init(&k->copy, (size_t)cpu_pass_tensors(BENCH_PASS_TRAIN_BWD) * k->tensor_bytes / 2);
   k->x = tensor(k);
   k->addend = tensor(k);
   k->dy = tensor(k);
@@ -247,8 +289,11 @@ static void case_fini(cpu_case *k) {
   for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) {
     bench_free(buffers[i]);
   }
-  if (k->unfused.tmp != NULL) {
+  if (k->unfused.coef != NULL) {
     bench_unfused_cpu_fini(&k->unfused);
+  }
+  if (k->copy.src != NULL) {
+    bench_copy_fini(&k->copy);
   }
   fbn_saved_destroy(k->saved);
   fbn_module_destroy(k->module);
@@ -258,19 +303,19 @@ static void case_fini(cpu_case *k) {
  * forwards normalize with the same values. */
 static int sync_running_stats(cpu_case *k) {
   const size_t c = (size_t)k->shape.c;
-  fbn_status status = fbn_module_read_buffer(k->module, FBN_BUFFER_RUNNING_MEAN, k->unfused.dtype,
+  fbn_status status = fbn_module_read_buffer(k->module, FBN_BUFFER_RUNNING_MEAN, FBN_DTYPE_FLOAT64,
                                              k->unfused.running_mean, c);
   if (status == FBN_STATUS_SUCCESS) {
-    status = fbn_module_read_buffer(k->module, FBN_BUFFER_RUNNING_VAR, k->unfused.dtype,
+    status = fbn_module_read_buffer(k->module, FBN_BUFFER_RUNNING_VAR, FBN_DTYPE_FLOAT64,
                                     k->unfused.running_var, c);
   }
   return status == FBN_STATUS_SUCCESS ? 0 : bench_fail_status("fbn_module_read_buffer", status);
 }
 
 static int run_case(const bench_config *cfg, const bench_report_info *info,
-                    const bench_shape *shape, const bench_variant *v) {
+                    const bench_shape *shape, const bench_variant *v, const bench_evict *evict) {
   cpu_case k;
-  int rc = case_init(&k, shape, v);
+  int rc = case_init(&k, shape, v, evict);
   for (int p = 0; rc == 0 && p < BENCH_PASS_COUNT; p++) {
     if (!cfg->passes[p]) {
       continue;
@@ -281,7 +326,8 @@ static int run_case(const bench_config *cfg, const bench_report_info *info,
     row.dtype = v->dtype;
     row.layout = v->layout;
     row.pass = (bench_pass)p;
-    row.bytes = (double)bench_pass_tensors(row.pass) * (double)k.tensor_bytes;
+    row.bytes = (double)cpu_pass_tensors(row.pass) * (double)k.tensor_bytes;
+    k.floor_copy = (size_t)cpu_pass_tensors(row.pass) * k.tensor_bytes / 2;
 
     const bool train = row.pass != BENCH_PASS_EVAL_FWD;
     fbn_status status = fbn_module_set_training(k.module, train);
@@ -299,16 +345,16 @@ static int run_case(const bench_config *cfg, const bench_report_info *info,
     const double check_ms = (bench_now_s() - t0) * 1e3;
     switch (row.pass) {
     case BENCH_PASS_TRAIN_FWD:
-      rc = measure_pair(cfg, &k, "fbn_module_forward (training)", fused_forward_train,
-                        unfused_forward_train, check_ms, &row);
+      rc = measure_row(cfg, &k, "fbn_module_forward (training)", fused_forward_train,
+                       unfused_forward_train, check_ms, &row);
       break;
     case BENCH_PASS_EVAL_FWD:
-      rc = measure_pair(cfg, &k, "fbn_module_forward (eval)", fused_forward_eval,
-                        unfused_forward_eval, check_ms, &row);
+      rc = measure_row(cfg, &k, "fbn_module_forward (eval)", fused_forward_eval,
+                       unfused_forward_eval, check_ms, &row);
       break;
     case BENCH_PASS_TRAIN_BWD:
-      rc = measure_pair(cfg, &k, "fbn_module_backward", fused_backward, unfused_backward,
-                        check_ms, &row);
+      rc = measure_row(cfg, &k, "fbn_module_backward", fused_backward, unfused_backward,
+                       check_ms, &row);
       break;
     case BENCH_PASS_COUNT:
       break;
@@ -321,35 +367,6 @@ static int run_case(const bench_config *cfg, const bench_report_info *info,
   return rc;
 }
 
-/* ---- copy bandwidth --------------------------------------------------------- */
-
-/* memcpy between two large buffers (well beyond the last-level cache);
- * GB/s counts bytes read plus bytes written. */
-static double measure_copy_gbps(size_t bytes, int reps, char *desc, size_t desc_size) {
-  char *src = bench_alloc_touched(bytes);
-  char *dst = bench_alloc_touched(bytes);
-  memset(src, 0x5a, bytes);
-  double *samples = malloc((size_t)reps * sizeof(double));
-  if (samples == NULL) {
-    fprintf(stderr, "fusedbn-bench: out of memory\n");
-    exit(1);
-  }
-  memcpy(dst, src, bytes); /* warm-up */
-  for (int r = 0; r < reps; r++) {
-    const double t0 = bench_now_s();
-    memcpy(dst, src, bytes);
-    samples[r] = bench_now_s() - t0;
-    src[r % bytes] = (char)r; /* keep the copies observable */
-  }
-  const double seconds = bench_median(samples, reps);
-  free(samples);
-  bench_free(src);
-  bench_free(dst);
-  snprintf(desc, desc_size, "memcpy of %zu MiB, read+write bytes, median of %d", bytes >> 20,
-           reps);
-  return 2.0 * (double)bytes / seconds / 1e9;
-}
-
 int bench_run_cpu(const bench_config *cfg) {
   for (int v = 0; v < cfg->num_variants; v++) {
     const fbn_dtype dt = cfg->variants[v].dtype;
@@ -360,61 +377,56 @@ int bench_run_cpu(const bench_config *cfg) {
       return 2;
     }
   }
-  char copy_desc[128], device_desc[320], baseline_desc[256];
+  char copy_desc[256], device_desc[512], baseline_desc[512], machine[320];
   const char *backend = getenv("FBN_CPU_BACKEND");
-  const int threads = bench_cpu_threads();
-  if (backend != NULL && strcmp(backend, "reference") == 0) {
+  const bool reference = backend != NULL && strcmp(backend, "reference") == 0;
+  const int threads = bench_threads();
+  bench_machine_line(machine, sizeof machine);
+  if (reference) {
     snprintf(device_desc, sizeof device_desc,
              "cpu: fusedbn CPU reference backend (FBN_CPU_BACKEND=reference; float64, one "
-             "thread)");
+             "thread); %s",
+             machine);
   } else {
     snprintf(device_desc, sizeof device_desc,
-             "cpu: fusedbn fast CPU backend (the default; OpenMP, %d thread(s) for tensors of "
-             "64Ki elements or more)",
-             threads);
+             "cpu: fusedbn fast CPU backend (the default; %d thread(s) for tensors of 64Ki "
+             "elements or more); %s",
+             threads, machine);
   }
   snprintf(baseline_desc, sizeof baseline_desc,
-           "BN (mean pass, variance pass, normalize into a temp) -> add pass -> ReLU pass, plain "
-           "C loops in this program, accumulation in the data type, OpenMP, %d thread(s) for "
-           "tensors of %d elements or more",
-           threads, BENCH_PARALLEL_MIN);
-  /* Other processes on the cores make OpenMP barriers (and so both sides'
-   * timings) erratic: say so. */
-  double load = 0.0;
-  FILE *f = fopen("/proc/loadavg", "r");
-  if (f != NULL) {
-    if (fscanf(f, "%lf", &load) != 1) {
-      load = 0.0;
-    }
-    fclose(f);
-  }
-  const long cores = sysconf(_SC_NPROCESSORS_ONLN);
-  if (cores > 0 && load > 0.5 * (double)cores) {
+           "%s (this program's code, not fusedbn's) -> add pass (y += addend) -> ReLU pass; "
+           "each pass one loop, omp simd, the library's threads",
+           bench_bn_plain.desc);
+  if (strstr(machine, "BUSY") != NULL) {
     fprintf(stderr,
-            "fusedbn-bench: warning: the machine is busy (load average %.1f on %ld cores): CPU "
-            "timings will be noisy; OpenMP threads that spin while others are descheduled can "
-            "be 100x slower (try OMP_WAIT_POLICY=passive or OMP_NUM_THREADS=1)\n",
-            load, cores);
-    const size_t used = strlen(device_desc);
-    snprintf(device_desc + used, sizeof device_desc - used, "; BUSY machine: load %.1f on %ld cores",
-             load, cores);
+            "fusedbn-bench: warning: the machine is busy (%s): CPU timings will be noisy; "
+            "OpenMP threads that spin while others are descheduled can be 100x slower (try "
+            "OMP_WAIT_POLICY=passive or OMP_NUM_THREADS=1)\n",
+            machine);
   }
+  bench_evict evict;
+  bench_evict_init(&evict, bench_evict_default_bytes());
+  snprintf(copy_desc, sizeof copy_desc,
+           "per row, a copy of the pass's counted bytes (half read, half written) with %d "
+           "thread(s) from 256 KiB on, %s; every sample after a %zu MiB cache eviction",
+           threads, bench_copy_method(), (evict.words * sizeof(uint64_t)) >> 20);
   bench_report_info info;
   info.device_desc = device_desc;
   info.baseline_desc = baseline_desc;
-  info.copy_gbps = measure_copy_gbps(cfg->quick ? (size_t)64 << 20 : (size_t)256 << 20,
-                                     cfg->quick ? 5 : 10, copy_desc, sizeof copy_desc);
+  info.copy_gbps = NAN;
   info.copy_desc = copy_desc;
 
   bench_report_begin(cfg, &info);
   for (int s = 0; s < cfg->num_shapes; s++) {
     for (int v = 0; v < cfg->num_variants; v++) {
-      const int rc = run_case(cfg, &info, &cfg->shapes[s], &cfg->variants[v]);
+      const int rc = run_case(cfg, &info, &cfg->shapes[s], &cfg->variants[v], &evict);
       if (rc != 0) {
+        bench_evict_fini(&evict);
         return rc;
       }
     }
   }
   bench_report_end(cfg);
+  bench_evict_fini(&evict);
   return 0;
 }

@@ -4,7 +4,9 @@
  * One row per (shape, layout, dtype, pass). Columns: fused (fusedbn),
  * unfused (the device's baseline), and on the GPU spatial (fusedbn with
  * bn_mode SPATIAL: no persistent kernel). GB/s counts the minimum bytes a
- * pass must move (bench_pass_tensors() tensors of x's size).
+ * pass must move (row->bytes). The reference of "%floor" (CPU: the row's
+ * own copy floor) or "%copy" (GPU: one device copy for the run) is a
+ * fraction of bandwidths: at most 100% for a pass bound by memory.
  */
 #include <math.h>
 #include <stdio.h>
@@ -20,12 +22,19 @@ static double gbps(double bytes, const bench_timing *t) {
 
 static bool is_gpu(const bench_config *cfg) { return cfg->device == BENCH_DEVICE_CUDA; }
 
+/* The bandwidth a row is compared with: its floor on the CPU, the run's
+ * copy on the GPU. */
+static double reference_gbps(const bench_report_info *info, const bench_row *row) {
+  return row->floor.reps > 0 ? gbps(row->bytes, &row->floor) : info->copy_gbps;
+}
+
 void bench_report_begin(const bench_config *cfg, const bench_report_info *info) {
   if (cfg->csv) {
     printf("device,n,c,h,w,layout,dtype,pass,bytes,copy_gbps,"
            "fused_reps,fused_ms,fused_min_ms,fused_gbps,fused_copy_frac,"
            "unfused_reps,unfused_ms,unfused_min_ms,unfused_gbps,"
-           "spatial_reps,spatial_ms,spatial_gbps,fused_over_unfused,speedup,note\n");
+           "spatial_reps,spatial_ms,spatial_gbps,fused_over_unfused,speedup,"
+           "floor_reps,floor_ms,unfused_copy_frac,note\n");
     fflush(stdout);
     return;
   }
@@ -36,18 +45,37 @@ void bench_report_begin(const bench_config *cfg, const bench_report_info *info) 
   }
   printf("device:   %s\n", info->device_desc);
   printf("unfused:  %s\n", info->baseline_desc);
-  printf("copy:     %.1f GB/s (%s)\n", info->copy_gbps, info->copy_desc);
-  printf("timing:   median of `reps` timed runs; each pass first runs once untimed for the "
+  if (is_gpu(cfg)) {
+    printf("copy:     %.1f GB/s (%s)\n", info->copy_gbps, info->copy_desc);
+  } else {
+    printf("floor:    %s\n", info->copy_desc);
+  }
+  printf("timing:   median of `reps` timed runs%s; each pass first runs once untimed for the "
          "agreement check (note), then %d more warm-up run(s)%s\n",
-         cfg->warmup, cfg->quick ? " (--quick)" : "");
-  printf("GB/s:     minimum bytes moved / median time; forward counts 3 tensors (x, addend, y),\n"
-         "          backward 5 (x, y, dy read; dx, daddend written)\n");
-  printf("%%copy:    fused GB/s / copy GB/s;  f/unf: fused ms / unfused ms (< 1: fused is "
-         "faster);  speedup: unfused ms / fused ms\n\n");
+         is_gpu(cfg) ? "" : " (fused, unfused and floor in turn)", cfg->warmup,
+         cfg->quick ? " (--quick)" : "");
+  if (is_gpu(cfg)) {
+    printf("GB/s:     minimum bytes moved / median time; forward counts 3 tensors (x, addend, "
+           "y),\n          backward 5 (x, y, dy read; dx, daddend written)\n");
+    printf("%%copy:    fused GB/s / copy GB/s;  f/unf: fused ms / unfused ms (< 1: fused is "
+           "faster);  speedup: unfused ms / fused ms\n\n");
+  } else {
+    printf("GB/s:     minimum bytes moved / median time; training forward counts 4 tensors (x "
+           "read twice:\n          its statistics come before any y; addend; y), eval 3, "
+           "backward 5 (x, y, dy; dx, daddend)\n");
+    printf("%%floor:   GB/s / the floor's GB/s (= floor ms / ms); \"-\" where calls under %.1f ms "
+           "are timed in\n          batches (their data stays in the caches: no memory floor)\n",
+           BENCH_CPU_MIN_SAMPLE_S * 1e3);
+    printf("f/unf:    fused ms / unfused ms (< 1: fused is faster);  speedup: unfused ms / fused "
+           "ms\n\n");
+  }
+  const char *ref = is_gpu(cfg) ? "%copy" : "%floor";
   printf("%-17s %-6s %-8s %-9s %4s %10s %7s %6s %11s %7s", "shape", "layout", "dtype", "pass",
-         "reps", "fused ms", "GB/s", "%copy", "unfused ms", "GB/s");
+         "reps", "fused ms", "GB/s", ref, "unfused ms", "GB/s");
   if (is_gpu(cfg)) {
     printf(" %11s %7s", "spatial ms", "GB/s");
+  } else {
+    printf(" %6s %9s", ref, "floor ms");
   }
   printf(" %6s %7s  %s\n", "f/unf", "speedup", "note");
   fflush(stdout);
@@ -73,7 +101,9 @@ static void print_opt_csv(const bench_timing *t, double value, int precision) {
 void bench_report_row(const bench_config *cfg, const bench_report_info *info,
                       const bench_row *row) {
   const double fused_gbps = gbps(row->bytes, &row->fused);
-  const double copy_frac = fused_gbps / info->copy_gbps;
+  const double ref_gbps = reference_gbps(info, row);
+  const double copy_frac = fused_gbps / ref_gbps;
+  const double unfused_frac = gbps(row->bytes, &row->unfused) / ref_gbps;
   const bool have_ratio = row->fused.reps > 0 && row->unfused.reps > 0;
   const double ratio = have_ratio ? row->fused.median_ms / row->unfused.median_ms : NAN;
   const double speedup = have_ratio ? row->unfused.median_ms / row->fused.median_ms : NAN;
@@ -82,7 +112,7 @@ void bench_report_row(const bench_config *cfg, const bench_report_info *info,
     printf("%s,%lld,%lld,%lld,%lld,%s,%s,%s,%.0f,%.3f", is_gpu(cfg) ? "cuda" : "cpu",
            (long long)row->shape.n, (long long)row->shape.c, (long long)row->shape.h,
            (long long)row->shape.w, bench_layout_name(row->layout), bench_dtype_name(row->dtype),
-           bench_pass_name(row->pass), row->bytes, info->copy_gbps);
+           bench_pass_name(row->pass), row->bytes, ref_gbps);
     printf(",%d", row->fused.reps);
     print_opt_csv(&row->fused, row->fused.median_ms, 6);
     print_opt_csv(&row->fused, row->fused.min_ms, 6);
@@ -97,6 +127,9 @@ void bench_report_row(const bench_config *cfg, const bench_report_info *info,
     print_opt_csv(&row->spatial, gbps(row->bytes, &row->spatial), 3);
     print_opt_csv(&row->fused, ratio, 4);
     print_opt_csv(&row->fused, speedup, 4);
+    printf(",%d", row->floor.reps);
+    print_opt_csv(&row->floor, row->floor.median_ms, 6);
+    print_opt_csv(&row->unfused, unfused_frac, 4);
     /* The note is free text: quote it, doubling any quote. */
     printf(",\"");
     for (const char *q = row->note; *q != '\0'; q++) {
@@ -113,7 +146,7 @@ void bench_report_row(const bench_config *cfg, const bench_report_info *info,
   printf("%-17s %-6s %-8s %-9s %4d", shape, bench_layout_name(row->layout),
          bench_dtype_name(row->dtype), bench_pass_name(row->pass), row->fused.reps);
   print_ms_text(&row->fused, row->bytes, 10);
-  if (row->fused.reps > 0) {
+  if (row->fused.reps > 0 && !isnan(copy_frac)) {
     printf(" %5.1f%%", 100.0 * copy_frac);
   } else {
     printf(" %6s", "-");
@@ -121,6 +154,17 @@ void bench_report_row(const bench_config *cfg, const bench_report_info *info,
   print_ms_text(&row->unfused, row->bytes, 11);
   if (is_gpu(cfg)) {
     print_ms_text(&row->spatial, row->bytes, 11);
+  } else {
+    if (row->unfused.reps > 0 && row->floor.reps > 0) {
+      printf(" %5.1f%%", 100.0 * unfused_frac);
+    } else {
+      printf(" %6s", "-");
+    }
+    if (row->floor.reps > 0) {
+      printf(" %9.4g", row->floor.median_ms);
+    } else {
+      printf(" %9s", "-");
+    }
   }
   if (have_ratio) {
     printf(" %6.2f %6.2fx", ratio, speedup);

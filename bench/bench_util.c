@@ -1,5 +1,5 @@
 /*
- * fusedbn-bench: timing, statistics, host buffers, random data, dtypes.
+ * fusedbn-bench: repetition counts, random tensors, dtypes, agreement checks.
  */
 #include <math.h>
 #include <stdio.h>
@@ -8,17 +8,7 @@
 
 #include "bench.h"
 
-/* ---- timing and statistics ----------------------------------------------- */
-
-double bench_min(const double *values, int count) {
-  double m = INFINITY;
-  for (int i = 0; i < count; i++) {
-    if (values[i] < m) {
-      m = values[i];
-    }
-  }
-  return m;
-}
+/* ---- repetitions ---------------------------------------------------------- */
 
 void bench_timing_from_samples(bench_timing *t, double *samples_ms, int count) {
   t->reps = count;
@@ -40,46 +30,7 @@ int bench_choose_reps(const bench_config *cfg, double one_run_s) {
   return reps;
 }
 
-/* ---- buffers ------------------------------------------------------------- */
-
-void *bench_alloc_touched(size_t bytes) {
-  const size_t page = 4096;
-  size_t rounded = (bytes + page - 1) / page * page;
-  if (rounded == 0) {
-    rounded = page;
-  }
-  void *p = aligned_alloc(page, rounded);
-  if (p == NULL) {
-    fprintf(stderr, "fusedbn-bench: out of memory allocating %zu bytes\n", bytes);
-    exit(1);
-  }
-  /* Write every page now: a first-touch page fault costs microseconds and
-   * must not land inside a timed region. */
-  memset(p, 0, rounded);
-  return p;
-}
-
-void bench_free(void *p) { free(p); }
-
-/* ---- random data ----------------------------------------------------------- */
-
-void bench_rng_seed(bench_rng *rng, uint64_t seed) {
-  rng->state = seed * 0x9E3779B97F4A7C15ull + 0x2545F4914F6CDD1Dull;
-  if (rng->state == 0) {
-    rng->state = 1;
-  }
-}
-
-double bench_rng_uniform(bench_rng *rng) {
-  /* xorshift64* */
-  uint64_t x = rng->state;
-  x ^= x >> 12;
-  x ^= x << 25;
-  x ^= x >> 27;
-  rng->state = x;
-  const uint64_t r = x * 0x2545F4914F6CDD1Dull;
-  return (double)(r >> 11) * (2.0 / 9007199254740992.0) - 1.0;
-}
+/* ---- random tensors ------------------------------------------------------- */
 
 int64_t bench_shape_numel(const bench_shape *s) { return s->n * s->c * s->h * s->w; }
 

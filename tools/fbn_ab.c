@@ -7,22 +7,24 @@
  * files: copies of libfusedbn.so.0 from two builds) and their calls are
  * alternated A B B A ..., so that each pair of calls sees the same state of
  * the shared machine. Printed per shape: the median time of each library and
- * the median of the per-pair ratios B/A with its quartiles. On the 2-core
- * VMs this resolves differences of a few percent where separate processes,
- * minutes apart, spread by +-20%.
+ * the median of the per-pair ratios B/A with its quartiles, and the machine
+ * (CPU model, the library's instruction-set path, threads). On a shared
+ * 2-core machine this resolves differences of a few percent where separate
+ * processes, minutes apart, spread by +-20%.
  *
  * Options: --reps N (pairs, default 30), --layout nchw|nhwc (default nchw),
  * --pass train|eval|bwd|train-saved (default train; train-saved: forward
  * training that also saves the context for backward, the ReLU mask included,
  * as fbn-peers-bench times it), --evict-mib N (read a buffer of N
  * MiB before every timed call, untimed: cold caches holding clean lines, as
- * fbn-peers-bench; default 64, 0: none), --env-a NAME=VALUE / --env-b
+ * the benchmarks; default 64 or twice the last-level cache, 0: none), --env-a NAME=VALUE / --env-b
  * NAME=VALUE (setenv before each call of A / B: compare two settings of one
  * library read from the environment at call time; LIB_B may then be LIB_A),
  * --align N (buffers from aligned_alloc(N); default 0: malloc, which glibc
  * answers for large blocks with an address 16 bytes past a page).
- * Threads: OMP_NUM_THREADS. float32; x, addend and dy filled with a fixed
- * pattern; every buffer written before timing.
+ * Threads: OMP_NUM_THREADS. float32; x, addend and dy random (the
+ * benchmarks' generator, a fixed seed per shape); every buffer written
+ * before timing.
  */
 #include <dlfcn.h>
 #include <stdbool.h>
@@ -34,7 +36,7 @@
 
 #include <fusedbn/fusedbn.h>
 
-#include "../bench_time.h"
+#include "bench_common.h"
 
 typedef struct lib {
   void (*options_init)(fbn_module_options *);
@@ -106,15 +108,6 @@ static void run(lib *l, int pass, const fbn_tensor_desc *d, float **bufs) {
           "forward");
 }
 
-static volatile uint64_t evict_sink;
-
-static void evict(const uint64_t *buf, size_t words) {
-  uint64_t sum = 0;
-  for (size_t i = 0; i < words; i += 8) /* one word per 64-byte line */
-    sum += buf[i];
-  evict_sink = sum;
-}
-
 int main(int argc, char **argv) {
   if (argc < 4) {
     fprintf(stderr, "usage: fbn-ab LIB_A LIB_B [--reps N] [--layout nchw|nhwc] "
@@ -128,7 +121,7 @@ int main(int argc, char **argv) {
   load(&libs[1], argv[2]);
   int reps = 30, pass = PASS_TRAIN;
   fbn_layout layout = FBN_LAYOUT_NCHW;
-  size_t evict_bytes = (size_t)64 << 20, align = 0;
+  size_t evict_bytes = bench_evict_default_bytes(), align = 0;
   int first_shape = argc;
   for (int i = 3; i < argc; i++) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -165,15 +158,12 @@ int main(int argc, char **argv) {
     die("--reps must be >= 2", NULL);
   if (align != 0 && (align < sizeof(void *) || (align & (align - 1)) != 0))
     die("--align must be 0 or a power of two >= 8", NULL);
-  uint64_t *ebuf = NULL;
-  const size_t ewords = evict_bytes / sizeof(uint64_t);
-  if (ewords > 0) {
-    ebuf = malloc(ewords * sizeof(uint64_t));
-    if (ebuf == NULL)
-      die("out of memory", NULL);
-    for (size_t i = 0; i < ewords; i++)
-      ebuf[i] = i;
-  }
+  bench_evict ev;
+  bench_evict_init(&ev, evict_bytes);
+  char machine[320];
+  bench_machine_line(machine, sizeof machine);
+  printf("# fbn-ab: %s; eviction %zu MiB before every call\n", machine,
+         (ev.words * sizeof(uint64_t)) >> 20);
   static const char *const pass_names[] = {"train", "eval", "bwd", "train-saved"};
   for (int a = first_shape; a < argc; a++) {
     long long n, c, h, w;
@@ -183,14 +173,15 @@ int main(int argc, char **argv) {
     const fbn_tensor_desc d = {n, c, h, w, FBN_DTYPE_FLOAT32, layout};
     const size_t numel = (size_t)(n * c * h * w);
     float *bufs[6];
+    bench_rng rng;
+    bench_rng_seed(&rng, (uint64_t)(n * 1000003 + c * 1009 + h * 31 + w));
     for (int i = 0; i < 6; i++) {
       const size_t bytes = numel * sizeof(float);
       bufs[i] = align > 0 ? aligned_alloc(align, (bytes + align - 1) / align * align)
                           : malloc(bytes);
       if (bufs[i] == NULL)
         die("out of memory", NULL);
-      for (size_t e = 0; e < numel; e++)
-        bufs[i][e] = (float)((double)((e * 2654435761u) % 1000) / 500.0 - 1.0 + 0.01 * i);
+      bench_fill_float(bufs[i], numel, i == 0 ? 0.5 : 0.0, i == 0 ? 2.0 : 1.0, &rng);
     }
     for (int l = 0; l < 2; l++) {
       apply_env(&libs[l]);
@@ -211,8 +202,7 @@ int main(int argc, char **argv) {
     for (int k = 0; k < reps; k++)
       for (int j = 0; j < 2; j++) {
         const int l = (k & 1) ? 1 - j : j; /* A B, B A, ... */
-        if (ebuf != NULL)
-          evict(ebuf, ewords);
+        bench_evict_run(&ev);
         const double t0 = bench_now_s();
         run(&libs[l], pass, &d, bufs);
         t[l][k] = bench_now_s() - t0;
@@ -238,6 +228,6 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 6; i++)
       free(bufs[i]);
   }
-  free(ebuf);
+  bench_evict_fini(&ev);
   return 0;
 }

@@ -12,28 +12,24 @@
  *   backward         fusedbn backward (dx, daddend, dweight, dbias) against
  *                    oneDNN's eltwise ReLU backward (from y: daddend) followed
  *                    by batch-norm backward (dx, dscale, dshift)
- *   memcpy-floor     per pass, shape and layout: a 2-thread copy (non-temporal
- *                    stores, copy_nt_2threads) moving the
- *                    pass's minimal traffic (16 bytes per element for a
- *                    training forward: x read twice, addend once, y written;
- *                    12 for eval, 20 for backward), timed interleaved with
- *                    the implementations: the memory floor
- *   copy2-floor      the same copy with two sets of streams per thread (each
- *                    thread's half cut in two parts copied in turn), as the
- *                    library's large loops read and write: a stricter floor,
- *                    shown beside the goal's
- *   two-pass-loops   forward training only: plain loops reading x, then
- *                    normalizing it (twopass_2threads): the floor's traffic
- *                    with a read-only first pass, as batch statistics need
- *   copy             memcpy with 2 threads over 512 MiB at the start and the
- *                    end: the machine's copy bandwidth
+ *   memcpy-floor     per pass, shape and layout: the copy floor of the
+ *                    shared harness (bench/common: non-temporal stores, the
+ *                    same threads as the library) moving the pass's minimal
+ *                    traffic (16 bytes per element for a training forward:
+ *                    x read twice, addend once, y written; 12 for eval, 20
+ *                    for backward), timed interleaved with the
+ *                    implementations: the memory floor
+ *   copy             the same copy over 512 MiB at the start and the end:
+ *                    the machine's copy bandwidth
  *
  * PyTorch runs from torch_peer.py with the same CSV output; scripts/
  * cpu-bench-table runs both, twice, and writes docs/benchmarks.md.
  *
- * Every buffer is allocated and written before timing (page faults cost
- * ~7 us each on these machines). Each implementation is timed call by call,
- * interleaved with the others, and the median of --reps calls is reported.
+ * Every buffer is allocated and written before timing (a page fault costs
+ * microseconds). Before every timed call a buffer is read, untimed (cache
+ * eviction: each call starts from memory, with caches holding clean lines).
+ * Each implementation is timed call by call, interleaved with the others,
+ * and the median of --reps calls is reported.
  * Before timing, the peers' outputs are checked against fusedbn's, so that a
  * peer that computes something else cannot be benchmarked.
  *
@@ -47,19 +43,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "fusedbn/fusedbn.h"
 
-#include "../bench_time.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
+#include "bench_common.h"
 
 #ifdef FBN_PEERS_HAVE_ONEDNN
 #include <oneapi/dnnl/dnnl.h>
@@ -106,52 +93,11 @@ static void die(const char *what, const char *detail) {
   exit(1);
 }
 
-/* Page-aligned buffer, every page written. */
-static void *alloc_touched(size_t bytes) {
-  const size_t rounded = (bytes + 4095) / 4096 * 4096;
-  void *p = aligned_alloc(4096, rounded ? rounded : 4096);
-  if (p == NULL)
-    die("out of memory", NULL);
-  memset(p, 0, rounded);
-  return p;
-}
-
-/*
- * Read `bytes` of a buffer with 2 threads, untimed, before every timed call
- * (implementations and floors alike), so that each call starts from the same
- * state: cold caches holding clean lines. Without it a call pays for writing
- * back the dirty lines the previous call left (oneDNN writes its outputs
- * with ordinary stores; on the 12.8 MB tensors that is up to ~0.5 ms of the
- * next call, whichever implementation comes next), and a small tensor's
- * inputs may still be in the 32 MiB L3 from an earlier call.
- */
-static const uint64_t *evict_buf;
-static size_t evict_words;
-
-static volatile uint64_t evict_sink;
-
-static void evict_caches(void) {
-  uint64_t sum = 0;
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(2) reduction(+ : sum) schedule(static)
-#endif
-  for (size_t i = 0; i < evict_words; i += 8) /* one word per 64-byte line */
-    sum += evict_buf[i];
-  evict_sink = sum;
-}
-
-static uint64_t rng_state = 0x9e3779b97f4a7c15u;
-
-static double rng_unit(void) {
-  rng_state ^= rng_state << 13;
-  rng_state ^= rng_state >> 7;
-  rng_state ^= rng_state << 17;
-  return (double)(rng_state >> 11) * 0x1.0p-53;
-}
+static bench_evict evict;
+static bench_rng rng;
 
 static void fill_random(float *p, size_t count, double offset, double scale) {
-  for (size_t i = 0; i < count; i++)
-    p[i] = (float)(offset + scale * (2.0 * rng_unit() - 1.0));
+  bench_fill_float(p, count, offset, scale, &rng);
 }
 
 #ifdef FBN_PEERS_HAVE_ONEDNN
@@ -170,181 +116,26 @@ static double max_rel_diff(const float *a, const float *b, size_t count) {
 
 /* ---- copy bandwidth ----------------------------------------------------- */
 
-/* dst <- src, `bytes`, split between 2 threads (one without OpenMP). */
-static void copy_2threads(char *dst, const char *src, size_t bytes) {
-#ifdef _OPENMP
-#pragma omp parallel num_threads(2)
-  {
-    const size_t half = bytes / 2, id = (size_t)omp_get_thread_num();
-    memcpy(dst + id * half, src + id * half, id ? bytes - half : half);
-  }
-#else
-  memcpy(dst, src, bytes);
-#endif
-}
-
-/* The same with non-temporal stores, 256 bytes per step (32-byte AVX
- * stores where the CPU has AVX: up to ~8% faster than 16-byte ones here):
- * glibc's memcpy changes strategy with the size (measured here: 20-22 GB/s
- * on 100-200 MB, 34-35 GB/s on 512 MiB), this loop does not (31-37 GB/s
- * on both), so that floors of every size are measured alike. parts (1 or 2):
- * the buffers are cut into that many parts, copied 256 bytes of each in
- * turn (two sets of streams in flight per core: 20-30% faster here, as the
- * library's loops). dst and src 64-byte aligned, bytes a multiple of
- * 256 * parts. */
-#if defined(__x86_64__) && defined(__GNUC__)
-/* The loop of both: V, the vector type; LOAD, STREAM its intrinsics; W, its
- * bytes. Four vectors per step, 256 bytes of each part in turn. */
-#define COPY_NT_BODY(V, LOAD, STREAM, W)                                                        \
-  do {                                                                                         \
-    const size_t part = bytes / parts;                                                         \
-    for (size_t i = 0; i < part; i += 256)                                                     \
-      for (size_t p = 0; p < parts; p++)                                                       \
-        for (size_t j = p * part + i; j < p * part + i + 256; j += 4 * (W)) {                  \
-          const V a = LOAD((const V *)(src + j)), b = LOAD((const V *)(src + j + (W)));        \
-          const V c = LOAD((const V *)(src + j + 2 * (W)));                                    \
-          const V e = LOAD((const V *)(src + j + 3 * (W)));                                    \
-          STREAM((V *)(dst + j), a);                                                           \
-          STREAM((V *)(dst + j + (W)), b);                                                     \
-          STREAM((V *)(dst + j + 2 * (W)), c);                                                 \
-          STREAM((V *)(dst + j + 3 * (W)), e);                                                 \
-        }                                                                                      \
-    _mm_sfence();                                                                              \
-  } while (0)
-
-__attribute__((target("avx"))) static void copy_nt_avx(char *dst, const char *src, size_t bytes,
-                                                       size_t parts) {
-  COPY_NT_BODY(__m256i, _mm256_load_si256, _mm256_stream_si256, 32);
-}
-
-static void copy_nt_sse2(char *dst, const char *src, size_t bytes, size_t parts) {
-  COPY_NT_BODY(__m128i, _mm_load_si128, _mm_stream_si128, 16);
-}
-#undef COPY_NT_BODY
-#endif
-
-/* bytes: a multiple of 512 * parts. */
-static void copy_nt_2threads(char *dst, const char *src, size_t bytes, size_t parts) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  const bool avx = __builtin_cpu_supports("avx");
-#ifdef _OPENMP
-#pragma omp parallel num_threads(2)
-  {
-    const size_t half = bytes / 2, id = (size_t)omp_get_thread_num();
-    if (avx)
-      copy_nt_avx(dst + id * half, src + id * half, half, parts);
-    else
-      copy_nt_sse2(dst + id * half, src + id * half, half, parts);
-  }
-#else
-  if (avx)
-    copy_nt_avx(dst, src, bytes, parts);
-  else
-    copy_nt_sse2(dst, src, bytes, parts);
-#endif
-#else
-  (void)parts;
-  copy_2threads(dst, src, bytes);
-#endif
-}
-
-/*
- * "two-pass-loops": the two plain passes of a training forward whose x does
- * not stay in the caches between its statistics and its normalization. A
- * read of x (a sum: no per-channel work), then y = max(x * s + z, 0) with
- * non-temporal stores: the floor's 16 bytes per element, but the first pass
- * only reads, as every implementation of batch statistics must (no element
- * of y before all of x is read) unless it overlaps the two, as fusedbn's
- * NCHW pipeline does. Same threads as the floors, each its half; the read in
- * 4 parts, the normalization in 2 (256 bytes of each in turn: the fastest
- * of 1, 2, 4 and 8 parts measured here). Not a goal check: it shows how much
- * of fusedbn / floor is the read-only pass, and (fusedbn / two-pass-loops)
- * how much is the module's own per-element work. n: a multiple of
- * 2 * 4 * 64; buffers 64-byte aligned.
- */
-static volatile float twopass_sink;
-
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx"))) static void twopass_avx(const float *x, const float *z, float *y,
-                                                       size_t n) {
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                   _mm256_setzero_ps()};
-  const size_t part4 = n / 4, part2 = n / 2;
-  for (size_t i = 0; i < part4; i += 64)
-    for (size_t p = 0; p < 4; p++)
-      for (size_t j = p * part4 + i; j < p * part4 + i + 64; j += 32)
-        for (int k = 0; k < 4; k++)
-          acc[k] = _mm256_add_ps(acc[k], _mm256_load_ps(x + j + 8 * k));
-  float lanes[8];
-  _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]),
-                                        _mm256_add_ps(acc[2], acc[3])));
-  twopass_sink = lanes[0];
-  const __m256 s = _mm256_set1_ps(0.5f), zero = _mm256_setzero_ps();
-  for (size_t i = 0; i < part2; i += 64)
-    for (size_t p = 0; p < 2; p++)
-      for (size_t j = p * part2 + i; j < p * part2 + i + 64; j += 8) {
-        const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_load_ps(x + j), s),
-                                       _mm256_load_ps(z + j));
-        _mm256_stream_ps(y + j, _mm256_max_ps(v, zero));
-      }
-  _mm_sfence();
-}
-#endif
-
-static void twopass_plain(const float *x, const float *z, float *y, size_t n) {
-  float acc = 0.0f;
-  for (size_t i = 0; i < n; i++)
-    acc += x[i];
-  twopass_sink = acc;
-  for (size_t i = 0; i < n; i++) {
-    const float v = x[i] * 0.5f + z[i];
-    y[i] = v > 0.0f ? v : 0.0f;
-  }
-}
-
-static void twopass_2threads(const float *x, const float *z, float *y, size_t n) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  const bool avx = __builtin_cpu_supports("avx");
-#else
-  const bool avx = false;
-#endif
-#ifdef _OPENMP
-#pragma omp parallel num_threads(2)
-#endif
-  {
-#ifdef _OPENMP
-    const size_t half = n / 2, id = (size_t)omp_get_thread_num();
-#else
-    const size_t half = n, id = 0;
-#endif
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (avx)
-      twopass_avx(x + id * half, z + id * half, y + id * half, half);
-    else
-#endif
-      twopass_plain(x + id * half, z + id * half, y + id * half, half);
-  }
-}
-
-/* Median time of a 2-thread memcpy of `bytes`; bandwidth counts bytes read
- * plus bytes written. */
+/* Median time of the harness's copy of cfg->copy_bytes, each after an
+ * eviction; bandwidth counts bytes read plus bytes written. */
 static double measure_copy(const peers_config *cfg, double *best_ms) {
-  const size_t bytes = cfg->copy_bytes;
-  char *src = alloc_touched(bytes), *dst = alloc_touched(bytes);
-  memset(src, 1, bytes);
+  bench_copy c;
+  bench_copy_init(&c, cfg->copy_bytes);
   const int total = cfg->warmup + cfg->reps;
   double *t = calloc((size_t)total, sizeof *t);
+  if (t == NULL)
+    die("out of memory", NULL);
   for (int r = 0; r < total; r++) {
+    bench_evict_run(&evict);
     const double t0 = bench_now_s();
-    copy_2threads(dst, src, bytes);
+    bench_copy_run(&c, cfg->copy_bytes);
     t[r] = bench_now_s() - t0;
   }
   double *timed = t + cfg->warmup;
+  *best_ms = 1e3 * bench_min(timed, cfg->reps);
   const double med = bench_median(timed, cfg->reps);
-  *best_ms = 1e3 * timed[0];
   free(t);
-  free(src);
-  free(dst);
+  bench_copy_fini(&c);
   return med;
 }
 
@@ -559,28 +350,18 @@ static void dnnl_peer_fini(dnnl_peer *p) {
 
 /* ---- one shape ---------------------------------------------------------- */
 
-/* IMPL_FLOOR: a 2-thread copy moving the pass's minimal traffic
+/* IMPL_FLOOR: the harness's copy moving the pass's minimal traffic
  * (floor_bytes / 2 per element copied: read + written), timed in the same
  * interleaving as the implementations, so that the floor is measured under
- * the same conditions of the shared machine as the calls it is compared
- * with (its bandwidth moves by 10-40% within a minute here). */
-enum {
-  IMPL_OURS,
-  IMPL_FLOOR,
-  IMPL_FLOOR2,
-  IMPL_TWOPASS,
-  IMPL_DNNL,
-  IMPL_DNNL_UNFUSED,
-  IMPL_COUNT
-};
-static const char *const impl_names[IMPL_COUNT] = {
-    "fusedbn", "memcpy-floor", "copy2-floor", "two-pass-loops", "onednn", "onednn-unfused"};
+ * the same conditions of a shared machine as the calls it is compared with
+ * (its bandwidth can move by 10-40% within a minute). */
+enum { IMPL_OURS, IMPL_FLOOR, IMPL_DNNL, IMPL_DNNL_UNFUSED, IMPL_COUNT };
+static const char *const impl_names[IMPL_COUNT] = {"fusedbn", "memcpy-floor", "onednn",
+                                                   "onednn-unfused"};
 
 /* Whether implementation i is timed for this pass. */
 static bool impl_applies(const peers_config *cfg, int i, int pass) {
   switch (i) {
-  case IMPL_TWOPASS:
-    return pass == PASS_TRAIN_FWD;
   case IMPL_DNNL:
     return cfg->onednn;
   case IMPL_DNNL_UNFUSED:
@@ -596,8 +377,7 @@ typedef struct shape_bufs {
   float *y_ours, *dx_ours, *dz_ours;
   float *y_dnnl, *dx_dnnl, *dz_dnnl;
   float *weight, *bias, *mean, *var, *dscale, *dshift;
-  char *copy_src, *copy_dst; /* the floors' copies: 10 bytes per element (also
-                                the output of two-pass-loops) */
+  bench_copy copy; /* the floor's buffers: 10 bytes per element each */
 } shape_bufs;
 
 static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout layout) {
@@ -606,18 +386,18 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
   const size_t bytes = b.numel * sizeof(float), cbytes = (size_t)s->c * sizeof(float);
   float **big[] = {&b.x, &b.z, &b.dy, &b.y_ours, &b.dx_ours, &b.dz_ours};
   for (size_t i = 0; i < sizeof big / sizeof big[0]; i++)
-    *big[i] = alloc_touched(bytes);
+    *big[i] = bench_alloc_touched(bytes);
   b.y_dnnl = b.dx_dnnl = b.dz_dnnl = NULL;
   if (cfg->onednn) {
-    b.y_dnnl = alloc_touched(bytes);
-    b.dx_dnnl = alloc_touched(bytes);
-    b.dz_dnnl = alloc_touched(bytes);
+    b.y_dnnl = bench_alloc_touched(bytes);
+    b.dx_dnnl = bench_alloc_touched(bytes);
+    b.dz_dnnl = bench_alloc_touched(bytes);
   }
   float **small[] = {&b.weight, &b.bias, &b.mean, &b.var, &b.dscale, &b.dshift};
   for (size_t i = 0; i < sizeof small / sizeof small[0]; i++)
-    *small[i] = alloc_touched(cbytes);
-  b.copy_src = alloc_touched(b.numel * (size_t)floor_bytes[PASS_BWD] / 2);
-  b.copy_dst = alloc_touched(b.numel * (size_t)floor_bytes[PASS_BWD] / 2);
+    *small[i] = bench_alloc_touched(cbytes);
+  bench_copy_init(&b.copy, b.numel * (size_t)floor_bytes[PASS_BWD] / 2);
+  bench_rng_seed(&rng, (uint64_t)(s->n * 1000003 + s->c * 1009 + s->h * 31 + s->w));
   fill_random(b.x, b.numel, 0.5, 2.0);
   fill_random(b.z, b.numel, 0.0, 1.0);
   fill_random(b.dy, b.numel, 0.0, 1.0);
@@ -677,17 +457,15 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
         dnnl_train_fwd(&dp, false);
 #endif
     }
-    const size_t floor_copy = b.numel * (size_t)floor_bytes[pass] / 2 / 1024 * 1024;
+    const size_t floor_copy = b.numel * (size_t)floor_bytes[pass] / 2;
     for (int r = 0; r < total; r++)
       for (int i = 0; i < IMPL_COUNT; i++) {
         if (!impl_applies(cfg, i, pass))
           continue;
-        evict_caches();
+        bench_evict_run(&evict);
         const double t0 = bench_now_s();
-        if (i == IMPL_FLOOR || i == IMPL_FLOOR2) {
-          copy_nt_2threads(b.copy_dst, b.copy_src, floor_copy, i == IMPL_FLOOR2 ? 2 : 1);
-        } else if (i == IMPL_TWOPASS) {
-          twopass_2threads(b.x, b.z, (float *)b.copy_dst, b.numel / 1024 * 1024);
+        if (i == IMPL_FLOOR) {
+          bench_copy_run(&b.copy, floor_copy);
         } else if (i == IMPL_OURS) {
           fbn_status st;
           if (pass == PASS_BWD)
@@ -734,8 +512,7 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
   free(b.y_dnnl);
   free(b.dx_dnnl);
   free(b.dz_dnnl);
-  free(b.copy_src);
-  free(b.copy_dst);
+  bench_copy_fini(&b.copy);
   for (size_t i = 0; i < sizeof small / sizeof small[0]; i++)
     free(*small[i]);
 }
@@ -746,14 +523,16 @@ static void usage(void) {
   printf("usage: fbn-peers-bench [--reps N] [--warmup N] [--quick | --shape N,C,H,W]\n"
          "                       [--layout nchw|nhwc|both] [--no-onednn] [--copy-mib N]\n"
          "                       [--evict-mib N]\n"
-         "Times fusedbn's CPU module, oneDNN (if built with it) and a 2-thread memcpy on\n"
-         "ResNet-50's batch-32 batch-norm shapes, float32. CSV on stdout.\n");
+         "Times fusedbn's CPU module, oneDNN (if built with it) and the copy floor on\n"
+         "ResNet-50's batch-32 batch-norm shapes, float32. CSV on stdout.\n"
+         "--evict-mib: buffer read before every timed call (default: 64 or twice the\n"
+         "last-level cache, whichever is larger; 0: none).\n");
 }
 
 int main(int argc, char **argv) {
   peers_config cfg = {.reps = 25, .warmup = 3, .quick = false, .layouts = {true, true},
                       .onednn = true, .copy_bytes = (size_t)512 << 20,
-                      .evict_bytes = (size_t)64 << 20};
+                      .evict_bytes = bench_evict_default_bytes()};
 #ifndef FBN_PEERS_HAVE_ONEDNN
   cfg.onednn = false;
 #endif
@@ -799,24 +578,16 @@ int main(int argc, char **argv) {
   if (cfg.reps < 1 || cfg.warmup < 0 || cfg.copy_bytes < ((size_t)1 << 20))
     die("--reps must be >= 1, --warmup >= 0, --copy-mib >= 1", NULL);
 
-  if (cfg.evict_bytes > 0) {
-    uint64_t *e = alloc_touched(cfg.evict_bytes);
-    for (size_t i = 0; i < cfg.evict_bytes / sizeof(uint64_t); i++)
-      e[i] = i;
-    evict_buf = e;
-    evict_words = cfg.evict_bytes / sizeof(uint64_t);
-  }
+  bench_evict_init(&evict, cfg.evict_bytes);
   const char *backend = getenv("FBN_CPU_BACKEND");
-  printf("# fbn-peers-bench: evict_mib=%zu (read before every timed call)\n",
-         cfg.evict_bytes >> 20);
+  char machine[320];
+  bench_machine_line(machine, sizeof machine);
+  printf("# fbn-peers-bench: machine: %s\n", machine);
+  printf("# fbn-peers-bench: evict_mib=%zu (read before every timed call); floor: %s\n",
+         (evict.words * sizeof(uint64_t)) >> 20, bench_copy_method());
   printf("# fbn-peers-bench: fusedbn %d, FBN_CPU_BACKEND=%s, threads=%d, reps=%d, warmup=%d\n",
-         fbn_version(), backend ? backend : "(unset: fast)",
-#ifdef _OPENMP
-         omp_get_max_threads(),
-#else
-         1,
-#endif
-         cfg.reps, cfg.warmup);
+         fbn_version(), backend ? backend : "(unset: fast)", bench_threads(), cfg.reps,
+         cfg.warmup);
 #ifdef FBN_PEERS_HAVE_ONEDNN
   const dnnl_version_t *dv = dnnl_version();
   printf("# onednn %d.%d.%d (%s), cpu_runtime %u%s\n", dv->major, dv->minor, dv->patch, dv->hash,
@@ -846,5 +617,6 @@ int main(int argc, char **argv) {
   printf("copy,0,0,0,0,-,memcpy,%.4f,%.4f,%d\n", 1e3 * copy_s, best_ms, cfg.reps);
   printf("# copy_bytes=%zu copy_gbs=%.3f (at the end)\n", cfg.copy_bytes,
          2.0 * (double)cfg.copy_bytes / copy_s / 1e9);
+  bench_evict_fini(&evict);
   return 0;
 }
