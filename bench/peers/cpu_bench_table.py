@@ -4,14 +4,12 @@
 Reads the CSV of fbn-peers-bench and torch_peer.py for each round, writes the
 generated part of docs/benchmarks.md (between the BEGIN/END markers) and a PNG
 chart. Numbers are medians of the calls of one round. The memory floor of a
-pass is the median time of a 2-thread copy (non-temporal stores) moving its
+pass is the median time of the benchmark harness's threaded copy
+(bench/common: non-temporal stores, two sets of streams per thread) moving its
 minimal traffic, timed call by call interleaved with the implementations
-("memcpy-floor" rows of fbn-peers-bench). Beside it, a stricter floor: the same
-copy with two sets of streams per thread ("copy2-floor", as the library's large
-loops read and write); for forward training, plain two-pass loops moving the
-floor's traffic with a read-only first pass ("two-pass-loops"); and, in the
-list under the goal checks, the floor at the round's global copy bandwidth (the
-faster of the copy measurements at its start and end).
+("memcpy-floor" rows of fbn-peers-bench); in the list under the goal checks,
+also the floor at the round's global copy bandwidth (the faster of the copy
+measurements at its start and end).
 """
 import argparse
 import csv
@@ -95,16 +93,9 @@ def table(rounds, pass_):
     """Markdown table of one pass over all rounds."""
     out = []
     hdr = ("| shape (N,C,H,W) | layout | round | fusedbn ms | oneDNN ms | oneDNN unfused ms | "
-           "PyTorch ms | floor ms | oneDNN / fusedbn | PyTorch / fusedbn | fusedbn / floor | "
-           "2-stream floor ms | fusedbn / 2-stream floor |")
-    # Forward training also has the plain two-pass loops (read x, then
-    # normalize): the floor's traffic with a read-only first pass.
-    twopass = any("two-pass-loops" in impls for r in rounds for k, impls in r[0].items()
-                  if k[0] == pass_)
-    if twopass:
-        hdr += " two-pass loops ms | fusedbn / two-pass loops | two-pass loops / floor |"
+           "PyTorch ms | floor ms | oneDNN / fusedbn | PyTorch / fusedbn | fusedbn / floor |")
     out.append(hdr)
-    out.append("|" + "|".join(["---"] * (16 if twopass else 13)) + "|")
+    out.append("|" + "|".join(["---"] * 11) + "|")
     keys = sorted({k for r in rounds for k in r[0] if k[0] == pass_},
                   key=lambda k: (k[1][1], k[2]))
     for key in keys:
@@ -115,21 +106,17 @@ def table(rounds, pass_):
             dnnl = best_onednn(impls)
             torch = impls.get("pytorch")
             fl = floor_paired(impls, pass_, shape, gbs)
-            fl2 = impls.get("copy2-floor")
-            line = "| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            line = "| %s | %s | %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (
                 ",".join(str(v) for v in shape), layout, i + 1, fmt(ours), fmt(impls.get("onednn")),
                 fmt(impls.get("onednn-unfused")), fmt(torch), fmt(fl), fmt(ratio(dnnl, ours)),
-                fmt(ratio(torch, ours)), fmt(ratio(ours, fl)), fmt(fl2), fmt(ratio(ours, fl2)))
-            if twopass:
-                tp = impls.get("two-pass-loops")
-                line += " %s | %s | %s |" % (fmt(tp), fmt(ratio(ours, tp)), fmt(ratio(tp, fl)))
+                fmt(ratio(torch, ours)), fmt(ratio(ours, fl)))
             out.append(line)
     return "\n".join(out)
 
 
 def goal_check(rounds):
     """Lines listing every shape/layout/pass/round where a goal is not met."""
-    misses, checked, global_misses, strict_misses = [], 0, [], []
+    misses, checked, global_misses = [], 0, []
     for i, (rows, gbs, _, _) in enumerate(rounds):
         for key, impls in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1][1], kv[0][2])):
             pass_, shape, layout = key
@@ -155,11 +142,7 @@ def goal_check(rounds):
                 rg = ours / floor_ms(pass_, shape, gbs)
                 if rg > GOAL_FLOOR:
                     global_misses.append("- %s: fusedbn / global floor = %.2f" % (name, rg))
-                f2 = impls.get("copy2-floor")
-                if f2 is not None and ours / f2 > GOAL_FLOOR:
-                    strict_misses.append("- %s: fusedbn / 2-stream floor = %.2f" % (
-                        name, ours / f2))
-    return checked, misses, global_misses, strict_misses
+    return checked, misses, global_misses
 
 
 def chart(rounds, path):
@@ -217,12 +200,12 @@ def main():
 
     rounds = [read_round(paths) for paths in args.round]
     chart(rounds, args.png)
-    checked, misses, global_misses, strict_misses = goal_check(rounds)
+    checked, misses, global_misses = goal_check(rounds)
 
     g = [BEGIN, ""]
     g.append("Command: `%s`  " % args.command)
     g.append("Machine: %s  " % args.machine)
-    g.append("Copy bandwidth (2 threads, memcpy, bytes read + written): %s GB/s  " %
+    g.append("Copy bandwidth (the floor's copy, bytes read + written): %s GB/s  " %
              ", ".join("round %d: %.1f" % (i + 1, r[1]) for i, r in enumerate(rounds)))
     if args.load:
         g.append("Load average during the run: %s  " % args.load)
@@ -258,10 +241,7 @@ def main():
     g.append("")
     for what, rows in (("the floor at the round's global copy bandwidth instead (not a goal "
                         "check; the interleaved floor above is the one measured under the same "
-                        "conditions)", global_misses),
-                       ("the 2-stream floor (a copy reading and writing two places per thread; "
-                        "not the goal's definition, shown because the library's large loops do "
-                        "the same)", strict_misses)):
+                        "conditions)", global_misses),):
         g.append("Forward training against %s: %s" % (
             what, "%d rows above %.2f:" % (len(rows), GOAL_FLOOR) if rows
             else "no row above %.2f." % GOAL_FLOOR))
