@@ -12,12 +12,12 @@
 
 #include "bench.h"
 
-/* ResNet-50 batch-32 batch-norm shapes, and the seed document's example. */
+/* ResNet-50 batch-32 batch-norm shapes, and OneFlow's example shape (4, 2, 8, 3). */
 static const bench_shape resnet50_shapes[] = {
     {32, 64, 56, 56}, {32, 256, 56, 56}, {32, 512, 28, 28}, {32, 1024, 14, 14}, {32, 2048, 7, 7},
 };
-static const bench_shape seed_shape = {4, 2, 8, 3};
-/* --quick on the CPU: the seed shape and the smallest ResNet-50 shape. */
+static const bench_shape oneflow_shape = {4, 2, 8, 3};
+/* --quick on the CPU: the smallest ResNet-50 shape (and OneFlow's). */
 static const bench_shape quick_cpu_shape = {32, 2048, 7, 7};
 
 /* CPU rows get BENCH_DEFAULT_REPS runs unless those take longer than
@@ -38,7 +38,7 @@ static void usage(FILE *out) {
           "  --device cpu|cuda|auto  where to run (default auto: the GPU if the library has\n"
           "                          the CUDA backend and a device is usable, else the CPU)\n"
           "  --shape N,C,H,W         a shape to run (repeatable; default: the ResNet-50\n"
-          "                          batch-32 BN shapes and the seed's (4,2,8,3))\n"
+          "                          batch-32 BN shapes and OneFlow's (4,2,8,3))\n"
           "  --layout nchw|nhwc|both memory layout (CPU default both)\n"
           "  --dtype float32|float64|float16|bfloat16\n"
           "                          data type (CPU default float32; GPU default: float16\n"
@@ -284,7 +284,7 @@ static void apply_defaults(bench_config *cfg, const bench_args *args) {
         cfg->shapes[cfg->num_shapes++] = resnet50_shapes[i];
       }
     }
-    cfg->shapes[cfg->num_shapes++] = seed_shape;
+    cfg->shapes[cfg->num_shapes++] = oneflow_shape;
   }
 
   /* Repetitions: --reps is exact. Otherwise 20 (5 with --quick on the CPU,
