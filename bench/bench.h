@@ -132,8 +132,8 @@ typedef struct bench_row {
   fbn_dtype dtype;
   fbn_layout layout;
   bench_pass pass;
-  /* Bytes the pass must move at minimum, counted for GB/s (the CPU and the
-   * GPU count them differently: bench_cpu.c, bench_pass_tensors()). */
+  /* Bytes the pass must move at minimum, counted for GB/s
+   * (bench_pass_tensors() tensors of x's size). */
   double bytes;
   bench_timing fused;   /* fusedbn module (default bn_mode) */
   bench_timing unfused; /* the unfused baseline of this device */
@@ -154,8 +154,11 @@ int bench_mismatch_count(void);
 /* Append text to row->note ("; "-separated). */
 void bench_note_append(bench_row *row, const char *text);
 
-/* Tensors of x's size counted for GB/s on the GPU: 3 for a forward (x,
- * addend, y), 5 for a backward (x, y, dy, dx, daddend). */
+/* Tensors of x's size a pass must move at minimum: 3 for a forward (x,
+ * addend, y: a training forward can read x once, keeping a group of
+ * channels in the caches from its statistics to its normalization, as the
+ * library's NCHW pipeline and the GPU's persistent kernels do), 5 for a
+ * backward (x, y, dy, dx, daddend). */
 int bench_pass_tensors(bench_pass pass);
 
 typedef struct bench_report_info {

@@ -82,14 +82,6 @@ static fbn_status floor_copy(cpu_case *k) {
   return FBN_STATUS_SUCCESS;
 }
 
-/* Bytes a pass must move at minimum on the CPU, in tensors of x's size: a
- * training forward reads x twice (its statistics are needed before any y
- * is written), addend once and writes y; eval reads x and addend and writes
- * y; backward reads x, y and dy and writes dx and daddend. */
-static int cpu_pass_tensors(bench_pass pass) {
-  return pass == BENCH_PASS_TRAIN_FWD ? 4 : pass == BENCH_PASS_EVAL_FWD ? 3 : 5;
-}
-
 /* ---- timing ------------------------------------------------------------- */
 
 /* Runs shorter than this are timed in batches of back-to-back calls (the
@@ -264,7 +256,7 @@ static int case_init(cpu_case *k, const bench_shape *shape, const bench_variant 
 
   bench_unfused_cpu_init(&k->unfused, shape, v->dtype, v->layout, &bench_bn_plain);
   /* The floor of the pass moving most: backward's 5 tensors. */
-  bench_copy_init(&k->copy, (size_t)cpu_pass_tensors(BENCH_PASS_TRAIN_BWD) * k->tensor_bytes / 2);
+  bench_copy_init(&k->copy, (size_t)bench_pass_tensors(BENCH_PASS_TRAIN_BWD) * k->tensor_bytes / 2);
   k->x = tensor(k);
   k->addend = tensor(k);
   k->dy = tensor(k);
@@ -326,8 +318,8 @@ static int run_case(const bench_config *cfg, const bench_report_info *info,
     row.dtype = v->dtype;
     row.layout = v->layout;
     row.pass = (bench_pass)p;
-    row.bytes = (double)cpu_pass_tensors(row.pass) * (double)k.tensor_bytes;
-    k.floor_copy = (size_t)cpu_pass_tensors(row.pass) * k.tensor_bytes / 2;
+    row.bytes = (double)bench_pass_tensors(row.pass) * (double)k.tensor_bytes;
+    k.floor_copy = (size_t)bench_pass_tensors(row.pass) * k.tensor_bytes / 2;
 
     const bool train = row.pass != BENCH_PASS_EVAL_FWD;
     fbn_status status = fbn_module_set_training(k.module, train);

@@ -25,7 +25,12 @@ static bool is_gpu(const bench_config *cfg) { return cfg->device == BENCH_DEVICE
 /* The bandwidth a row is compared with: its floor on the CPU, the run's
  * copy on the GPU. */
 static double reference_gbps(const bench_report_info *info, const bench_row *row) {
-  return row->floor.reps > 0 ? gbps(row->bytes, &row->floor) : info->copy_gbps;
+  if (row->floor.reps == 0 || !(row->floor.min_ms > 0.0)) {
+    return info->copy_gbps;
+  }
+  /* The fastest floor sample: what the memory did at best during the row
+   * (a descheduled thread slows a sample, nothing speeds one up). */
+  return row->bytes / (row->floor.min_ms * 1e-3) / 1e9;
 }
 
 void bench_report_begin(const bench_config *cfg, const bench_report_info *info) {
@@ -54,17 +59,16 @@ void bench_report_begin(const bench_config *cfg, const bench_report_info *info) 
          "agreement check (note), then %d more warm-up run(s)%s\n",
          is_gpu(cfg) ? "" : " (fused, unfused and floor in turn)", cfg->warmup,
          cfg->quick ? " (--quick)" : "");
+  printf("GB/s:     minimum bytes moved / median time; forward counts 3 tensors (x, addend, y;\n"
+         "          training reads x once where its statistics and its normalization share the\n"
+         "          caches), backward 5 (x, y, dy read; dx, daddend written)\n");
   if (is_gpu(cfg)) {
-    printf("GB/s:     minimum bytes moved / median time; forward counts 3 tensors (x, addend, "
-           "y),\n          backward 5 (x, y, dy read; dx, daddend written)\n");
     printf("%%copy:    fused GB/s / copy GB/s;  f/unf: fused ms / unfused ms (< 1: fused is "
            "faster);  speedup: unfused ms / fused ms\n\n");
   } else {
-    printf("GB/s:     minimum bytes moved / median time; training forward counts 4 tensors (x "
-           "read twice:\n          its statistics come before any y; addend; y), eval 3, "
-           "backward 5 (x, y, dy; dx, daddend)\n");
-    printf("%%floor:   GB/s / the floor's GB/s (= floor ms / ms); \"-\" where calls under %.1f ms "
-           "are timed in\n          batches (their data stays in the caches: no memory floor)\n",
+    printf("floor ms: the fastest of the row's floor samples;  %%floor: GB/s / the floor's GB/s "
+           "(= floor ms / ms);\n          \"-\" where calls under %.1f ms are timed in batches "
+           "(their data stays in the caches)\n",
            BENCH_CPU_MIN_SAMPLE_S * 1e3);
     printf("f/unf:    fused ms / unfused ms (< 1: fused is faster);  speedup: unfused ms / fused "
            "ms\n\n");
@@ -128,7 +132,7 @@ void bench_report_row(const bench_config *cfg, const bench_report_info *info,
     print_opt_csv(&row->fused, ratio, 4);
     print_opt_csv(&row->fused, speedup, 4);
     printf(",%d", row->floor.reps);
-    print_opt_csv(&row->floor, row->floor.median_ms, 6);
+    print_opt_csv(&row->floor, row->floor.min_ms, 6);
     print_opt_csv(&row->unfused, unfused_frac, 4);
     /* The note is free text: quote it, doubling any quote. */
     printf(",\"");
@@ -161,7 +165,7 @@ void bench_report_row(const bench_config *cfg, const bench_report_info *info,
       printf(" %6s", "-");
     }
     if (row->floor.reps > 0) {
-      printf(" %9.4g", row->floor.median_ms);
+      printf(" %9.4g", row->floor.min_ms);
     } else {
       printf(" %9s", "-");
     }
