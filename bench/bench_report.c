@@ -39,7 +39,7 @@ void bench_report_begin(const bench_config *cfg, const bench_report_info *info) 
            "fused_reps,fused_ms,fused_min_ms,fused_gbps,fused_copy_frac,"
            "unfused_reps,unfused_ms,unfused_min_ms,unfused_gbps,"
            "spatial_reps,spatial_ms,spatial_gbps,fused_over_unfused,speedup,"
-           "floor_reps,floor_ms,unfused_copy_frac,note\n");
+           "floor_reps,floor_ms,unfused_copy_frac,note,device_desc\n");
     fflush(stdout);
     return;
   }
@@ -94,6 +94,15 @@ static void print_ms_text(const bench_timing *t, double bytes, int ms_width) {
   printf(" %*.4g %7.1f", ms_width, t->median_ms, g);
 }
 
+/* ",\"text\"", doubling any quote in text. */
+static void print_quoted_csv(const char *text) {
+  printf(",\"");
+  for (const char *q = text; *q != '\0'; q++) {
+    printf(*q == '"' ? "\"\"" : "%c", *q);
+  }
+  printf("\"");
+}
+
 static void print_opt_csv(const bench_timing *t, double value, int precision) {
   if (t->reps == 0 || isnan(value)) {
     printf(",");
@@ -113,10 +122,15 @@ void bench_report_row(const bench_config *cfg, const bench_report_info *info,
   const double speedup = have_ratio ? row->unfused.median_ms / row->fused.median_ms : NAN;
 
   if (cfg->csv) {
-    printf("%s,%lld,%lld,%lld,%lld,%s,%s,%s,%.0f,%.3f", is_gpu(cfg) ? "cuda" : "cpu",
+    printf("%s,%lld,%lld,%lld,%lld,%s,%s,%s,%.0f", is_gpu(cfg) ? "cuda" : "cpu",
            (long long)row->shape.n, (long long)row->shape.c, (long long)row->shape.h,
            (long long)row->shape.w, bench_layout_name(row->layout), bench_dtype_name(row->dtype),
-           bench_pass_name(row->pass), row->bytes, ref_gbps);
+           bench_pass_name(row->pass), row->bytes);
+    if (isnan(ref_gbps)) {
+      printf(",");
+    } else {
+      printf(",%.3f", ref_gbps);
+    }
     printf(",%d", row->fused.reps);
     print_opt_csv(&row->fused, row->fused.median_ms, 6);
     print_opt_csv(&row->fused, row->fused.min_ms, 6);
@@ -134,12 +148,10 @@ void bench_report_row(const bench_config *cfg, const bench_report_info *info,
     printf(",%d", row->floor.reps);
     print_opt_csv(&row->floor, row->floor.min_ms, 6);
     print_opt_csv(&row->unfused, unfused_frac, 4);
-    /* The note is free text: quote it, doubling any quote. */
-    printf(",\"");
-    for (const char *q = row->note; *q != '\0'; q++) {
-      printf(*q == '"' ? "\"\"" : "%c", *q);
-    }
-    printf("\"\n");
+    /* The note and the machine are free text. */
+    print_quoted_csv(row->note);
+    print_quoted_csv(info->device_desc);
+    printf("\n");
     fflush(stdout);
     return;
   }
