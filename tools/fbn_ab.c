@@ -123,7 +123,7 @@ int main(int argc, char **argv) {
   fbn_layout layout = FBN_LAYOUT_NCHW;
   size_t evict_bytes = bench_evict_default_bytes(), align = 0;
   int first_shape = argc;
-  for (int i = 3; i < argc; i++) {
+  for (int i = 3; i < argc; i += 2) { /* options are pairs: --name value */
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
     if (strncmp(a, "--", 2) != 0) {
       first_shape = i;
@@ -150,7 +150,6 @@ int main(int argc, char **argv) {
       libs[a[6] == 'b'].env = v;
     } else
       die("unknown option", a);
-    i++;
   }
   if (libs[0].forward == libs[1].forward && libs[0].env == NULL && libs[1].env == NULL)
     die("LIB_A and LIB_B are the same library", "copy one of them to another file");
