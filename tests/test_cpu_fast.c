@@ -391,9 +391,8 @@ static const int64_t shapes[][4] = {
 #define NUM_SHAPES (sizeof shapes / sizeof shapes[0])
 
 static void run_matrix(const char *test, fbn_layout layout, fbn_dtype dtype) {
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, test);
-  int failed = 0, total = 0;
+  fbnt_tally all;
+  fbnt_tally_begin(&all, test);
   for (size_t s = 0; s < NUM_SHAPES; s++)
     for (int flags = 0; flags < 16; flags++) {
       /* The multi-threaded shapes take a subset of the flags (time):
@@ -417,12 +416,9 @@ static void run_matrix(const char *test, fbn_layout layout, fbn_dtype dtype) {
                                 .eval = (flags & 8) != 0},
                        .sp = SPECIAL_NONE,
                        .steps = 4};
-      total++;
-      if (!run_case(&k, &rng))
-        failed++;
+      fbnt_tally_add(&all, run_case(&k, &all.rng));
     }
-  if (failed != 0)
-    fail_msg("%d of %d cases failed", failed, total);
+  fbnt_tally_end(&all, "cases");
 }
 
 static void test_cpu_fast_matches_reference_nchw_f32(void **state) {
@@ -446,10 +442,9 @@ static void test_cpu_fast_matches_reference_nhwc_f64(void **state) {
  * and on a multi-threaded one, both layouts, both dtypes, train and eval. */
 static void test_cpu_fast_nan_and_degenerate_channels_match_reference(void **state) {
   (void)state;
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, __func__);
+  fbnt_tally all;
+  fbnt_tally_begin(&all, __func__);
   static const int64_t sp_shapes[][4] = {{3, 5, 4, 3}, {2, 16, 45, 46}};
-  int failed = 0, total = 0;
   for (int sp = 1; sp < SPECIAL_COUNT; sp++)
     for (size_t s = 0; s < 2; s++)
       for (int l = 0; l < 2; l++)
@@ -465,12 +460,9 @@ static void test_cpu_fast_nan_and_degenerate_channels_match_reference(void **sta
                                       .eval = e != 0},
                              .sp = (special)sp,
                              .steps = 4};
-            total++;
-            if (!run_case(&k, &rng))
-              failed++;
+            fbnt_tally_add(&all, run_case(&k, &all.rng));
           }
-  if (failed != 0)
-    fail_msg("%d of %d cases failed", failed, total);
+  fbnt_tally_end(&all, "cases");
 }
 
 /* Outputs of 8 MiB and more are written with non-temporal stores through an
@@ -478,13 +470,12 @@ static void test_cpu_fast_nan_and_degenerate_channels_match_reference(void **sta
  * channel blocks longer than a chunk (NHWC), float32 and float64. */
 static void test_cpu_fast_streamed_outputs_match_reference(void **state) {
   (void)state;
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, __func__);
+  fbnt_tally all;
+  fbnt_tally_begin(&all, __func__);
   static const int64_t big[2][2][4] = {
       {{2, 24, 200, 230}, {16, 2800, 7, 7}}, /* float32: 8.8 MB */
       {{1, 24, 200, 230}, {8, 2800, 7, 7}},  /* float64: 8.8 MB */
   };
-  int failed = 0, total = 0;
   for (int t = 0; t < 2; t++)
     for (int s = 0; s < 2; s++)
       for (int l = 0; l < 2; l++)
@@ -499,9 +490,7 @@ static void test_cpu_fast_streamed_outputs_match_reference(void **state) {
                                     .eval = e != 0},
                            .sp = SPECIAL_NONE,
                            .steps = 3};
-          total++;
-          if (!run_case(&k, &rng))
-            failed++;
+          fbnt_tally_add(&all, run_case(&k, &all.rng));
         }
   /* NaN through the streamed float32 loops (AVX2: rows of a multiple of 8,
    * and the flat one for NCHW's 7x7 rows): NaN in x (its channel) and in the
@@ -517,12 +506,9 @@ static void test_cpu_fast_streamed_outputs_match_reference(void **state) {
                                 .addend = true},
                        .sp = sp ? SPECIAL_NAN_ADDEND : SPECIAL_NAN_X,
                        .steps = 2};
-      total++;
-      if (!run_case(&k, &rng))
-        failed++;
+      fbnt_tally_add(&all, run_case(&k, &all.rng));
     }
-  if (failed != 0)
-    fail_msg("%d of %d cases failed", failed, total);
+  fbnt_tally_end(&all, "cases");
 }
 
 /* Float32 tensors of 8 MiB and more (AVX2 loops with streamed output).
@@ -549,8 +535,8 @@ static void test_cpu_fast_streamed_outputs_match_reference(void **state) {
  * running statistics takes batch statistics (pipelined too). */
 static void test_cpu_fast_large_streamed_matches_reference(void **state) {
   (void)state;
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, __func__);
+  fbnt_tally all;
+  fbnt_tally_begin(&all, __func__);
   /* float32; shape, layout and steps filled in below */
   static const fcase v[] = {
       {.spec = {.addend = true}},
@@ -574,7 +560,6 @@ static void test_cpu_fast_large_streamed_matches_reference(void **state) {
       {5, 600, 28, 28, FBN_LAYOUT_NCHW, 4},
       {17, 2700, 7, 7, FBN_LAYOUT_NCHW, 4},
   };
-  int failed = 0, total = 0;
   for (size_t sh = 0; sh < sizeof big / sizeof big[0]; sh++)
     for (size_t i = 0; i < big[sh].variants; i++) {
       fcase k = v[i];
@@ -584,12 +569,9 @@ static void test_cpu_fast_large_streamed_matches_reference(void **state) {
       k.spec.w = big[sh].w;
       k.spec.layout = big[sh].layout;
       k.steps = 2;
-      total++;
-      if (!run_case(&k, &rng))
-        failed++;
+      fbnt_tally_add(&all, run_case(&k, &all.rng));
     }
-  if (failed != 0)
-    fail_msg("%d of %d cases failed", failed, total);
+  fbnt_tally_end(&all, "cases");
 }
 
 /* The streamed float32 loop at other alignments: y (and x, addend, dy, dx,

@@ -544,29 +544,13 @@ static bool run_gcase(const gcase *g, fbnt_rng *rng) {
   return ok;
 }
 
-/* The configurations of one test: its generator and a tally. */
-typedef struct runs {
-  fbnt_rng rng;
-  int failed, total;
-} runs;
-
-/* Skips the test when no device is usable. */
-static void runs_begin(runs *r, const char *test) {
+/* A test's configurations (skips the test when no device is usable). */
+static void runs_begin(fbnt_tally *r, const char *test) {
   REQUIRE_GPU();
-  fbnt_rng_for_test(&r->rng, test);
-  r->failed = r->total = 0;
+  fbnt_tally_begin(r, test);
 }
 
-static void runs_case(runs *r, const gcase *g) {
-  r->total++;
-  if (!run_gcase(g, &r->rng))
-    r->failed++;
-}
-
-static void runs_end(const runs *r) {
-  if (r->failed != 0)
-    fail_msg("%d of %d configurations failed", r->failed, r->total);
-}
+static void runs_case(fbnt_tally *r, const gcase *g) { fbnt_tally_add(r, run_gcase(g, &r->rng)); }
 
 /* ---- tests ------------------------------------------------------------------------ */
 
@@ -579,7 +563,7 @@ static const char *const all_forces[] = {NULL, "general", "kernels"};
 static const int64_t shapes[][4] = {{2, 8, 5, 3}, {3, 3, 4, 4}, {6, 1, 1, 1}, {4, 12, 7, 9}};
 
 static void run_matrix(const char *test, const char *force, fbn_dtype dtype) {
-  runs r;
+  fbnt_tally r;
   runs_begin(&r, test);
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
     for (size_t l = 0; l < 2; l++)
@@ -597,7 +581,7 @@ static void run_matrix(const char *test, const char *force, fbn_dtype dtype) {
                          .train_steps = 2};
         runs_case(&r, &g);
       }
-  runs_end(&r);
+  fbnt_tally_end(&r, "configurations");
 }
 
 #define MATRIX_TEST(name, force, dtype)                                                          \
@@ -618,7 +602,7 @@ MATRIX_TEST(test_gpu_kernels_bf16, "kernels", FBN_DTYPE_BFLOAT16)
 
 static void test_gpu_spatial_mode_and_partial_grads(void **state) {
   (void)state;
-  runs r;
+  fbnt_tally r;
   runs_begin(&r, __func__);
   for (size_t t = 0; t < 4; t++)
     for (int variant = 0; variant < 4; variant++) {
@@ -636,12 +620,12 @@ static void test_gpu_spatial_mode_and_partial_grads(void **state) {
           .skip_daddend = variant == 2 || variant == 3};
       runs_case(&r, &g);
     }
-  runs_end(&r);
+  fbnt_tally_end(&r, "configurations");
 }
 
 static void test_gpu_several_steps_then_eval(void **state) {
   (void)state;
-  runs r;
+  fbnt_tally r;
   runs_begin(&r, __func__);
   for (size_t t = 0; t < 4; t++)
     for (size_t l = 0; l < 2; l++)
@@ -657,12 +641,12 @@ static void test_gpu_several_steps_then_eval(void **state) {
                          .train_steps = 5};
         runs_case(&r, &g);
       }
-  runs_end(&r);
+  fbnt_tally_end(&r, "configurations");
 }
 
 static void test_gpu_odd_shapes(void **state) {
   (void)state;
-  runs r;
+  fbnt_tally r;
   runs_begin(&r, __func__);
   static const int64_t odd[][4] = {{7, 13, 9, 11}, {1, 5, 17, 3}, {33, 2, 1, 1}, {2, 1, 31, 33},
                                    {3, 37, 2, 2}};
@@ -678,12 +662,12 @@ static void test_gpu_odd_shapes(void **state) {
                                   .addend = true}};
         runs_case(&r, &g);
       }
-  runs_end(&r);
+  fbnt_tally_end(&r, "configurations");
 }
 
 static void test_gpu_large_shape(void **state) {
   (void)state;
-  runs r;
+  fbnt_tally r;
   runs_begin(&r, __func__);
   gcase g = {.spec = {.n = 32,
                       .c = 256,
@@ -700,12 +684,12 @@ static void test_gpu_large_shape(void **state) {
   runs_case(&r, &g); /* general */
   g.force = "kernels";
   runs_case(&r, &g);
-  runs_end(&r);
+  fbnt_tally_end(&r, "configurations");
 }
 
 static void test_gpu_n_limit_routes_to_kernels(void **state) {
   (void)state;
-  runs r;
+  fbnt_tally r;
   runs_begin(&r, __func__);
   const gcase g = {.spec = {.n = 880802,
                             .c = 4,
@@ -716,12 +700,12 @@ static void test_gpu_n_limit_routes_to_kernels(void **state) {
                             .addend = true}};
   assert_int_equal(expected_path(&g, true), FBN_CUDA_PATH_KERNELS);
   runs_case(&r, &g);
-  runs_end(&r);
+  fbnt_tally_end(&r, "configurations");
 }
 
 static void test_gpu_nan_propagation(void **state) {
   (void)state;
-  runs r;
+  fbnt_tally r;
   runs_begin(&r, __func__);
   for (size_t t = 0; t < 4; t++)
     for (size_t l = 0; l < 2; l++)
@@ -742,7 +726,7 @@ static void test_gpu_nan_propagation(void **state) {
         g.no_eval_step = false;
         runs_case(&r, &g);
       }
-  runs_end(&r);
+  fbnt_tally_end(&r, "configurations");
 }
 
 /* fused vs general vs kernels on the same data: equal within the dtype's
@@ -875,7 +859,7 @@ static void test_gpu_paths_agree(void **state) {
  * reference. bn_mode = SPATIAL (general path, no persistent kernel) too. */
 static void test_gpu_runtime_error_query(void **state) {
   (void)state;
-  runs r;
+  fbnt_tally r;
   runs_begin(&r, __func__);
   for (int variant = 0; variant < 8; variant++) {
     const gcase g = {
@@ -893,12 +877,12 @@ static void test_gpu_runtime_error_query(void **state) {
         .check_runtime = true};
     runs_case(&r, &g);
   }
-  runs_end(&r);
+  fbnt_tally_end(&r, "configurations");
 }
 
 static void test_gpu_caller_stream_handle_workspace(void **state) {
   (void)state;
-  runs r;
+  fbnt_tally r;
   runs_begin(&r, __func__);
   for (size_t t = 0; t < 4; t++)
     for (size_t f = 0; f < 3; f++)
@@ -916,12 +900,12 @@ static void test_gpu_caller_stream_handle_workspace(void **state) {
                          .train_steps = 2};
         runs_case(&r, &g);
       }
-  runs_end(&r);
+  fbnt_tally_end(&r, "configurations");
 }
 
 /* Shape (n, c, h, w) in every dtype and layout through every training path
  * (auto, general, kernels), each case adjusted by tweak (may be NULL). */
-static void run_every_path(runs *r, int64_t n, int64_t c, int64_t h, int64_t w,
+static void run_every_path(fbnt_tally *r, int64_t n, int64_t c, int64_t h, int64_t w,
                            void (*tweak)(gcase *)) {
   for (size_t t = 0; t < 4; t++)
     for (size_t l = 0; l < 2; l++)
@@ -946,10 +930,10 @@ static void eps_zero(gcase *g) { g->spec.zero_eps = true; }
  * 9): every path must take it and match the reference. */
 static void test_gpu_eps_zero(void **state) {
   (void)state;
-  runs r;
+  fbnt_tally r;
   runs_begin(&r, __func__);
   run_every_path(&r, 3, 8, 5, 4, eps_zero);
-  runs_end(&r);
+  fbnt_tally_end(&r, "configurations");
 }
 
 static void misaligned(gcase *g) {
@@ -962,10 +946,10 @@ static void misaligned(gcase *g) {
  * to their scalar kernels, and cuDNN may refuse (then a noted fallback). */
 static void test_gpu_misaligned_tensors(void **state) {
   (void)state;
-  runs r;
+  fbnt_tally r;
   runs_begin(&r, __func__);
   run_every_path(&r, 4, 16, 6, 8, misaligned);
-  runs_end(&r);
+  fbnt_tally_end(&r, "configurations");
 }
 
 /* One GPU saved object through forwards of different shapes, layouts and

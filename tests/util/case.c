@@ -118,13 +118,31 @@ bool fbnt_case_run(const fbnt_case *cs, fbnt_rng *rng) {
   return ok;
 }
 
+void fbnt_tally_begin(fbnt_tally *t, const char *test) {
+  fbnt_rng_for_test(&t->rng, test);
+  t->failed = 0;
+  t->total = 0;
+}
+
+void fbnt_tally_add(fbnt_tally *t, bool ok) {
+  t->total++;
+  if (!ok) {
+    t->failed++;
+  }
+}
+
+void fbnt_tally_end(const fbnt_tally *t, const char *what) {
+  if (t->failed != 0) {
+    fail_msg("%d of %d %s failed", t->failed, t->total, what);
+  }
+}
+
 void fbnt_case_matrix(const char *test, fbn_layout layout, fbn_dtype dtype, bool backward) {
   static const int64_t shapes[][4] = {
       {3, 1, 4, 5}, {5, 3, 1, 1}, {3, 5, 7, 3}, {4, 2, 8, 3}, {8, 16, 12, 10}, {32, 24, 7, 9},
   };
-  fbnt_rng rng;
-  fbnt_rng_for_test(&rng, test);
-  int failed = 0, total = 0;
+  fbnt_tally all;
+  fbnt_tally_begin(&all, test);
   for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++) {
     for (int flags = 0; flags < 16; flags++) {
       const fbnt_case cs = {
@@ -140,13 +158,8 @@ void fbnt_case_matrix(const char *test, fbn_layout layout, fbn_dtype dtype, bool
           .training = (flags & 8) != 0,
           .backward = backward,
       };
-      total++;
-      if (!fbnt_case_run(&cs, &rng)) {
-        failed++;
-      }
+      fbnt_tally_add(&all, fbnt_case_run(&cs, &all.rng));
     }
   }
-  if (failed != 0) {
-    fail_msg("%d of %d cases failed", failed, total);
-  }
+  fbnt_tally_end(&all, "cases");
 }

@@ -248,6 +248,20 @@ fbn_status fbnt_module_create_pair(fbnt_rng *rng, const fbn_module_options *a,
 
 /* ---- one checked forward (+ backward) on host memory -------------------- */
 
+/* The cases of one test: the test's generator (fbnt_rng_for_test) and how
+ * many of its cases ran and failed. */
+typedef struct fbnt_tally {
+  fbnt_rng rng;
+  int failed;
+  int total;
+} fbnt_tally;
+
+void fbnt_tally_begin(fbnt_tally *t, const char *test);
+/* Count one case, failed unless ok. */
+void fbnt_tally_add(fbnt_tally *t, bool ok);
+/* Fail the cmocka test if a case failed: "<failed> of <total> <what> failed". */
+void fbnt_tally_end(const fbnt_tally *t, const char *what);
+
 typedef struct fbnt_case {
   int64_t n, c, h, w;
   fbn_dtype dtype; /* FLOAT32 (float32 params) or FLOAT64 (float64 params) */
