@@ -132,14 +132,13 @@ static int measure_row(const bench_config *cfg, cpu_case *k, const char *what, c
   }
   const int reps = bench_choose_reps(cfg, (one_ms[FUSED] + one_ms[UNFUSED]) * 1e-3);
   /* Tiny shapes: without a warm-up the split of check_ms is a guess, and
-   * batching only needs the order of magnitude. */
-  int batch[FORMS];
-  for (int f = 0; f < FORMS; f++) {
-    batch[f] = batch_size(one_ms[f]);
-  }
-  /* Calls timed in batches stay in the caches after the first: no memory
-   * floor to compare them with. */
-  const int forms = batch[FUSED] > 1 ? FLOOR : FORMS;
+   * batching only needs the order of magnitude. Fused and unfused take the
+   * same batch size (both warm or both cold); batched calls stay in the
+   * caches after the first, so those rows have no memory floor, and the
+   * floor is never batched. */
+  const int pair_batch = batch_size(fmin(one_ms[FUSED], one_ms[UNFUSED]));
+  const int batch[FORMS] = {pair_batch, pair_batch, 1};
+  const int forms = pair_batch > 1 ? FLOOR : FORMS;
   double *samples = malloc(FORMS * (size_t)reps * sizeof(double));
   if (samples == NULL) {
     fprintf(stderr, "fusedbn-bench: out of memory\n");
