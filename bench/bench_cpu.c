@@ -386,7 +386,7 @@ int bench_run_cpu(const bench_config *cfg) {
   }
   snprintf(baseline_desc, sizeof baseline_desc,
            "%s (this program's code, not fusedbn's) -> add pass (y += addend) -> ReLU pass; "
-           "each pass one loop, omp simd, the library's threads",
+           "each pass one loop, omp simd, plain stores, the library's threads",
            bench_bn_plain.desc);
   if (strstr(machine, "BUSY") != NULL) {
     fprintf(stderr,
