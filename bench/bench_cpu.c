@@ -380,9 +380,8 @@ int bench_run_cpu(const bench_config *cfg) {
              machine);
   } else {
     snprintf(device_desc, sizeof device_desc,
-             "cpu: fusedbn fast CPU backend (the default; %d thread(s) for tensors of 64Ki "
-             "elements or more); %s",
-             threads, machine);
+             "cpu: fusedbn fast CPU backend (the default; one thread under 64Ki elements); %s",
+             machine);
   }
   snprintf(baseline_desc, sizeof baseline_desc,
            "%s (this program's code, not fusedbn's) -> add pass (y += addend) -> ReLU pass; "
@@ -390,10 +389,15 @@ int bench_run_cpu(const bench_config *cfg) {
            bench_bn_plain.desc);
   if (strstr(machine, "BUSY") != NULL) {
     fprintf(stderr,
-            "fusedbn-bench: warning: the machine is busy (%s): CPU timings will be noisy; "
-            "OpenMP threads that spin while others are descheduled can be 100x slower (try "
-            "OMP_WAIT_POLICY=passive or OMP_NUM_THREADS=1)\n",
-            machine);
+            "fusedbn-bench: warning: the machine is busy (%s): CPU timings will be noisy%s\n",
+            machine,
+#ifdef _OPENMP
+            "; OpenMP threads that spin while others are descheduled can be 100x slower (try "
+            "OMP_WAIT_POLICY=passive or OMP_NUM_THREADS=1)"
+#else
+            ""
+#endif
+    );
   }
   bench_evict evict;
   bench_evict_init(&evict, bench_evict_default_bytes());
