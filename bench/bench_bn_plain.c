@@ -5,7 +5,8 @@
  * contiguous ranges of rows, combined in thread order), then one normalize
  * pass y = x * scale[c] + shift[c]. Eval: the normalize pass. Backward: one
  * reduction pass (sum g, sum g * (x - mean), float64) and one dx pass.
- * Threads and loops as the library (bench_parallel.h).
+ * Threads and loops as the library (bench_parallel.h); outputs of 8 MiB and
+ * more written with non-temporal stores through a staging buffer.
  */
 #include <math.h>
 #include <string.h>
@@ -17,6 +18,12 @@
 static int64_t bench_bn_rows(const bench_unfused_cpu *u) {
   return u->layout == FBN_LAYOUT_NCHW ? u->shape.n * u->shape.c
                                       : u->shape.n * u->shape.h * u->shape.w;
+}
+
+/* Whether the passes write their output with non-temporal stores (outputs
+ * of BENCH_STREAM_MIN bytes or more, as the library). */
+static bool bench_bn_stream(const bench_unfused_cpu *u) {
+  return (size_t)bench_shape_numel(&u->shape) * fbn_dtype_size(u->dtype) >= BENCH_STREAM_MIN;
 }
 
 /* Run CALL (using double *a, *b: this thread's partial sums of C each, and

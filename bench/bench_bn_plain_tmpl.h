@@ -71,27 +71,81 @@ BENCH_CLONES static void BP_FN(grad_rows)(const bench_unfused_cpu *u, const BP_T
   }
 }
 
+/* The elementwise runs of the normalize and dx passes: n elements, one
+ * channel's coefficients (NCHW) or C channels' (NHWC, k indexed like y). */
+static BENCH_ALWAYS_INLINE void BP_FN(affine_run)(const BP_T *restrict x, BP_T sc, BP_T sh,
+                                                  BP_T *restrict y, int64_t n) {
+  BENCH_OMP(simd)
+  for (int64_t i = 0; i < n; i++)
+    y[i] = x[i] * sc + sh;
+}
+
+static BENCH_ALWAYS_INLINE void BP_FN(affine_vec_run)(const BP_T *restrict x,
+                                                      const BP_T *restrict sc,
+                                                      const BP_T *restrict sh, BP_T *restrict y,
+                                                      int64_t n) {
+  BENCH_OMP(simd)
+  for (int64_t i = 0; i < n; i++)
+    y[i] = x[i] * sc[i] + sh[i];
+}
+
+static BENCH_ALWAYS_INLINE void BP_FN(dx_run)(const BP_T *restrict g, const BP_T *restrict x,
+                                              BP_T kg, BP_T kx, BP_T k0, BP_T *restrict dx,
+                                              int64_t n) {
+  BENCH_OMP(simd)
+  for (int64_t i = 0; i < n; i++)
+    dx[i] = g[i] * kg + x[i] * kx + k0;
+}
+
+static BENCH_ALWAYS_INLINE void BP_FN(dx_vec_run)(const BP_T *restrict g, const BP_T *restrict x,
+                                                  const BP_T *restrict kg,
+                                                  const BP_T *restrict kx,
+                                                  const BP_T *restrict k0, BP_T *restrict dx,
+                                                  int64_t n) {
+  BENCH_OMP(simd)
+  for (int64_t i = 0; i < n; i++)
+    dx[i] = g[i] * kg[i] + x[i] * kx[i] + k0[i];
+}
+
+/* RUN(out, j, len) computes elements [j, j + len) of a row into out[0..len):
+ * straight into the row (plain stores), or with stream through a staging
+ * buffer and non-temporal stores. */
+#define BP_ROW(row_out, n, stream, RUN)                                                         \
+  do {                                                                                          \
+    if (!(stream)) {                                                                            \
+      BP_T *restrict out_ = (row_out);                                                          \
+      const int64_t j_ = 0, len_ = (n);                                                         \
+      RUN(out_, j_, len_);                                                                      \
+    } else {                                                                                    \
+      BP_T stage_[BENCH_STAGE_ELEMS];                                                           \
+      for (int64_t j_ = 0; j_ < (n); j_ += BENCH_STAGE_ELEMS) {                                 \
+        const int64_t len_ = (n) - j_ < BENCH_STAGE_ELEMS ? (n) - j_ : BENCH_STAGE_ELEMS;       \
+        BP_T *restrict out_ = stage_;                                                           \
+        RUN(out_, j_, len_);                                                                    \
+        bench_stream_store((row_out) + j_, stage_, (size_t)len_ * sizeof(BP_T));                \
+      }                                                                                         \
+    }                                                                                           \
+  } while (0)
+
 /* y = x * k[ch] + k[C + ch] over rows [begin, end). */
 BENCH_CLONES static void BP_FN(affine_rows)(const bench_unfused_cpu *u, const BP_T *restrict x,
                                             const BP_T *restrict k, BP_T *restrict y,
-                                            int64_t begin, int64_t end) {
+                                            int64_t begin, int64_t end, bool stream) {
   const int64_t c = u->shape.c, hw = u->shape.h * u->shape.w;
   if (u->layout == FBN_LAYOUT_NCHW) {
     for (int64_t r = begin; r < end; r++) {
       const BP_T sc = k[r % c], sh = k[c + r % c];
       const BP_T *restrict xp = x + r * hw;
-      BP_T *restrict yp = y + r * hw;
-      BENCH_OMP(simd)
-      for (int64_t i = 0; i < hw; i++)
-        yp[i] = xp[i] * sc + sh;
+#define BP_RUN(o, j, len) BP_FN(affine_run)(xp + (j), sc, sh, (o), (len))
+      BP_ROW(y + r * hw, hw, stream, BP_RUN);
+#undef BP_RUN
     }
   } else {
     for (int64_t r = begin; r < end; r++) {
       const BP_T *restrict xr = x + r * c;
-      BP_T *restrict yr = y + r * c;
-      BENCH_OMP(simd)
-      for (int64_t ch = 0; ch < c; ch++)
-        yr[ch] = xr[ch] * k[ch] + k[c + ch];
+#define BP_RUN(o, j, len) BP_FN(affine_vec_run)(xr + (j), k + (j), k + c + (j), (o), (len))
+      BP_ROW(y + r * c, c, stream, BP_RUN);
+#undef BP_RUN
     }
   }
 }
@@ -99,27 +153,28 @@ BENCH_CLONES static void BP_FN(affine_rows)(const bench_unfused_cpu *u, const BP
 /* dx = g * k[ch] + x * k[C + ch] + k[2C + ch] over rows [begin, end). */
 BENCH_CLONES static void BP_FN(dx_rows)(const bench_unfused_cpu *u, const BP_T *restrict g,
                                         const BP_T *restrict x, const BP_T *restrict k,
-                                        BP_T *restrict dx, int64_t begin, int64_t end) {
+                                        BP_T *restrict dx, int64_t begin, int64_t end,
+                                        bool stream) {
   const int64_t c = u->shape.c, hw = u->shape.h * u->shape.w;
   if (u->layout == FBN_LAYOUT_NCHW) {
     for (int64_t r = begin; r < end; r++) {
       const BP_T kg = k[r % c], kx = k[c + r % c], k0 = k[2 * c + r % c];
       const BP_T *restrict gp = g + r * hw, *restrict xp = x + r * hw;
-      BP_T *restrict dp = dx + r * hw;
-      BENCH_OMP(simd)
-      for (int64_t i = 0; i < hw; i++)
-        dp[i] = gp[i] * kg + xp[i] * kx + k0;
+#define BP_RUN(o, j, len) BP_FN(dx_run)(gp + (j), xp + (j), kg, kx, k0, (o), (len))
+      BP_ROW(dx + r * hw, hw, stream, BP_RUN);
+#undef BP_RUN
     }
   } else {
     for (int64_t r = begin; r < end; r++) {
       const BP_T *restrict gr = g + r * c, *restrict xr = x + r * c;
-      BP_T *restrict dr = dx + r * c;
-      BENCH_OMP(simd)
-      for (int64_t ch = 0; ch < c; ch++)
-        dr[ch] = gr[ch] * k[ch] + xr[ch] * k[c + ch] + k[2 * c + ch];
+#define BP_RUN(o, j, len)                                                                       \
+  BP_FN(dx_vec_run)(gr + (j), xr + (j), k + (j), k + c + (j), k + 2 * c + (j), (o), (len))
+      BP_ROW(dx + r * c, c, stream, BP_RUN);
+#undef BP_RUN
     }
   }
 }
+#undef BP_ROW
 
 static void BP_FN(train_forward)(bench_unfused_cpu *u, const void *xv, void *yv) {
   const BP_T *x = xv;
@@ -147,7 +202,7 @@ static void BP_FN(train_forward)(bench_unfused_cpu *u, const void *xv, void *yv)
     k[c + ch] = (BP_T)(u->bias[ch] - mean * scale);
   }
   const int nt = bench_parallel_threads(bench_shape_numel(&u->shape));
-  BENCH_PARALLEL_RANGE(nt, bench_bn_rows(u), BP_FN(affine_rows)(u, x, k, yv, begin, end));
+  BENCH_PARALLEL_RANGE(nt, bench_bn_rows(u), BP_FN(affine_rows)(u, x, k, yv, begin, end, bench_bn_stream(u)));
 }
 
 static void BP_FN(eval_forward)(bench_unfused_cpu *u, const void *xv, void *yv) {
@@ -159,7 +214,7 @@ static void BP_FN(eval_forward)(bench_unfused_cpu *u, const void *xv, void *yv) 
     k[c + ch] = (BP_T)(u->bias[ch] - u->running_mean[ch] * scale);
   }
   const int nt = bench_parallel_threads(bench_shape_numel(&u->shape));
-  BENCH_PARALLEL_RANGE(nt, bench_bn_rows(u), BP_FN(affine_rows)(u, xv, k, yv, begin, end));
+  BENCH_PARALLEL_RANGE(nt, bench_bn_rows(u), BP_FN(affine_rows)(u, xv, k, yv, begin, end, bench_bn_stream(u)));
 }
 
 static void BP_FN(backward)(bench_unfused_cpu *u, const void *xv, const void *gv, void *dxv) {
@@ -180,5 +235,5 @@ static void BP_FN(backward)(bench_unfused_cpu *u, const void *xv, const void *gv
     u->bias_grad[ch] += u->sum_a[ch];
   }
   const int nt = bench_parallel_threads(bench_shape_numel(&u->shape));
-  BENCH_PARALLEL_RANGE(nt, bench_bn_rows(u), BP_FN(dx_rows)(u, g, x, k, dxv, begin, end));
+  BENCH_PARALLEL_RANGE(nt, bench_bn_rows(u), BP_FN(dx_rows)(u, g, x, k, dxv, begin, end, bench_bn_stream(u)));
 }

@@ -119,7 +119,6 @@ static int measure_row(const bench_config *cfg, cpu_case *k, const char *what, c
                        cpu_op unfused, double check_ms, bench_row *row) {
   enum { FUSED, UNFUSED, FLOOR, FORMS };
   const cpu_op ops[FORMS] = {fused, unfused, floor_copy};
-  bench_timing *const out[FORMS] = {&row->fused, &row->unfused, &row->floor};
   double one_ms[FORMS] = {check_ms / 2, check_ms / 2, 0.0};
   fbn_status status;
   (void)time_op(floor_copy, k, 1, &one_ms[FLOOR]); /* its warm-up and batch size */
@@ -139,21 +138,31 @@ static int measure_row(const bench_config *cfg, cpu_case *k, const char *what, c
   const int pair_batch = batch_size(fmin(one_ms[FUSED], one_ms[UNFUSED]));
   const int batch[FORMS] = {pair_batch, pair_batch, 1};
   const int forms = pair_batch > 1 ? FLOOR : FORMS;
-  double *samples = malloc(FORMS * (size_t)reps * sizeof(double));
+  /* The floor is sampled twice per rep, before and after the pair: its
+   * fastest sample is the reference, and a busy machine slows samples down
+   * at random. */
+  double *samples = malloc((FORMS + 1) * (size_t)reps * sizeof(double));
   if (samples == NULL) {
     fprintf(stderr, "fusedbn-bench: out of memory\n");
     return 1;
   }
+  double *floor_samples = samples + FLOOR * reps;
   for (int r = 0; r < reps; r++) {
     for (int f = 0; f < forms; f++) {
-      if ((status = time_op(ops[f], k, batch[f], &samples[f * reps + r])) != FBN_STATUS_SUCCESS) {
+      double *sample = f == FLOOR ? &floor_samples[2 * r] : &samples[f * reps + r];
+      if ((status = time_op(ops[f], k, batch[f], sample)) != FBN_STATUS_SUCCESS) {
         free(samples);
         return bench_fail_status(what, status);
       }
     }
+    if (forms == FORMS) {
+      (void)time_op(floor_copy, k, 1, &floor_samples[2 * r + 1]);
+    }
   }
-  for (int f = 0; f < forms; f++) {
-    bench_timing_from_samples(out[f], samples + f * reps, reps);
+  bench_timing_from_samples(&row->fused, samples + FUSED * reps, reps);
+  bench_timing_from_samples(&row->unfused, samples + UNFUSED * reps, reps);
+  if (forms == FORMS) {
+    bench_timing_from_samples(&row->floor, floor_samples, 2 * reps);
   }
   free(samples);
   return 0;
@@ -385,7 +394,8 @@ int bench_run_cpu(const bench_config *cfg) {
   }
   snprintf(baseline_desc, sizeof baseline_desc,
            "%s (this program's code, not fusedbn's) -> add pass (y += addend) -> ReLU pass; "
-           "each pass one loop, omp simd, plain stores, the library's threads",
+           "each pass one loop, omp simd, the library's threads; new outputs of 8 MiB or more "
+           "with non-temporal stores",
            bench_bn_plain.desc);
   if (strstr(machine, "BUSY") != NULL) {
     fprintf(stderr,

@@ -31,6 +31,11 @@
 #define BENCH_CLONES
 #endif
 
+#define BENCH_ALWAYS_INLINE inline __attribute__((always_inline))
+
+/* Elements of the staging buffer of a streamed (non-temporal) output. */
+#define BENCH_STAGE_ELEMS 1024
+
 /* Tensors with fewer elements run on one thread (as the library). */
 #define BENCH_PARALLEL_MIN (64 * 1024)
 

@@ -10,7 +10,9 @@
 
 /* The three elementwise passes for element type T (suffix S): each one
  * loop over [begin, end) of the flat tensor, threaded over contiguous
- * ranges. */
+ * ranges. The add and the ReLU work in place (as a framework's `out +=
+ * identity; relu_(out)`); the ReLU backward writes a new tensor, with
+ * non-temporal stores from BENCH_STREAM_MIN bytes on, as the library. */
 #define BENCH_ELEMENTWISE(T, S)                                                                 \
   BENCH_CLONES static void add_range_##S(T *restrict y, const T *restrict addend,             \
                                          int64_t begin, int64_t end) {                         \
@@ -25,11 +27,27 @@
       y[i] = !(v <= 0) ? v : (T)0;                                                             \
     }                                                                                          \
   }                                                                                            \
-  BENCH_CLONES static void relu_backward_range_##S(const T *restrict y, const T *restrict dy,  \
-                                                   T *restrict g, int64_t begin, int64_t end) { \
+  static BENCH_ALWAYS_INLINE void relu_backward_run_##S(const T *restrict y,                  \
+                                                        const T *restrict dy, T *restrict g,   \
+                                                        int64_t n) {                           \
     BENCH_OMP(simd)                                                                            \
-    for (int64_t i = begin; i < end; i++)                                                      \
+    for (int64_t i = 0; i < n; i++)                                                            \
       g[i] = !(y[i] <= 0) ? dy[i] : (T)0;                                                      \
+  }                                                                                            \
+  /* stream: through a staging buffer with non-temporal stores. */                             \
+  BENCH_CLONES static void relu_backward_range_##S(const T *restrict y, const T *restrict dy,  \
+                                                   T *restrict g, int64_t begin, int64_t end,  \
+                                                   bool stream) {                              \
+    if (!stream) {                                                                             \
+      relu_backward_run_##S(y + begin, dy + begin, g + begin, end - begin);                   \
+      return;                                                                                  \
+    }                                                                                          \
+    T stage[BENCH_STAGE_ELEMS];                                                                \
+    for (int64_t i = begin; i < end; i += BENCH_STAGE_ELEMS) {                                 \
+      const int64_t n = end - i < BENCH_STAGE_ELEMS ? end - i : BENCH_STAGE_ELEMS;             \
+      relu_backward_run_##S(y + i, dy + i, stage, n);                                          \
+      bench_stream_store(g + i, stage, (size_t)n * sizeof(T));                                 \
+    }                                                                                          \
   }
 
 BENCH_ELEMENTWISE(float, f32)
@@ -106,9 +124,10 @@ void bench_unfused_cpu_train_backward(bench_unfused_cpu *u, const void *x, const
                                       const void *dy, void *dx, void *daddend) {
   const int64_t numel = bench_shape_numel(&u->shape);
   const int nt = bench_parallel_threads(numel);
+  const bool stream = (size_t)numel * fbn_dtype_size(u->dtype) >= BENCH_STREAM_MIN;
   if (u->dtype == FBN_DTYPE_FLOAT32)
-    BENCH_PARALLEL_RANGE(nt, numel, relu_backward_range_f32(y, dy, daddend, begin, end));
+    BENCH_PARALLEL_RANGE(nt, numel, relu_backward_range_f32(y, dy, daddend, begin, end, stream));
   else
-    BENCH_PARALLEL_RANGE(nt, numel, relu_backward_range_f64(y, dy, daddend, begin, end));
+    BENCH_PARALLEL_RANGE(nt, numel, relu_backward_range_f64(y, dy, daddend, begin, end, stream));
   u->bn->backward(u, x, daddend, dx);
 }

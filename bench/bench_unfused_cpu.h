@@ -9,7 +9,8 @@
  * and backward: daddend = !(y <= 0) ? dy : 0 (a ReLU-backward pass; the add
  * passes the gradient to both of its inputs), then the BN step's backward
  * from daddend to dx. Each pass is one loop over memory, vectorizable and
- * threaded as the library (bench_parallel.h). The ratio fused / unfused is
+ * threaded as the library (bench_parallel.h); outputs of BENCH_STREAM_MIN
+ * bytes or more that are new tensors go out with non-temporal stores. The ratio fused / unfused is
  * then what fusing the three steps buys, not better code.
  *
  * The BN step is behind bench_bn_step so that it can be any BN-alone

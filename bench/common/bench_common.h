@@ -97,6 +97,14 @@ const char *bench_copy_method(void);
  * of copy_bytes, each after an eviction (e may be NULL). */
 double bench_copy_gbps(size_t copy_bytes, int reps, const bench_evict *e);
 
+/* dst <- src (bytes), with non-temporal stores for dst's 32-byte aligned
+ * middle where the CPU has AVX (plain copies elsewhere), then a store
+ * fence: how the unfused baseline writes outputs of BENCH_STREAM_MIN bytes
+ * or more from a small staging buffer, as the library writes its large
+ * outputs. */
+void bench_stream_store(void *dst, const void *src, size_t bytes);
+#define BENCH_STREAM_MIN ((size_t)8 << 20)
+
 /* ---- the machine (machine.c) --------------------------------------------- */
 
 /* Threads of an OpenMP region: OMP_NUM_THREADS or the cores (the library's

@@ -71,6 +71,31 @@ static void copy_slice(char *dst, const char *src, size_t begin, size_t end, boo
 #endif
 }
 
+#ifdef BENCH_COPY_NT
+__attribute__((target("avx"))) static void stream_avx(char *dst, const char *src, size_t bytes) {
+  for (size_t i = 0; i < bytes; i += 32)
+    _mm256_stream_si256((__m256i *)(dst + i), _mm256_loadu_si256((const __m256i *)(src + i)));
+  _mm_sfence();
+}
+#endif
+
+void bench_stream_store(void *dst, const void *src, size_t bytes) {
+  char *d = dst;
+  const char *s = src;
+#ifdef BENCH_COPY_NT
+  if (__builtin_cpu_supports("avx")) {
+    size_t head = (32 - ((uintptr_t)d & 31)) & 31;
+    head = head < bytes ? head : bytes;
+    memcpy(d, s, head);
+    const size_t body = (bytes - head) / 32 * 32;
+    stream_avx(d + head, s + head, body);
+    memcpy(d + head + body, s + head + body, bytes - head - body);
+    return;
+  }
+#endif
+  memcpy(d, s, bytes);
+}
+
 void bench_copy_init(bench_copy *c, size_t max_copy) {
   c->capacity = max_copy < BENCH_COPY_SLICE ? BENCH_COPY_SLICE : max_copy;
   c->src = bench_alloc_touched(c->capacity);
