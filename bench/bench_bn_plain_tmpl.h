@@ -202,7 +202,9 @@ static void BP_FN(train_forward)(bench_unfused_cpu *u, const void *xv, void *yv)
     k[c + ch] = (BP_T)(u->bias[ch] - mean * scale);
   }
   const int nt = bench_parallel_threads(bench_shape_numel(&u->shape));
-  BENCH_PARALLEL_RANGE(nt, bench_bn_rows(u), BP_FN(affine_rows)(u, x, k, yv, begin, end, bench_bn_stream(u)));
+  const bool stream = bench_bn_stream(u);
+  BENCH_PARALLEL_RANGE(nt, bench_bn_rows(u),
+                       BP_FN(affine_rows)(u, x, k, yv, begin, end, stream));
 }
 
 static void BP_FN(eval_forward)(bench_unfused_cpu *u, const void *xv, void *yv) {
@@ -214,7 +216,9 @@ static void BP_FN(eval_forward)(bench_unfused_cpu *u, const void *xv, void *yv) 
     k[c + ch] = (BP_T)(u->bias[ch] - u->running_mean[ch] * scale);
   }
   const int nt = bench_parallel_threads(bench_shape_numel(&u->shape));
-  BENCH_PARALLEL_RANGE(nt, bench_bn_rows(u), BP_FN(affine_rows)(u, xv, k, yv, begin, end, bench_bn_stream(u)));
+  const bool stream = bench_bn_stream(u);
+  BENCH_PARALLEL_RANGE(nt, bench_bn_rows(u),
+                       BP_FN(affine_rows)(u, xv, k, yv, begin, end, stream));
 }
 
 static void BP_FN(backward)(bench_unfused_cpu *u, const void *xv, const void *gv, void *dxv) {
@@ -235,5 +239,6 @@ static void BP_FN(backward)(bench_unfused_cpu *u, const void *xv, const void *gv
     u->bias_grad[ch] += u->sum_a[ch];
   }
   const int nt = bench_parallel_threads(bench_shape_numel(&u->shape));
-  BENCH_PARALLEL_RANGE(nt, bench_bn_rows(u), BP_FN(dx_rows)(u, g, x, k, dxv, begin, end, bench_bn_stream(u)));
+  const bool stream = bench_bn_stream(u);
+  BENCH_PARALLEL_RANGE(nt, bench_bn_rows(u), BP_FN(dx_rows)(u, g, x, k, dxv, begin, end, stream));
 }
