@@ -354,8 +354,9 @@ FBN_API void fbn_saved_destroy(fbn_saved *saved);
 /* Forward / backward                                                       */
 /* ------------------------------------------------------------------------ */
 
-/** Bytes of temporary workspace that fbn_module_forward() needs for this
- *  shape (0 on the CPU).  NULL module, desc or bytes:
+/** Bytes of temporary workspace that fbn_module_forward() needs from the
+ *  caller for this shape (0 on the CPU, where the module keeps a workspace
+ *  cache of its own).  NULL module, desc or bytes:
  *  FBN_STATUS_NULL_POINTER; desc is validated as fbn_module_forward() does
  *  (same statuses). */
 FBN_API fbn_status fbn_module_forward_workspace_size(const fbn_module *module,

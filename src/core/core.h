@@ -66,16 +66,19 @@ FBN_INTERNAL bool fbn_desc_equal(const fbn_tensor_desc *a, const fbn_tensor_desc
 /* Whether [a, a+abytes) and [b, b+bbytes) overlap. NULL never overlaps. */
 FBN_INTERNAL bool fbn_overlap(const void *a, size_t abytes, const void *b, size_t bbytes);
 
-/* Validate desc on its own and against the channels C: enum values
- * (INVALID_VALUE), dimensions > 0 and element/byte counts that fit
- * (INVALID_SHAPE), desc->c == c (SHAPE_MISMATCH), and with batch_stats more
- * than one value per channel (INVALID_SHAPE). Messages start with fn and
- * name the value and the rule. */
+/* Validate desc on its own and against the channels c (named c_name in the
+ * message): enum values (INVALID_VALUE), dimensions > 0 (INVALID_SHAPE),
+ * desc->c == c (SHAPE_MISMATCH), element/byte counts that fit
+ * (INVALID_SHAPE). Messages start with fn and name the value and the
+ * rule. */
 FBN_INTERNAL fbn_status fbn_check_desc_shape(const char *fn, const fbn_tensor_desc *desc,
-                                             int64_t c, const char *c_name, bool batch_stats);
+                                             int64_t c, const char *c_name);
+/* Batch statistics need more than one value per channel: N*H*W > 1
+ * (INVALID_SHAPE). */
+FBN_INTERNAL fbn_status fbn_check_batch_values(const char *fn, const fbn_tensor_desc *desc);
 /* float64 tensors need float64 parameters, the others float32 ones
  * (UNSUPPORTED otherwise). */
-FBN_INTERNAL fbn_status fbn_check_param_dtype(const char *fn, fbn_dtype dtype,
+FBN_INTERNAL fbn_status fbn_check_dtype_pair(const char *fn, fbn_dtype dtype,
                                               fbn_dtype param_dtype);
 
 #endif /* FUSEDBN_SRC_CORE_CORE_H */

@@ -55,6 +55,7 @@
 #include <omp.h>
 #endif
 
+#include "core/bn_formulas.h"
 #include "cpu/cpu_common.h"
 
 /* ---- compiler plumbing -------------------------------------------------- */
@@ -188,10 +189,22 @@ static inline double *fbn_fast_partial(const fbn_fast_nhwc_plan *plan, int t, in
   return plan->partial + (2 * (size_t)t + (size_t)which) * (size_t)plan->partial_stride;
 }
 
-typedef struct fbn_fast_state {
-  void *scratch;
+/* The parameters of one forward or backward call (the drivers' `m`): the
+ * op, the per-channel arrays and the caller's workspace, which the plans
+ * carve their scratch from. */
+typedef struct fbn_fast_call {
+  const fbn_op_desc *op;
+  const void *weight, *bias;        /* NULL when !op->affine */
+  void *running_mean, *running_var; /* forward: read (running statistics) or updated */
+  void *dweight, *dbias;            /* backward: may be NULL */
+  bool accumulate;                  /* dweight/dbias += rather than = */
+  bool grads;                       /* dweight or dbias requested */
+  char *scratch;                    /* the workspace */
   size_t scratch_bytes;
-} fbn_fast_state;
+} fbn_fast_call;
+
+/* Whether the call normalizes with batch statistics. */
+#define fbn_fast_full(a) ((a)->op->statistics == FBN_STATISTICS_BATCH)
 
 /* ---- small helpers ------------------------------------------------------ */
 
@@ -237,16 +250,16 @@ static inline void fbn_fast_store(void *p, fbn_dtype dtype, int64_t i, double v)
     ((float *)p)[i] = (float)v;
 }
 
-static inline double fbn_fast_param(const fbn_module *m, fbn_buffer which, int64_t c) {
-  return fbn_fast_load(m->buffers[which], m->options.param_dtype, c);
+static inline double fbn_fast_param(const fbn_fast_call *m, const void *p, int64_t c) {
+  return fbn_fast_load(p, m->op->param_dtype, c);
 }
 
-static inline double fbn_fast_weight(const fbn_module *m, int64_t c) {
-  return m->options.affine ? fbn_fast_param(m, FBN_BUFFER_WEIGHT, c) : 1.0;
+static inline double fbn_fast_weight(const fbn_fast_call *m, int64_t c) {
+  return m->op->affine ? fbn_fast_param(m, m->weight, c) : 1.0;
 }
 
-static inline double fbn_fast_bias(const fbn_module *m, int64_t c) {
-  return m->options.affine ? fbn_fast_param(m, FBN_BUFFER_BIAS, c) : 0.0;
+static inline double fbn_fast_bias(const fbn_fast_call *m, int64_t c) {
+  return m->op->affine ? fbn_fast_param(m, m->bias, c) : 0.0;
 }
 
 /* Index of (n, c, s), s = h*W + w. */
@@ -446,10 +459,9 @@ static void fbn_fast_mask_set(const fbn_tensor_desc *d, uint8_t *bits, int64_t n
 
 /* ---- per-channel statistics (shared by both dtypes) --------------------- */
 
-static void fbn_fast_save(const fbn_forward_args *a, int64_t c, double mean, double invstd) {
+static void fbn_fast_save(const fbn_bk_forward_args *a, int64_t c, double mean, double invstd) {
   if (a->saved != NULL) {
-    double *p = a->saved->payload;
-    assert(p != NULL); /* saved_prepare sized it before the forward */
+    double *p = fbn_cpu_saved_stats(a->saved);
     p[c] = mean;
     p[a->desc->c + c] = invstd;
   }
@@ -481,10 +493,10 @@ static void fbn_fast_exact_stats(const fbn_tensor_desc *d, const void *x, int64_
  * Non-finite sums, or a variance that would give an infinite invstd, are
  * recomputed the reference's way.
  */
-static void fbn_fast_batch_stats(fbn_module *m, const fbn_forward_args *a, int64_t c, double k,
+static void fbn_fast_batch_stats(fbn_fast_call *m, const fbn_bk_forward_args *a, int64_t c, double k,
                                  double s1, double s2, double *mean_out, double *invstd_out) {
   const fbn_tensor_desc *d = a->desc;
-  const fbn_module_options *o = &m->options;
+  const fbn_op_desc *o = m->op;
   const int64_t count = d->n * d->h * d->w;
   double mean, sq;
   bool ok = isfinite(s1) && isfinite(s2);
@@ -502,40 +514,42 @@ static void fbn_fast_batch_stats(fbn_module *m, const fbn_forward_args *a, int64
   if (a->update_running) {
     const fbn_dtype pt = o->param_dtype;
     const double unbiased = sq / (double)(count - 1);
-    void *rm = m->buffers[FBN_BUFFER_RUNNING_MEAN], *rv = m->buffers[FBN_BUFFER_RUNNING_VAR];
-    fbn_fast_store(rm, pt, c, (1.0 - a->factor) * fbn_fast_load(rm, pt, c) + a->factor * mean);
-    fbn_fast_store(rv, pt, c, (1.0 - a->factor) * fbn_fast_load(rv, pt, c) + a->factor * unbiased);
+    void *rm = m->running_mean, *rv = m->running_var;
+    fbn_fast_store(rm, pt, c, fbn_bn_running_update(fbn_fast_load(rm, pt, c), a->factor, mean));
+    fbn_fast_store(rv, pt, c,
+                   fbn_bn_running_update(fbn_fast_load(rv, pt, c), a->factor, unbiased));
   }
-  const double invstd = 1.0 / sqrt(var + o->eps);
+  const double invstd = fbn_bn_invstd(var, o->eps);
   fbn_fast_save(a, c, mean, invstd);
   *mean_out = mean;
   *invstd_out = invstd;
 }
 
-static void fbn_fast_running_stats(const fbn_module *m, const fbn_forward_args *a, int64_t c,
+static void fbn_fast_running_stats(const fbn_fast_call *m, const fbn_bk_forward_args *a, int64_t c,
                                    double *mean_out, double *invstd_out) {
-  const double mean = fbn_fast_param(m, FBN_BUFFER_RUNNING_MEAN, c);
-  const double var = fbn_fast_param(m, FBN_BUFFER_RUNNING_VAR, c);
-  const double invstd = 1.0 / sqrt(var + m->options.eps);
+  const double mean = fbn_fast_param(m, m->running_mean, c);
+  const double var = fbn_fast_param(m, m->running_var, c);
+  const double invstd = fbn_bn_invstd(var, m->op->eps);
   fbn_fast_save(a, c, mean, invstd);
   *mean_out = mean;
   *invstd_out = invstd;
 }
 
 /* y of channel c with the reference's arithmetic (and its mask bits). */
-static void fbn_fast_exact_normalize(const fbn_module *m, const fbn_forward_args *a, int64_t c,
+static void fbn_fast_exact_normalize(const fbn_fast_call *m, const fbn_bk_forward_args *a, int64_t c,
                                      double mean, double invstd, uint8_t *bits, int64_t bpr) {
   (void)bpr;
   const fbn_tensor_desc *d = a->desc;
   const int64_t hw = d->h * d->w;
   const double weight = fbn_fast_weight(m, c), bias = fbn_fast_bias(m, c);
+  const bool relu = fbn_operation_has_relu(a->op->operation);
   for (int64_t n = 0; n < d->n; n++)
     for (int64_t s = 0; s < hw; s++) {
       const int64_t i = fbn_fast_index(d, hw, n, c, s);
       double v = (fbn_fast_load(a->x, d->dtype, i) - mean) * invstd * weight + bias;
       if (a->addend != NULL)
         v += fbn_fast_load(a->addend, d->dtype, i);
-      fbn_fast_store(a->y, d->dtype, i, v > 0.0 || isnan(v) ? v : 0.0);
+      fbn_fast_store(a->y, d->dtype, i, !relu || v > 0.0 || isnan(v) ? v : 0.0);
       if (bits != NULL)
         fbn_fast_mask_set(d, bits, n, c, s, !(fbn_fast_load(a->y, d->dtype, i) <= 0.0));
     }
@@ -543,10 +557,9 @@ static void fbn_fast_exact_normalize(const fbn_module *m, const fbn_forward_args
 
 /* ---- per-channel backward ----------------------------------------------- */
 
-static void fbn_fast_bwd_chan_init(const fbn_module *m, const fbn_backward_args *a, int64_t c,
+static void fbn_fast_bwd_chan_init(const fbn_fast_call *m, const fbn_bk_backward_args *a, int64_t c,
                                    fbn_fast_bwd_chan *ch) {
-  const double *p = a->saved->payload;
-  assert(p != NULL); /* filled by this module's forward */
+  const double *p = fbn_cpu_saved_stats_const(a->saved);
   ch->mean = p[c];
   ch->invstd = p[a->desc->c + c];
   ch->weight = fbn_fast_weight(m, c);
@@ -555,15 +568,17 @@ static void fbn_fast_bwd_chan_init(const fbn_module *m, const fbn_backward_args 
 }
 
 /* sum g and sum g * xhat of channel c the reference's way. */
-static void fbn_fast_exact_bwd_sums(const fbn_backward_args *a, int64_t c, fbn_fast_bwd_chan *ch) {
+static void fbn_fast_exact_bwd_sums(const fbn_bk_backward_args *a, int64_t c, fbn_fast_bwd_chan *ch) {
   const fbn_tensor_desc *d = a->desc;
   const fbn_dtype dt = d->dtype;
   const int64_t hw = d->h * d->w;
+  const bool relu = fbn_operation_has_relu(a->op->operation);
   double sum_g = 0.0, sum_g_xhat = 0.0;
   for (int64_t n = 0; n < d->n; n++)
     for (int64_t s = 0; s < hw; s++) {
       const int64_t i = fbn_fast_index(d, hw, n, c, s);
-      const double g = fbn_fast_load(a->y, dt, i) <= 0.0 ? 0.0 : fbn_fast_load(a->dy, dt, i);
+      const double g =
+          relu && fbn_fast_load(a->y, dt, i) <= 0.0 ? 0.0 : fbn_fast_load(a->dy, dt, i);
       sum_g += g;
       sum_g_xhat += g * (fbn_fast_load(a->x, dt, i) - ch->mean) * ch->invstd;
     }
@@ -577,7 +592,7 @@ static void fbn_fast_exact_bwd_sums(const fbn_backward_args *a, int64_t c, fbn_f
  * sums are not finite, exactly; accumulate dweight/dbias. Returns whether
  * the channel stays on the fast path.
  */
-static bool fbn_fast_bwd_chan_sums(fbn_module *m, const fbn_backward_args *a, int64_t c,
+static bool fbn_fast_bwd_chan_sums(fbn_fast_call *m, const fbn_bk_backward_args *a, int64_t c,
                                    bool fast, double sg, double sgx, fbn_fast_bwd_chan *ch) {
   if (fast) {
     ch->sum_g = sg;
@@ -586,32 +601,36 @@ static bool fbn_fast_bwd_chan_sums(fbn_module *m, const fbn_backward_args *a, in
   }
   if (!fast)
     fbn_fast_exact_bwd_sums(a, c, ch);
-  if (m->options.affine) {
-    const fbn_dtype pt = m->options.param_dtype;
-    void *gw = m->buffers[FBN_BUFFER_WEIGHT_GRAD], *gb = m->buffers[FBN_BUFFER_BIAS_GRAD];
-    fbn_fast_store(gw, pt, c, fbn_fast_load(gw, pt, c) + ch->sum_gxhat);
-    fbn_fast_store(gb, pt, c, fbn_fast_load(gb, pt, c) + ch->sum_g);
-  }
+  const fbn_dtype pt = m->op->param_dtype;
+  if (m->dweight != NULL)
+    fbn_fast_store(m->dweight, pt, c,
+                   m->accumulate ? fbn_fast_load(m->dweight, pt, c) + ch->sum_gxhat
+                                 : ch->sum_gxhat);
+  if (m->dbias != NULL)
+    fbn_fast_store(m->dbias, pt, c,
+                   m->accumulate ? fbn_fast_load(m->dbias, pt, c) + ch->sum_g : ch->sum_g);
   return fast;
 }
 
 /* dx and daddend of channel c with the reference's arithmetic. */
-static void fbn_fast_exact_backward_apply(const fbn_module *m, const fbn_backward_args *a,
+static void fbn_fast_exact_backward_apply(const fbn_fast_call *m, const fbn_bk_backward_args *a,
                                           int64_t c, const fbn_fast_bwd_chan *ch) {
   const fbn_tensor_desc *d = a->desc;
   const fbn_dtype dt = d->dtype;
   const int64_t hw = d->h * d->w, count = d->n * hw;
   const double k = ch->weight * ch->invstd;
   const double mean_g = ch->sum_g / (double)count, mean_g_xhat = ch->sum_gxhat / (double)count;
+  const bool relu = fbn_operation_has_relu(a->op->operation);
   for (int64_t n = 0; n < d->n; n++)
     for (int64_t s = 0; s < hw; s++) {
       const int64_t i = fbn_fast_index(d, hw, n, c, s);
-      const double g = fbn_fast_load(a->y, dt, i) <= 0.0 ? 0.0 : fbn_fast_load(a->dy, dt, i);
+      const double g =
+          relu && fbn_fast_load(a->y, dt, i) <= 0.0 ? 0.0 : fbn_fast_load(a->dy, dt, i);
       if (a->daddend != NULL)
         fbn_fast_store(a->daddend, dt, i, g);
       if (a->dx != NULL) {
         double dx;
-        if (a->saved->batch_stats) {
+        if (fbn_fast_full(a)) {
           const double xhat = (fbn_fast_load(a->x, dt, i) - ch->mean) * ch->invstd;
           dx = k * (g - mean_g - xhat * mean_g_xhat);
         } else {
@@ -630,28 +649,18 @@ static size_t fbn_fast_round_up(size_t v) {
   return (v + FBN_FAST_ALIGN - 1) / FBN_FAST_ALIGN * FBN_FAST_ALIGN;
 }
 
-/* The module's scratch buffer, grown to at least bytes. */
-static void *fbn_fast_scratch(fbn_module *m, size_t bytes, const char *fn) {
-  fbn_fast_state *st = m->backend_state;
-  if (st->scratch_bytes >= bytes)
-    return st->scratch;
-  void *p = aligned_alloc(FBN_FAST_ALIGN, fbn_fast_round_up(bytes));
-  if (p == NULL) {
-    fbn_error(FBN_STATUS_OUT_OF_MEMORY, "%s: out of host memory for %zu bytes of scratch", fn,
-              bytes);
-    return NULL;
-  }
-  free(st->scratch);
-  st->scratch = p;
-  st->scratch_bytes = fbn_fast_round_up(bytes);
-  return p;
+/* The call's workspace as scratch of at least bytes (NULL if smaller: the
+ * caller then plans for fewer threads). */
+static void *fbn_fast_scratch(fbn_fast_call *m, size_t bytes) {
+  return m->scratch != NULL && m->scratch_bytes >= bytes ? m->scratch : NULL;
 }
 
 /* Carve an NHWC plan for a tensor of `rows` rows of C channels, nt
- * threads, elements of elem bytes. */
-static fbn_status fbn_fast_nhwc_plan_make(fbn_module *m, int64_t rows, int64_t c, int nt,
-                                          size_t elem, const char *fn,
-                                          fbn_fast_nhwc_plan *plan) {
+ * threads, elements of elem bytes, from m's workspace; *bytes = the scratch
+ * it needs. m NULL: only *bytes. INSUFFICIENT_WORKSPACE (no message) when
+ * the workspace is smaller. */
+static fbn_status fbn_fast_nhwc_plan_make(fbn_fast_call *m, int64_t rows, int64_t c, int nt,
+                                          size_t elem, fbn_fast_nhwc_plan *plan, size_t *bytes) {
   int64_t p = c >= FBN_FAST_NHWC_BLOCK ? 1 : (FBN_FAST_NHWC_BLOCK + c - 1) / c;
   /* A block never spans more rows than the tensor has: the per-call setup
    * (shift, partial sums, coefficient rows) is O(P*C), which must not
@@ -674,9 +683,12 @@ static fbn_status fbn_fast_nhwc_plan_make(fbn_module *m, int64_t rows, int64_t c
   const size_t one_coef = fbn_fast_round_up(lp * elem) + pad;
   const size_t fast = fbn_fast_round_up(cs * sizeof(bool));
   const size_t total = 2 * (size_t)nt * one_partial + shift + stats + chan + 4 * one_coef + fast;
-  char *base = fbn_fast_scratch(m, total, fn);
+  *bytes = total;
+  if (m == NULL)
+    return FBN_STATUS_SUCCESS;
+  char *base = fbn_fast_scratch(m, total);
   if (base == NULL)
-    return FBN_STATUS_OUT_OF_MEMORY;
+    return FBN_STATUS_INSUFFICIENT_WORKSPACE;
   plan->rows_per_block = p;
   plan->block = (int64_t)lp;
   plan->partial = (double *)base;
@@ -724,10 +736,11 @@ static void fbn_fast_nchw_view_of(const fbn_fast_nchw_plan *plan, int t, fbn_fas
   fbn_fast_nchw_carve(plan, plan->base + (size_t)t * plan->per_thread, v);
 }
 
-/* Plan for NCHW with short rows: group of channels and per-thread scratch. */
-static fbn_status fbn_fast_nchw_plan_make(fbn_module *m, const fbn_tensor_desc *d, int nt,
-                                          int64_t bytes_per_channel, const char *fn,
-                                          fbn_fast_nchw_plan *plan) {
+/* Plan for NCHW with short rows: group of channels and per-thread scratch,
+ * from m's workspace as fbn_fast_nhwc_plan_make. */
+static fbn_status fbn_fast_nchw_plan_make(fbn_fast_call *m, const fbn_tensor_desc *d, int nt,
+                                          int64_t bytes_per_channel, fbn_fast_nchw_plan *plan,
+                                          size_t *bytes) {
   const int64_t hw = d->h * d->w;
   int64_t g = FBN_FAST_NCHW_VEC_LEN / hw;
   const int64_t fits =
@@ -744,8 +757,11 @@ static fbn_status fbn_fast_nchw_plan_make(fbn_module *m, const fbn_tensor_desc *
   plan->elem = fbn_dtype_size(d->dtype);
   fbn_fast_nchw_view v;
   plan->per_thread = fbn_fast_nchw_carve(plan, NULL, &v);
-  plan->base = fbn_fast_scratch(m, plan->per_thread * (size_t)nt, fn);
-  return plan->base != NULL ? FBN_STATUS_SUCCESS : FBN_STATUS_OUT_OF_MEMORY;
+  *bytes = plan->per_thread * (size_t)nt;
+  if (m == NULL)
+    return FBN_STATUS_SUCCESS;
+  plan->base = fbn_fast_scratch(m, *bytes);
+  return plan->base != NULL ? FBN_STATUS_SUCCESS : FBN_STATUS_INSUFFICIENT_WORKSPACE;
 }
 
 /* Stands in for a paired AVX2 loop where there is none (float64 tensors, or a
@@ -1457,10 +1473,10 @@ static void fbn_fast_pipe_groups(const fbn_fast_pipe_plan *p, int64_t u, int64_t
   *gi1 = *gi0 + p->stages < p->ngroups ? *gi0 + p->stages : p->ngroups;
 }
 
-static bool fbn_fast_pipe_usable(const fbn_forward_args *a, const uint8_t *bits, int64_t bpr) {
+static bool fbn_fast_pipe_usable(const fbn_bk_forward_args *a, const uint8_t *bits, int64_t bpr) {
   const fbn_tensor_desc *d = a->desc;
   const int64_t hw = d->h * d->w;
-  return d->dtype == FBN_DTYPE_FLOAT32 && a->batch_stats && hw >= FBN_FAST_NCHW_VEC_HW &&
+  return d->dtype == FBN_DTYPE_FLOAT32 && fbn_fast_full(a) && hw >= FBN_FAST_NCHW_VEC_HW &&
          hw % 8 == 0 && (bits == NULL || bpr == hw / 8) && ((uintptr_t)a->y & 15) == 0 &&
          fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(float)) &&
          fbn_fast_have_avx2();
@@ -1482,7 +1498,7 @@ static void fbn_fast_pipe_group_init(fbn_fast_pipe_group *g, const float *x, int
 }
 
 /* Unit u of plan p. */
-static void fbn_fast_pipe_unit(fbn_module *m, const fbn_forward_args *a,
+static void fbn_fast_pipe_unit(fbn_fast_call *m, const fbn_bk_forward_args *a,
                                const fbn_fast_pipe_plan *p, int64_t u, uint8_t *bits,
                                int64_t bpr) {
   const fbn_tensor_desc *d = a->desc;
@@ -1560,7 +1576,7 @@ static void fbn_fast_pipe_unit(fbn_module *m, const fbn_forward_args *a,
   }
 }
 
-static void fbn_fast_forward_nchw_pipe(fbn_module *m, const fbn_forward_args *a, int nt,
+static void fbn_fast_forward_nchw_pipe(fbn_fast_call *m, const fbn_bk_forward_args *a, int nt,
                                        uint8_t *bits, int64_t bpr) {
   const fbn_fast_pipe_plan p = fbn_fast_pipe_plan_of(a->desc, (int64_t)sizeof(float), nt);
   if (nt > 1) {
@@ -1580,13 +1596,13 @@ static void fbn_fast_forward_nchw_pipe(fbn_module *m, const fbn_forward_args *a,
  * forward above. A group's sums are in this loop's order (not
  * bwd_reduce_block's).
  */
-static bool fbn_fast_bwd_pipe_usable(const fbn_backward_args *a, const uint8_t *bits,
+static bool fbn_fast_bwd_pipe_usable(const fbn_bk_backward_args *a, const uint8_t *bits,
                                      int64_t bpr) {
   const fbn_tensor_desc *d = a->desc;
   const int64_t hw = d->h * d->w;
   return d->dtype == FBN_DTYPE_FLOAT32 && d->layout == FBN_LAYOUT_NCHW &&
          hw >= FBN_FAST_NCHW_VEC_HW && hw % 8 == 0 && bits != NULL && bpr == hw / 8 &&
-         a->saved->batch_stats && a->dx != NULL && ((uintptr_t)a->dx & 15) == 0 &&
+         fbn_fast_full(a) && a->dx != NULL && ((uintptr_t)a->dx & 15) == 0 &&
          ((uintptr_t)a->daddend & 15) == 0 &&
          fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(float)) &&
          fbn_fast_have_avx2();
@@ -1598,7 +1614,7 @@ typedef struct fbn_fast_bwd_pipe_group {
   double acc[FBN_FAST_MAX_GROUP][2];
 } fbn_fast_bwd_pipe_group;
 
-static void fbn_fast_bwd_pipe_group_init(const fbn_module *m, const fbn_backward_args *a,
+static void fbn_fast_bwd_pipe_group_init(const fbn_fast_call *m, const fbn_bk_backward_args *a,
                                          fbn_fast_bwd_pipe_group *g, int64_t c0, int64_t gc) {
   g->c0 = c0;
   g->gc = gc;
@@ -1609,7 +1625,7 @@ static void fbn_fast_bwd_pipe_group_init(const fbn_module *m, const fbn_backward
 }
 
 /* Unit u of plan p. */
-static void fbn_fast_bwd_pipe_unit(fbn_module *m, const fbn_backward_args *a,
+static void fbn_fast_bwd_pipe_unit(fbn_fast_call *m, const fbn_bk_backward_args *a,
                                    const fbn_fast_pipe_plan *p, int64_t u, const uint8_t *bits,
                                    int64_t bpr) {
   const fbn_tensor_desc *d = a->desc;
@@ -1670,7 +1686,7 @@ static void fbn_fast_bwd_pipe_unit(fbn_module *m, const fbn_backward_args *a,
   }
 }
 
-static void fbn_fast_backward_nchw_pipe(fbn_module *m, const fbn_backward_args *a, int nt,
+static void fbn_fast_backward_nchw_pipe(fbn_fast_call *m, const fbn_bk_backward_args *a, int nt,
                                         const uint8_t *bits, int64_t bpr) {
   /* the first pass reads x and dy (and 1/8 byte of mask) per element */
   const fbn_fast_pipe_plan p = fbn_fast_pipe_plan_of(a->desc, 2 * (int64_t)sizeof(float), nt);
@@ -1700,51 +1716,159 @@ static void fbn_fast_backward_nchw_pipe(fbn_module *m, const fbn_backward_args *
 #undef FBN_MASK_T
 #undef FBN_T_MIN
 
+/* ---- BN alone ----------------------------------------------------------- */
+
+/*
+ * FBN_OPERATION_BN (no ReLU, no addend) runs each channel with the
+ * reference's arithmetic (the exact paths above), channels spread over the
+ * threads: the vectorized loops all end in the ReLU.
+ */
+static void fbn_fast_forward_plain(fbn_fast_call *m, const fbn_bk_forward_args *a, int nt) {
+  const int64_t c_ = a->desc->c;
+  FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1))
+  for (int64_t c = 0; c < c_; c++) {
+    double mean, invstd;
+    if (fbn_fast_full(a)) /* NaN sums: fbn_fast_batch_stats takes the exact way */
+      fbn_fast_batch_stats(m, a, c, 0.0, NAN, NAN, &mean, &invstd);
+    else
+      fbn_fast_running_stats(m, a, c, &mean, &invstd);
+    fbn_fast_exact_normalize(m, a, c, mean, invstd, NULL, 0);
+  }
+}
+
+static void fbn_fast_backward_plain(fbn_fast_call *m, const fbn_bk_backward_args *a, int nt) {
+  const int64_t c_ = a->desc->c;
+  FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1))
+  for (int64_t c = 0; c < c_; c++) {
+    fbn_fast_bwd_chan ch;
+    fbn_fast_bwd_chan_init(m, a, c, &ch);
+    fbn_fast_bwd_chan_sums(m, a, c, false, 0.0, 0.0, &ch);
+    fbn_fast_exact_backward_apply(m, a, c, &ch);
+  }
+}
+
 /* ---- backend entry points ----------------------------------------------- */
 
-static void fast_module_fini(fbn_module *m) {
-  fbn_cpu_buffers_free(m);
-  fbn_fast_state *st = m->backend_state;
-  if (st != NULL) {
-    free(st->scratch);
-    free(st);
+/* The ReLU mask saved after the statistics: float32 tensors of the ReLU
+ * operations. */
+static size_t fbn_fast_saved_mask_bytes(const fbn_op_desc *op, const fbn_tensor_desc *d) {
+  return fbn_operation_has_relu(op->operation) ? fbn_fast_mask_bytes(d) : 0;
+}
+
+static fbn_status fast_saved_size(const fbn_op_desc *op, void *state, const fbn_tensor_desc *d,
+                                  size_t *bytes) {
+  *bytes = fbn_cpu_saved_bytes(d, fbn_fast_saved_mask_bytes(op, d));
+  return FBN_STATUS_SUCCESS;
+}
+
+/* Which driver a call takes (both the size query and the call decide it
+ * here, so that they agree). */
+typedef enum fbn_fast_route {
+  FBN_FAST_ROUTE_PLAIN,     /* BN alone */
+  FBN_FAST_ROUTE_NCHW_EVAL, /* long rows, running statistics */
+  FBN_FAST_ROUTE_NCHW,      /* long rows (or the pipelined path) */
+  FBN_FAST_ROUTE_NCHW_VEC,  /* short rows */
+  FBN_FAST_ROUTE_NHWC,
+} fbn_fast_route;
+
+static fbn_fast_route fbn_fast_route_of(const fbn_op_desc *op, const fbn_tensor_desc *d,
+                                        bool backward) {
+  if (!fbn_operation_has_relu(op->operation))
+    return FBN_FAST_ROUTE_PLAIN;
+  if (d->layout == FBN_LAYOUT_NHWC)
+    return FBN_FAST_ROUTE_NHWC;
+  if (d->h * d->w < FBN_FAST_NCHW_VEC_HW)
+    return FBN_FAST_ROUTE_NCHW_VEC;
+  if (!backward && op->statistics == FBN_STATISTICS_RUNNING)
+    return FBN_FAST_ROUTE_NCHW_EVAL;
+  return FBN_FAST_ROUTE_NCHW;
+}
+
+/* Bytes of x (and dy, y) a short-row NCHW group aims for per channel. */
+static int64_t fbn_fast_vec_channel_bytes(const fbn_op_desc *op, const fbn_tensor_desc *d,
+                                          bool backward) {
+  const int64_t per = d->n * d->h * d->w * (int64_t)fbn_dtype_size(d->dtype);
+  if (!backward)
+    return per;
+  return (fbn_fast_saved_mask_bytes(op, d) > 0 ? 2 : 3) * per;
+}
+
+/* Scratch bytes of a call on nt threads. */
+static size_t fbn_fast_scratch_bytes(const fbn_op_desc *op, const fbn_tensor_desc *d,
+                                     bool backward, int nt) {
+  size_t bytes = 0;
+  switch (fbn_fast_route_of(op, d, backward)) {
+  case FBN_FAST_ROUTE_PLAIN:
+  case FBN_FAST_ROUTE_NCHW: return 0;
+  case FBN_FAST_ROUTE_NCHW_EVAL: {
+    /* 2 C doubles (mean, invstd), 3 C coefficients, C flags */
+    const size_t c = (size_t)d->c;
+    return 2 * c * sizeof(double) + 3 * c * fbn_dtype_size(d->dtype) + c;
   }
-  m->backend_state = NULL;
-}
-
-static fbn_status fast_module_init(fbn_module *m) {
-  m->backend_state = calloc(1, sizeof(fbn_fast_state));
-  if (m->backend_state == NULL)
-    return fbn_error(FBN_STATUS_OUT_OF_MEMORY, "fbn_module_create: out of host memory");
-  fbn_status st = fbn_cpu_buffers_alloc(m);
-  if (st != FBN_STATUS_SUCCESS) {
-    free(m->backend_state);
-    m->backend_state = NULL;
+  case FBN_FAST_ROUTE_NCHW_VEC: {
+    fbn_fast_nchw_plan plan;
+    fbn_fast_nchw_plan_make(NULL, d, nt, fbn_fast_vec_channel_bytes(op, d, backward), &plan,
+                            &bytes);
+    return bytes;
   }
-  return st;
+  case FBN_FAST_ROUTE_NHWC: {
+    fbn_fast_nhwc_plan plan;
+    fbn_fast_nhwc_plan_make(NULL, d->n * d->h * d->w, d->c, nt, fbn_dtype_size(d->dtype), &plan,
+                            &bytes);
+    return bytes;
+  }
+  }
+  return 0;
 }
 
-static fbn_status fast_saved_prepare(const fbn_module *m, const fbn_tensor_desc *d,
-                                     bool has_addend, bool batch_stats, fbn_saved *s) {
-  return fbn_cpu_saved_reserve(s, 2 * (size_t)d->c * sizeof(double) + fbn_fast_mask_bytes(d),
-                               fbn_backend_cpu_fast());
+static fbn_status fast_workspace_size(const fbn_op_desc *op, void *state,
+                                      const fbn_tensor_desc *d, bool backward, size_t *bytes) {
+  *bytes = fbn_fast_scratch_bytes(op, d, backward, fbn_fast_threads(fbn_desc_numel(d)));
+  return FBN_STATUS_SUCCESS;
 }
 
-static fbn_status fast_forward(fbn_module *m, const fbn_forward_args *a) {
+/* Threads for a call: as many as fbn_fast_threads() gives, fewer when the
+ * workspace was sized for fewer (OpenMP's thread count changed since the
+ * size query). 0 when not even one fits. */
+static int fbn_fast_call_threads(const fbn_op_desc *op, const fbn_tensor_desc *d, bool backward,
+                                 size_t workspace_bytes) {
+  for (int nt = fbn_fast_threads(fbn_desc_numel(d)); nt >= 1; nt--)
+    if (fbn_fast_scratch_bytes(op, d, backward, nt) <= workspace_bytes)
+      return nt;
+  return 0;
+}
+
+static fbn_status fbn_fast_no_room(const fbn_tensor_desc *d, size_t need, size_t have) {
+  return fbn_error(FBN_STATUS_INSUFFICIENT_WORKSPACE,
+                   "workspace_bytes = %zu: this shape needs at least %zu bytes on one thread",
+                   have, need);
+}
+
+static fbn_status fast_forward(const fbn_bk_forward_args *a) {
   const fbn_tensor_desc *d = a->desc;
   const bool f32 = d->dtype == FBN_DTYPE_FLOAT32;
-  const int nt = fbn_fast_threads(fbn_desc_numel(d));
-  uint8_t *bits = a->saved != NULL && fbn_fast_mask_bytes(d) > 0
-                      ? (uint8_t *)a->saved->payload + 2 * (size_t)d->c * sizeof(double)
-                      : NULL;
+  const int nt = fbn_fast_call_threads(a->op, d, false, a->workspace_bytes);
+  if (nt == 0)
+    return fbn_fast_no_room(d, fbn_fast_scratch_bytes(a->op, d, false, 1), a->workspace_bytes);
+  fbn_fast_call call = {
+      .op = a->op,
+      .weight = a->weight,
+      .bias = a->bias,
+      .running_mean = a->running_mean,
+      .running_var = a->running_var,
+      .scratch = a->workspace,
+      .scratch_bytes = a->workspace_bytes,
+  };
+  fbn_fast_call *m = &call;
+  const size_t mask_bytes = fbn_fast_saved_mask_bytes(a->op, d);
+  uint8_t *bits = a->saved != NULL && mask_bytes > 0 ? fbn_cpu_saved_extra(a->saved, d->c) : NULL;
   const int64_t bpr = fbn_fast_mask_bpr(d);
-  if (d->layout == FBN_LAYOUT_NCHW && d->h * d->w >= FBN_FAST_NCHW_VEC_HW && !a->batch_stats) {
-    /* scratch: 2 C doubles (mean, invstd), 3 C coefficients, C flags */
+  switch (fbn_fast_route_of(a->op, d, false)) {
+  case FBN_FAST_ROUTE_PLAIN: fbn_fast_forward_plain(m, a, nt); break;
+  case FBN_FAST_ROUTE_NCHW_EVAL: {
     const size_t c = (size_t)d->c, stat_bytes = 2 * c * sizeof(double);
     const size_t coef_bytes = 3 * c * fbn_dtype_size(d->dtype);
-    char *sc = fbn_fast_scratch(m, stat_bytes + coef_bytes + c, "fbn_module_forward");
-    if (sc == NULL)
-      return FBN_STATUS_OUT_OF_MEMORY;
+    char *sc = fbn_fast_scratch(m, stat_bytes + coef_bytes + c);
     double *stat = (double *)sc;
     void *coef = sc + stat_bytes;
     bool *fast = (bool *)(sc + stat_bytes + coef_bytes);
@@ -1752,97 +1876,118 @@ static fbn_status fast_forward(fbn_module *m, const fbn_forward_args *a) {
       forward_nchw_eval_f32(m, a, nt, bits, bpr, coef, stat, fast);
     else
       forward_nchw_eval_f64(m, a, nt, bits, bpr, coef, stat, fast);
-  } else if (d->layout == FBN_LAYOUT_NCHW && d->h * d->w >= FBN_FAST_NCHW_VEC_HW) {
+    break;
+  }
+  case FBN_FAST_ROUTE_NCHW:
     if (fbn_fast_pipe_usable(a, bits, bpr))
       fbn_fast_forward_nchw_pipe(m, a, nt, bits, bpr);
     else if (f32)
       forward_nchw_f32(m, a, nt, bits, bpr);
     else
       forward_nchw_f64(m, a, nt, bits, bpr);
-  } else if (d->layout == FBN_LAYOUT_NCHW) {
+    break;
+  case FBN_FAST_ROUTE_NCHW_VEC: {
     fbn_fast_nchw_plan plan;
-    fbn_status st = fbn_fast_nchw_plan_make(
-        m, d, nt, d->n * d->h * d->w * (int64_t)fbn_dtype_size(d->dtype), "fbn_module_forward",
-        &plan);
-    if (st != FBN_STATUS_SUCCESS)
-      return st;
+    size_t bytes;
+    fbn_fast_nchw_plan_make(m, d, nt, fbn_fast_vec_channel_bytes(a->op, d, false), &plan, &bytes);
     if (f32)
       forward_nchw_vec_f32(m, a, nt, &plan, bits, bpr);
     else
       forward_nchw_vec_f64(m, a, nt, &plan, bits, bpr);
-  } else {
+    break;
+  }
+  case FBN_FAST_ROUTE_NHWC: {
     fbn_fast_nhwc_plan plan;
-    fbn_status st = fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt,
-                                            fbn_dtype_size(d->dtype), "fbn_module_forward", &plan);
-    if (st != FBN_STATUS_SUCCESS)
-      return st;
+    size_t bytes;
+    fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt, fbn_dtype_size(d->dtype), &plan,
+                            &bytes);
     if (f32)
       forward_nhwc_f32(m, a, nt, &plan, bits, bpr);
     else
       forward_nhwc_f64(m, a, nt, &plan, bits, bpr);
+    break;
   }
-  /* path 1: the payload holds the ReLU bitmask of this forward's y */
+  }
   if (a->saved != NULL)
-    a->saved->path = bits != NULL ? 1 : 0;
+    fbn_cpu_saved_seal(a->saved, fbn_backend_cpu_fast(), a->op, d);
   return FBN_STATUS_SUCCESS;
 }
 
-static fbn_status fast_backward(fbn_module *m, const fbn_backward_args *a) {
+static fbn_status fast_backward(const fbn_bk_backward_args *a) {
   const fbn_tensor_desc *d = a->desc;
+  fbn_status st = fbn_cpu_saved_check(a->saved, fbn_backend_cpu_fast(), a->op, d);
+  if (st != FBN_STATUS_SUCCESS)
+    return st;
   const bool f32 = d->dtype == FBN_DTYPE_FLOAT32;
-  const int nt = fbn_fast_threads(fbn_desc_numel(d));
+  const int nt = fbn_fast_call_threads(a->op, d, true, a->workspace_bytes);
+  if (nt == 0)
+    return fbn_fast_no_room(d, fbn_fast_scratch_bytes(a->op, d, true, 1), a->workspace_bytes);
+  fbn_fast_call call = {
+      .op = a->op,
+      .weight = a->weight,
+      .bias = a->bias,
+      .dweight = a->dweight,
+      .dbias = a->dbias,
+      .accumulate = a->accumulate,
+      .grads = a->dweight != NULL || a->dbias != NULL,
+      .scratch = a->workspace,
+      .scratch_bytes = a->workspace_bytes,
+  };
+  fbn_fast_call *m = &call;
+  /* the mask the forward saved (float32, ReLU operations) */
   const uint8_t *bits =
-      a->saved->path == 1 && a->saved->payload_backend == fbn_backend_cpu_fast() &&
-              fbn_fast_mask_bytes(d) > 0
-          ? (const uint8_t *)a->saved->payload + 2 * (size_t)d->c * sizeof(double)
-          : NULL;
+      fbn_fast_saved_mask_bytes(a->op, d) > 0 ? fbn_cpu_saved_extra_const(a->saved, d->c) : NULL;
   const int64_t bpr = fbn_fast_mask_bpr(d);
-  if (d->layout == FBN_LAYOUT_NCHW && d->h * d->w >= FBN_FAST_NCHW_VEC_HW) {
+  switch (fbn_fast_route_of(a->op, d, true)) {
+  case FBN_FAST_ROUTE_PLAIN: fbn_fast_backward_plain(m, a, nt); break;
+  case FBN_FAST_ROUTE_NCHW_EVAL:
+  case FBN_FAST_ROUTE_NCHW:
     if (fbn_fast_bwd_pipe_usable(a, bits, bpr))
       fbn_fast_backward_nchw_pipe(m, a, nt, bits, bpr);
     else if (f32)
       backward_nchw_f32(m, a, nt, bits, bpr);
     else
       backward_nchw_f64(m, a, nt, bits, bpr);
-  } else if (d->layout == FBN_LAYOUT_NCHW) {
+    break;
+  case FBN_FAST_ROUTE_NCHW_VEC: {
     fbn_fast_nchw_plan plan;
-    fbn_status st = fbn_fast_nchw_plan_make(
-        m, d, nt, (bits != NULL ? 2 : 3) * d->n * d->h * d->w * (int64_t)fbn_dtype_size(d->dtype),
-        "fbn_module_backward", &plan);
-    if (st != FBN_STATUS_SUCCESS)
-      return st;
+    size_t bytes;
+    fbn_fast_nchw_plan_make(m, d, nt, fbn_fast_vec_channel_bytes(a->op, d, true), &plan, &bytes);
     if (f32)
       backward_nchw_vec_f32(m, a, nt, &plan, bits, bpr);
     else
       backward_nchw_vec_f64(m, a, nt, &plan, bits, bpr);
-  } else {
+    break;
+  }
+  case FBN_FAST_ROUTE_NHWC: {
     fbn_fast_nhwc_plan plan;
-    fbn_status st = fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt,
-                                            fbn_dtype_size(d->dtype), "fbn_module_backward",
-                                            &plan);
-    if (st != FBN_STATUS_SUCCESS)
-      return st;
+    size_t bytes;
+    fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt, fbn_dtype_size(d->dtype), &plan,
+                            &bytes);
     if (f32)
       backward_nhwc_f32(m, a, nt, &plan, bits, bpr);
     else
       backward_nhwc_f64(m, a, nt, &plan, bits, bpr);
+    break;
+  }
   }
   return FBN_STATUS_SUCCESS;
 }
 
 static const fbn_backend fast_backend = {
     .name = "cpu-fast",
-    .module_init = fast_module_init,
-    .module_fini = fast_module_fini,
-    .check_desc = fbn_cpu_check_desc,
-    .buffer_read = fbn_cpu_buffer_read,
-    .buffer_write = fbn_cpu_buffer_write,
-    .buffer_fill = fbn_cpu_buffer_fill,
-    .workspace_size = fbn_cpu_workspace_size,
-    .saved_prepare = fast_saved_prepare,
-    .saved_free = fbn_cpu_saved_free,
+    .device = FBN_DEVICE_CPU,
+    .op_init = fbn_cpu_op_init,
+    .op_fini = fbn_cpu_op_fini,
+    .check_shape = NULL,
+    .saved_size = fast_saved_size,
+    .workspace_size = fast_workspace_size,
     .forward = fast_forward,
     .backward = fast_backward,
+    .mem_alloc = fbn_cpu_mem_alloc,
+    .mem_free = fbn_cpu_mem_free,
+    .mem_copy = fbn_cpu_mem_copy,
+    .mem_fill = fbn_cpu_mem_fill,
 };
 
 const fbn_backend *fbn_backend_cpu_fast(void) { return &fast_backend; }

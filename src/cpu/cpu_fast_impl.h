@@ -562,7 +562,7 @@ static void FBN_K(expand)(FBN_T *e, int64_t gc, int64_t hw) {
  * with per-row coefficients. A group's data is read twice (statistics,
  * normalization) and is sized to come back from the caches.
  */
-static void FBN_K(forward_nchw_group)(fbn_module *m, const fbn_forward_args *a, int64_t gi,
+static void FBN_K(forward_nchw_group)(fbn_fast_call *m, const fbn_bk_forward_args *a, int64_t gi,
                                       int64_t g_, bool stream, uint8_t *bits, int64_t bpr) {
   const fbn_tensor_desc *d = a->desc;
   const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w;
@@ -576,7 +576,7 @@ static void FBN_K(forward_nchw_group)(fbn_module *m, const fbn_forward_args *a, 
     FBN_T cm[FBN_FAST_MAX_GROUP], ca[FBN_FAST_MAX_GROUP], cb[FBN_FAST_MAX_GROUP];
     bool fast[FBN_FAST_MAX_GROUP];
 
-    if (a->batch_stats) {
+    if (fbn_fast_full(a)) {
       for (int64_t j = 0; j < gc; j++) {
         acc[j][0] = acc[j][1] = 0.0;
         shift[j] = (double)x[(c0 + j) * hw];
@@ -606,7 +606,7 @@ static void FBN_K(forward_nchw_group)(fbn_module *m, const fbn_forward_args *a, 
   }
 }
 
-static void FBN_K(forward_nchw)(fbn_module *m, const fbn_forward_args *a, int nt, uint8_t *bits,
+static void FBN_K(forward_nchw)(fbn_fast_call *m, const fbn_bk_forward_args *a, int nt, uint8_t *bits,
                                 int64_t bpr) {
   const fbn_tensor_desc *d = a->desc;
   const int64_t c_ = d->c, count = d->n * d->h * d->w;
@@ -631,7 +631,7 @@ static void FBN_K(forward_nchw)(fbn_module *m, const fbn_forward_args *a, int nt
  * ones. coef: 3 C elements (m, a, b), stat: 2 C doubles, fast: C flags
  * (scratch).
  */
-static void FBN_K(forward_nchw_eval)(fbn_module *m, const fbn_forward_args *a, int nt,
+static void FBN_K(forward_nchw_eval)(fbn_fast_call *m, const fbn_bk_forward_args *a, int nt,
                                      uint8_t *bits, int64_t bpr, FBN_T *coef, double *stat,
                                      bool *fast) {
   const fbn_tensor_desc *d = a->desc;
@@ -692,7 +692,7 @@ static void FBN_K(forward_nchw_eval)(fbn_module *m, const fbn_forward_args *a, i
  * blocks (stride C*H*W) with per-element accumulators and coefficients, so
  * that the vector loops are long however small H*W is.
  */
-static void FBN_K(forward_nchw_vec_group)(fbn_module *m, const fbn_forward_args *a, int nt,
+static void FBN_K(forward_nchw_vec_group)(fbn_fast_call *m, const fbn_bk_forward_args *a, int nt,
                                           const fbn_fast_nchw_plan *plan, uint8_t *bits,
                                           int64_t bpr, int64_t gi) {
   const fbn_tensor_desc *d = a->desc;
@@ -707,7 +707,7 @@ static void FBN_K(forward_nchw_vec_group)(fbn_module *m, const fbn_forward_args 
     fbn_fast_nchw_view v;
     fbn_fast_nchw_view_of(plan, fbn_fast_thread_num(), &v);
     FBN_T *cm = v.coef[0], *ca = v.coef[1], *cb = v.coef[2];
-    if (a->batch_stats) {
+    if (fbn_fast_full(a)) {
       for (int64_t j = 0; j < gc; j++) {
         const double k = (double)x[(c0 + j) * hw];
         for (int64_t s = 0; s < hw; s++) {
@@ -761,7 +761,7 @@ static void FBN_K(forward_nchw_vec_group)(fbn_module *m, const fbn_forward_args 
   }
 }
 
-static void FBN_K(forward_nchw_vec)(fbn_module *m, const fbn_forward_args *a, int nt,
+static void FBN_K(forward_nchw_vec)(fbn_fast_call *m, const fbn_bk_forward_args *a, int nt,
                                     const fbn_fast_nchw_plan *plan, uint8_t *bits, int64_t bpr) {
   const int64_t c_ = a->desc->c, g_ = plan->group, ngroups = (c_ + g_ - 1) / g_;
   if (nt > 1) {
@@ -816,7 +816,7 @@ static void FBN_K(merge_partials)(const fbn_fast_nhwc_plan *plan, int nthreads, 
 }
 
 /* Statistics of chunk k (rows [k*cr, (k+1)*cr)) into s1, s2. */
-static void FBN_K(forward_nhwc_stats_chunk)(const fbn_forward_args *a,
+static void FBN_K(forward_nhwc_stats_chunk)(const fbn_bk_forward_args *a,
                                             const fbn_fast_nhwc_plan *plan, int64_t k, double *s1,
                                             double *s2) {
   const fbn_tensor_desc *d = a->desc;
@@ -832,7 +832,7 @@ static void FBN_K(forward_nhwc_stats_chunk)(const fbn_forward_args *a,
 
 /* Statistics of the four whole chunks k + j*q (j < 4), one block of each
  * per step: four streams far apart. */
-static void FBN_K(forward_nhwc_stats_quad)(const fbn_forward_args *a,
+static void FBN_K(forward_nhwc_stats_quad)(const fbn_bk_forward_args *a,
                                            const fbn_fast_nhwc_plan *plan, int64_t k, int64_t q,
                                            double *s1, double *s2) {
   const int64_t c_ = a->desc->c, cr = plan->chunk_rows, p_ = plan->rows_per_block;
@@ -844,15 +844,15 @@ static void FBN_K(forward_nhwc_stats_quad)(const fbn_forward_args *a,
 
 /* Per-channel statistics and coefficients (one thread), from the partial
  * sums of nthreads threads (batch statistics) or the running statistics. */
-static void FBN_K(forward_nhwc_coef)(fbn_module *m, const fbn_forward_args *a,
+static void FBN_K(forward_nhwc_coef)(fbn_fast_call *m, const fbn_bk_forward_args *a,
                                      const fbn_fast_nhwc_plan *plan, int nthreads) {
   const int64_t c_ = a->desc->c, p_ = plan->rows_per_block;
   double *mean = plan->mean, *invstd = plan->invstd;
   FBN_T *cm = plan->coef[0], *ca = plan->coef[1], *cb = plan->coef[2];
-  if (a->batch_stats)
+  if (fbn_fast_full(a))
     FBN_K(merge_partials)(plan, nthreads, c_, mean, invstd); /* the sums, until replaced */
   for (int64_t c = 0; c < c_; c++) {
-    if (a->batch_stats) {
+    if (fbn_fast_full(a)) {
       fbn_fast_batch_stats(m, a, c, plan->shift[c], mean[c], invstd[c], &mean[c], &invstd[c]);
     } else {
       fbn_fast_running_stats(m, a, c, &mean[c], &invstd[c]);
@@ -866,7 +866,7 @@ static void FBN_K(forward_nhwc_coef)(fbn_module *m, const fbn_forward_args *a,
 }
 
 /* Normalization of rows [r0, r1), r0 a multiple of P. */
-static void FBN_K(forward_nhwc_norm_rows)(const fbn_forward_args *a,
+static void FBN_K(forward_nhwc_norm_rows)(const fbn_bk_forward_args *a,
                                           const fbn_fast_nhwc_plan *plan, int64_t r0, int64_t r1,
                                           bool stream, uint8_t *bits, int64_t bpr) {
   const int64_t c_ = a->desc->c, p_ = plan->rows_per_block;
@@ -881,7 +881,7 @@ static void FBN_K(forward_nhwc_norm_rows)(const fbn_forward_args *a,
 }
 
 /* Normalization of chunk k. */
-static void FBN_K(forward_nhwc_norm_chunk)(const fbn_forward_args *a,
+static void FBN_K(forward_nhwc_norm_chunk)(const fbn_bk_forward_args *a,
                                            const fbn_fast_nhwc_plan *plan, int64_t k, bool stream,
                                            uint8_t *bits, int64_t bpr) {
   const int64_t rows = a->desc->n * a->desc->h * a->desc->w, cr = plan->chunk_rows;
@@ -892,7 +892,7 @@ static void FBN_K(forward_nhwc_norm_chunk)(const fbn_forward_args *a,
 /* Normalization of chunks k0 and k1 > k0 (k0 whole; streamed output): a
  * block of each per step of one loop while both have whole blocks and the
  * loop applies, the rest block by block. */
-static void FBN_K(forward_nhwc_norm_pair)(const fbn_forward_args *a,
+static void FBN_K(forward_nhwc_norm_pair)(const fbn_bk_forward_args *a,
                                           const fbn_fast_nhwc_plan *plan, int64_t k0, int64_t k1,
                                           uint8_t *bits, int64_t bpr) {
   const int64_t c_ = a->desc->c, rows = a->desc->n * a->desc->h * a->desc->w;
@@ -912,7 +912,7 @@ static void FBN_K(forward_nhwc_norm_pair)(const fbn_forward_args *a,
 
 /* Unit u of forward_nhwc's statistics pass. Streamed tensors: the whole
  * chunks in quads (u < q: chunks u + j*q, j < 4), then the rest one by one. */
-static void FBN_K(forward_nhwc_stats_unit)(const fbn_forward_args *a,
+static void FBN_K(forward_nhwc_stats_unit)(const fbn_bk_forward_args *a,
                                            const fbn_fast_nhwc_plan *plan, int64_t u, int64_t q,
                                            double *s1, double *s2) {
   if (u < q)
@@ -923,7 +923,7 @@ static void FBN_K(forward_nhwc_stats_unit)(const fbn_forward_args *a,
 
 /* Unit u of the normalization pass: chunks u and u + half where both exist
  * (half > 0 only for streamed output), else chunk u. */
-static void FBN_K(forward_nhwc_norm_unit)(const fbn_forward_args *a,
+static void FBN_K(forward_nhwc_norm_unit)(const fbn_bk_forward_args *a,
                                           const fbn_fast_nhwc_plan *plan, int64_t u,
                                           int64_t half, int64_t nchunks, bool stream,
                                           uint8_t *bits, int64_t bpr) {
@@ -943,7 +943,7 @@ static void FBN_K(forward_nhwc_norm_unit)(const fbn_forward_args *a,
  * one sequential stream at 60-80% of the rate it reaches with two to four
  * (docs/benchmarks.md).
  */
-static void FBN_K(forward_nhwc_run)(fbn_module *m, const fbn_forward_args *a,
+static void FBN_K(forward_nhwc_run)(fbn_fast_call *m, const fbn_bk_forward_args *a,
                                     const fbn_fast_nhwc_plan *plan, bool par, bool stream,
                                     uint8_t *bits, int64_t bpr) {
   const int64_t rows = a->desc->n * a->desc->h * a->desc->w, lp = plan->block;
@@ -952,7 +952,7 @@ static void FBN_K(forward_nhwc_run)(fbn_module *m, const fbn_forward_args *a,
   const int64_t nstats = nchunks - 3 * q;
   const int64_t half = stream ? (nchunks + 1) / 2 : 0, nnorm = stream ? half : nchunks;
   const int t = par ? fbn_fast_thread_num() : 0, nthreads = par ? fbn_fast_num_threads() : 1;
-  if (a->batch_stats) {
+  if (fbn_fast_full(a)) {
     double *s1 = fbn_fast_partial(plan, t, 0), *s2 = fbn_fast_partial(plan, t, 1);
     memset(s1, 0, (size_t)lp * sizeof(double));
     memset(s2, 0, (size_t)lp * sizeof(double));
@@ -979,13 +979,13 @@ static void FBN_K(forward_nhwc_run)(fbn_module *m, const fbn_forward_args *a,
   }
 }
 
-static void FBN_K(forward_nhwc)(fbn_module *m, const fbn_forward_args *a, int nt,
+static void FBN_K(forward_nhwc)(fbn_fast_call *m, const fbn_bk_forward_args *a, int nt,
                                 const fbn_fast_nhwc_plan *plan, uint8_t *bits, int64_t bpr) {
   const fbn_tensor_desc *d = a->desc;
   const int64_t c_ = d->c, p_ = plan->rows_per_block;
   const FBN_T *x = a->x;
   const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
-  if (a->batch_stats) {
+  if (fbn_fast_full(a)) {
     for (int64_t c = 0; c < c_; c++)
       plan->shift[c] = (double)x[c];
     fbn_fast_repeat(plan->shift, sizeof(double), c_, p_);
@@ -1011,14 +1011,14 @@ static int64_t FBN_K(backward_nchw_gsize)(const fbn_tensor_desc *d, bool bits, i
   return fbn_fast_nchw_group(d->c, per_channel, nt);
 }
 
-static void FBN_K(backward_nchw_group)(fbn_module *m, const fbn_backward_args *a, int nt,
+static void FBN_K(backward_nchw_group)(fbn_fast_call *m, const fbn_bk_backward_args *a, int nt,
                                        const uint8_t *bits, int64_t bpr, int64_t gi) {
   const fbn_tensor_desc *d = a->desc;
   const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w, count = n_ * hw;
   const FBN_T *x = a->x, *y = a->y, *dy = a->dy;
   FBN_T *dx = a->dx, *dz = a->daddend;
-  const bool full = a->saved->batch_stats;
-  const bool reduce = full || m->options.affine;
+  const bool full = fbn_fast_full(a);
+  const bool reduce = full || m->grads;
   const bool apply = dx != NULL || dz != NULL;
   const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
   const int64_t g_ = FBN_K(backward_nchw_gsize)(d, bits != NULL, nt);
@@ -1066,7 +1066,7 @@ static void FBN_K(backward_nchw_group)(fbn_module *m, const fbn_backward_args *a
   }
 }
 
-static void FBN_K(backward_nchw)(fbn_module *m, const fbn_backward_args *a, int nt,
+static void FBN_K(backward_nchw)(fbn_fast_call *m, const fbn_bk_backward_args *a, int nt,
                                  const uint8_t *bits, int64_t bpr) {
   const int64_t c_ = a->desc->c, g_ = FBN_K(backward_nchw_gsize)(a->desc, bits != NULL, nt);
   const int64_t ngroups = (c_ + g_ - 1) / g_;
@@ -1081,15 +1081,15 @@ static void FBN_K(backward_nchw)(fbn_module *m, const fbn_backward_args *a, int 
 }
 
 /* NCHW, short rows, as forward_nchw_vec. */
-static void FBN_K(backward_nchw_vec_group)(fbn_module *m, const fbn_backward_args *a, int nt,
+static void FBN_K(backward_nchw_vec_group)(fbn_fast_call *m, const fbn_bk_backward_args *a, int nt,
                                            const fbn_fast_nchw_plan *plan, const uint8_t *bits,
                                            int64_t bpr, int64_t gi) {
   const fbn_tensor_desc *d = a->desc;
   const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w, count = n_ * hw;
   const FBN_T *x = a->x, *y = a->y, *dy = a->dy;
   FBN_T *dx = a->dx, *dz = a->daddend;
-  const bool full = a->saved->batch_stats;
-  const bool reduce = full || m->options.affine;
+  const bool full = fbn_fast_full(a);
+  const bool reduce = full || m->grads;
   const bool apply = dx != NULL || dz != NULL;
   const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
   const int64_t g_ = plan->group;
@@ -1147,7 +1147,7 @@ static void FBN_K(backward_nchw_vec_group)(fbn_module *m, const fbn_backward_arg
   }
 }
 
-static void FBN_K(backward_nchw_vec)(fbn_module *m, const fbn_backward_args *a, int nt,
+static void FBN_K(backward_nchw_vec)(fbn_fast_call *m, const fbn_bk_backward_args *a, int nt,
                                      const fbn_fast_nchw_plan *plan, const uint8_t *bits,
                                      int64_t bpr) {
   const int64_t c_ = a->desc->c, g_ = plan->group, ngroups = (c_ + g_ - 1) / g_;
@@ -1168,8 +1168,8 @@ static void FBN_K(backward_nchw_vec)(fbn_module *m, const fbn_backward_args *a, 
  */
 /* What backward_nhwc's helpers share. */
 typedef struct FBN_K(fbn_fast_bwd_nhwc) {
-  fbn_module *m;
-  const fbn_backward_args *a;
+  fbn_fast_call *m;
+  const fbn_bk_backward_args *a;
   const fbn_fast_nhwc_plan *plan;
   const uint8_t *bits;
   int64_t bpr, rows, nchunks;
@@ -1180,7 +1180,7 @@ typedef struct FBN_K(fbn_fast_bwd_nhwc) {
 /* Sums over rows [r0, r1) (r0 a multiple of P) into s1, s2. */
 static void FBN_K(backward_nhwc_reduce_rows)(const FBN_K(fbn_fast_bwd_nhwc) *b, int64_t r0,
                                              int64_t r1, double *s1, double *s2) {
-  const fbn_backward_args *a = b->a;
+  const fbn_bk_backward_args *a = b->a;
   const int64_t c_ = a->desc->c, p_ = b->plan->rows_per_block;
   const FBN_T *x = a->x, *y = a->y, *dy = a->dy;
   FBN_T *dz = a->daddend;
@@ -1225,7 +1225,7 @@ static void FBN_K(backward_nhwc_coef)(const FBN_K(fbn_fast_bwd_nhwc) *b, int nth
 /* dx (and dz) of rows [r0, r1), r0 a multiple of P. */
 static void FBN_K(backward_nhwc_apply_rows)(const FBN_K(fbn_fast_bwd_nhwc) *b, int64_t r0,
                                             int64_t r1) {
-  const fbn_backward_args *a = b->a;
+  const fbn_bk_backward_args *a = b->a;
   const fbn_fast_nhwc_plan *plan = b->plan;
   const int64_t c_ = a->desc->c, p_ = plan->rows_per_block;
   const FBN_T *x = a->x, *y = a->y;
@@ -1262,7 +1262,7 @@ static void FBN_K(backward_nhwc_unit)(const FBN_K(fbn_fast_bwd_nhwc) *b, bool ap
       FBN_K(backward_nhwc_reduce_chunk)(b, u, s1, s2);
     return;
   }
-  const fbn_backward_args *a = b->a;
+  const fbn_bk_backward_args *a = b->a;
   const fbn_fast_nhwc_plan *plan = b->plan;
   const int64_t c_ = a->desc->c, e1 = (k1 + 1) * cr < b->rows ? (k1 + 1) * cr : b->rows;
   const int64_t dr = half * cr;
@@ -1297,7 +1297,7 @@ static void FBN_K(backward_nhwc_unit)(const FBN_K(fbn_fast_bwd_nhwc) *b, bool ap
 
 /* The work of one thread of backward_nhwc (par as in forward_nhwc_run). */
 static void FBN_K(backward_nhwc_run)(const FBN_K(fbn_fast_bwd_nhwc) *b, bool par) {
-  const fbn_backward_args *a = b->a;
+  const fbn_bk_backward_args *a = b->a;
   const int64_t lp = b->plan->block, nchunks = b->nchunks;
   const int t = par ? fbn_fast_thread_num() : 0, nthreads = par ? fbn_fast_num_threads() : 1;
   const bool apply = a->dx != NULL || (a->daddend != NULL && !b->g_early);
@@ -1333,12 +1333,12 @@ static void FBN_K(backward_nhwc_run)(const FBN_K(fbn_fast_bwd_nhwc) *b, bool par
   }
 }
 
-static void FBN_K(backward_nhwc)(fbn_module *m, const fbn_backward_args *a, int nt,
+static void FBN_K(backward_nhwc)(fbn_fast_call *m, const fbn_bk_backward_args *a, int nt,
                                  const fbn_fast_nhwc_plan *plan, const uint8_t *bits,
                                  int64_t bpr) {
   const fbn_tensor_desc *d = a->desc;
   const int64_t c_ = d->c, rows = d->n * d->h * d->w;
-  const bool full = a->saved->batch_stats, reduce = full || m->options.affine;
+  const bool full = fbn_fast_full(a), reduce = full || m->grads;
   const FBN_K(fbn_fast_bwd_nhwc) b = {
       .m = m,
       .a = a,
