@@ -58,6 +58,10 @@ typedef struct fbn_bk_forward_args {
   /* Backend launch context: CUDA: const fbn_cuda_exec * (stream, cuDNN
    * handle), NULL for the defaults; always NULL on the CPU. */
   const void *exec;
+  /* Out, may be NULL: backend-defined id of the path the forward took
+   * (CUDA: an fbn_cuda_path value, for fbn_cuda_saved_path()); the CPU
+   * backends leave it alone. */
+  int *path;
 } fbn_bk_forward_args;
 
 /* Everything one backward needs, validated by the API layer: the same op
