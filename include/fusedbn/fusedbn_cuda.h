@@ -237,6 +237,64 @@ FBN_API fbn_status fbn_cuda_saved_set_memory(fbn_saved *saved, void *device_memo
 FBN_API fbn_status fbn_cuda_saved_stats(const fbn_saved *saved, const void **mean,
                                         const void **invstd);
 
+/* ------------------------------------------------------------------------ */
+/* Op API on CUDA (see fbn_op_* in fusedbn.h)                               */
+/* ------------------------------------------------------------------------ */
+/*
+ * fbn_op_forward()/fbn_op_backward() run a CUDA op on the legacy default
+ * stream with the op's own cuDNN handle; the calls below take an
+ * fbn_cuda_exec (stream, optional cuDNN handle of the caller's on the op's
+ * device).  Every pointer (tensors, per-channel arrays, saved state,
+ * workspace) is device memory of the op's device (or managed memory):
+ * host memory is FBN_STATUS_INVALID_VALUE, tensors and per-channel arrays
+ * must be aligned to their element size.  Forward and backward neither
+ * allocate nor synchronize: they queue work on exec->stream and return.
+ * The saved state is written by forward on that stream and read by the
+ * backward, which must be queued after it (same stream, or ordered by the
+ * caller's events).  A CUDA op has one cuDNN handle of its own (only when
+ * it can ever call cuDNN: float16/bfloat16 data with batch statistics),
+ * whose use is serialized by a lock; a caller's handle gets the call's
+ * stream for the call and its previous stream back before the call
+ * returns.
+ */
+
+/** fbn_op_forward() with a launch context (NULL exec = the defaults).
+ *  Arguments, NULL rules and statuses as there, messages naming
+ *  fbn_cuda_op_forward.  A CPU op runs as with fbn_op_forward() (exec
+ *  unused). */
+FBN_API fbn_status fbn_cuda_op_forward(const fbn_op *op, const fbn_cuda_exec *exec,
+                                       const fbn_tensor_desc *x_desc, const void *x,
+                                       const void *addend, void *y, const void *weight,
+                                       const void *bias, void *running_mean, void *running_var,
+                                       double factor, void *saved, size_t saved_bytes,
+                                       void *workspace, size_t workspace_bytes);
+
+/** fbn_op_backward() with a launch context (NULL exec = the defaults);
+ *  arguments, NULL rules and statuses as there, messages naming
+ *  fbn_cuda_op_backward. */
+FBN_API fbn_status fbn_cuda_op_backward(const fbn_op *op, const fbn_cuda_exec *exec,
+                                        const fbn_tensor_desc *x_desc, const void *x,
+                                        const void *y, const void *dy, const void *saved,
+                                        size_t saved_bytes, const void *weight, const void *bias,
+                                        void *dx, void *daddend, void *dweight, void *dbias,
+                                        fbn_param_grad param_grad, void *workspace,
+                                        size_t workspace_bytes);
+
+/** The path the op's next forward of x_desc takes, including what cuDNN
+ *  refused on the device so far (its backward takes the same path).  NULL
+ *  op, x_desc or path: FBN_STATUS_NULL_POINTER; a CPU op:
+ *  FBN_STATUS_INVALID_VALUE; x_desc validated as in fbn_op_forward().
+ *  *path = FBN_CUDA_PATH_NONE on failure. */
+FBN_API fbn_status fbn_cuda_op_path(const fbn_op *op, const fbn_tensor_desc *x_desc,
+                                    fbn_cuda_path *path);
+
+/** fbn_cuda_module_check_runtime_error() for an op: the handle exec->cudnn
+ *  when given, else the op's own (an op without one never ran the
+ *  persistent kernels: *result = FBN_STATUS_SUCCESS).  Statuses and
+ *  *result as there; a CPU op: FBN_STATUS_INVALID_VALUE. */
+FBN_API fbn_status fbn_cuda_op_check_runtime_error(const fbn_op *op, const fbn_cuda_exec *exec,
+                                                   bool wait, fbn_status *result);
+
 #ifdef __cplusplus
 }
 #endif
