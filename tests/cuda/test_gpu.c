@@ -624,9 +624,9 @@ static bool run_gcase(const gcase *g, fbnt_rng *rng) {
   fbnt_ref_module ref;
   memset(&ref, 0, sizeof ref);
   fbn_module *gm = NULL, *cm = NULL;
+  /* read when the module creates its ops (its first call of each kind) */
   set_force(g->force);
   fbn_status s = fbnt_module_create_random(rng, &go, &gm, &ref);
-  set_force(NULL);
   if (s != FBN_STATUS_SUCCESS)
     fail_msg("%s: creating the CUDA module: %s: %s", name, fbn_status_string(s),
              fbn_last_error_message());
@@ -651,6 +651,7 @@ static bool run_gcase(const gcase *g, fbnt_rng *rng) {
     caller_check_and_fini(&cc);
   fbn_module_destroy(gm);
   fbn_module_destroy(cm);
+  set_force(NULL);
   if (!ok)
     print_error("FAILED: %s\n", name);
   return ok;
@@ -842,10 +843,9 @@ static void test_gpu_paths_agree(void **state) {
     fbn_module_options_init(&o);
     o.num_features = 64;
     o.device = FBN_DEVICE_CUDA;
-    set_force(all_forces[p]);
+    set_force(all_forces[p]); /* read when the module creates its ops */
     fbn_module *m = NULL;
     fbn_status s = fbn_module_create(&o, &m);
-    set_force(NULL);
     FBN_OK(s);
     fbn_saved *sv = NULL;
     FBN_OK(fbn_saved_create(&sv));
@@ -868,6 +868,7 @@ static void test_gpu_paths_agree(void **state) {
     dev_free(dad);
     fbn_saved_destroy(sv);
     fbn_module_destroy(m);
+    set_force(NULL);
   }
   bool ok = true;
   const tol t = tensor_tol(FBN_DTYPE_FLOAT16, 1.0);
