@@ -5,8 +5,11 @@ BatchNorm2dReLU) and convert() for torchvision ResNets.  This package itself
 only finds and loads the C library (see fusedbn._lib for the lookup order);
 importing it does not load anything.
 """
-from ._lib import (Error, InvalidArgumentError, LibraryError, UnsupportedError,  # noqa: F401
+from ._lib import (Error, InvalidArgumentError, LibraryError, UnsupportedError,
                    REQUIRED_VERSION, load_library)
+
+__all__ = ["Error", "InvalidArgumentError", "LibraryError", "UnsupportedError",
+           "REQUIRED_VERSION", "load_library", "library_version", "library_path"]
 
 __version__ = "0.1.0"
 

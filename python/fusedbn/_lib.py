@@ -2,8 +2,9 @@
 
 Only what the Python package calls: the op description and its lifecycle, the
 size queries, forward, backward, the running-average factor, the status names,
-the thread-local error message and the version.  The structures mirror the C
-header field by field.
+the thread-local error message and the version; in a library built with CUDA
+also fbn_cuda_op_forward / fbn_cuda_op_backward (fusedbn_cuda.h), which take
+the stream.  The structures mirror the C headers field by field.
 
 The library is looked up, in this order, at
   1. the path in the FUSEDBN_LIBRARY environment variable (nothing else is
@@ -140,6 +141,21 @@ _SIGNATURES = {
 }
 
 
+class CudaExec(C.Structure):
+    """struct fbn_cuda_exec: the stream (cudaStream_t) and an optional cuDNN handle."""
+    _fields_ = [("stream", C.c_void_p), ("cudnn", C.c_void_p)]
+
+
+# Present only in a library built with CUDA (fusedbn_cuda.h).
+_CUDA_SIGNATURES = {
+    "fbn_cuda_op_forward": (C.c_int, [_vp, C.POINTER(CudaExec), C.POINTER(TensorDesc), _vp, _vp,
+                                      _vp, _vp, _vp, _vp, _vp, C.c_double, _vp, _sz, _vp, _sz]),
+    "fbn_cuda_op_backward": (C.c_int, [_vp, C.POINTER(CudaExec), C.POINTER(TensorDesc), _vp, _vp,
+                                       _vp, _vp, _sz, _vp, _vp, _vp, _vp, _vp, _vp, C.c_int, _vp,
+                                       _sz]),
+}
+
+
 def _version_string(v):
     return "%d.%d.%d" % (v // 10000, v // 100 % 100, v % 100)
 
@@ -168,10 +184,11 @@ def _open(path):
                            "API" % (_version_string(version),
                                     ", lacks " + ", ".join(missing) if missing else "",
                                     _version_string(REQUIRED_VERSION)))
-    for name, (restype, argtypes) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.restype = restype
-        fn.argtypes = argtypes
+    for name, (restype, argtypes) in list(_SIGNATURES.items()) + list(_CUDA_SIGNATURES.items()):
+        if hasattr(lib, name):
+            fn = getattr(lib, name)
+            fn.restype = restype
+            fn.argtypes = argtypes
     return lib
 
 
@@ -183,6 +200,8 @@ class Library:
         self.path = path
         self.version = lib.fbn_version()
         self.version_string = _version_string(self.version)
+        # Stream-taking op entry points: only in a library built with CUDA.
+        self.has_cuda_streams = all(hasattr(lib, name) for name in _CUDA_SIGNATURES)
 
     def error(self, status):
         """The exception for a failed call: the status name and the thread's message."""
@@ -260,18 +279,30 @@ class Op:
         return saved.value, fws.value, bws.value
 
     def forward(self, x_desc, x, addend, y, weight, bias, running_mean, running_var, factor,
-                saved, saved_bytes, workspace, workspace_bytes):
-        status = self.library.lib.fbn_op_forward(
-            self.handle, C.byref(x_desc), x, addend, y, weight, bias, running_mean, running_var,
-            factor, saved, saved_bytes, workspace, workspace_bytes)
+                saved, saved_bytes, workspace, workspace_bytes, stream=None):
+        """fbn_op_forward, or fbn_cuda_op_forward on stream (a cudaStream_t
+        as an integer) when stream is not None."""
+        args = (C.byref(x_desc), x, addend, y, weight, bias, running_mean, running_var, factor,
+                saved, saved_bytes, workspace, workspace_bytes)
+        if stream is None:
+            status = self.library.lib.fbn_op_forward(self.handle, *args)
+        else:
+            status = self.library.lib.fbn_cuda_op_forward(
+                self.handle, C.byref(CudaExec(stream, None)), *args)
         if status != SUCCESS:
             raise self.library.error(status)
 
     def backward(self, x_desc, x, y, dy, saved, saved_bytes, weight, bias, dx, daddend, dweight,
-                 dbias, workspace, workspace_bytes):
-        status = self.library.lib.fbn_op_backward(
-            self.handle, C.byref(x_desc), x, y, dy, saved, saved_bytes, weight, bias, dx, daddend,
-            dweight, dbias, PARAM_GRAD_OVERWRITE, workspace, workspace_bytes)
+                 dbias, workspace, workspace_bytes, stream=None):
+        """fbn_op_backward (gradients overwritten), or fbn_cuda_op_backward on
+        stream when stream is not None."""
+        args = (C.byref(x_desc), x, y, dy, saved, saved_bytes, weight, bias, dx, daddend, dweight,
+                dbias, PARAM_GRAD_OVERWRITE, workspace, workspace_bytes)
+        if stream is None:
+            status = self.library.lib.fbn_op_backward(self.handle, *args)
+        else:
+            status = self.library.lib.fbn_cuda_op_backward(
+                self.handle, C.byref(CudaExec(stream, None)), *args)
         if status != SUCCESS:
             raise self.library.error(status)
 

@@ -15,8 +15,6 @@ import torchvision
 
 import fusedbn.torch as fbt
 
-from helpers import rand
-
 
 SIZE = 48
 

@@ -65,15 +65,17 @@ def test_library_from_environment_is_loaded(tmp_path):
 
 
 def test_one_op_per_configuration(gen):
-    m = FusedBatchNorm2d(3).double()
+    eps = 1.2345e-3  # a configuration no other test creates
+    count = _ops.cached_op_count()
+    m = FusedBatchNorm2d(3, eps=eps).double()
     x = rand_x(gen, (2, 3, 4, 5))
     m(x)
-    count = _ops.cached_op_count()
+    assert _ops.cached_op_count() == count + 1
     for _ in range(3):
         m(x)
-        FusedBatchNorm2d(3).double()(rand_x(gen, (4, 3, 2, 2)))  # same op, other shape
-    assert _ops.cached_op_count() == count
+        FusedBatchNorm2d(3, eps=eps).double()(rand_x(gen, (4, 3, 2, 2)))  # same op, other shape
+    assert _ops.cached_op_count() == count + 1
     m(x.contiguous(memory_format=torch.channels_last))
     m.eval()
     m(x)
-    assert _ops.cached_op_count() == count + 2
+    assert _ops.cached_op_count() == count + 3

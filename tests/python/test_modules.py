@@ -153,7 +153,8 @@ def test_non_contiguous_input_is_copied_into_nearer_layout(gen):
     ours, ref = make_pair(gen, FusedBatchNorm2d, torch.float64)
     base = rand_x(gen, (3, 4, 5, 12))
     for x, fmt in ((base[..., ::2], torch.contiguous_format),
-                   (rand_x(gen, (3, 5, 6, 4)).permute(0, 3, 1, 2)[:, :, :, 1:], torch.channels_last)):
+                   (rand_x(gen, (3, 5, 6, 4)).permute(0, 3, 1, 2)[:, :, :, 1:],
+                    torch.channels_last)):
         assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
         z = rand(gen, x.shape)
         y = ours(x, z)

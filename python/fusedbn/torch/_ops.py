@@ -141,22 +141,30 @@ def check_per_channel(fn, name, t, x, num_features):
                        "statistics must be on x's device" % (name, t.device, x.device))
     if t.dtype != want:
         raise _invalid(fn, _lib.INVALID_VALUE, "%s dtype %s with x dtype %s: %s x takes %s "
-                       "parameters and running statistics" % (name, t.dtype, x.dtype, x.dtype, want))
+                       "parameters and running statistics"
+                       % (name, t.dtype, x.dtype, x.dtype, want))
     if t.dim() != 1 or t.numel() != num_features or not t.is_contiguous():
         raise _invalid(fn, _lib.SHAPE_MISMATCH, "%s of shape %s (stride %s): must be a contiguous "
                        "vector of num_features = %d elements"
                        % (name, tuple(t.shape), tuple(t.stride()), num_features))
 
 
-def check_stream(fn, device):
-    """The op API queues CUDA work on the legacy default stream (fbn_op_forward
-    takes no stream); only torch's default stream is ordered with it."""
-    if device.type == "cuda":
-        stream = torch.cuda.current_stream(device)
-        if stream.cuda_stream != 0:
-            raise _invalid(fn, _lib.UNSUPPORTED, "current CUDA stream 0x%x on %s: libfusedbn's op "
-                           "API has no stream argument, so fusedbn.torch runs CUDA tensors on the "
-                           "default stream only" % (stream.cuda_stream, device))
+def stream_of(fn, device):
+    """The stream argument of the op calls for tensors on device: None on the
+    CPU; torch.cuda.current_stream() (as a cudaStream_t integer) on CUDA,
+    through fbn_cuda_op_forward/backward.  A library without those entry
+    points queues CUDA work on the legacy default stream (fbn_op_forward), so
+    there only torch's default stream is accepted."""
+    if device.type != "cuda":
+        return None
+    stream = torch.cuda.current_stream(device).cuda_stream
+    if library().has_cuda_streams:
+        return stream
+    if stream != 0:
+        raise _invalid(fn, _lib.UNSUPPORTED, "current CUDA stream 0x%x on %s: this libfusedbn has "
+                       "no fbn_cuda_op_forward (built without CUDA?), so CUDA tensors run only on "
+                       "the default stream" % (stream, device))
+    return None
 
 
 # ---- memory -------------------------------------------------------------------
@@ -205,9 +213,11 @@ class Saved:
         self.op, self.desc, self.tensor, self.ptr, self.nbytes = op, desc, tensor, ptr, nbytes
 
 
-def forward(op, x, layout, addend, weight, bias, running_mean, running_var, factor, keep_saved):
-    """y = op(x, addend) through fbn_op_forward on contiguous tensors of x's
-    layout.  Returns (y, Saved or None)."""
+def forward(op, x, layout, addend, weight, bias, running_mean, running_var, factor, keep_saved,
+            stream):
+    """y = op(x, addend) through fbn_op_forward (fbn_cuda_op_forward on stream
+    when stream is not None) on contiguous tensors of x's layout.  Returns
+    (y, Saved or None)."""
     desc = x_desc_of(x, layout)
     saved_bytes, ws_bytes, _ = op.sizes(desc)
     y = new_output(x)
@@ -215,13 +225,14 @@ def forward(op, x, layout, addend, weight, bias, running_mean, running_var, fact
     ws_t, ws_ptr = new_buffer(ws_bytes, x.device)
     op.forward(desc, x.data_ptr(), _ptr(addend), y.data_ptr(), _ptr(weight), _ptr(bias),
                _ptr(running_mean), _ptr(running_var), factor, saved_ptr,
-               saved_bytes if keep_saved else 0, ws_ptr, ws_bytes)
+               saved_bytes if keep_saved else 0, ws_ptr, ws_bytes, stream)
     del ws_t
     saved = Saved(op, desc, saved_t, saved_ptr, saved_bytes) if keep_saved else None
     return y, saved
 
 
-def backward(saved, x, y, dy, weight, bias, need_dx, need_daddend, need_dweight, need_dbias):
+def backward(saved, x, y, dy, weight, bias, need_dx, need_daddend, need_dweight, need_dbias,
+             stream):
     """(dx, daddend, dweight, dbias) through fbn_op_backward, each a fresh
     tensor (overwritten by the library) or None where not needed."""
     op = saved.op
@@ -234,6 +245,6 @@ def backward(saved, x, y, dy, weight, bias, need_dx, need_daddend, need_dweight,
     ws_t, ws_ptr = new_buffer(ws_bytes, x.device)
     op.backward(saved.desc, x.data_ptr(), _ptr(y), dy.data_ptr(), saved.ptr, saved.nbytes,
                 _ptr(weight), _ptr(bias), _ptr(dx), _ptr(daddend), _ptr(dweight), _ptr(dbias),
-                ws_ptr, ws_bytes)
+                ws_ptr, ws_bytes, stream)
     del ws_t
     return dx, daddend, dweight, dbias

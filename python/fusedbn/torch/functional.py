@@ -34,10 +34,10 @@ from . import _ops
 
 class _Call:
     """The non-tensor arguments of one call, for the autograd Function."""
-    __slots__ = ("op", "layout", "factor", "saved")
+    __slots__ = ("op", "layout", "factor", "stream")
 
-    def __init__(self, op, layout, factor):
-        self.op, self.layout, self.factor, self.saved = op, layout, factor, None
+    def __init__(self, op, layout, factor, stream):
+        self.op, self.layout, self.factor, self.stream = op, layout, factor, stream
 
 
 class FusedBatchNormFunction(torch.autograd.Function):
@@ -46,7 +46,7 @@ class FusedBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, addend, weight, bias, running_mean, running_var, call):
         y, saved = _ops.forward(call.op, x, call.layout, addend, weight, bias, running_mean,
-                                running_var, call.factor, True)
+                                running_var, call.factor, True, call.stream)
         ctx.fbn_saved = saved
         ctx.fbn_has_addend = addend is not None
         needs_y = call.op.desc.operation != _lib.OPERATION_BN
@@ -61,9 +61,11 @@ class FusedBatchNormFunction(torch.autograd.Function):
         x, y, weight, bias = ctx.saved_tensors
         need_x, need_addend, need_w, need_b = ctx.needs_input_grad[:4]
         dy = dy.contiguous(memory_format=ctx.fbn_memory_format)
+        # autograd runs backward on the forward's stream: the current one.
+        stream = _ops.stream_of("fusedbn.torch backward", x.device)
         dx, daddend, dweight, dbias = _ops.backward(
             ctx.fbn_saved, x, y, dy, weight, bias, need_x, need_addend and ctx.fbn_has_addend,
-            need_w and weight is not None, need_b and bias is not None)
+            need_w and weight is not None, need_b and bias is not None, stream)
         return dx, daddend, dweight, dbias, None, None, None
 
 
@@ -83,7 +85,7 @@ def run(fn, x, running_mean, running_var, weight, bias, use_batch_stats, factor,
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
         _ops.check_per_channel(fn, name, t, x, num_features)
-    _ops.check_stream(fn, x.device)
+    stream = _ops.stream_of(fn, x.device)
     if operation == _lib.OPERATION_BN_ADD_RELU and addend is None:
         operation = _lib.OPERATION_BN_RELU
     layout, memory_format = _ops.layout_of(x)
@@ -97,9 +99,9 @@ def run(fn, x, running_mean, running_var, weight, bias, use_batch_stats, factor,
                      num_features, eps)
     if _requires_grad(x, addend, weight, bias):
         return FusedBatchNormFunction.apply(x, addend, weight, bias, running_mean, running_var,
-                                            _Call(op, layout, factor))
+                                            _Call(op, layout, factor, stream))
     y, _ = _ops.forward(op, x, layout, addend, weight, bias, running_mean, running_var, factor,
-                        False)
+                        False, stream)
     return y
 
 
