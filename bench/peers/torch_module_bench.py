@@ -8,7 +8,8 @@ Three parts:
   step      a training step (forward + backward) of fusedbn.torch's
             FusedBatchNorm2d(x, addend) against torch.nn.BatchNorm2d + add +
             relu on the ResNet-50 batch-norm shapes, NCHW and channels_last;
-            median milliseconds of each and their ratio.
+            median milliseconds of each and their ratio (torch / fusedbn:
+            above 1 where fusedbn is faster).
   overhead  the seed shape (4, 2, 8, 3): the module's forward (training,
             no autograd graph) against fbn_op_forward called straight
             through ctypes on preallocated buffers; the difference is the
@@ -25,15 +26,41 @@ suite does that); the machine should be otherwise idle for figures.
 import argparse
 import copy
 import ctypes as C
+import os
 import statistics
 import time
 
-import torch
-import torchvision
 
-import fusedbn.torch as fbt
-from fusedbn import _lib
-from fusedbn.torch import _ops
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny shapes and few repetitions (checks that it runs)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="threads of both torch and fusedbn's OpenMP (default: OMP_NUM_THREADS, "
+                         "else the number of CPUs)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    ap.add_argument("--parts", default="step,overhead,resnet50")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--image", type=int, default=224)
+    ap.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW",
+                    help="memory format of the resnet50 part")
+    ap.add_argument("--resnet-reps", type=int, default=5)
+    return ap.parse_args()
+
+
+ARGS = parse_args() if __name__ == "__main__" else None
+THREADS = (ARGS and ARGS.threads) or int(os.environ.get("OMP_NUM_THREADS") or 0) or os.cpu_count()
+# OpenMP reads OMP_NUM_THREADS when it starts, before torch or libfusedbn run.
+os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+
+import fusedbn.torch as fbt  # noqa: E402
+from fusedbn import _lib  # noqa: E402
+from fusedbn.torch import _ops  # noqa: E402
 
 RESNET50 = [(32, 64, 56, 56), (32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14),
             (32, 2048, 7, 7)]
@@ -56,7 +83,7 @@ def bn_step_part(args, dtype):
     shapes = QUICK if args.quick else RESNET50
     print("# step: forward + backward, median ms of %d (float%d)"
           % (args.reps, torch.finfo(dtype).bits))
-    print("%-22s %-6s %10s %10s %8s" % ("shape", "layout", "fusedbn", "torch", "ratio"))
+    print("%-22s %-6s %10s %10s %9s" % ("shape", "layout", "fusedbn", "torch", "torch/fbn"))
     g = torch.Generator().manual_seed(1)
     for shape in shapes:
         for layout, fmt in FORMATS.items():
@@ -75,7 +102,7 @@ def bn_step_part(args, dtype):
 
             a = median_ms(step_ours, args.warmup, args.reps)
             b = median_ms(step_ref, args.warmup, args.reps)
-            print("%-22s %-6s %10.3f %10.3f %8.2f" % (str(shape), layout, a, b, b / a),
+            print("%-22s %-6s %10.3f %10.3f %9.2f" % (str(shape), layout, a, b, b / a),
                   flush=True)
 
 
@@ -147,32 +174,18 @@ def resnet_part(args, dtype):
     print("# resnet50: training step, batch %d of 3x%dx%d %s, median ms of %d (float%d)"
           % (args.batch, args.image, args.image, args.layout, args.resnet_reps,
              torch.finfo(dtype).bits))
-    print("torch %.1f  convert(): %.1f  ratio %.3f"
+    print("torch %.1f  convert(): %.1f  torch/convert() %.3f"
           % (times["torch"], times["fusedbn"], times["torch"] / times["fusedbn"]), flush=True)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny shapes and few repetitions (checks that it runs)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    ap.add_argument("--parts", default="step,overhead,resnet50")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--image", type=int, default=224)
-    ap.add_argument("--layout", choices=list(FORMATS), default="NCHW",
-                    help="memory format of the resnet50 part")
-    ap.add_argument("--resnet-reps", type=int, default=5)
-    args = ap.parse_args()
+    args = ARGS
     if args.quick:
         args.reps, args.warmup, args.resnet_reps = 3, 1, 2
         args.batch, args.image = 2, 64
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(THREADS)
     dtype = getattr(torch, args.dtype)
-    print("# torch %s, %d threads, libfusedbn %s (%s)"
+    print("# torch %s, %d threads (torch and OMP_NUM_THREADS), libfusedbn %s (%s)"
           % (torch.__version__, torch.get_num_threads(), _lib.load_library().version_string,
              _lib.load_library().path))
     parts = {"step": bn_step_part, "overhead": overhead_part, "resnet50": resnet_part}
