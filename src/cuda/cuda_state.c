@@ -87,6 +87,24 @@ static fbn_status first_fill(const fbn_cuda_state *st, void *dst, size_t count, 
   return e == cudaSuccess ? FBN_STATUS_SUCCESS : fbn_cuda_fail("cudaStreamSynchronize", e);
 }
 
+/* Make device current for a teardown, which reports nothing (the thread's
+ * last error message stays what it was). */
+static bool enter_quietly(int device, fbn_cuda_device_guard *g) {
+  g->changed = false;
+  if (cudaGetDevice(&g->previous) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  if (g->previous != device) {
+    if (cudaSetDevice(device) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return false;
+    }
+    g->changed = true;
+  }
+  return true;
+}
+
 static void state_free(fbn_cuda_state *st) {
   if (st == NULL)
     return;
@@ -181,10 +199,7 @@ void fbn_cuda_op_fini(const fbn_op_desc *op, void *state) {
   if (st == NULL)
     return;
   fbn_cuda_device_guard g;
-  bool entered = fbn_cuda_device_enter(st->device, &g, FBN_STATUS_DEVICE_ERROR) ==
-                 FBN_STATUS_SUCCESS;
-  if (!entered)
-    fbn_clear_error(); /* teardown reports nothing */
+  const bool entered = enter_quietly(st->device, &g);
   state_free(st);
   if (entered)
     fbn_cuda_device_leave(&g);
@@ -218,10 +233,7 @@ void fbn_cuda_mem_free(int device, void *ptr) {
   if (ptr == NULL)
     return;
   fbn_cuda_device_guard g;
-  bool entered = fbn_cuda_device_enter(device, &g, FBN_STATUS_DEVICE_ERROR) ==
-                 FBN_STATUS_SUCCESS;
-  if (!entered)
-    fbn_clear_error();
+  const bool entered = enter_quietly(device, &g);
   free_quietly(ptr);
   if (entered)
     fbn_cuda_device_leave(&g);
