@@ -750,6 +750,8 @@ static fbn_status fbn_fast_nchw_plan_make(fbn_fast_call *m, const fbn_tensor_des
   const int64_t balanced = d->c / (4 * (int64_t)nt);
   if (nt > 1 && g > balanced) /* one thread: no balancing, fewer calls */
     g = balanced;
+  if (g > d->c) /* one group holds every channel: no scratch for more */
+    g = d->c;
   if (g < 1)
     g = 1;
   plan->group = g;
