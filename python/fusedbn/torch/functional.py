@@ -14,7 +14,9 @@ running_mean / running_var otherwise.
 
 Autograd: a torch.autograd.Function whose backward is fbn_op_backward (dx,
 daddend, dweight, dbias into fresh tensors; autograd accumulates them into
-.grad).  Its backward is not itself differentiable (no double backward).
+.grad); with torch >= 2.4 the custom ops torch.ops.fusedbn.forward/backward
+with the same backward registered (fusedbn.torch._custom_op).  The backward
+is not itself differentiable (no double backward).
 The saved state (mean and inverse std used, the ReLU mask) and the workspace
 are uint8 tensors from torch's allocator; the saved state lives in the
 autograd graph until backward has run (or the graph is freed).
@@ -25,11 +27,18 @@ the nearer of the two formats (channels_last when C has the smallest stride
 of C, H and W); addend, and dy in backward, are copied into x's format when
 they are not in it.  y has x's format.
 """
+import os
+
 import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _lib
-from . import _ops
+from . import _custom_op, _ops
+
+# torch >= 2.4: calls go through the custom ops torch.ops.fusedbn.forward /
+# backward (traceable by torch.compile); FUSEDBN_TORCH_CUSTOM_OP=0 in the
+# environment uses the autograd Function instead.
+USE_CUSTOM_OP = _custom_op.AVAILABLE and os.environ.get("FUSEDBN_TORCH_CUSTOM_OP", "1") != "0"
 
 
 class _Call:
@@ -95,6 +104,13 @@ def run(fn, x, running_mean, running_var, weight, bias, use_batch_stats, factor,
     statistics = _lib.STATISTICS_BATCH if use_batch_stats else _lib.STATISTICS_RUNNING
     if use_batch_stats and running_mean is None and running_var is None:
         factor = 0.0
+    if USE_CUSTOM_OP:
+        if x.shape[1] != num_features:
+            # The custom op creates its op from x; ask the library about C here.
+            _ops.get_op(x.dtype, layout, x.device, statistics, operation, weight is not None,
+                        num_features, eps).sizes(_ops.x_desc_of(x, layout))
+        return _custom_op.run(x, addend, weight, bias, running_mean, running_var, operation,
+                              use_batch_stats, factor, eps, _requires_grad(x, addend, weight, bias))
     op = _ops.get_op(x.dtype, layout, x.device, statistics, operation, weight is not None,
                      num_features, eps)
     if _requires_grad(x, addend, weight, bias):
