@@ -146,7 +146,7 @@ fbn_status fbn_cuda_module_path(const fbn_module *m, const fbn_tensor_desc *d, b
   *path = FBN_CUDA_PATH_NONE;
   const fbn_op *op = NULL;
   fbn_status s = module_cuda_op(fn, m, d, has_addend, &op);
-  if (s != FBN_STATUS_SUCCESS)
+  if (s != FBN_STATUS_SUCCESS || op == NULL)
     return s;
   *path = fbn_cuda_state_path_of(op->state, d);
   return FBN_STATUS_SUCCESS;
@@ -319,7 +319,7 @@ fbn_status fbn_cuda_saved_size(const fbn_module *m, const fbn_tensor_desc *d, bo
   *bytes = 0;
   const fbn_op *op = NULL;
   fbn_status s = module_cuda_op(fn, m, d, has_addend, &op);
-  if (s != FBN_STATUS_SUCCESS)
+  if (s != FBN_STATUS_SUCCESS || op == NULL)
     return s;
   size_t b = 0;
   s = op->backend->saved_size(&op->desc, op->state, d, &b);
