@@ -185,7 +185,8 @@ fbn_status fbn_cuda_saved_path(const fbn_saved *saved, fbn_cuda_path *path) {
   if (saved == NULL)
     return fbn_error(FBN_STATUS_NULL_POINTER, "%s: saved is NULL", fn);
   if (saved_is_cuda(saved))
-    *path = FBN_CUDA_PATH_NONE;
+    *path = fbn_cuda_recorded_saved_path(saved->external != NULL ? saved->external
+                                                                 : saved->memory);
   return FBN_STATUS_SUCCESS;
 }
 

@@ -90,6 +90,68 @@ void fbn_cuda_saved_stats_offsets(const fbn_tensor_desc *d, size_t *mean_off,
   *invstd_off = fbn_cuda_stats_bytes(d);
 }
 
+/* ---- the path of each saved state ---------------------------------------------------- */
+
+/* Which path the last forward into a saved-state address took, for
+ * fbn_cuda_saved_path(): a table keyed by the address, 16 probes from its
+ * hash, the oldest of them replaced when none matches. A saved state stays
+ * findable until 4096 other addresses have been recorded in its
+ * neighbourhood; an address forgotten that way answers FBN_CUDA_PATH_NONE. */
+#define SAVED_PATH_SLOTS 4096u
+#define SAVED_PATH_PROBES 16u
+
+typedef struct saved_path_slot {
+  const void *key;
+  int path;
+  uint64_t stamp;
+} saved_path_slot;
+
+static saved_path_slot saved_paths[SAVED_PATH_SLOTS];
+static uint64_t saved_path_clock;
+static pthread_mutex_t saved_path_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static unsigned saved_path_home(const void *key) {
+  /* saved states are at least 64-byte aligned: drop the zero bits */
+  return (unsigned)((((uintptr_t)key >> 6) * UINT64_C(0x9e3779b97f4a7c15)) >> 40) %
+         SAVED_PATH_SLOTS;
+}
+
+void fbn_cuda_record_saved_path(const void *saved, int path) {
+  if (saved == NULL || pthread_mutex_lock(&saved_path_lock) != 0)
+    return;
+  const unsigned home = saved_path_home(saved);
+  saved_path_slot *victim = &saved_paths[home];
+  for (unsigned k = 0; k < SAVED_PATH_PROBES; k++) {
+    saved_path_slot *slot = &saved_paths[(home + k) % SAVED_PATH_SLOTS];
+    if (slot->key == saved) {
+      victim = slot;
+      break;
+    }
+    if (slot->stamp < victim->stamp)
+      victim = slot;
+  }
+  victim->key = saved;
+  victim->path = path;
+  victim->stamp = ++saved_path_clock;
+  (void)pthread_mutex_unlock(&saved_path_lock);
+}
+
+fbn_cuda_path fbn_cuda_recorded_saved_path(const void *saved) {
+  int path = FBN_CUDA_PATH_ID_NONE;
+  if (saved == NULL || pthread_mutex_lock(&saved_path_lock) != 0)
+    return FBN_CUDA_PATH_NONE;
+  const unsigned home = saved_path_home(saved);
+  for (unsigned k = 0; k < SAVED_PATH_PROBES; k++) {
+    const saved_path_slot *slot = &saved_paths[(home + k) % SAVED_PATH_SLOTS];
+    if (slot->key == saved) {
+      path = slot->path;
+      break;
+    }
+  }
+  (void)pthread_mutex_unlock(&saved_path_lock);
+  return (fbn_cuda_path)path;
+}
+
 /* ---- run-time errors of the persistent kernels ----------------------------------- */
 
 /* Wait for (wait) or poll (!wait) the stream, then read and clear the cuDNN

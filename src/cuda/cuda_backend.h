@@ -40,6 +40,11 @@ FBN_INTERNAL fbn_status fbn_cuda_handle_runtime_error(int device, const fbn_cuda
 /* Whether the op holds a cuDNN handle of its own. */
 FBN_INTERNAL bool fbn_cuda_op_has_handle(const void *state);
 
+/* The path the last forward into the saved state at `saved` took (every
+ * forward with saved memory records it), FBN_CUDA_PATH_NONE when none is
+ * known. */
+FBN_INTERNAL fbn_cuda_path fbn_cuda_recorded_saved_path(const void *saved);
+
 /* Byte offsets of the saved mean and inverse std in the saved state of a
  * forward of desc (params of the tensors' param dtype, num_features each). */
 FBN_INTERNAL void fbn_cuda_saved_stats_offsets(const fbn_tensor_desc *desc, size_t *mean_off,

@@ -242,5 +242,7 @@ fbn_status fbn_cuda_forward(const fbn_bk_forward_args *a) {
   }
   if (a->path != NULL)
     *a->path = path;
+  if (a->saved != NULL)
+    fbn_cuda_record_saved_path(a->saved, path);
   return fbn_cuda_call_end(&f.cx, FBN_STATUS_SUCCESS);
 }

@@ -222,6 +222,9 @@ FBN_INTERNAL fbn_status fbn_cuda_workspace_bound(fbn_cuda_state *st, const fbn_t
 /* Workspace of the own-kernel backward (partials + coefficients). */
 FBN_INTERNAL size_t fbn_cuda_own_backward_ws(const fbn_tensor_desc *d);
 
+/* Remember the path a forward into saved took (cuda_backend.c). */
+FBN_INTERNAL void fbn_cuda_record_saved_path(const void *saved, int path);
+
 /* ---- compute (cuda_forward.c, cuda_backward.c) ---------------------------- */
 
 FBN_INTERNAL fbn_status fbn_cuda_forward(const fbn_bk_forward_args *args);
