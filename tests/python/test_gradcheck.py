@@ -14,9 +14,9 @@ SHAPE = (2, 3, 3, 4)
 FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-@pytest.mark.parametrize("operation,training,affine,layout", itertools.product(
+@pytest.mark.parametrize("operation,training,affine,layout", list(itertools.product(
     ["bn_add_relu+addend", "bn_add_relu", "bn_relu", "bn"], [True, False], [True, False],
-    FORMATS))
+    FORMATS)))
 def test_gradcheck(gen, operation, training, affine, layout):
     fmt = FORMATS[layout]
     with_addend = operation.endswith("+addend")

@@ -106,8 +106,8 @@ def run_steps(gen, kind, affine, track, momentum, layout, dtype, rtol, atol):
                 "step %d (%s)" % (i, "train" if training else "eval"))
 
 
-@pytest.mark.parametrize("kind,affine,track,momentum,layout", itertools.product(
-    KINDS, [True, False], [True, False], [0.1, None], LAYOUTS))
+@pytest.mark.parametrize("kind,affine,track,momentum,layout", list(itertools.product(
+    KINDS, [True, False], [True, False], [0.1, None], LAYOUTS)))
 def test_module_matches_torch_float64(gen, kind, affine, track, momentum, layout):
     run_steps(gen, kind, affine, track, momentum, layout, torch.float64, 1e-10, 1e-12)
 
@@ -115,7 +115,7 @@ def test_module_matches_torch_float64(gen, kind, affine, track, momentum, layout
 # float32 against torch in float64: single-precision data and outputs,
 # float64-accumulated statistics; the tolerance covers the float32 roundings
 # of x, y and the gradients.
-@pytest.mark.parametrize("kind,layout", itertools.product(KINDS, LAYOUTS))
+@pytest.mark.parametrize("kind,layout", list(itertools.product(KINDS, LAYOUTS)))
 def test_module_matches_torch_float32(gen, kind, layout):
     run_steps(gen, kind, True, True, 0.1, layout, torch.float32, 1e-4, 1e-5)
 

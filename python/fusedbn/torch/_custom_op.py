@@ -3,13 +3,17 @@ torch.compile and other tracers see one opaque operator instead of ctypes:
 
     torch.ops.fusedbn.forward(x, addend, weight, bias, running_mean,
         running_var, operation, batch_stats, factor, eps, keep_saved)
-        -> (y, saved)        running_mean / running_var updated in place
+        -> (y, saved, new_running_mean, new_running_var)
     torch.ops.fusedbn.backward(x, y, dy, saved, weight, bias, operation,
         batch_stats, eps, needs) -> (dx, daddend, dweight, dbias)
 
 x (and addend) come contiguous in their layout (functional.run sees to it);
 saved is the uint8 saved state (empty when keep_saved is false); gradients
-not asked for in needs come back as empty tensors.  The fake (meta)
+not asked for in needs come back as empty tensors.  torch registers autograd
+formulas only for functional operators, so forward mutates nothing: with
+batch statistics and running statistics given, the library updates copies
+of them, returned as new_running_mean / new_running_var (empty otherwise),
+which run() copies into the module's buffers.  The fake (meta)
 implementations give the same shapes, strides and saved size, which they ask
 the library for (fbn_op_saved_size is a host function): shapes must be
 concrete.  With older torch (Debian's 1.13) nothing is registered and
@@ -43,26 +47,35 @@ def _saved_view(saved_tensor):
 
 
 if AVAILABLE:
-    @torch.library.custom_op("fusedbn::forward", mutates_args=("running_mean", "running_var"),
-                             device_types=("cpu", "cuda"))
+    @torch.library.custom_op("fusedbn::forward", mutates_args=(), device_types=("cpu", "cuda"))
     def forward(x: torch.Tensor, addend: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor], operation: int, batch_stats: bool,
-                factor: float, eps: float, keep_saved: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                factor: float, eps: float, keep_saved: bool
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         op, layout = _op_for(x, operation, batch_stats, weight is not None, eps)
         stream = _ops.stream_of(_FN + ".forward", x.device)
+        updates = batch_stats and running_mean is not None
+        if updates:
+            running_mean, running_var = running_mean.clone(), running_var.clone()
         y, saved = _ops.forward(op, x, layout, addend, weight, bias, running_mean, running_var,
                                 factor, keep_saved, stream)
-        if saved is None:
-            return y, torch.empty(0, dtype=torch.uint8, device=x.device)
-        return y, saved.tensor
+        empty = x.new_empty((0,), dtype=_ops.param_dtype(x.dtype))
+        saved_t = (torch.empty(0, dtype=torch.uint8, device=x.device) if saved is None
+                   else saved.tensor)
+        return (y, saved_t, running_mean if updates else empty,
+                running_var if updates else empty.clone())
 
     @forward.register_fake
     def _forward_fake(x, addend, weight, bias, running_mean, running_var, operation, batch_stats,
                       factor, eps, keep_saved):
         op, layout = _op_for(x, operation, batch_stats, weight is not None, eps)
         nbytes = op.sizes(_ops.x_desc_of(x, layout))[0] if keep_saved else 0
-        return torch.empty_like(x), x.new_empty((nbytes,), dtype=torch.uint8)
+        updates = batch_stats and running_mean is not None
+        c = x.shape[1] if updates else 0
+        pdtype = _ops.param_dtype(x.dtype)
+        return (torch.empty_like(x), x.new_empty((nbytes,), dtype=torch.uint8),
+                x.new_empty((c,), dtype=pdtype), x.new_empty((c,), dtype=pdtype))
 
     @torch.library.custom_op("fusedbn::backward", mutates_args=(), device_types=("cpu", "cuda"))
     def backward(x: torch.Tensor, y: Optional[torch.Tensor], dy: torch.Tensor,
@@ -76,8 +89,7 @@ if AVAILABLE:
         stream = _ops.stream_of(_FN + ".backward", x.device)
         grads = _ops.backward(record, x, y, dy, weight, bias, needs[0], needs[1], needs[2],
                               needs[3], stream)
-        empty = x.new_empty((0,))
-        return tuple(empty if g is None else g for g in grads)
+        return tuple(x.new_empty((0,)) if g is None else g for g in grads)
 
     @backward.register_fake
     def _backward_fake(x, y, dy, saved, weight, bias, operation, batch_stats, eps, needs):
@@ -90,13 +102,13 @@ if AVAILABLE:
 
     def _setup_context(ctx, inputs, output):
         x, addend, weight, bias, _, _, operation, batch_stats, _, eps, _ = inputs
-        y, saved = output
+        y, saved, _, _ = output
         ctx.save_for_backward(x, y if operation != _lib.OPERATION_BN else None, saved, weight,
                               bias)
         ctx.fbn_args = (operation, batch_stats, eps, addend is not None)
         ctx.fbn_memory_format = _ops.layout_of(x)[1]
 
-    def _backward_autograd(ctx, dy, _dsaved):
+    def _backward_autograd(ctx, dy, _dsaved, _dmean, _dvar):
         x, y, saved, weight, bias = ctx.saved_tensors
         operation, batch_stats, eps, has_addend = ctx.fbn_args
         need = ctx.needs_input_grad
@@ -113,7 +125,13 @@ if AVAILABLE:
 
 def run(x, addend, weight, bias, running_mean, running_var, operation, batch_stats, factor, eps,
         keep_saved):
-    """y through torch.ops.fusedbn.forward."""
-    y, _ = torch.ops.fusedbn.forward(x, addend, weight, bias, running_mean, running_var,
-                                     operation, batch_stats, factor, eps, keep_saved)
+    """y through torch.ops.fusedbn.forward; the updated running statistics
+    copied into running_mean / running_var."""
+    y, _, new_mean, new_var = torch.ops.fusedbn.forward(
+        x, addend, weight, bias, running_mean, running_var, operation, batch_stats, factor, eps,
+        keep_saved)
+    if batch_stats and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean)
+            running_var.copy_(new_var)
     return y

@@ -1,0 +1,52 @@
+"""torch >= 2.4: the custom ops torch.ops.fusedbn.forward/backward pass
+torch.library.opcheck (schema, fake implementation, autograd registration)
+and torch.compile runs a model with them to the same results as eager.
+Skipped with older torch (Debian's 1.13), which has no torch.library.custom_op."""
+import pytest
+import torch
+
+from fusedbn.torch import FusedBatchNorm2d, _custom_op, functional
+
+from helpers import rand, rand_x
+
+pytestmark = pytest.mark.skipif(not _custom_op.AVAILABLE,
+                                reason="torch %s has no torch.library.custom_op (needs >= 2.4)"
+                                % torch.__version__)
+
+SHAPE = (2, 3, 4, 5)
+
+
+def test_modules_use_the_custom_op():
+    assert functional.USE_CUSTOM_OP
+    assert hasattr(torch.ops.fusedbn, "forward") and hasattr(torch.ops.fusedbn, "backward")
+
+
+@pytest.mark.parametrize("batch_stats", [True, False])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_opcheck_forward(gen, batch_stats, fmt):
+    x = rand_x(gen, SHAPE).contiguous(memory_format=fmt).requires_grad_()
+    z = rand(gen, SHAPE).contiguous(memory_format=fmt).requires_grad_()
+    w = rand(gen, SHAPE[1], lo=0.5, hi=1.5).requires_grad_()
+    b = rand(gen, SHAPE[1]).requires_grad_()
+    rm, rv = rand(gen, SHAPE[1]), rand(gen, SHAPE[1], lo=0.5, hi=2.0)
+    torch.library.opcheck(torch.ops.fusedbn.forward.default,
+                          (x, z, w, b, rm, rv, 2, batch_stats, 0.1, 1e-5, True))
+
+
+def test_compiled_module_matches_eager(gen):
+    eager = FusedBatchNorm2d(SHAPE[1]).double()
+    compiled_module = FusedBatchNorm2d(SHAPE[1]).double()
+    compiled = torch.compile(compiled_module, backend="aot_eager")
+    for _ in range(2):
+        x = rand_x(gen, SHAPE)
+        z = rand(gen, SHAPE)
+        g = rand(gen, SHAPE)
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ys = [eager(xs[0], z), compiled(xs[1], z)]
+        for y in ys:
+            (y * g).sum().backward()
+        torch.testing.assert_close(ys[1], ys[0], rtol=0, atol=0)
+        torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=0, atol=0)
+    for a, b in zip(eager.state_dict().values(), compiled_module.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_module.weight.grad, eager.weight.grad, rtol=0, atol=0)
