@@ -407,28 +407,30 @@ static void test_cuda_host_path_table_matches_docs(void **state) {
   assert_int_equal(checked, 4 * 2 * 2 * 3 * 2 * 2 * 3);
 }
 
+/* fbn_cuda_select_path in mode AUTO. */
+static int sel(const fbn_cuda_limits *lim, const fbn_cuda_refusals *ref, double eps,
+               const fbn_tensor_desc *d, fbn_operation op, bool training, const char **why) {
+  return fbn_cuda_select_path(lim, ref, FBN_BN_MODE_AUTO, eps, d, op, training, why);
+}
+
 static void test_cuda_host_path_size_gates_and_refusals(void **state) {
   (void)state;
+  const fbn_operation add = FBN_OPERATION_BN_ADD_RELU, relu = FBN_OPERATION_BN_RELU,
+                      bn = FBN_OPERATION_BN;
   const fbn_cuda_limits lim = fbn_cuda_default_limits();
   const char *why = NULL;
   /* numel > INT32_MAX: kernels in training, eval stays eval */
   fbn_tensor_desc big = fbn_tensor_desc_make(64, 256, 512, 512, FBN_DTYPE_FLOAT16,
                                              FBN_LAYOUT_NHWC);
-  assert_int_equal(fbn_cuda_select_path(&lim, NULL, FBN_BN_MODE_AUTO, 1e-5, &big, FBN_OPERATION_BN_ADD_RELU, true, &why),
-                   FBN_CUDA_PATH_ID_KERNELS);
+  assert_int_equal(sel(&lim, NULL, 1e-5, &big, add, true, &why), FBN_CUDA_PATH_ID_KERNELS);
   assert_non_null(strstr(why, "int"));
-  assert_int_equal(
-      fbn_cuda_select_path(&lim, NULL, FBN_BN_MODE_AUTO, 1e-5, &big, FBN_OPERATION_BN_ADD_RELU, false, NULL),
-      FBN_CUDA_PATH_ID_EVAL);
+  assert_int_equal(sel(&lim, NULL, 1e-5, &big, add, false, NULL), FBN_CUDA_PATH_ID_EVAL);
   /* N at and above the 880801 limit */
   fbn_tensor_desc at = fbn_tensor_desc_make(880801, 4, 1, 1, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC);
   fbn_tensor_desc above = fbn_tensor_desc_make(880802, 4, 1, 1, FBN_DTYPE_FLOAT16,
                                                FBN_LAYOUT_NHWC);
-  assert_int_equal(fbn_cuda_select_path(&lim, NULL, FBN_BN_MODE_AUTO, 1e-5, &at, FBN_OPERATION_BN_ADD_RELU, true, NULL),
-                   FBN_CUDA_PATH_ID_FUSED);
-  assert_int_equal(
-      fbn_cuda_select_path(&lim, NULL, FBN_BN_MODE_AUTO, 1e-5, &above, FBN_OPERATION_BN_ADD_RELU, true, &why),
-      FBN_CUDA_PATH_ID_KERNELS);
+  assert_int_equal(sel(&lim, NULL, 1e-5, &at, add, true, NULL), FBN_CUDA_PATH_ID_FUSED);
+  assert_int_equal(sel(&lim, NULL, 1e-5, &above, add, true, &why), FBN_CUDA_PATH_ID_KERNELS);
   assert_non_null(strstr(why, "N above"));
   /* the public query agrees */
   fbn_module_options o;
@@ -444,41 +446,27 @@ static void test_cuda_host_path_size_gates_and_refusals(void **state) {
   fbn_tensor_desc d = fbn_tensor_desc_make(8, 16, 4, 4, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NCHW);
   assert_true(fbn_cuda_size_gated(&strict, 1e-6, &d));
   assert_false(fbn_cuda_size_gated(&strict, 1e-5, &d));
-  assert_int_equal(fbn_cuda_select_path(&strict, NULL, FBN_BN_MODE_AUTO, 1e-6, &d, FBN_OPERATION_BN_RELU, true,
-                                        NULL),
-                   FBN_CUDA_PATH_ID_KERNELS);
-  assert_int_equal(fbn_cuda_select_path(&strict, NULL, FBN_BN_MODE_AUTO, 1e-5, &d, FBN_OPERATION_BN_RELU, true,
-                                        NULL),
-                   FBN_CUDA_PATH_ID_GENERAL);
+  assert_int_equal(sel(&strict, NULL, 1e-6, &d, relu, true, NULL), FBN_CUDA_PATH_ID_KERNELS);
+  assert_int_equal(sel(&strict, NULL, 1e-5, &d, relu, true, NULL), FBN_CUDA_PATH_ID_GENERAL);
   /* run-time refusals, per dtype and class */
   fbn_cuda_refusals ref;
   memset(&ref, 0, sizeof ref);
   fbn_tensor_desc bf = fbn_tensor_desc_make(8, 16, 4, 4, FBN_DTYPE_BFLOAT16, FBN_LAYOUT_NHWC);
   fbn_tensor_desc hf = fbn_tensor_desc_make(8, 16, 4, 4, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC);
-  assert_int_equal(fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, FBN_OPERATION_BN_ADD_RELU, true, NULL),
-                   FBN_CUDA_PATH_ID_FUSED);
+  assert_int_equal(sel(&lim, &ref, 1e-5, &bf, add, true, NULL), FBN_CUDA_PATH_ID_FUSED);
   *fbn_cuda_fused_refusal(&ref, &bf, FBN_OPERATION_BN_ADD_RELU) = true;
   assert_true(ref.fused[FBN_DTYPE_BFLOAT16][FBN_OPERATION_BN_ADD_RELU][1]);
   /* NHWC without the fused op takes the kernels (cuDNN's plain NHWC batch
    * norm is the slow one); the run-time chain still passes through general
    * for the call that was refused */
-  assert_int_equal(fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, FBN_OPERATION_BN_ADD_RELU, true, NULL),
-                   FBN_CUDA_PATH_ID_KERNELS);
+  assert_int_equal(sel(&lim, &ref, 1e-5, &bf, add, true, NULL), FBN_CUDA_PATH_ID_KERNELS);
   /* only that class: BN alone and BN + ReLU in bfloat16 still try the fused op */
-  assert_int_equal(
-      fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, FBN_OPERATION_BN, true, NULL),
-      FBN_CUDA_PATH_ID_FUSED);
-  assert_int_equal(
-      fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, FBN_OPERATION_BN_RELU, true, NULL),
-      FBN_CUDA_PATH_ID_FUSED);
-  assert_int_equal(fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &hf, FBN_OPERATION_BN_ADD_RELU, true, NULL),
-                   FBN_CUDA_PATH_ID_FUSED);
+  assert_int_equal(sel(&lim, &ref, 1e-5, &bf, bn, true, NULL), FBN_CUDA_PATH_ID_FUSED);
+  assert_int_equal(sel(&lim, &ref, 1e-5, &bf, relu, true, NULL), FBN_CUDA_PATH_ID_FUSED);
+  assert_int_equal(sel(&lim, &ref, 1e-5, &hf, add, true, NULL), FBN_CUDA_PATH_ID_FUSED);
   ref.bn[FBN_DTYPE_BFLOAT16] = true;
-  assert_int_equal(fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, FBN_OPERATION_BN_ADD_RELU, true, NULL),
-                   FBN_CUDA_PATH_ID_KERNELS);
-  assert_int_equal(
-      fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, FBN_OPERATION_BN_ADD_RELU, false, NULL),
-      FBN_CUDA_PATH_ID_EVAL);
+  assert_int_equal(sel(&lim, &ref, 1e-5, &bf, add, true, NULL), FBN_CUDA_PATH_ID_KERNELS);
+  assert_int_equal(sel(&lim, &ref, 1e-5, &bf, add, false, NULL), FBN_CUDA_PATH_ID_EVAL);
   assert_int_equal(fbn_cuda_fallback_path(FBN_CUDA_PATH_ID_FUSED), FBN_CUDA_PATH_ID_GENERAL);
   assert_int_equal(fbn_cuda_fallback_path(FBN_CUDA_PATH_ID_GENERAL), FBN_CUDA_PATH_ID_KERNELS);
   assert_int_equal(fbn_cuda_fallback_path(FBN_CUDA_PATH_ID_KERNELS), FBN_CUDA_PATH_ID_NONE);
@@ -927,6 +915,26 @@ static void test_cuda_host_plan_path_bad_arguments(void **state) {
                FBN_STATUS_INVALID_VALUE, opts[i].what, "fbn_cuda_plan_path", __LINE__);
     assert_int_equal(p, FBN_CUDA_PATH_NONE);
   }
+  /* an addend for an operation that takes none */
+  for (int op = 0; op < 2; op++) {
+    fbn_module_options no_add = o;
+    no_add.operation = (fbn_operation)op;
+    p = FBN_CUDA_PATH_FUSED;
+    bad_expect(NULL, fbn_cuda_plan_path(&no_add, &good, true, true, &p),
+               FBN_STATUS_INVALID_VALUE, "has_addend with bn/bn_relu", "fbn_cuda_plan_path",
+               __LINE__);
+    if (strstr(fbn_last_error_message(), "takes no addend") == NULL)
+      fail_msg("message \"%s\" does not give the rule", fbn_last_error_message());
+    assert_int_equal(p, FBN_CUDA_PATH_NONE);
+    assert_int_equal(fbn_cuda_plan_path(&no_add, &good, false, true, &p), FBN_STATUS_SUCCESS);
+  }
+  /* an unknown operation */
+  fbn_module_options bad_op = o;
+  bad_op.operation = (fbn_operation)3;
+  p = FBN_CUDA_PATH_FUSED;
+  bad_expect(NULL, fbn_cuda_plan_path(&bad_op, &good, false, true, &p), FBN_STATUS_INVALID_VALUE,
+             "operation = 3", "fbn_cuda_plan_path", __LINE__);
+  assert_int_equal(p, FBN_CUDA_PATH_NONE);
   /* path names of values outside the enum */
   assert_string_equal(fbn_cuda_path_name((fbn_cuda_path)-1), "none");
   assert_string_equal(fbn_cuda_path_name((fbn_cuda_path)5), "none");
