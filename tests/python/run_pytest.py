@@ -3,11 +3,12 @@
 
     run_pytest.py --lib <build>/src/libfusedbn.so --package <source>/python TESTDIR [pytest args]
 
-Tries $FUSEDBN_TEST_PYTHON, /usr/bin/python3 (Debian's python3-torch lives
-there) and python3 on PATH, in that order, and runs pytest with the first
-that imports torch, torchvision and pytest, with FUSEDBN_LIBRARY and
-PYTHONPATH pointing at the build's library and the source's package.  Exits
-77 (meson's "skipped") when none does, naming what was tried.
+Tries /usr/bin/python3 (Debian's python3-torch lives there) and python3 on
+PATH, in that order (only $FUSEDBN_TEST_PYTHON when that is set), and runs
+pytest with the first that imports torch, torchvision and pytest, with
+FUSEDBN_LIBRARY and PYTHONPATH pointing at the build's library and the
+source's package.  Exits 77 (meson's "skipped") when none does, naming what
+was tried.
 """
 import argparse
 import os
@@ -19,8 +20,10 @@ PROBE = "import torch, torchvision, pytest; print(torch.__version__)"
 
 
 def candidates():
+    if os.environ.get("FUSEDBN_TEST_PYTHON"):
+        return [os.environ["FUSEDBN_TEST_PYTHON"]]
     seen = []
-    for p in (os.environ.get("FUSEDBN_TEST_PYTHON"), "/usr/bin/python3", shutil.which("python3")):
+    for p in ("/usr/bin/python3", shutil.which("python3")):
         if p and p not in seen:
             seen.append(p)
     return seen
