@@ -25,6 +25,9 @@
  *   graph     forward + backward captured into a CUDA graph (global capture
  *             mode: an allocation or a synchronization inside would fail
  *             the capture) and replayed: the same results as direct calls
+ *   module    a CUDA module of each operation and an op on copies of its
+ *             buffers give the same bits (the fused path: within the
+ *             tolerances, cuDNN's persistent kernels use atomics)
  *
  * Tolerances as tests/cuda/test_gpu.c: |got - want| <= rtol * |want| +
  * atol * max|want|; tensors float64 1e-9, float32 1e-4, float16 5e-3,
@@ -726,6 +729,122 @@ static void test_gpu_ops_graph_capture(void **state) {
   CUDA_OK(cudaStreamDestroy(stream));
 }
 
+/* A CUDA module of each operation and an op on copies of its buffers give
+ * the same results (the module API adds no arithmetic): forward in training
+ * mode (factor = momentum), backward accumulating the gradients. */
+static void test_gpu_ops_module_matches_op(void **state) {
+  (void)state;
+  REQUIRE_GPU();
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  const fbn_dtype dts[] = {FBN_DTYPE_FLOAT16, FBN_DTYPE_FLOAT32};
+  const fbn_layout ls[] = {FBN_LAYOUT_NHWC, FBN_LAYOUT_NCHW};
+  for (int op = 0; op < 3; op++)
+    for (size_t v = 0; v < 2; v++)
+      for (size_t l = 0; l < 2; l++) {
+        const int64_t C = 12;
+        fbn_module_options mo;
+        fbn_module_options_init(&mo);
+        mo.num_features = C;
+        mo.device = FBN_DEVICE_CUDA;
+        mo.operation = (fbn_operation)op;
+        fbn_module *m = NULL;
+        FBN_OK(fbnt_module_create_random(&rng, &mo, &m, NULL));
+        fbn_op_desc od;
+        fbn_op_desc_init(&od);
+        od.num_features = C;
+        od.dtype = dts[v];
+        od.layout = ls[l];
+        od.device = FBN_DEVICE_CUDA;
+        od.operation = (fbn_operation)op;
+        fbn_op *gop = NULL;
+        FBN_OK(fbn_op_create(&od, &gop));
+        /* the op's per-channel arrays: copies of the module's */
+        void *bufs[6], *copies[6];
+        const size_t pbytes = (size_t)C * sizeof(float);
+        for (int b = 0; b < 6; b++) {
+          FBN_OK(fbn_module_buffer_data(m, (fbn_buffer)b, &bufs[b]));
+          copies[b] = dev_alloc(pbytes);
+          CUDA_OK(cudaMemcpy(copies[b], bufs[b], pbytes, cudaMemcpyDeviceToDevice));
+        }
+        const fbn_tensor_desc d = fbn_tensor_desc_make(4, C, 5, 6, dts[v], ls[l]);
+        const size_t bytes = fbnt_desc_numel(&d) * fbn_dtype_size(d.dtype);
+        void *xh = fbnt_tensor_alloc(&d), *zh = fbnt_tensor_alloc(&d), *dyh = fbnt_tensor_alloc(&d);
+        fbnt_fill_channels(&rng, &d, xh, NULL);
+        fbnt_fill_normal(&rng, &d, zh, NULL, 1.0);
+        fbnt_fill_normal(&rng, &d, dyh, NULL, 1.0);
+        void *x = dev_from_host(xh, bytes), *z = dev_from_host(zh, bytes),
+             *dy = dev_from_host(dyh, bytes);
+        const bool addend = op == FBN_OPERATION_BN_ADD_RELU, relu = op != FBN_OPERATION_BN;
+        void *y1 = dev_poisoned(bytes), *y2 = dev_poisoned(bytes);
+        void *dx1 = dev_poisoned(bytes), *dx2 = dev_poisoned(bytes);
+        void *dz1 = dev_poisoned(bytes), *dz2 = dev_poisoned(bytes);
+        size_t sb = 0, f = 0, b = 0;
+        FBN_OK(fbn_op_saved_size(gop, &d, &sb));
+        FBN_OK(fbn_op_forward_workspace_size(gop, &d, &f));
+        FBN_OK(fbn_op_backward_workspace_size(gop, &d, &b));
+        void *saved = dev_alloc(sb), *ws = dev_alloc(f > b ? f : b);
+        fbn_saved *sv = NULL;
+        FBN_OK(fbn_saved_create(&sv));
+        FBN_OK(fbn_module_forward(m, &d, x, addend ? z : NULL, y1, sv, NULL, 0));
+        FBN_OK(fbn_op_forward(gop, &d, x, addend ? z : NULL, y2, copies[0], copies[1], copies[2],
+                              copies[3], mo.momentum, saved, sb, ws, f > b ? f : b));
+        FBN_OK(fbn_module_backward(m, sv, &d, x, relu ? y1 : NULL, dy, dx1, addend ? dz1 : NULL,
+                                   NULL, 0));
+        FBN_OK(fbn_op_backward(gop, &d, x, relu ? y2 : NULL, dy, saved, sb, copies[0], copies[1],
+                               dx2, addend ? dz2 : NULL, copies[4], copies[5],
+                               FBN_PARAM_GRAD_ACCUMULATE, ws, f > b ? f : b));
+        CUDA_OK(cudaDeviceSynchronize());
+        char name[128];
+        snprintf(name, sizeof name, "%s %s %s", fbn_operation_name((fbn_operation)op),
+                 fbnt_dtype_str(dts[v]), fbnt_layout_str(ls[l]));
+        /* fusedbn's kernels and cuDNN's plain batch norm give the same bits
+         * run after run; cuDNN's persistent kernels reduce with atomics, so
+         * the fused path is compared within the tolerances */
+        fbn_cuda_path path = FBN_CUDA_PATH_NONE;
+        FBN_OK(fbn_cuda_op_path(gop, &d, &path));
+        const bool bitwise = path != FBN_CUDA_PATH_FUSED;
+        void *h1 = fbnt_alloc(bytes), *h2 = fbnt_alloc(bytes);
+        void *const pairs[3][2] = {{y1, y2}, {dx1, dx2}, {dz1, dz2}};
+        for (int k = 0; k < (addend ? 3 : 2); k++) {
+          CUDA_OK(cudaMemcpy(h1, pairs[k][0], bytes, cudaMemcpyDeviceToHost));
+          CUDA_OK(cudaMemcpy(h2, pairs[k][1], bytes, cudaMemcpyDeviceToHost));
+          if (bitwise && memcmp(h1, h2, bytes) != 0)
+            fail_msg("%s: tensor %d differs between the module and the op", name, k);
+          if (!bitwise) {
+            double *r1 = dev_to_ref(&d, pairs[k][0]), *r2 = dev_to_ref(&d, pairs[k][1]);
+            const bool close = check_close(name, "module vs op", r2, r1, fbnt_desc_numel(&d),
+                                           tensor_tol(d.dtype), &d);
+            free(r1);
+            free(r2);
+            assert_true(close);
+          }
+        }
+        for (int k = 0; k < 6; k++) {
+          double a[64], c[64];
+          dev_params_read(FBN_DTYPE_FLOAT32, bufs[k], C, a);
+          dev_params_read(FBN_DTYPE_FLOAT32, copies[k], C, c);
+          if (bitwise ? memcmp(a, c, (size_t)C * sizeof(double)) != 0
+                      : !check_close(name, "module vs op buffer", c, a, (size_t)C,
+                                     buffer_tol(d.dtype), NULL))
+            fail_msg("%s: buffer %d differs between the module and the op", name, k);
+        }
+        fbnt_free(h1);
+        fbnt_free(h2);
+        fbnt_free(xh);
+        fbnt_free(zh);
+        fbnt_free(dyh);
+        void *dev[] = {x, z, dy, y1, y2, dx1, dx2, dz1, dz2, saved, ws};
+        for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++)
+          dev_free(dev[i]);
+        for (int k = 0; k < 6; k++)
+          dev_free(copies[k]);
+        fbn_saved_destroy(sv);
+        fbn_op_destroy(gop);
+        fbn_module_destroy(m);
+      }
+}
+
 int main(int argc, char **argv) {
   /* the oracle is the float64 reference backend */
   setenv("FBN_CPU_BACKEND", "reference", 1);
@@ -738,6 +857,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_gpu_ops_caller_exec),
       cmocka_unit_test(test_gpu_ops_two_forwards_before_backwards),
       cmocka_unit_test(test_gpu_ops_graph_capture),
+      cmocka_unit_test(test_gpu_ops_module_matches_op),
   };
   const int failed = cmocka_run_group_tests_name("gpu-ops", tests, NULL, NULL);
   if (g_fallback_notes > 0)
