@@ -6,17 +6,30 @@
  *                 tensor / batch-norm / activation descriptors, read back
  *                 with cuDNN's own getters; the int-overflow gate
  *   path table    docs/cuda-backend.md's table, parsed and checked against
- *                 fbn_cuda_plan_path() for every combination it covers, and
- *                 that its rows cover each combination exactly once; the
- *                 size gates and run-time refusals of the selection function
+ *                 fbn_cuda_plan_path() for every combination it covers
+ *                 (every operation; BN + add + ReLU without an addend takes
+ *                 BN + ReLU's path), and that its rows cover each
+ *                 combination exactly once; the size gates and run-time
+ *                 refusals (per operation) of the selection function
  *   factor        the API layer's factor sequence (momentum, cumulative
  *                 average) put through cuDNN's update formula (bn_math.h)
  *                 reproduces the CPU module's running statistics; the
  *                 shifted one-pass statistics; the backward coefficients
- *   no device     fbn_module_create(CUDA) is FBN_STATUS_NO_DEVICE with the
- *                 CUDA error text, 200 times (skipped where a GPU exists)
+ *   no device     fbn_module_create(CUDA) of modules with buffers and
+ *                 fbn_op_create(CUDA) of every operation are
+ *                 FBN_STATUS_NO_DEVICE with the CUDA error text, 200 times
+ *                 (skipped where a GPU exists)
  *   runtime error fbn_cuda_module_check_runtime_error's argument checks and
  *                 the engine's mapping of cudnnQueryRuntimeError statuses
+ *   op entry      fbn_cuda_op_forward/backward/path/check_runtime_error: bad
+ *                 input gives a specific status and a message naming the
+ *                 call and the rule with nothing written; CPU ops through
+ *                 them give the bits of fbn_op_forward/backward (every
+ *                 operation, dweight/dbias overwritten and accumulated)
+ *
+ * The workspace and saved-state sizes of a CUDA op need the op, so a
+ * device: the GPU suites (test_gpu.c, test_gpu_ops.c) query them for every
+ * case they run.
  */
 #include <math.h>
 #include <setjmp.h>
