@@ -15,6 +15,8 @@
  *                 average) put through cuDNN's update formula (bn_math.h)
  *                 reproduces the CPU module's running statistics; the
  *                 shifted one-pass statistics; the backward coefficients
+ *   force path    FBN_CUDA_FORCE_PATH values other than general/kernels
+ *                 fail fbn_op_create(CUDA), before the device is looked at
  *   no device     fbn_module_create(CUDA) of modules with buffers and
  *                 fbn_op_create(CUDA) of every operation are
  *                 FBN_STATUS_NO_DEVICE with the CUDA error text, 200 times
@@ -767,6 +769,34 @@ static void test_cuda_host_no_device(void **state) {
   fbn_module_destroy(m);
 }
 
+/* FBN_CUDA_FORCE_PATH is read when a CUDA op is created, before the device
+ * is looked at: a value other than general/kernels fails the creation with
+ * a message naming the variable and the rule, on any machine. */
+static void test_cuda_host_force_path_checked_at_op_creation(void **state) {
+  (void)state;
+  static const char *const bad[] = {"fused", "KERNELS", "general ", "x"};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    assert_int_equal(setenv("FBN_CUDA_FORCE_PATH", bad[i], 1), 0);
+    for (int op = 0; op < 3; op++) {
+      fbn_op_desc od;
+      fbn_op_desc_init(&od);
+      od.num_features = 4;
+      od.device = FBN_DEVICE_CUDA;
+      od.operation = (fbn_operation)op;
+      fbn_op *cop = (fbn_op *)&od;
+      assert_int_equal(fbn_op_create(&od, &cop), FBN_STATUS_INVALID_VALUE);
+      assert_null(cop);
+      const char *msg = fbn_last_error_message();
+      if (strstr(msg, "fbn_op_create") == NULL || strstr(msg, "FBN_CUDA_FORCE_PATH") == NULL ||
+          strstr(msg, bad[i]) == NULL || strstr(msg, "\"general\" or \"kernels\"") == NULL)
+        fail_msg("FBN_CUDA_FORCE_PATH = \"%s\": message \"%s\" lacks the call, the value or "
+                 "the rule",
+                 bad[i], msg);
+    }
+  }
+  assert_int_equal(unsetenv("FBN_CUDA_FORCE_PATH"), 0);
+}
+
 /* ---- bad arguments of the public CUDA entry points (no device needed) ------------ */
 
 /* What a failing call must leave alone: a CPU module's state, x, y, dy, dx. */
@@ -1511,6 +1541,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_cuda_host_shifted_statistics),
       cmocka_unit_test(test_cuda_host_grad_coefficients),
       cmocka_unit_test(test_cuda_host_no_device),
+      cmocka_unit_test(test_cuda_host_force_path_checked_at_op_creation),
       cmocka_unit_test(test_cuda_host_plan_path_bad_arguments),
       cmocka_unit_test(test_cuda_host_queries_bad_arguments),
       cmocka_unit_test(test_cuda_host_forward_backward_bad_arguments),
