@@ -33,6 +33,19 @@ def _invalid(fn, status, text):
     return _lib.make_error(status, "%s: %s" % (fn, text))
 
 
+_momentum_factors = {}
+
+
+def momentum_factor(momentum):
+    """fbn_running_average_factor(momentum, false, 1), remembered per momentum
+    value (it depends on nothing else)."""
+    factor = _momentum_factors.get(momentum)
+    if factor is None:
+        factor = library().running_average_factor(momentum, False, 1)
+        _momentum_factors[momentum] = factor
+    return factor
+
+
 # ---- op cache -----------------------------------------------------------------
 
 _ops = {}

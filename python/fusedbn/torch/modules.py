@@ -22,11 +22,11 @@ class _FusedBatchNorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
 
     def _check_input_dim(self, input):
+        # _BatchNorm's hook; forward's checks (functional.run) include it.
         _ops.check_x("fusedbn.torch.%s.forward" % type(self).__name__, input)
 
     def forward(self, x, addend=None):
         fn = "fusedbn.torch.%s.forward" % type(self).__name__
-        self._check_input_dim(x)
         # torch.nn.BatchNorm2d's bookkeeping, except that num_batches_tracked
         # is incremented only after the library succeeded (a failing call
         # changes nothing); the factor is computed for the incremented count.
@@ -34,7 +34,7 @@ class _FusedBatchNorm(_BatchNorm):
         tracked = update and self.num_batches_tracked is not None
         factor = 0.0
         if update and self.momentum is not None:
-            factor = _ops.library().running_average_factor(self.momentum, False, 1)
+            factor = _ops.momentum_factor(self.momentum)
         elif tracked:
             factor = _ops.library().running_average_factor(
                 0.0, True, int(self.num_batches_tracked) + 1)
