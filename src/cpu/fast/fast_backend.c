@@ -24,8 +24,9 @@
  *   memory        NCHW channel groups are sized so that their data comes
  *                 back from the caches in the second pass; outputs of 8 MiB
  *                 and more are written with non-temporal stores; no
- *                 temporary tensors (per-module scratch: per-thread partial
- *                 sums and per-channel coefficients)
+ *                 temporary tensors (the caller's workspace, sized by
+ *                 workspace_size: per-thread partial sums and per-channel
+ *                 coefficients)
  *   inner loops   fast_loops_impl.h: plain `omp simd` loops compiled for
  *                 x86-64-v3 (AVX2, FMA) and the baseline, chosen at load time
  *
@@ -36,10 +37,15 @@
  * (float64, same order of summation), so NaN and infinity come out exactly
  * where the reference puts them.
  *
- * Saved payload: two arrays of C doubles (mean and inverse standard
- * deviation that normalized x, as the reference backend's), then for
- * float32 tensors the ReLU bitmask of the forward's y (path = 1): one bit
- * per element, !(y <= 0) (NaN sets it), each tensor row on a byte.
+ * Operations: BN + ReLU and BN + add + ReLU take the loops above; BN alone
+ * (no ReLU) runs each channel with the reference's arithmetic on the
+ * OpenMP threads (fbn_fast_forward_plain): correct, not vectorized.
+ *
+ * Saved state: the CPU header and two arrays of C doubles (mean and inverse
+ * standard deviation that normalized x, as the reference backend's,
+ * cpu_common.h), then for float32 tensors of the ReLU operations the ReLU
+ * bitmask of the forward's y: one bit per element, !(y <= 0) (NaN sets it),
+ * each tensor row on a byte.
  * Backward takes the mask from it instead of reading y (the API requires y
  * unchanged since the forward), which saves a quarter of its first pass's
  * reads.
