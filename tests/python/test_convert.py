@@ -8,6 +8,7 @@ differences of 1e-16 grow about 50x per step, for torch against itself too.
 largest magnitude of its tensor.
 """
 import copy
+import pickle
 
 import pytest
 import torch
@@ -143,9 +144,9 @@ def test_converted_model_copies_and_pickles():
     m = fbt.convert(torchvision.models.resnet18(num_classes=10)).double().eval()
     x = torch.randn(1, 3, SIZE, SIZE, dtype=torch.float64)
     want = m(x)
-    other = copy.deepcopy(m)
-    assert other.layer1[0].forward.args[0] is other.layer1[0]
-    torch.testing.assert_close(other(x), want, rtol=0, atol=0)
+    for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert other.layer1[0].forward.args[0] is other.layer1[0]
+        torch.testing.assert_close(other(x), want, rtol=0, atol=0)
 
 
 def test_other_batch_norms_are_left_alone():
