@@ -33,10 +33,10 @@ FBN_INTERNAL void fbn_cpu_op_fini(const fbn_op_desc *op, void *state);
 FBN_INTERNAL size_t fbn_cpu_saved_bytes(const fbn_tensor_desc *d, size_t extra);
 /* The mean[C], invstd[C] arrays of saved state. */
 static inline double *fbn_cpu_saved_stats(void *saved) {
-  return (double *)((char *)saved + FBN_CPU_SAVED_HEADER_BYTES);
+  return (double *)(void *)((char *)saved + FBN_CPU_SAVED_HEADER_BYTES);
 }
 static inline const double *fbn_cpu_saved_stats_const(const void *saved) {
-  return (const double *)((const char *)saved + FBN_CPU_SAVED_HEADER_BYTES);
+  return (const double *)(const void *)((const char *)saved + FBN_CPU_SAVED_HEADER_BYTES);
 }
 /* The backend's extra bytes (after the statistics). */
 static inline void *fbn_cpu_saved_extra(void *saved, int64_t c) {

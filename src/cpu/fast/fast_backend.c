@@ -224,6 +224,8 @@ static fbn_status fast_forward(const fbn_bk_forward_args *a) {
     const size_t c = (size_t)d->c, stat_bytes = 2 * c * sizeof(double);
     const size_t coef_bytes = 3 * c * fbn_dtype_size(d->dtype);
     char *sc = fbn_fast_scratch(m, stat_bytes + coef_bytes + c);
+    if (sc == NULL)
+      return fbn_fast_no_room(d, stat_bytes + coef_bytes + c, a->workspace_bytes);
     double *stat = (double *)sc;
     void *coef = sc + stat_bytes;
     bool *fast = (bool *)(sc + stat_bytes + coef_bytes);
@@ -244,7 +246,8 @@ static fbn_status fast_forward(const fbn_bk_forward_args *a) {
   case FBN_FAST_ROUTE_NCHW_VEC: {
     fbn_fast_nchw_plan plan;
     size_t bytes;
-    fbn_fast_nchw_plan_make(m, d, nt, fbn_fast_vec_channel_bytes(a->op, d, false), &plan, &bytes);
+    if (fbn_fast_nchw_plan_make(m, d, nt, fbn_fast_vec_channel_bytes(a->op, d, false), &plan, &bytes) != FBN_STATUS_SUCCESS)
+      return fbn_fast_no_room(d, bytes, a->workspace_bytes);
     if (f32)
       forward_nchw_vec_f32(m, a, nt, &plan, bits, bpr);
     else
@@ -254,8 +257,9 @@ static fbn_status fast_forward(const fbn_bk_forward_args *a) {
   case FBN_FAST_ROUTE_NHWC: {
     fbn_fast_nhwc_plan plan;
     size_t bytes;
-    fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt, fbn_dtype_size(d->dtype), &plan,
-                            &bytes);
+    if (fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt, fbn_dtype_size(d->dtype), &plan,
+                                &bytes) != FBN_STATUS_SUCCESS)
+      return fbn_fast_no_room(d, bytes, a->workspace_bytes);
     if (f32)
       forward_nhwc_f32(m, a, nt, &plan, bits, bpr);
     else
@@ -307,7 +311,8 @@ static fbn_status fast_backward(const fbn_bk_backward_args *a) {
   case FBN_FAST_ROUTE_NCHW_VEC: {
     fbn_fast_nchw_plan plan;
     size_t bytes;
-    fbn_fast_nchw_plan_make(m, d, nt, fbn_fast_vec_channel_bytes(a->op, d, true), &plan, &bytes);
+    if (fbn_fast_nchw_plan_make(m, d, nt, fbn_fast_vec_channel_bytes(a->op, d, true), &plan, &bytes) != FBN_STATUS_SUCCESS)
+      return fbn_fast_no_room(d, bytes, a->workspace_bytes);
     if (f32)
       backward_nchw_vec_f32(m, a, nt, &plan, bits, bpr);
     else
@@ -317,8 +322,9 @@ static fbn_status fast_backward(const fbn_bk_backward_args *a) {
   case FBN_FAST_ROUTE_NHWC: {
     fbn_fast_nhwc_plan plan;
     size_t bytes;
-    fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt, fbn_dtype_size(d->dtype), &plan,
-                            &bytes);
+    if (fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt, fbn_dtype_size(d->dtype), &plan,
+                                &bytes) != FBN_STATUS_SUCCESS)
+      return fbn_fast_no_room(d, bytes, a->workspace_bytes);
     if (f32)
       backward_nhwc_f32(m, a, nt, &plan, bits, bpr);
     else
