@@ -43,7 +43,9 @@
  *               fbn_saved object, valid until the next forward into it.
  *
  * Thread safety: distinct modules may be used concurrently from different
- * threads.  One module must not be used by two threads at once.
+ * threads.  One module must not be used by two threads at once, and its
+ * calls on different CUDA streams must be ordered by the caller (they share
+ * the module's parameters, gradients and workspace cache).
  */
 #ifndef FUSEDBN_FUSEDBN_H
 #define FUSEDBN_FUSEDBN_H

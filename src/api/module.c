@@ -174,6 +174,15 @@ fbn_status fbn_module_create(const fbn_module_options *options, fbn_module **out
   m->backend = backend;
   m->id = atomic_fetch_add(&fbn_next_module_id, 1);
 
+  /* The workspace cache starts with one small block: every module, with
+   * buffers or without (affine = false, track_running_stats = false), then
+   * has memory on its device, and a CUDA module without a usable device
+   * fails here (FBN_STATUS_NO_DEVICE) as fbn_module_create documents. */
+  st = backend->mem_alloc(options->device_index, FBN_WORKSPACE_ALIGNMENT, &m->workspace);
+  if (st == FBN_STATUS_SUCCESS)
+    m->workspace_bytes = FBN_WORKSPACE_ALIGNMENT;
+  else
+    fbn_error_prefix(st, fn);
   for (int i = 0; i < FBN_NUM_BUFFERS && st == FBN_STATUS_SUCCESS; i++) {
     if (!fbn_options_have_buffer(options, (fbn_buffer)i))
       continue;
