@@ -23,20 +23,24 @@ def test_modules_use_the_custom_op():
 
 @pytest.mark.parametrize("batch_stats", [True, False])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
-def test_opcheck_forward(gen, batch_stats, fmt):
+@pytest.mark.parametrize("cumulative", [False, True])
+def test_opcheck_forward(gen, batch_stats, fmt, cumulative):
     x = rand_x(gen, SHAPE).contiguous(memory_format=fmt).requires_grad_()
     z = rand(gen, SHAPE).contiguous(memory_format=fmt).requires_grad_()
     w = rand(gen, SHAPE[1], lo=0.5, hi=1.5).requires_grad_()
     b = rand(gen, SHAPE[1]).requires_grad_()
     rm, rv = rand(gen, SHAPE[1]), rand(gen, SHAPE[1], lo=0.5, hi=2.0)
+    count = torch.tensor(3) if cumulative else None
     torch.library.opcheck(torch.ops.fusedbn.forward.default,
-                          (x, z, w, b, rm, rv, 2, batch_stats, 0.1, 1e-5, True))
+                          (x, z, w, b, rm, rv, 2, batch_stats, 0.1, count, 1e-5, True))
 
 
-def test_compiled_module_matches_eager(gen):
-    eager = FusedBatchNorm2d(SHAPE[1]).double()
-    compiled_module = FusedBatchNorm2d(SHAPE[1]).double()
-    compiled = torch.compile(compiled_module, backend="aot_eager")
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_compiled_module_matches_eager(gen, momentum):
+    """One graph (fullgraph=True): nothing in forward breaks the trace."""
+    eager = FusedBatchNorm2d(SHAPE[1], momentum=momentum).double()
+    compiled_module = FusedBatchNorm2d(SHAPE[1], momentum=momentum).double()
+    compiled = torch.compile(compiled_module, backend="aot_eager", fullgraph=True)
     for _ in range(2):
         x = rand_x(gen, SHAPE)
         z = rand(gen, SHAPE)

@@ -2,12 +2,16 @@
 torch.compile and other tracers see one opaque operator instead of ctypes:
 
     torch.ops.fusedbn.forward(x, addend, weight, bias, running_mean,
-        running_var, operation, batch_stats, factor, eps, keep_saved)
+        running_var, operation, batch_stats, momentum, count, eps, keep_saved)
         -> (y, saved, new_running_mean, new_running_var)
     torch.ops.fusedbn.backward(x, y, dy, saved, weight, bias, operation,
         batch_stats, eps, needs) -> (dx, daddend, dweight, dbias)
 
 x (and addend) come contiguous in their layout (functional.run sees to it);
+the running-average factor is momentum, or with count (num_batches_tracked
+before this batch) the cumulative average's, both from
+fbn_running_average_factor (_ops.factor_of) inside the op, so that no ctypes
+call is left for torch.compile to trace around it;
 saved is the uint8 saved state (empty when keep_saved is false); gradients
 not asked for in needs come back as empty tensors.  torch registers autograd
 formulas only for functional operators, so forward mutates nothing: with
@@ -51,11 +55,14 @@ if AVAILABLE:
     def forward(x: torch.Tensor, addend: Optional[torch.Tensor], weight: Optional[torch.Tensor],
                 bias: Optional[torch.Tensor], running_mean: Optional[torch.Tensor],
                 running_var: Optional[torch.Tensor], operation: int, batch_stats: bool,
-                factor: float, eps: float, keep_saved: bool
+                momentum: float, count: Optional[torch.Tensor], eps: float, keep_saved: bool
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         op, layout = _op_for(x, operation, batch_stats, weight is not None, eps)
         stream = _ops.stream_of(_FN + ".forward", x.device)
-        updates = batch_stats and running_mean is not None
+        updates = batch_stats and running_mean is not None and running_var is not None
+        factor = 0.0
+        if batch_stats and (running_mean is not None or running_var is not None):
+            factor = _ops.factor_of(momentum, count)
         if updates:
             running_mean, running_var = running_mean.clone(), running_var.clone()
         y, saved = _ops.forward(op, x, layout, addend, weight, bias, running_mean, running_var,
@@ -68,10 +75,10 @@ if AVAILABLE:
 
     @forward.register_fake
     def _forward_fake(x, addend, weight, bias, running_mean, running_var, operation, batch_stats,
-                      factor, eps, keep_saved):
+                      momentum, count, eps, keep_saved):
         op, layout = _op_for(x, operation, batch_stats, weight is not None, eps)
         nbytes = op.sizes(_ops.x_desc_of(x, layout))[0] if keep_saved else 0
-        updates = batch_stats and running_mean is not None
+        updates = batch_stats and running_mean is not None and running_var is not None
         c = x.shape[1] if updates else 0
         pdtype = _ops.param_dtype(x.dtype)
         return (torch.empty_like(x), x.new_empty((nbytes,), dtype=torch.uint8),
@@ -101,7 +108,7 @@ if AVAILABLE:
                 x.new_empty((c,), dtype=pdtype) if needs[3] else x.new_empty((0,)))
 
     def _setup_context(ctx, inputs, output):
-        x, addend, weight, bias, _, _, operation, batch_stats, _, eps, _ = inputs
+        x, addend, weight, bias, _, _, operation, batch_stats, _, _, eps, _ = inputs
         y, saved, _, _ = output
         ctx.save_for_backward(x, y if operation != _lib.OPERATION_BN else None, saved, weight,
                               bias)
@@ -117,20 +124,20 @@ if AVAILABLE:
         dy = dy.contiguous(memory_format=ctx.fbn_memory_format)
         grads = backward(x, y, dy, saved, weight, bias, operation, batch_stats, eps, needs)
         grads = [g if n else None for g, n in zip(grads, needs)]
-        return tuple(grads) + (None,) * 7
+        return tuple(grads) + (None,) * 8
 
     torch.library.register_autograd("fusedbn::forward", _backward_autograd,
                                     setup_context=_setup_context)
 
 
-def run(x, addend, weight, bias, running_mean, running_var, operation, batch_stats, factor, eps,
-        keep_saved):
+def run(x, addend, weight, bias, running_mean, running_var, operation, batch_stats, momentum,
+        count, eps, keep_saved):
     """y through torch.ops.fusedbn.forward; the updated running statistics
     copied into running_mean / running_var."""
     y, _, new_mean, new_var = torch.ops.fusedbn.forward(
-        x, addend, weight, bias, running_mean, running_var, operation, batch_stats, factor, eps,
-        keep_saved)
-    if batch_stats and running_mean is not None:
+        x, addend, weight, bias, running_mean, running_var, operation, batch_stats, momentum, count,
+        eps, keep_saved)
+    if batch_stats and running_mean is not None and running_var is not None:
         with torch.no_grad():
             running_mean.copy_(new_mean)
             running_var.copy_(new_var)

@@ -46,6 +46,15 @@ def momentum_factor(momentum):
     return factor
 
 
+def factor_of(momentum, count):
+    """The running-average factor of a training forward: momentum when count
+    is None, else the cumulative average's 1/(count + 1), count being
+    num_batches_tracked before this batch (a tensor)."""
+    if count is None:
+        return momentum_factor(momentum)
+    return library().running_average_factor(0.0, True, int(count) + 1)
+
+
 # ---- op cache -----------------------------------------------------------------
 
 _ops = {}

@@ -82,12 +82,14 @@ def _requires_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def run(fn, x, running_mean, running_var, weight, bias, use_batch_stats, factor, eps, addend,
+def run(fn, x, running_mean, running_var, weight, bias, use_batch_stats, averaging, eps, addend,
         operation, num_features):
     """The checked call behind batch_norm() and the modules.  fn names the
     caller in messages; operation is an _lib.OPERATION_* value (BN_ADD_RELU
-    with addend None runs BN_RELU); factor is used only when running
-    statistics are updated."""
+    with addend None runs BN_RELU); averaging = (momentum, count) gives the
+    factor running statistics are updated with (_ops.factor_of; count is
+    num_batches_tracked for the cumulative average, else None), asked of the
+    library only when they are updated."""
     _ops.check_x(fn, x)
     if addend is not None:
         _ops.check_like_x(fn, "addend", addend, x)
@@ -102,15 +104,19 @@ def run(fn, x, running_mean, running_var, weight, bias, use_batch_stats, factor,
     if addend is not None:
         addend = addend.contiguous(memory_format=memory_format)
     statistics = _lib.STATISTICS_BATCH if use_batch_stats else _lib.STATISTICS_RUNNING
-    if use_batch_stats and running_mean is None and running_var is None:
-        factor = 0.0
+    momentum, count = averaging
     if USE_CUSTOM_OP:
         if x.shape[1] != num_features:
             # The custom op creates its op from x; ask the library about C here.
             _ops.get_op(x.dtype, layout, x.device, statistics, operation, weight is not None,
                         num_features, eps).sizes(_ops.x_desc_of(x, layout))
+        # The factor is computed inside the custom op (ctypes is opaque to
+        # torch.compile's tracer).
         return _custom_op.run(x, addend, weight, bias, running_mean, running_var, operation,
-                              use_batch_stats, factor, eps, _requires_grad(x, addend, weight, bias))
+                              use_batch_stats, float(momentum), count, eps,
+                              _requires_grad(x, addend, weight, bias))
+    updates = use_batch_stats and (running_mean is not None or running_var is not None)
+    factor = _ops.factor_of(momentum, count) if updates else 0.0
     op = _ops.get_op(x.dtype, layout, x.device, statistics, operation, weight is not None,
                      num_features, eps)
     if _requires_grad(x, addend, weight, bias):
@@ -138,4 +144,4 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
                               % (fn, operation, ", ".join(sorted(_ops.OPERATIONS))))
     num_features = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0
     return run(fn, x, running_mean, running_var, weight, bias, bool(training),
-               float(momentum), eps, addend, _ops.OPERATIONS[operation], num_features)
+               (float(momentum), None), eps, addend, _ops.OPERATIONS[operation], num_features)

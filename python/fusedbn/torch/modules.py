@@ -29,21 +29,22 @@ class _FusedBatchNorm(_BatchNorm):
         fn = "fusedbn.torch.%s.forward" % type(self).__name__
         # torch.nn.BatchNorm2d's bookkeeping, except that num_batches_tracked
         # is incremented only after the library succeeded (a failing call
-        # changes nothing); the factor is computed for the incremented count.
+        # changes nothing); the cumulative factor is computed (by
+        # functional.run) for the incremented count.
         update = self.training and self.track_running_stats
         tracked = update and self.num_batches_tracked is not None
-        factor = 0.0
         if update and self.momentum is not None:
-            factor = _ops.momentum_factor(self.momentum)
+            averaging = (self.momentum, None)
         elif tracked:
-            factor = _ops.library().running_average_factor(
-                0.0, True, int(self.num_batches_tracked) + 1)
+            averaging = (0.0, self.num_batches_tracked)
+        else:
+            averaging = (0.0, None)
         use_batch_stats = self.training or (self.running_mean is None and
                                             self.running_var is None)
         keep_running = not self.training or self.track_running_stats
         y = functional.run(fn, x, self.running_mean if keep_running else None,
                            self.running_var if keep_running else None, self.weight, self.bias,
-                           use_batch_stats, factor, self.eps, addend, self._operation,
+                           use_batch_stats, averaging, self.eps, addend, self._operation,
                            self.num_features)
         if tracked:
             self.num_batches_tracked.add_(1)
