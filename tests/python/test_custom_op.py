@@ -16,9 +16,28 @@ pytestmark = pytest.mark.skipif(not _custom_op.AVAILABLE,
 SHAPE = (2, 3, 4, 5)
 
 
-def test_modules_use_the_custom_op():
+def test_custom_op_is_registered():
     assert functional.USE_CUSTOM_OP
     assert hasattr(torch.ops.fusedbn, "forward") and hasattr(torch.ops.fusedbn, "backward")
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_module_through_custom_op_matches_function(gen, monkeypatch, training):
+    """Eager calls through the custom op (FUSEDBN_TORCH_CUSTOM_OP=always) give
+    the autograd Function's results bit for bit."""
+    mods = [FusedBatchNorm2d(SHAPE[1]).double().train(training) for _ in range(2)]
+    x, z, g = rand_x(gen, SHAPE), rand(gen, SHAPE), rand(gen, SHAPE)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    zs = [z.clone().requires_grad_() for _ in range(2)]
+    for i, always in enumerate((False, True)):
+        monkeypatch.setattr(functional, "_ALWAYS_CUSTOM_OP", always)
+        (mods[i](xs[i], zs[i]) * g).sum().backward()
+    for a, b in ((xs[0].grad, xs[1].grad), (zs[0].grad, zs[1].grad),
+                 (mods[0].weight.grad, mods[1].weight.grad),
+                 (mods[0].bias.grad, mods[1].bias.grad)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    for a, b in zip(mods[0].state_dict().values(), mods[1].state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("batch_stats", [True, False])

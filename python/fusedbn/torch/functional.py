@@ -35,11 +35,16 @@ from torch.autograd.function import once_differentiable
 from .. import _lib
 from . import _custom_op, _ops
 
-# torch >= 2.4: calls go through the custom ops torch.ops.fusedbn.forward /
-# backward (traceable by torch.compile); FUSEDBN_TORCH_CUSTOM_OP=0 in the
-# environment uses the autograd Function instead.
-USE_CUSTOM_OP = _custom_op.AVAILABLE and os.environ.get("FUSEDBN_TORCH_CUSTOM_OP", "1") != "0"
-
+# torch >= 2.4: while torch.compile traces, calls go through the custom ops
+# torch.ops.fusedbn.forward / backward, which it can put into a graph; eager
+# calls take the autograd Function, whose per-call cost is about a third of
+# the custom op's dispatch.  FUSEDBN_TORCH_CUSTOM_OP=always takes the custom
+# op in eager mode too, =0 never.
+_CUSTOM_OP_MODE = os.environ.get("FUSEDBN_TORCH_CUSTOM_OP", "1")
+USE_CUSTOM_OP = _custom_op.AVAILABLE and _CUSTOM_OP_MODE != "0"
+_ALWAYS_CUSTOM_OP = USE_CUSTOM_OP and _CUSTOM_OP_MODE == "always"
+_compiler = getattr(torch, "compiler", None)
+_is_compiling = getattr(_compiler, "is_compiling", None) or (lambda: False)
 
 class _Call:
     """The non-tensor arguments of one call, for the autograd Function."""
@@ -105,7 +110,7 @@ def run(fn, x, running_mean, running_var, weight, bias, use_batch_stats, averagi
         addend = addend.contiguous(memory_format=memory_format)
     statistics = _lib.STATISTICS_BATCH if use_batch_stats else _lib.STATISTICS_RUNNING
     momentum, count = averaging
-    if USE_CUSTOM_OP:
+    if USE_CUSTOM_OP and (_ALWAYS_CUSTOM_OP or _is_compiling()):
         if x.shape[1] != num_features:
             # The custom op creates its op from x; ask the library about C here.
             _ops.get_op(x.dtype, layout, x.device, statistics, operation, weight is not None,
