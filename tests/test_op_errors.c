@@ -407,6 +407,15 @@ static void test_op_forward_rejects_bad_input(void **state) {
         "y overlaps x");
   FAILS(FWD(2, d, x, z, z, w, b, rm, rv, 0.1, sv, sb, NULL, 0), FBN_STATUS_ALIASING, fn,
         "y overlaps addend");
+  /* saved state and workspace overlapping the call's tensors or each other */
+  FAILS(FWD(2, d, x, z, y, w, b, rm, rv, 0.1, f->buf[DX], sb, f->buf[DX] + 64, WS_BYTES),
+        FBN_STATUS_ALIASING, fn, "saved overlaps workspace");
+  FAILS(FWD(2, d, x, z, y, w, b, rm, rv, 0.1, y, sb, f->ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "saved overlaps y");
+  FAILS(FWD(2, d, x, z, y, w, b, rm, rv, 0.1, rm, sb, f->ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "saved overlaps running_mean");
+  FAILS(FWD(2, d, x, z, y, w, b, rm, rv, 0.1, sv, sb, x, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "workspace overlaps x");
   /* workspace: misaligned even when none is needed */
   FAILS(FWD(2, d, x, z, y, w, b, rm, rv, 0.1, sv, sb, f->ws + 4, WS_BYTES - 4),
         FBN_STATUS_INSUFFICIENT_WORKSPACE, fn, "workspace = ");
@@ -516,6 +525,12 @@ static void test_op_backward_rejects_bad_input(void **state) {
         fn, "workspace_bytes = 16");
   FAILS(BWD(2, x, y, dy, sv, sb, dy, dz, dw, db, ow, NULL, 0), FBN_STATUS_ALIASING, fn,
         "dx overlaps dy");
+  FAILS(BWD(2, x, y, dy, sv, sb, dx, dz, dw, dw + 4, ow, f->ws, WS_BYTES), FBN_STATUS_ALIASING,
+        fn, "dweight overlaps dbias");
+  FAILS(BWD(2, x, y, dy, sv, sb, dx, dz, sv, db, ow, f->ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "dweight overlaps saved");
+  FAILS(BWD(2, x, y, dy, sv, sb, dx, dz, dw, db, ow, dx, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "dx overlaps workspace");
   FAILS(BWD(2, x, y, dy, sv, sb, dx, x + 8, dw, db, ow, NULL, 0), FBN_STATUS_ALIASING, fn,
         "daddend overlaps x");
   FAILS(BWD(2, x, y, dy, sv, sb, dx, dx, dw, db, ow, NULL, 0), FBN_STATUS_ALIASING, fn,

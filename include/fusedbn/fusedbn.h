@@ -647,6 +647,9 @@ FBN_API fbn_status fbn_running_average_factor(double momentum, bool cumulative_a
  *                      bytes are needed); FBN_STATUS_INSUFFICIENT_WORKSPACE
  *                      otherwise.  Its content is undefined after the call.
  *
+ * saved and workspace must not overlap each other, a tensor or a
+ * per-channel array of the call (FBN_STATUS_ALIASING).
+ *
  * NULL op, x_desc, x or y: FBN_STATUS_NULL_POINTER; x_desc as in the
  * queries.
  */
@@ -683,8 +686,8 @@ FBN_API fbn_status fbn_op_forward(const fbn_op *op, const fbn_tensor_desc *x_des
  * @param workspace     as for fbn_op_forward(), sized by
  *                      fbn_op_backward_workspace_size().
  *
- * dx and daddend must not overlap each other or x, y, dy
- * (FBN_STATUS_ALIASING).  NULL op, x_desc, x, dy or saved (and y for the
+ * dx, daddend, dweight, dbias and workspace must not overlap each other or
+ * any other memory of the call (FBN_STATUS_ALIASING).  NULL op, x_desc, x, dy or saved (and y for the
  * ReLU operations): FBN_STATUS_NULL_POINTER; saved_bytes or workspace too
  * small or misaligned: FBN_STATUS_INSUFFICIENT_WORKSPACE; CPU: saved memory
  * not filled by a forward of this op and x_desc: FBN_STATUS_INVALID_STATE.

@@ -249,6 +249,26 @@ static fbn_status fbn_check_memory(const char *fn, const char *name, const void 
   return FBN_STATUS_SUCCESS;
 }
 
+/* ALIASING when memory the call writes (saved state, workspace) overlaps a
+ * tensor of the call. */
+typedef struct fbn_span {
+  const void *ptr;
+  size_t bytes;
+  const char *name;
+} fbn_span;
+
+/* all[first..first+count) are written by the call: none may overlap any
+ * other entry of all. */
+static fbn_status fbn_check_spans(const char *fn, const fbn_span *all, size_t nall, size_t first,
+                                  size_t count) {
+  for (size_t i = first; i < first + count; i++)
+    for (size_t j = 0; j < nall; j++)
+      if (j != i && fbn_overlap(all[i].ptr, all[i].bytes, all[j].ptr, all[j].bytes))
+        return fbn_error(FBN_STATUS_ALIASING, "%s: %s overlaps %s", fn, all[i].name,
+                         all[j].name);
+  return FBN_STATUS_SUCCESS;
+}
+
 /* weight and bias: both for an affine op, neither otherwise. */
 static fbn_status fbn_check_affine(const char *fn, const fbn_op_desc *o, const void *weight,
                                    const void *bias) {
@@ -337,6 +357,21 @@ fbn_status fbn_op_forward_impl(const char *fn, const fbn_op *op, const fbn_tenso
     st = fbn_check_memory(fn, "workspace", workspace, workspace_bytes, need);
   if (st != FBN_STATUS_SUCCESS)
     return st;
+  {
+    const size_t pbytes = (size_t)o->num_features * fbn_dtype_size(o->param_dtype);
+    const fbn_span all[] = {{x, bytes, "x"},
+                            {addend, bytes, "addend"},
+                            {y, bytes, "y"},
+                            {weight, pbytes, "weight"},
+                            {bias, pbytes, "bias"},
+                            {running_mean, pbytes, "running_mean"},
+                            {running_var, pbytes, "running_var"},
+                            {saved, saved_bytes, "saved"},
+                            {workspace, workspace_bytes, "workspace"}};
+    st = fbn_check_spans(fn, all, sizeof all / sizeof all[0], 7, 2);
+    if (st != FBN_STATUS_SUCCESS)
+      return st;
+  }
 
   const fbn_bk_forward_args args = {
       .op = o,
@@ -431,6 +466,25 @@ fbn_status fbn_op_backward_impl(const char *fn, const fbn_op *op, const fbn_tens
     st = fbn_check_memory(fn, "workspace", workspace, workspace_bytes, need);
   if (st != FBN_STATUS_SUCCESS)
     return st;
+  {
+    const size_t pbytes = (size_t)o->num_features * fbn_dtype_size(o->param_dtype);
+    const fbn_span all[] = {{dx, bytes, "dx"},
+                            {daddend, bytes, "daddend"},
+                            {dweight, pbytes, "dweight"},
+                            {dbias, pbytes, "dbias"},
+                            {workspace, workspace_bytes, "workspace"},
+                            {x, bytes, "x"},
+                            {y, bytes, "y"},
+                            {dy, bytes, "dy"},
+                            {saved, saved_bytes, "saved"},
+                            {weight, pbytes, "weight"},
+                            {bias, pbytes, "bias"}};
+    /* what backward writes against everything (dx/daddend against the
+     * tensors were checked above) */
+    st = fbn_check_spans(fn, all, sizeof all / sizeof all[0], 0, 5);
+    if (st != FBN_STATUS_SUCCESS)
+      return st;
+  }
 
   const fbn_bk_backward_args args = {
       .op = o,
