@@ -687,8 +687,8 @@ FBN_API fbn_status fbn_op_forward(const fbn_op *op, const fbn_tensor_desc *x_des
  *                      fbn_op_backward_workspace_size().
  *
  * dx, daddend, dweight, dbias and workspace must not overlap each other or
- * any other memory of the call (FBN_STATUS_ALIASING).  NULL op, x_desc, x, dy or saved (and y for the
- * ReLU operations): FBN_STATUS_NULL_POINTER; saved_bytes or workspace too
+ * any other memory of the call (FBN_STATUS_ALIASING).  NULL op, x_desc, x,
+ * dy or saved (and y for the ReLU operations): FBN_STATUS_NULL_POINTER; saved_bytes or workspace too
  * small or misaligned: FBN_STATUS_INSUFFICIENT_WORKSPACE; CPU: saved memory
  * not filled by a forward of this op and x_desc: FBN_STATUS_INVALID_STATE.
  */

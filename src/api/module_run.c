@@ -365,8 +365,9 @@ fbn_status fbn_module_backward_impl(const char *fn, fbn_module *module, const fb
   } inputs[] = {{x, "x"}, {y, "y"}, {dy, "dy"}};
   for (size_t i = 0; i < sizeof inputs / sizeof inputs[0]; i++) {
     if (fbn_overlap(dx, bytes, inputs[i].ptr, bytes))
-      return fbn_error(FBN_STATUS_ALIASING, "%s: dx overlaps %s: in-place backward is not supported",
-                       fn, inputs[i].name);
+      return fbn_error(FBN_STATUS_ALIASING,
+                       "%s: dx overlaps %s: in-place backward is not supported", fn,
+                       inputs[i].name);
     if (fbn_overlap(daddend, bytes, inputs[i].ptr, bytes))
       return fbn_error(FBN_STATUS_ALIASING,
                        "%s: daddend overlaps %s: in-place backward is not supported", fn,

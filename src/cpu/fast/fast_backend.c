@@ -246,7 +246,8 @@ static fbn_status fast_forward(const fbn_bk_forward_args *a) {
   case FBN_FAST_ROUTE_NCHW_VEC: {
     fbn_fast_nchw_plan plan;
     size_t bytes;
-    if (fbn_fast_nchw_plan_make(m, d, nt, fbn_fast_vec_channel_bytes(a->op, d, false), &plan, &bytes) != FBN_STATUS_SUCCESS)
+    if (fbn_fast_nchw_plan_make(m, d, nt, fbn_fast_vec_channel_bytes(a->op, d, false), &plan,
+                                &bytes) != FBN_STATUS_SUCCESS)
       return fbn_fast_no_room(d, bytes, a->workspace_bytes);
     if (f32)
       forward_nchw_vec_f32(m, a, nt, &plan, bits, bpr);
@@ -311,7 +312,8 @@ static fbn_status fast_backward(const fbn_bk_backward_args *a) {
   case FBN_FAST_ROUTE_NCHW_VEC: {
     fbn_fast_nchw_plan plan;
     size_t bytes;
-    if (fbn_fast_nchw_plan_make(m, d, nt, fbn_fast_vec_channel_bytes(a->op, d, true), &plan, &bytes) != FBN_STATUS_SUCCESS)
+    if (fbn_fast_nchw_plan_make(m, d, nt, fbn_fast_vec_channel_bytes(a->op, d, true), &plan,
+                                &bytes) != FBN_STATUS_SUCCESS)
       return fbn_fast_no_room(d, bytes, a->workspace_bytes);
     if (f32)
       backward_nchw_vec_f32(m, a, nt, &plan, bits, bpr);

@@ -46,7 +46,8 @@ static void fbn_fast_exact_stats(const fbn_tensor_desc *d, const void *x, int64_
  * Non-finite sums, or a variance that would give an infinite invstd, are
  * recomputed the reference's way.
  */
-static void fbn_fast_batch_stats(fbn_fast_call *m, const fbn_bk_forward_args *a, int64_t c, double k,
+static void fbn_fast_batch_stats(fbn_fast_call *m, const fbn_bk_forward_args *a, int64_t c,
+                                 double k,
                                  double s1, double s2, double *mean_out, double *invstd_out) {
   const fbn_tensor_desc *d = a->desc;
   const fbn_op_desc *o = m->op;
@@ -89,7 +90,8 @@ static void fbn_fast_running_stats(const fbn_fast_call *m, const fbn_bk_forward_
 }
 
 /* y of channel c with the reference's arithmetic (and its mask bits). */
-static void fbn_fast_exact_normalize(const fbn_fast_call *m, const fbn_bk_forward_args *a, int64_t c,
+static void fbn_fast_exact_normalize(const fbn_fast_call *m, const fbn_bk_forward_args *a,
+                                     int64_t c,
                                      double mean, double invstd, uint8_t *bits, int64_t bpr) {
   (void)bpr;
   const fbn_tensor_desc *d = a->desc;
@@ -121,7 +123,8 @@ static void fbn_fast_bwd_chan_init(const fbn_fast_call *m, const fbn_bk_backward
 }
 
 /* sum g and sum g * xhat of channel c the reference's way. */
-static void fbn_fast_exact_bwd_sums(const fbn_bk_backward_args *a, int64_t c, fbn_fast_bwd_chan *ch) {
+static void fbn_fast_exact_bwd_sums(const fbn_bk_backward_args *a, int64_t c,
+                                    fbn_fast_bwd_chan *ch) {
   const fbn_tensor_desc *d = a->desc;
   const fbn_dtype dt = d->dtype;
   const int64_t hw = d->h * d->w;

@@ -59,7 +59,8 @@ static void FBN_K(forward_nchw_group)(fbn_fast_call *m, const fbn_bk_forward_arg
   }
 }
 
-static void FBN_K(forward_nchw)(fbn_fast_call *m, const fbn_bk_forward_args *a, int nt, uint8_t *bits,
+static void FBN_K(forward_nchw)(fbn_fast_call *m, const fbn_bk_forward_args *a, int nt,
+                                uint8_t *bits,
                                 int64_t bpr) {
   const fbn_tensor_desc *d = a->desc;
   const int64_t c_ = d->c, count = d->n * d->h * d->w;
