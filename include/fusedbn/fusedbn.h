@@ -1,12 +1,24 @@
 /*
  * fusedbn: a fused y = ReLU(BatchNorm2d(x) + addend) operator with the
- * module semantics of torch.nn.BatchNorm2d / oneflow.nn.FusedBatchNorm2d.
+ * module semantics of torch.nn.BatchNorm2d / oneflow.nn.FusedBatchNorm2d,
+ * and the two other batch-norm operations of cuDNN (BN alone, BN + ReLU).
  *
  * This header is free of CUDA types.  CUDA/cuDNN interop (streams, cuDNN
  * handles) lives in <fusedbn/fusedbn_cuda.h>.
  *
- * Lifecycle
- *   fbn_module_options_init()   fill options with the seed's defaults
+ * Two APIs over one computation path:
+ *   module API  fbn_module_*: the module owns weight, bias, running
+ *               statistics, num_batches_tracked and the gradients, like
+ *               torch.nn.BatchNorm2d.
+ *   op API      fbn_op_*: an explicit-state operator on memory the caller
+ *               owns (x, addend, y, weight, bias, running statistics, saved
+ *               state, workspace, gradients), in the style of cuDNN's Ex
+ *               calls: describe once (fbn_op_create), query sizes
+ *               (fbn_op_*_size), run with pointers (fbn_op_forward,
+ *               fbn_op_backward).  The module API is a wrapper over it.
+ *
+ * Module lifecycle
+ *   fbn_module_options_init()   fill options with PyTorch's defaults
  *   fbn_module_create()         allocate parameters / running buffers
  *   fbn_saved_create()          one per forward whose backward you will run
  *   fbn_module_forward()        y = ReLU(BN(x) + addend), fills the saved object
@@ -31,7 +43,9 @@
  *               fbn_saved object, valid until the next forward into it.
  *
  * Thread safety: distinct modules may be used concurrently from different
- * threads.  One module must not be used by two threads at once.
+ * threads.  One module must not be used by two threads at once, and its
+ * calls on different CUDA streams must be ordered by the caller (they share
+ * the module's parameters, gradients and workspace cache).
  */
 #ifndef FUSEDBN_FUSEDBN_H
 #define FUSEDBN_FUSEDBN_H
@@ -178,6 +192,21 @@ typedef enum fbn_bn_mode {
   FBN_BN_MODE_SPATIAL = 1,
 } fbn_bn_mode;
 
+/** The batch-norm operation, as cuDNN's cudnnBatchNormOps_t. */
+typedef enum fbn_operation {
+  /** y = BN(x) (CUDNN_BATCHNORM_OPS_BN): no addend, no ReLU; backward
+   *  needs no y (dz = dy). */
+  FBN_OPERATION_BN = 0,
+  /** y = ReLU(BN(x)) (CUDNN_BATCHNORM_OPS_BN_ACTIVATION): no addend. */
+  FBN_OPERATION_BN_RELU = 1,
+  /** y = ReLU(BN(x) + addend) (CUDNN_BATCHNORM_OPS_BN_ADD_ACTIVATION). */
+  FBN_OPERATION_BN_ADD_RELU = 2,
+} fbn_operation;
+
+/** Static name of an operation ("bn", "bn_relu", "bn_add_relu"), "unknown
+ *  operation" for a value outside the enum. */
+FBN_API const char *fbn_operation_name(fbn_operation operation);
+
 typedef struct fbn_module_options {
   /** C. Must be > 0. No default (0 after fbn_module_options_init()). */
   int64_t num_features;
@@ -205,6 +234,12 @@ typedef struct fbn_module_options {
   int device_index;
   /** Default FBN_BN_MODE_AUTO. */
   fbn_bn_mode bn_mode;
+  /** Default FBN_OPERATION_BN_ADD_RELU, whose forward also takes a NULL
+   *  addend (then y = ReLU(BN(x))).  FBN_OPERATION_BN_RELU and
+   *  FBN_OPERATION_BN take no addend (forward with one:
+   *  FBN_STATUS_INVALID_VALUE); with FBN_OPERATION_BN backward takes a NULL
+   *  y.  Any other value: FBN_STATUS_INVALID_VALUE at fbn_module_create(). */
+  fbn_operation operation;
 } fbn_module_options;
 
 /** Fill *options with the defaults (num_features = 0 must still be set).
@@ -321,8 +356,9 @@ FBN_API void fbn_saved_destroy(fbn_saved *saved);
 /* Forward / backward                                                       */
 /* ------------------------------------------------------------------------ */
 
-/** Bytes of temporary workspace that fbn_module_forward() needs for this
- *  shape (0 on the CPU).  NULL module, desc or bytes:
+/** Bytes of temporary workspace that fbn_module_forward() needs from the
+ *  caller for this shape (0 on the CPU, where the module keeps a workspace
+ *  cache of its own).  NULL module, desc or bytes:
  *  FBN_STATUS_NULL_POINTER; desc is validated as fbn_module_forward() does
  *  (same statuses). */
 FBN_API fbn_status fbn_module_forward_workspace_size(const fbn_module *module,
@@ -337,7 +373,9 @@ FBN_API fbn_status fbn_module_backward_workspace_size(const fbn_module *module,
                                                       bool has_addend, size_t *bytes);
 
 /**
- * y = ReLU(BatchNorm(x) + addend).
+ * y = ReLU(BatchNorm(x) + addend) (the module's operation: ReLU(BN(x)) or
+ * BN(x) for FBN_OPERATION_BN_RELU / FBN_OPERATION_BN, which take a NULL
+ * addend only: FBN_STATUS_INVALID_VALUE otherwise).
  *
  * Training mode, or track_running_stats == false: normalize with the batch
  * mean and biased variance over (N, H, W). With tracked statistics in
@@ -388,6 +426,9 @@ FBN_API fbn_status fbn_module_forward(fbn_module *module, const fbn_tensor_desc 
  *                   threshold_backward).
  * dx and daddend must not overlap each other or any input.
  *
+ * y may be NULL for a module of operation FBN_OPERATION_BN (backward of
+ * BN alone needs no y).
+ *
  * NULL module, saved, desc, x, y or dy: FBN_STATUS_NULL_POINTER.  An empty
  * saved object, one filled by another module, or daddend for a forward
  * without addend: FBN_STATUS_INVALID_STATE; desc other than the forward's:
@@ -399,6 +440,264 @@ FBN_API fbn_status fbn_module_backward(fbn_module *module, const fbn_saved *save
                                        const void *y, const void *dy, void *dx,
                                        void *daddend, void *workspace,
                                        size_t workspace_bytes);
+
+/* ------------------------------------------------------------------------ */
+/* Op API: explicit state, caller-owned memory                              */
+/* ------------------------------------------------------------------------ */
+/*
+ * Lifecycle
+ *   fbn_op_desc_init()            fill a description with the defaults
+ *   fbn_op_create()               validate it, choose the backend, build
+ *                                 the per-op backend state (once)
+ *   fbn_op_saved_size()           bytes of saved state one forward leaves
+ *                                 for its backward (mean/invstd used, ReLU
+ *                                 mask or cuDNN reserve space)
+ *   fbn_op_forward_workspace_size(), fbn_op_backward_workspace_size()
+ *                                 bytes of temporary workspace
+ *   fbn_op_forward()              y = op(x, addend), running statistics
+ *                                 updated, saved state written
+ *   fbn_op_backward()             dx, daddend, dweight, dbias
+ *   fbn_op_destroy()
+ *
+ * Memory: every tensor, parameter, statistic, gradient, the saved state and
+ * the workspace are the caller's, on the op's device (host memory for
+ * FBN_DEVICE_CPU, device memory for FBN_DEVICE_CUDA).  Per-channel arrays
+ * (weight, bias, running_mean, running_var, dweight, dbias) have
+ * num_features elements of param_dtype.  Saved state and workspace must be
+ * FBN_OP_MEMORY_ALIGNMENT-byte aligned and at least as large as the size
+ * queries say for that tensor shape.  Forward and backward allocate nothing
+ * and (CUDA) do not synchronize.
+ *
+ * Saved state: what forward writes there is read by the backward of the
+ * same op and the same tensor shape; its content is private to the backend.
+ * Several forwards may run before their backwards, each with its own saved
+ * memory.  Backward is validated from what the caller passes (op, shape,
+ * pointers); on the CPU the saved memory also carries a small header, and a
+ * backward with memory no forward of this op and shape filled is
+ * FBN_STATUS_INVALID_STATE (on CUDA that memory is not read on the host, so
+ * the caller's contract alone holds there).
+ *
+ * Statistics (fbn_op_desc.statistics):
+ *   FBN_STATISTICS_BATCH    normalize with the batch mean and biased
+ *                           variance over (N, H, W) (training, or a module
+ *                           without tracked statistics).  With running_mean
+ *                           and running_var given (both or neither), also
+ *                           running = (1 - factor) * running
+ *                           + factor * batch_stat (running_var with the
+ *                           unbiased variance): cuDNN's
+ *                           exponentialAverageFactor, see
+ *                           fbn_running_average_factor().
+ *   FBN_STATISTICS_RUNNING  normalize with running_mean / running_var (both
+ *                           required, only read; factor ignored): eval
+ *                           mode.  Backward treats them as constants.
+ *
+ * Operations and what each call needs:
+ *   | operation   | forward addend | backward y | backward daddend |
+ *   | BN          | NULL           | NULL ok    | NULL             |
+ *   | BN_RELU     | NULL           | required   | NULL             |
+ *   | BN_ADD_RELU | required       | required   | optional         |
+ *
+ * Errors as everywhere in fusedbn: a status, a message naming the call, the
+ * value and the rule, and nothing written (no output, no running
+ * statistic, no gradient, no saved state) on failure.
+ *
+ * Thread safety: one op may be used by several threads at once (its
+ * backend state is only read by forward/backward) as long as their memory
+ * does not overlap.
+ */
+
+/** Alignment in bytes that fbn_op_forward()/fbn_op_backward() require of the
+ *  saved-state and workspace pointers. */
+#define FBN_OP_MEMORY_ALIGNMENT 64
+
+typedef enum fbn_statistics {
+  /** Batch statistics (training, or no tracked statistics). */
+  FBN_STATISTICS_BATCH = 0,
+  /** Running statistics (eval with tracked statistics). */
+  FBN_STATISTICS_RUNNING = 1,
+} fbn_statistics;
+
+/** What dweight/dbias receive in fbn_op_backward() (cuDNN's beta of the
+ *  parameter gradients: 0 or 1). */
+typedef enum fbn_param_grad {
+  /** dweight = gradient, dbias = gradient. */
+  FBN_PARAM_GRAD_OVERWRITE = 0,
+  /** dweight += gradient, dbias += gradient (as autograd accumulates). */
+  FBN_PARAM_GRAD_ACCUMULATE = 1,
+} fbn_param_grad;
+
+/** Everything an op is created from; fixed for the op's lifetime. */
+typedef struct fbn_op_desc {
+  /** C. Must be in [1, INT32_MAX]. No default (0 after fbn_op_desc_init()). */
+  int64_t num_features;
+  /** Added to the variance before the square root. Default 1e-5. Must be
+   *  finite and >= 0. */
+  double eps;
+  /** dtype of x, addend, y, dy, dx, daddend. Default FBN_DTYPE_FLOAT32. */
+  fbn_dtype dtype;
+  /** dtype of the per-channel arrays: FBN_DTYPE_FLOAT32 (default; for
+   *  float32/float16/bfloat16 tensors) or FBN_DTYPE_FLOAT64 (for float64
+   *  tensors). */
+  fbn_dtype param_dtype;
+  /** Default FBN_LAYOUT_NCHW. */
+  fbn_layout layout;
+  /** Default FBN_DEVICE_CPU. */
+  fbn_device_type device;
+  /** CUDA device ordinal (ignored on the CPU). Default 0. */
+  int device_index;
+  /** Default FBN_OPERATION_BN_ADD_RELU. */
+  fbn_operation operation;
+  /** weight and bias given (and dweight/dbias computed). Default true. */
+  bool affine;
+  /** Default FBN_STATISTICS_BATCH. */
+  fbn_statistics statistics;
+  /** cuDNN backend only (ignored on the CPU). Default FBN_BN_MODE_AUTO. */
+  fbn_bn_mode bn_mode;
+} fbn_op_desc;
+
+/** Fill *desc with the defaults (num_features = 0 must still be set).  NULL
+ *  is ignored. */
+FBN_API void fbn_op_desc_init(fbn_op_desc *desc);
+
+typedef struct fbn_op fbn_op;
+
+/** Create an op: validate *desc (copied, not kept), choose the backend (CPU:
+ *  the fast backend, or the float64 reference with FBN_CPU_BACKEND=reference
+ *  in the environment) and build its state.  *out is the caller's (free it
+ *  with fbn_op_destroy()), NULL on failure.  NULL desc or out:
+ *  FBN_STATUS_NULL_POINTER; a field outside its domain or an unknown enum
+ *  value: FBN_STATUS_INVALID_VALUE; a dtype/layout the backend can't run or
+ *  a dtype/param_dtype pair that does not go together:
+ *  FBN_STATUS_UNSUPPORTED; CUDA without a usable device or in a build
+ *  without CUDA: FBN_STATUS_NO_DEVICE. */
+FBN_API fbn_status fbn_op_create(const fbn_op_desc *desc, fbn_op **out);
+
+/** Free an op and its backend state. NULL is a no-op. Saved state written
+ *  by its forwards is caller memory and stays so. */
+FBN_API void fbn_op_destroy(fbn_op *op);
+
+/** Copy of the op's description into *out.  NULL op or out:
+ *  FBN_STATUS_NULL_POINTER. */
+FBN_API fbn_status fbn_op_get_desc(const fbn_op *op, fbn_op_desc *out);
+
+/**
+ * Size queries for a tensor of description x_desc (the description of x,
+ * addend, y, dy, dx and daddend: C must equal num_features, dtype and
+ * layout must equal the op's).  The sizes depend only on the op and
+ * x_desc (and, for the fast CPU backend's workspace, on the number of
+ * OpenMP threads at the time of the query: a call that finds more threads
+ * than the workspace was sized for runs on fewer).
+ *
+ * fbn_op_saved_size: bytes of saved state (0 is never returned).
+ * fbn_op_forward_workspace_size / fbn_op_backward_workspace_size: bytes of
+ * temporary workspace (may be 0: the pointer may then be NULL).
+ *
+ * NULL op, x_desc or bytes: FBN_STATUS_NULL_POINTER.  x_desc: N, H or
+ * W <= 0, overflowing counts, or batch statistics with N*H*W == 1:
+ * FBN_STATUS_INVALID_SHAPE; C, dtype or layout other than the op's:
+ * FBN_STATUS_SHAPE_MISMATCH; unknown dtype/layout value:
+ * FBN_STATUS_INVALID_VALUE.  *bytes untouched on failure.
+ */
+FBN_API fbn_status fbn_op_saved_size(const fbn_op *op, const fbn_tensor_desc *x_desc,
+                                     size_t *bytes);
+FBN_API fbn_status fbn_op_forward_workspace_size(const fbn_op *op, const fbn_tensor_desc *x_desc,
+                                                 size_t *bytes);
+FBN_API fbn_status fbn_op_backward_workspace_size(const fbn_op *op, const fbn_tensor_desc *x_desc,
+                                                  size_t *bytes);
+
+/**
+ * The running-average factor of one training forward, the value
+ * fbn_op_forward() takes as `factor`: momentum, or, for PyTorch's
+ * momentum=None (cumulative_average = true), 1 / num_batches_tracked where
+ * num_batches_tracked already counts this batch (PyTorch increments it
+ * before computing the factor: the first batch has num_batches_tracked = 1
+ * and factor 1).
+ *
+ * NULL factor: FBN_STATUS_NULL_POINTER; momentum outside [0, 1] or NaN
+ * (when cumulative_average is false), num_batches_tracked < 1 (when it is
+ * true): FBN_STATUS_INVALID_VALUE, *factor untouched.
+ */
+FBN_API fbn_status fbn_running_average_factor(double momentum, bool cumulative_average,
+                                              int64_t num_batches_tracked, double *factor);
+
+/**
+ * Forward of the op's operation on caller memory.
+ *
+ * @param x_desc        description of x, addend and y (as in the queries).
+ * @param x, y          input and output; y must not overlap x or addend
+ *                      (FBN_STATUS_ALIASING).
+ * @param addend        required for FBN_OPERATION_BN_ADD_RELU, NULL
+ *                      otherwise (FBN_STATUS_INVALID_VALUE).
+ * @param weight, bias  affine: both required; not affine: both NULL
+ *                      (FBN_STATUS_INVALID_VALUE).
+ * @param running_mean, running_var
+ *                      FBN_STATISTICS_RUNNING: both required (read).
+ *                      FBN_STATISTICS_BATCH: both NULL (no update) or both
+ *                      given (updated with factor); one alone:
+ *                      FBN_STATUS_INVALID_VALUE.
+ * @param factor        used only when the running statistics are updated:
+ *                      must then be in [0, 1] (NaN: FBN_STATUS_INVALID_VALUE).
+ * @param saved         NULL when no backward will follow (saved_bytes is then
+ *                      ignored), else at least fbn_op_saved_size() bytes,
+ *                      FBN_OP_MEMORY_ALIGNMENT-aligned
+ *                      (FBN_STATUS_INSUFFICIENT_WORKSPACE otherwise); filled
+ *                      for fbn_op_backward().
+ * @param workspace     at least fbn_op_forward_workspace_size() bytes,
+ *                      FBN_OP_MEMORY_ALIGNMENT-aligned (NULL allowed when 0
+ *                      bytes are needed); FBN_STATUS_INSUFFICIENT_WORKSPACE
+ *                      otherwise.  Its content is undefined after the call.
+ *
+ * saved and workspace must not overlap each other, a tensor or a
+ * per-channel array of the call (FBN_STATUS_ALIASING).
+ *
+ * NULL op, x_desc, x or y: FBN_STATUS_NULL_POINTER; x_desc as in the
+ * queries.
+ */
+FBN_API fbn_status fbn_op_forward(const fbn_op *op, const fbn_tensor_desc *x_desc, const void *x,
+                                  const void *addend, void *y, const void *weight,
+                                  const void *bias, void *running_mean, void *running_var,
+                                  double factor, void *saved, size_t saved_bytes,
+                                  void *workspace, size_t workspace_bytes);
+
+/**
+ * Backward of the forward that filled saved (same op, same x_desc).
+ *
+ * FBN_STATISTICS_BATCH: the full batch-norm backward through the batch
+ * statistics; FBN_STATISTICS_RUNNING: mean and variance are constants
+ * (dx = dz * weight * invstd).  With the ReLU operations the gradient that
+ * reaches BN's output and the addend is dz = dy where !(y <= 0), else 0 (a
+ * NaN y passes dy); with FBN_OPERATION_BN dz = dy.
+ *
+ * @param x, y          the forward's input and output, unchanged since; y
+ *                      may be NULL for FBN_OPERATION_BN.
+ * @param dy            gradient of the loss with respect to y.
+ * @param saved         the forward's saved state, saved_bytes as there;
+ *                      only read.
+ * @param weight, bias  affine: both required; not affine: both NULL.
+ * @param dx            NULL to skip, else receives dL/dx.
+ * @param daddend       NULL to skip; only FBN_OPERATION_BN_ADD_RELU has one
+ *                      (FBN_STATUS_INVALID_VALUE otherwise).
+ * @param dweight, dbias  not affine: both NULL (FBN_STATUS_INVALID_VALUE);
+ *                      affine: each NULL to skip, else receives (or, with
+ *                      FBN_PARAM_GRAD_ACCUMULATE, is incremented by)
+ *                      dL/dweight = sum dz * xhat, dL/dbias = sum dz.
+ * @param param_grad    FBN_PARAM_GRAD_OVERWRITE or FBN_PARAM_GRAD_ACCUMULATE
+ *                      (another value: FBN_STATUS_INVALID_VALUE).
+ * @param workspace     as for fbn_op_forward(), sized by
+ *                      fbn_op_backward_workspace_size().
+ *
+ * dx, daddend, dweight, dbias and workspace must not overlap each other or
+ * any other memory of the call (FBN_STATUS_ALIASING).  NULL op, x_desc, x,
+ * dy or saved (and y for the ReLU operations): FBN_STATUS_NULL_POINTER; saved_bytes or workspace too
+ * small or misaligned: FBN_STATUS_INSUFFICIENT_WORKSPACE; CPU: saved memory
+ * not filled by a forward of this op and x_desc: FBN_STATUS_INVALID_STATE.
+ */
+FBN_API fbn_status fbn_op_backward(const fbn_op *op, const fbn_tensor_desc *x_desc,
+                                   const void *x, const void *y, const void *dy,
+                                   const void *saved, size_t saved_bytes, const void *weight,
+                                   const void *bias, void *dx, void *daddend, void *dweight,
+                                   void *dbias, fbn_param_grad param_grad, void *workspace,
+                                   size_t workspace_bytes);
 
 #ifdef __cplusplus
 }

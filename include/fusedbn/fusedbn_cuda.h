@@ -1,46 +1,52 @@
 /*
  * fusedbn CUDA/cuDNN interop: per-call streams, a caller's cuDNN handle,
- * caller-provided saved-state memory and the path query of the cuDNN backend.
+ * caller-provided saved-state memory and the path queries of the cuDNN
+ * backend, for modules (fbn_cuda_module_*) and ops (fbn_cuda_op_*).
  *
  * Include this header only where the CUDA toolkit headers are available; it
  * pulls in <cuda_runtime_api.h> for cudaStream_t.  It does not include
  * cudnn.h: a cudnnHandle_t converts to `struct cudnnContext *` implicitly.
  *
  * Streams and synchronization
- *   fbn_module_forward()/fbn_module_backward() of <fusedbn/fusedbn.h> run a
- *   CUDA module on the legacy default stream (0) with the module's own cuDNN
- *   handle.  fbn_cuda_module_forward()/backward() take an fbn_cuda_exec: the
- *   stream the work is queued on and, optionally, a cuDNN handle of the
- *   caller's (created on the module's device).  A caller's handle gets the
- *   call's stream for the duration of the call and its previous stream back
- *   before the call returns (the module's own handle goes back to stream 0
- *   after a call on another stream).  Forward and backward are asynchronous
- *   with respect to the host: outputs are ready when the stream says so.
- *   The module's running statistics and gradients are updated in stream
- *   order: calls on different streams that use one module must be ordered
- *   by the caller (events), as for any tensor shared between streams.
- *   Buffer reads/writes (fbn_module_read_buffer, ...) wait for the module's
- *   last queued work first.
+ *   fbn_op_forward()/fbn_op_backward() and fbn_module_forward()/
+ *   fbn_module_backward() of <fusedbn/fusedbn.h> run on the legacy default
+ *   stream (0) with the op's own cuDNN handle (a module runs one op per
+ *   dtype, layout, mode and operation).  The fbn_cuda_*_forward()/backward()
+ *   calls take an fbn_cuda_exec: the stream the work is queued on and,
+ *   optionally, a cuDNN handle of the caller's (created on the op's
+ *   device).  A caller's handle gets the call's stream for the duration of
+ *   the call and its previous stream back before the call returns (an op's
+ *   own handle goes back to stream 0 after a call on another stream).
+ *   Forward and backward are asynchronous with respect to the host: outputs
+ *   are ready when the stream says so.  Running statistics, gradients and
+ *   the saved state are written in stream order: calls on different streams
+ *   that share them (or one module, or its cached workspace) must be
+ *   ordered by the caller (events), as for any tensor shared between
+ *   streams.  Buffer reads/writes (fbn_module_read_buffer, ...) wait for
+ *   the device's queued work first.
  *
  * Device memory
- *   x, addend, y, dy, dx, daddend and workspace are device memory of the
- *   module's device (or managed memory), aligned to their element size.
- *   Host memory there is rejected with FBN_STATUS_INVALID_VALUE.
- *   With a caller workspace (and, for a saved object, caller saved memory
- *   or a payload already big enough) forward and backward neither allocate
- *   device memory nor synchronize.  With workspace == NULL the module keeps
- *   a cached buffer that it grows (cudaFree/cudaMalloc, which synchronize)
- *   when a call needs more; work queued on different streams is ordered by
- *   an event so the cached buffer is never used by two calls at once.
+ *   Every tensor, per-channel array, saved state and workspace is device
+ *   memory of the op's (module's) device (or managed memory); tensors and
+ *   per-channel arrays are aligned to their element size.  Host memory
+ *   there is rejected with FBN_STATUS_INVALID_VALUE.  With a caller
+ *   workspace and saved memory (always in the op API; for a module's saved
+ *   object, caller memory or memory already big enough) forward and
+ *   backward neither allocate device memory nor synchronize.  With
+ *   workspace == NULL a module uses a cached buffer that it grows
+ *   (cudaFree/cudaMalloc, which synchronize) when a call needs more.
  *
- * Ownership (CUDA modules)
- *   weight, bias, running stats, gradients   module (device, param_dtype)
- *   ones/zeros for affine == false          module (device)
- *   cuDNN handle                            module, or the caller's exec
- *   workspace (cuDNN workspace, reductions) caller, or the module's cache
+ * Ownership
+ *   x, addend, y, dy, dx, daddend           caller
+ *   weight, bias, running stats, gradients  op API: caller; module: module
+ *   ones/zeros for affine == false,
+ *   scratch parameter gradients, cuDNN
+ *   handle (ops that can call cuDNN)        op, or the caller's exec handle
+ *   workspace (cuDNN workspace, reductions) caller, or a module's cache
  *   saved mean / inverse std, ReLU bit mask
- *   or cuDNN reserve space                  fbn_saved (device), or caller
- *                                           memory via fbn_cuda_saved_set_memory
+ *   or cuDNN reserve space                  op API: caller; module: fbn_saved
+ *                                           (device), or caller memory via
+ *                                           fbn_cuda_saved_set_memory
  */
 #ifndef FUSEDBN_FUSEDBN_CUDA_H
 #define FUSEDBN_FUSEDBN_CUDA_H
@@ -70,13 +76,14 @@ typedef enum fbn_cuda_path {
   /** The configuration cannot run on the CUDA backend. */
   FBN_CUDA_PATH_NONE = 0,
   /** Training: cudnnBatchNormalizationForwardTrainingEx / BackwardEx with
-   *  CUDNN_BATCHNORM_OPS_BN_ADD_ACTIVATION (addend) or
-   *  CUDNN_BATCHNORM_OPS_BN_ACTIVATION (no addend), mode
-   *  CUDNN_BATCHNORM_SPATIAL_PERSISTENT, ReLU propagating NaN. */
+   *  the operation's bnOps (CUDNN_BATCHNORM_OPS_BN, _BN_ACTIVATION or
+   *  _BN_ADD_ACTIVATION), mode CUDNN_BATCHNORM_SPATIAL_PERSISTENT, ReLU
+   *  propagating NaN. */
   FBN_CUDA_PATH_FUSED = 1,
   /** Training: cuDNN batch norm (CUDNN_BATCHNORM_OPS_BN, mode
-   *  CUDNN_BATCHNORM_SPATIAL), then fusedbn's add + ReLU kernel writing a
-   *  1-bit-per-element mask; backward dz = dy * mask into cuDNN's backward. */
+   *  CUDNN_BATCHNORM_SPATIAL), then (ReLU operations) fusedbn's add + ReLU
+   *  kernel writing a 1-bit-per-element mask; backward dz = dy * mask into
+   *  cuDNN's backward. */
   FBN_CUDA_PATH_GENERAL = 2,
   /** Training without cuDNN: fusedbn's own statistics, apply and backward
    *  kernels (float64 accumulation). Taken where cuDNN's limits are exceeded
@@ -100,10 +107,14 @@ FBN_API const char *fbn_cuda_path_name(fbn_cuda_path path);
  * function: needs no device.  It assumes cuDNN accepts bfloat16 in its fused
  * and batch-norm calls; fbn_cuda_module_path() also knows what the device
  * refused at run time.  Fails like fbn_module_forward's validation would
- * (e.g. FBN_STATUS_SHAPE_MISMATCH when desc->c != num_features), with
- * *path = FBN_CUDA_PATH_NONE.  Options no module could be created with fail
- * as in fbn_module_create() (FBN_STATUS_INVALID_VALUE); options->device is
- * not looked at.  NULL options, desc or path: FBN_STATUS_NULL_POINTER.
+ * (e.g. FBN_STATUS_SHAPE_MISMATCH when desc->c != num_features; has_addend
+ * with an operation other than FBN_OPERATION_BN_ADD_RELU:
+ * FBN_STATUS_INVALID_VALUE), with *path = FBN_CUDA_PATH_NONE.  The path is
+ * the one of options->operation (FBN_OPERATION_BN_ADD_RELU without an
+ * addend: that of FBN_OPERATION_BN_RELU).  Options no module could be
+ * created with fail as in fbn_module_create() (FBN_STATUS_INVALID_VALUE);
+ * options->device must be a valid value but is otherwise not looked at.
+ * NULL options, desc or path: FBN_STATUS_NULL_POINTER.
  */
 FBN_API fbn_status fbn_cuda_plan_path(const fbn_module_options *options,
                                       const fbn_tensor_desc *desc, bool has_addend,
@@ -236,6 +247,64 @@ FBN_API fbn_status fbn_cuda_saved_set_memory(fbn_saved *saved, void *device_memo
  *  FBN_STATUS_INVALID_STATE (*mean and *invstd untouched on failure). */
 FBN_API fbn_status fbn_cuda_saved_stats(const fbn_saved *saved, const void **mean,
                                         const void **invstd);
+
+/* ------------------------------------------------------------------------ */
+/* Op API on CUDA (see fbn_op_* in fusedbn.h)                               */
+/* ------------------------------------------------------------------------ */
+/*
+ * fbn_op_forward()/fbn_op_backward() run a CUDA op on the legacy default
+ * stream with the op's own cuDNN handle; the calls below take an
+ * fbn_cuda_exec (stream, optional cuDNN handle of the caller's on the op's
+ * device).  Every pointer (tensors, per-channel arrays, saved state,
+ * workspace) is device memory of the op's device (or managed memory):
+ * host memory is FBN_STATUS_INVALID_VALUE, tensors and per-channel arrays
+ * must be aligned to their element size.  Forward and backward neither
+ * allocate nor synchronize: they queue work on exec->stream and return.
+ * The saved state is written by forward on that stream and read by the
+ * backward, which must be queued after it (same stream, or ordered by the
+ * caller's events).  A CUDA op has one cuDNN handle of its own (only when
+ * it can ever call cuDNN: float16/bfloat16 data with batch statistics),
+ * whose use is serialized by a lock; a caller's handle gets the call's
+ * stream for the call and its previous stream back before the call
+ * returns.
+ */
+
+/** fbn_op_forward() with a launch context (NULL exec = the defaults).
+ *  Arguments, NULL rules and statuses as there, messages naming
+ *  fbn_cuda_op_forward.  A CPU op runs as with fbn_op_forward() (exec
+ *  unused). */
+FBN_API fbn_status fbn_cuda_op_forward(const fbn_op *op, const fbn_cuda_exec *exec,
+                                       const fbn_tensor_desc *x_desc, const void *x,
+                                       const void *addend, void *y, const void *weight,
+                                       const void *bias, void *running_mean, void *running_var,
+                                       double factor, void *saved, size_t saved_bytes,
+                                       void *workspace, size_t workspace_bytes);
+
+/** fbn_op_backward() with a launch context (NULL exec = the defaults);
+ *  arguments, NULL rules and statuses as there, messages naming
+ *  fbn_cuda_op_backward. */
+FBN_API fbn_status fbn_cuda_op_backward(const fbn_op *op, const fbn_cuda_exec *exec,
+                                        const fbn_tensor_desc *x_desc, const void *x,
+                                        const void *y, const void *dy, const void *saved,
+                                        size_t saved_bytes, const void *weight, const void *bias,
+                                        void *dx, void *daddend, void *dweight, void *dbias,
+                                        fbn_param_grad param_grad, void *workspace,
+                                        size_t workspace_bytes);
+
+/** The path the op's next forward of x_desc takes, including what cuDNN
+ *  refused on the device so far (its backward takes the same path).  NULL
+ *  op, x_desc or path: FBN_STATUS_NULL_POINTER; a CPU op:
+ *  FBN_STATUS_INVALID_VALUE; x_desc validated as in fbn_op_forward().
+ *  *path = FBN_CUDA_PATH_NONE on failure. */
+FBN_API fbn_status fbn_cuda_op_path(const fbn_op *op, const fbn_tensor_desc *x_desc,
+                                    fbn_cuda_path *path);
+
+/** fbn_cuda_module_check_runtime_error() for an op: the handle exec->cudnn
+ *  when given, else the op's own (an op without one never ran the
+ *  persistent kernels: *result = FBN_STATUS_SUCCESS).  Statuses and
+ *  *result as there; a CPU op: FBN_STATUS_INVALID_VALUE. */
+FBN_API fbn_status fbn_cuda_op_check_runtime_error(const fbn_op *op, const fbn_cuda_exec *exec,
+                                                   bool wait, fbn_status *result);
 
 #ifdef __cplusplus
 }

@@ -1,31 +1,56 @@
 /*
- * What both CPU backends (cpu_ref.c, cpu_fast.c) share: module buffers are
- * host arrays of num_features param_dtype elements, the saved payload is a
- * malloc'd block, and float16/bfloat16 tensors are unsupported.
+ * What both CPU backends (cpu_ref.c, fast/) share: host memory hooks,
+ * float32/float64 tensors only, and the layout of their saved state:
+ *
+ *   | header (64 bytes) | mean[C] | invstd[C] | backend's extra (ReLU mask) |
+ *
+ * mean and invstd are C doubles each: the statistics that normalized x
+ * (batch statistics, or the running statistics of an eval forward). The
+ * header records which backend, operation, statistics mode and tensor
+ * description filled it, so that a backward can refuse memory that no
+ * forward of its op and shape filled (FBN_STATUS_INVALID_STATE).
  */
 #ifndef FUSEDBN_SRC_CPU_CPU_COMMON_H
 #define FUSEDBN_SRC_CPU_CPU_COMMON_H
 
-#include "internal.h"
+#include "backend.h"
 
-/* Allocate module->buffers[] for the options' buffers (freed on failure). */
-FBN_INTERNAL fbn_status fbn_cpu_buffers_alloc(fbn_module *m);
-FBN_INTERNAL void fbn_cpu_buffers_free(fbn_module *m);
-FBN_INTERNAL fbn_status fbn_cpu_buffer_read(const fbn_module *m, fbn_buffer which,
-                                            fbn_dtype dtype, void *dst);
-FBN_INTERNAL fbn_status fbn_cpu_buffer_write(fbn_module *m, fbn_buffer which, fbn_dtype dtype,
-                                             const void *src);
-FBN_INTERNAL fbn_status fbn_cpu_buffer_fill(fbn_module *m, fbn_buffer which, double value);
-/* float32 and float64 tensors only. */
-FBN_INTERNAL fbn_status fbn_cpu_check_desc(const fbn_module *m, const fbn_tensor_desc *d,
-                                           bool has_addend, bool batch_stats);
-/* 0 bytes: the CPU backends need no caller workspace. */
-FBN_INTERNAL fbn_status fbn_cpu_workspace_size(const fbn_module *m, const fbn_tensor_desc *d,
-                                               bool has_addend, bool batch_stats, bool backward,
-                                               size_t *bytes);
-/* Make s->payload at least `need` bytes, owned by `owner`. */
-FBN_INTERNAL fbn_status fbn_cpu_saved_reserve(fbn_saved *s, size_t need,
-                                              const fbn_backend *owner);
-FBN_INTERNAL void fbn_cpu_saved_free(fbn_saved *s);
+#define FBN_CPU_SAVED_HEADER_BYTES 64
+
+/* Memory hooks (fbn_backend.mem_*): aligned_alloc'd host memory. */
+FBN_INTERNAL fbn_status fbn_cpu_mem_alloc(int device_index, size_t bytes, void **ptr);
+FBN_INTERNAL void fbn_cpu_mem_free(int device_index, void *ptr);
+FBN_INTERNAL fbn_status fbn_cpu_mem_copy(int device_index, void *dst, const void *src,
+                                         size_t bytes, fbn_bk_copy kind);
+FBN_INTERNAL fbn_status fbn_cpu_mem_fill(int device_index, void *ptr, fbn_dtype dtype,
+                                         size_t count, double value);
+
+/* op_init of both CPU backends: float32 and float64 tensors only; no state. */
+FBN_INTERNAL fbn_status fbn_cpu_op_init(const fbn_op_desc *op, void **state);
+FBN_INTERNAL void fbn_cpu_op_fini(const fbn_op_desc *op, void *state);
+
+/* Bytes of saved state with extra bytes after the statistics. */
+FBN_INTERNAL size_t fbn_cpu_saved_bytes(const fbn_tensor_desc *d, size_t extra);
+/* The mean[C], invstd[C] arrays of saved state. */
+static inline double *fbn_cpu_saved_stats(void *saved) {
+  return (double *)(void *)((char *)saved + FBN_CPU_SAVED_HEADER_BYTES);
+}
+static inline const double *fbn_cpu_saved_stats_const(const void *saved) {
+  return (const double *)(const void *)((const char *)saved + FBN_CPU_SAVED_HEADER_BYTES);
+}
+/* The backend's extra bytes (after the statistics). */
+static inline void *fbn_cpu_saved_extra(void *saved, int64_t c) {
+  return (char *)saved + FBN_CPU_SAVED_HEADER_BYTES + 2 * (size_t)c * sizeof(double);
+}
+static inline const void *fbn_cpu_saved_extra_const(const void *saved, int64_t c) {
+  return (const char *)saved + FBN_CPU_SAVED_HEADER_BYTES + 2 * (size_t)c * sizeof(double);
+}
+/* Write the header after a forward of op on d by backend `owner`. */
+FBN_INTERNAL void fbn_cpu_saved_seal(void *saved, const fbn_backend *owner,
+                                     const fbn_op_desc *op, const fbn_tensor_desc *d);
+/* INVALID_STATE (message naming the rule) unless saved was sealed by a
+ * forward of owner with op's operation and statistics on d. */
+FBN_INTERNAL fbn_status fbn_cpu_saved_check(const void *saved, const fbn_backend *owner,
+                                            const fbn_op_desc *op, const fbn_tensor_desc *d);
 
 #endif /* FUSEDBN_SRC_CPU_CPU_COMMON_H */

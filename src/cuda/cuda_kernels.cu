@@ -104,13 +104,16 @@ template <typename T, typename F> cudaError_t with_width(int v, F f) {
 }
 
 // The ReLU gate of element i: mask bit when there is a mask, else !(y <= 0)
-// (a NaN y passes the gradient, as PyTorch's threshold_backward).
+// (a NaN y passes the gradient, as PyTorch's threshold_backward); open for
+// every element when there is neither (BN alone has no ReLU).
 template <typename T, typename I> struct Gate {
   const uint32_t *mask;
   const T *y;
   __device__ __forceinline__ bool operator()(I i) const {
     if (mask != nullptr)
       return (mask[i >> 5] >> (unsigned)(i & 31)) & 1u;
+    if (y == nullptr)
+      return true;
     return !(to_acc(y[i]) <= 0);
   }
   // Gates of elements i .. i + V - 1 as bits 0 .. V - 1; i % V == 0 and V
@@ -118,6 +121,8 @@ template <typename T, typename I> struct Gate {
   template <int V> __device__ __forceinline__ unsigned bits(I i) const {
     if (mask != nullptr)
       return (mask[i >> 5] >> (unsigned)(i & 31)) & ((1u << V) - 1u);
+    if (y == nullptr)
+      return (1u << V) - 1u;
     const Pack<T, V> yv = load_pack<V>(y + i);
     unsigned b = 0;
 #pragma unroll
@@ -126,7 +131,9 @@ template <typename T, typename I> struct Gate {
     return b;
   }
   // y is read only without a mask.
-  bool vec_ok(unsigned bytes) const { return mask != nullptr || aligned(y, bytes); }
+  bool vec_ok(unsigned bytes) const {
+    return mask != nullptr || y == nullptr || aligned(y, bytes);
+  }
 };
 
 // ---- reductions --------------------------------------------------------------
@@ -492,7 +499,8 @@ __global__ void eval_prepare_kernel(int64_t C, double eps, const P *weight, cons
 template <typename P, typename A>
 __global__ void grad_finalize_kernel(int64_t C, int64_t count, const double *partials, int slices,
                                      bool batch_stats, const P *weight, const P *mean,
-                                     const P *invstd, P *dweight, P *dbias, A *coef) {
+                                     const P *invstd, P *dweight, P *dbias, bool accumulate,
+                                     A *coef) {
   const int64_t c = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   if (c >= C)
     return; // the whole warp: c is the warp's channel
@@ -502,10 +510,11 @@ __global__ void grad_finalize_kernel(int64_t C, int64_t count, const double *par
   if ((threadIdx.x & 31) != 0)
     return;
   if (partials != nullptr) {
+    // Overwrite never reads the old value (it may be NaN or uninitialized).
     if (dweight != nullptr)
-      dweight[c] = (P)((double)dweight[c] + sum_gx);
+      dweight[c] = (P)(accumulate ? (double)dweight[c] + sum_gx : sum_gx);
     if (dbias != nullptr)
-      dbias[c] = (P)((double)dbias[c] + sum_g);
+      dbias[c] = (P)(accumulate ? (double)dbias[c] + sum_g : sum_g);
   }
   const double w = weight != nullptr ? (double)weight[c] : 1.0;
   const fbn_bn_grad_coef k =
@@ -522,7 +531,7 @@ __global__ void grad_finalize_kernel(int64_t C, int64_t count, const double *par
 
 template <typename T, bool NHWC, typename I>
 __global__ void apply_kernel(I numel, I C, I hw, const T *x, const T *z, T *y, uint32_t *mask,
-                             const typename AccOf<T>::type *coef) {
+                             const typename AccOf<T>::type *coef, bool with_relu) {
   typedef typename AccOf<T>::type A;
   const I stride = (I)gridDim.x * blockDim.x;
   for (I base = (I)blockIdx.x * blockDim.x; base < numel; base += stride) {
@@ -533,7 +542,7 @@ __global__ void apply_kernel(I numel, I C, I hw, const T *x, const T *z, T *y, u
       A v = (to_acc(x[i]) - coef[c]) * coef[C + c] + coef[2 * C + c];
       if (z != nullptr)
         v += to_acc(z[i]);
-      const T out = from_acc<T>(relu(v));
+      const T out = from_acc<T>(with_relu ? relu(v) : v);
       y[i] = out;
       positive = !(to_acc(out) <= A(0));
     }
@@ -626,7 +635,7 @@ __device__ __forceinline__ void store_mask_bits(uint32_t *mask, unsigned bits, I
 
 template <typename T, bool NHWC, typename I, int V>
 __global__ void apply_vec_kernel(I nvec, I C, I hw, const T *x, const T *z, T *y, uint32_t *mask,
-                                 const typename AccOf<T>::type *coef) {
+                                 const typename AccOf<T>::type *coef, bool with_relu) {
   typedef typename AccOf<T>::type A;
   const I stride = (I)gridDim.x * blockDim.x;
   for (I base = (I)blockIdx.x * blockDim.x; base < nvec; base += stride) {
@@ -647,7 +656,7 @@ __global__ void apply_vec_kernel(I nvec, I C, I hw, const T *x, const T *z, T *y
         A v = (to_acc(xv.v[j]) - mean.v[j]) * scale.v[j] + shift.v[j];
         if (z != nullptr)
           v += to_acc(zv.v[j]);
-        out.v[j] = from_acc<T>(relu(v));
+        out.v[j] = from_acc<T>(with_relu ? relu(v) : v);
         bits |= (unsigned)!(to_acc(out.v[j]) <= A(0)) << j;
       }
       store_pack<V>(y + i, out);
@@ -857,7 +866,9 @@ extern "C" cudaError_t fbn_k_eval_prepare(const fbn_k_shape *s, double eps, cons
 }
 
 extern "C" cudaError_t fbn_k_apply(const fbn_k_shape *s, const void *x, const void *z, void *y,
-                                   uint32_t *mask, const void *coef, cudaStream_t stream) {
+                                   uint32_t *mask, const void *coef, int with_relu,
+                                   cudaStream_t stream) {
+  const bool relu_on = with_relu != 0;
   return dispatch_dtype(s->dtype, [&](auto tag) {
     typedef decltype(tag) T;
     typedef typename AccOf<T>::type A;
@@ -879,17 +890,17 @@ extern "C" cudaError_t fbn_k_apply(const fbn_k_shape *s, const void *x, const vo
         if constexpr (V > 1) {
           if (s->nhwc)
             apply_vec_kernel<T, true, I, V>
-                <<<blocks, kThreads, 0, stream>>>(units, C, hw, xt, zt, yt, mask, ct);
+                <<<blocks, kThreads, 0, stream>>>(units, C, hw, xt, zt, yt, mask, ct, relu_on);
           else
             apply_vec_kernel<T, false, I, V>
-                <<<blocks, kThreads, 0, stream>>>(units, C, hw, xt, zt, yt, mask, ct);
+                <<<blocks, kThreads, 0, stream>>>(units, C, hw, xt, zt, yt, mask, ct, relu_on);
         } else {
           if (s->nhwc)
             apply_kernel<T, true, I>
-                <<<blocks, kThreads, 0, stream>>>(units, C, hw, xt, zt, yt, mask, ct);
+                <<<blocks, kThreads, 0, stream>>>(units, C, hw, xt, zt, yt, mask, ct, relu_on);
           else
             apply_kernel<T, false, I>
-                <<<blocks, kThreads, 0, stream>>>(units, C, hw, xt, zt, yt, mask, ct);
+                <<<blocks, kThreads, 0, stream>>>(units, C, hw, xt, zt, yt, mask, ct, relu_on);
         }
         return cudaGetLastError();
       });
@@ -975,19 +986,19 @@ extern "C" cudaError_t fbn_k_grad_reduce(const fbn_k_shape *s, const void *x, co
 extern "C" cudaError_t fbn_k_grad_finalize(const fbn_k_shape *s, const double *partials,
                                            int batch_stats, const void *weight, const void *mean,
                                            const void *invstd, void *dweight, void *dbias,
-                                           void *coef, cudaStream_t stream) {
+                                           int accumulate, void *coef, cudaStream_t stream) {
   const unsigned blocks = warp_channel_blocks(s->c);
   const int slices = fbn_k_reduce_slices(s);
   if (s->dtype == FBN_DTYPE_FLOAT64)
     grad_finalize_kernel<double, double><<<blocks, kThreads, 0, stream>>>(
         s->c, s->n * s->hw, partials, slices, batch_stats != 0, (const double *)weight,
         (const double *)mean, (const double *)invstd, (double *)dweight, (double *)dbias,
-        (double *)coef);
+        accumulate != 0, (double *)coef);
   else
     grad_finalize_kernel<float, float><<<blocks, kThreads, 0, stream>>>(
         s->c, s->n * s->hw, partials, slices, batch_stats != 0, (const float *)weight,
         (const float *)mean, (const float *)invstd, (float *)dweight, (float *)dbias,
-        (float *)coef);
+        accumulate != 0, (float *)coef);
   return cudaGetLastError();
 }
 

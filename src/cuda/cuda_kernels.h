@@ -73,10 +73,11 @@ fbn_k_eval_prepare(const fbn_k_shape *s, double eps, const void *weight, const v
                    void *save_invstd, void *coef, cudaStream_t stream);
 
 /* y = ReLU((x - mean) * scale + shift + z) in one pass (z may be NULL),
- * NaN propagating; mask (may be NULL) receives !(y <= 0). */
+ * NaN propagating; mask (may be NULL) receives !(y <= 0).  with_relu == 0
+ * (BN alone): y = (x - mean) * scale + shift, z and mask NULL. */
 __attribute__((visibility("hidden"))) cudaError_t
 fbn_k_apply(const fbn_k_shape *s, const void *x, const void *z, void *y, uint32_t *mask,
-            const void *coef, cudaStream_t stream);
+            const void *coef, int with_relu, cudaStream_t stream);
 
 /* y = ReLU(y + z) in place (z may be NULL), NaN propagating; mask (may be
  * NULL) receives !(y <= 0). */
@@ -84,7 +85,9 @@ __attribute__((visibility("hidden"))) cudaError_t
 fbn_k_add_relu(const fbn_k_shape *s, void *y, const void *z, uint32_t *mask, cudaStream_t stream);
 
 /* ---- backward ------------------------------------------------------------ */
-/* The ReLU gate comes from mask when it is not NULL, else from !(y <= 0) (a NaN y passes dy). */
+/* The ReLU gate comes from mask when it is not NULL, else from !(y <= 0) (a
+ * NaN y passes dy) when y is not NULL; with neither (BN alone: no ReLU) it
+ * is open, g = dy. */
 
 /* dz = dy * gate. */
 __attribute__((visibility("hidden"))) cudaError_t
@@ -98,13 +101,13 @@ fbn_k_grad_reduce(const fbn_k_shape *s, const void *x, const void *dy, const uin
                   cudaStream_t stream);
 
 /* Backward coefficients (k, mean, b, d) into coef; with partials (not
- * NULL) also dweight += sum(g xhat), dbias += sum(g) when those are not
- * NULL. partials may be NULL only when !batch_stats (then b = d = 0).
- * weight NULL = 1. */
+ * NULL) also dweight = sum(g xhat), dbias = sum(g) (accumulate != 0: +=)
+ * when those are not NULL. partials may be NULL only when !batch_stats
+ * (then b = d = 0). weight NULL = 1. */
 __attribute__((visibility("hidden"))) cudaError_t
 fbn_k_grad_finalize(const fbn_k_shape *s, const double *partials, int batch_stats,
                     const void *weight, const void *mean, const void *invstd, void *dweight,
-                    void *dbias, void *coef, cudaStream_t stream);
+                    void *dbias, int accumulate, void *coef, cudaStream_t stream);
 
 /* dz = dy * gate (dz may be NULL); dx = k dz + b (x - mean) + d (dx may be
  * NULL). */

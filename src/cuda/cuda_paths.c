@@ -52,12 +52,13 @@ bool fbn_cuda_size_gated(const fbn_cuda_limits *limits, double eps, const fbn_te
 }
 
 int fbn_cuda_select_path(const fbn_cuda_limits *limits, const fbn_cuda_refusals *refusals,
-                         fbn_bn_mode mode, double eps, const fbn_tensor_desc *d, bool has_addend,
+                         fbn_bn_mode mode, double eps, const fbn_tensor_desc *d, fbn_operation op,
                          bool batch_stats, const char **why) {
   const bool known_dtype = d->dtype == FBN_DTYPE_FLOAT32 || d->dtype == FBN_DTYPE_FLOAT64 ||
                            d->dtype == FBN_DTYPE_FLOAT16 || d->dtype == FBN_DTYPE_BFLOAT16;
-  if (!known_dtype || (d->layout != FBN_LAYOUT_NCHW && d->layout != FBN_LAYOUT_NHWC)) {
-    set_why(why, "unknown dtype or layout");
+  if (!known_dtype || (d->layout != FBN_LAYOUT_NCHW && d->layout != FBN_LAYOUT_NHWC) ||
+      !fbn_operation_valid(op)) {
+    set_why(why, "unknown dtype, layout or operation");
     return FBN_CUDA_PATH_ID_NONE;
   }
   if (!batch_stats) {
@@ -103,18 +104,24 @@ int fbn_cuda_select_path(const fbn_cuda_limits *limits, const fbn_cuda_refusals 
                  "(cuDNN's SPATIAL NHWC batch norm is several times slower)");
     return FBN_CUDA_PATH_ID_KERNELS;
   }
-  if (has_addend && d->c % 4 != 0) {
+  if (op == FBN_OPERATION_BN_ADD_RELU && d->c % 4 != 0) {
     set_why(why, "NHWC, C % 4 != 0 with an addend: CUDNN_BATCHNORM_OPS_BN_ADD_ACTIVATION needs "
                  "C % 4 == 0; fusedbn's own training kernels");
     return FBN_CUDA_PATH_ID_KERNELS;
   }
-  if (refusals != NULL &&
-      refusals->fused[dt][has_addend ? 1 : 0][d->c % 4 == 0 ? 1 : 0]) {
+  if (refusals != NULL && refusals->fused[dt][(int)op][d->c % 4 == 0 ? 1 : 0]) {
     set_why(why, "cuDNN refused the fused op for this class at run time; fusedbn's own "
                  "training kernels");
     return FBN_CUDA_PATH_ID_KERNELS;
   }
-  set_why(why, has_addend ? "NHWC float16/bfloat16, C % 4 == 0: cuDNN BN_ADD_ACTIVATION, SPATIAL_PERSISTENT"
-                          : "NHWC float16/bfloat16: cuDNN BN_ACTIVATION, SPATIAL_PERSISTENT");
+  switch (op) {
+  case FBN_OPERATION_BN_ADD_RELU:
+    set_why(why, "NHWC float16/bfloat16, C % 4 == 0: cuDNN BN_ADD_ACTIVATION, SPATIAL_PERSISTENT");
+    break;
+  case FBN_OPERATION_BN_RELU:
+    set_why(why, "NHWC float16/bfloat16: cuDNN BN_ACTIVATION, SPATIAL_PERSISTENT");
+    break;
+  default: set_why(why, "NHWC float16/bfloat16: cuDNN OPS_BN, SPATIAL_PERSISTENT"); break;
+  }
   return FBN_CUDA_PATH_ID_FUSED;
 }

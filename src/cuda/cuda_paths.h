@@ -1,8 +1,9 @@
 /*
- * Path selection of the cuDNN backend: a pure host function of the module
- * options, the tensor description, the mode and what the device refused at
- * run time.  No CUDA or cuDNN header needed: the limits come in as values
- * (cudnn_engine.h provides cuDNN's).
+ * Path selection of the cuDNN backend: a pure host function of the op
+ * description (operation, bn_mode, eps), the tensor description, the
+ * statistics and what the device refused at run time.  No CUDA or cuDNN
+ * header needed: the limits come in as values (cudnn_engine.h provides
+ * cuDNN's).
  */
 #ifndef FUSEDBN_SRC_CUDA_CUDA_PATHS_H
 #define FUSEDBN_SRC_CUDA_CUDA_PATHS_H
@@ -11,10 +12,10 @@
 #include <stdint.h>
 
 #include "fusedbn/fusedbn.h"
-#include "internal.h"
+#include "core/core.h"
 
 /* Mirrors fbn_cuda_path of fusedbn_cuda.h (kept equal by a static assert in
- * cuda_backend.c) so this header stays free of CUDA types. */
+ * src/api/cuda_api.c) so this header stays free of CUDA types. */
 enum {
   FBN_CUDA_PATH_ID_NONE = 0,
   FBN_CUDA_PATH_ID_FUSED = 1,
@@ -39,18 +40,18 @@ typedef struct fbn_cuda_limits {
 FBN_INTERNAL fbn_cuda_limits fbn_cuda_default_limits(void);
 
 /* What cuDNN refused on this device at run time. The fused op is tracked
- * per fbn_dtype, addend (BN_ADD_ACTIVATION vs BN_ACTIVATION) and whether
- * C % 4 == 0, so one refused shape class does not disable the others; plain
- * batch norm per fbn_dtype. */
+ * per fbn_dtype, operation (cuDNN's bnOps: BN, BN_ACTIVATION,
+ * BN_ADD_ACTIVATION) and whether C % 4 == 0, so one refused shape class
+ * does not disable the others; plain batch norm per fbn_dtype. */
 typedef struct fbn_cuda_refusals {
-  bool fused[4][2][2]; /* [dtype][has_addend][C % 4 == 0] */
+  bool fused[4][3][2]; /* [dtype][fbn_operation][C % 4 == 0] */
   bool bn[4];          /* plain cuDNN batch norm (OPS_BN, SPATIAL) */
 } fbn_cuda_refusals;
 
-/* The fused-refusal flag of desc / has_addend. */
+/* The fused-refusal flag of desc / operation (a valid fbn_operation). */
 static inline bool *fbn_cuda_fused_refusal(fbn_cuda_refusals *r, const fbn_tensor_desc *d,
-                                           bool has_addend) {
-  return &r->fused[d->dtype][has_addend ? 1 : 0][d->c % 4 == 0 ? 1 : 0];
+                                           fbn_operation op) {
+  return &r->fused[d->dtype][(int)op][d->c % 4 == 0 ? 1 : 0];
 }
 
 /* Whether a size or eps gate sends training to the kernels whatever the
@@ -59,11 +60,12 @@ static inline bool *fbn_cuda_fused_refusal(fbn_cuda_refusals *r, const fbn_tenso
 FBN_INTERNAL bool fbn_cuda_size_gated(const fbn_cuda_limits *limits, double eps,
                                       const fbn_tensor_desc *d);
 
-/* Which path a forward takes. refusals may be NULL (nothing refused).
- * *why (may be NULL) receives a static sentence for messages and docs. */
+/* Which path a forward of operation op takes (BN_ADD_RELU: with an
+ * addend). refusals may be NULL (nothing refused). *why (may be NULL)
+ * receives a static sentence for messages and docs. */
 FBN_INTERNAL int fbn_cuda_select_path(const fbn_cuda_limits *limits,
                                       const fbn_cuda_refusals *refusals, fbn_bn_mode mode,
-                                      double eps, const fbn_tensor_desc *desc, bool has_addend,
+                                      double eps, const fbn_tensor_desc *desc, fbn_operation op,
                                       bool batch_stats, const char **why);
 
 /* Where a training path falls back to when cuDNN refuses it at run time:

@@ -9,9 +9,10 @@
  *
  * Legacy engine (cudnn_legacy.c)
  *   FUSED    cudnnBatchNormalizationForwardTrainingEx / BackwardEx,
- *            SPATIAL_PERSISTENT, OPS_BN_ADD_ACTIVATION or OPS_BN_ACTIVATION,
- *            ReLU with CUDNN_PROPAGATE_NAN, workspace and reserve space sized
- *            by cuDNN's queries
+ *            SPATIAL_PERSISTENT, bnOps from the operation (OPS_BN,
+ *            OPS_BN_ACTIVATION, OPS_BN_ADD_ACTIVATION), ReLU with
+ *            CUDNN_PROPAGATE_NAN for the last two, workspace and reserve
+ *            space sized by cuDNN's queries
  *   GENERAL  cudnnBatchNormalizationForwardTraining / Backward, SPATIAL
  *            (OPS_BN; the add/ReLU/mask work is the backend's kernels)
  *   QUERY    cudnnQueryRuntimeError: the FP overflow the persistent kernels'
@@ -26,9 +27,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include "core/core.h"
 #include "cuda_paths.h"
-#include "fusedbn/fusedbn.h"
-#include "internal.h"
 
 /* Outcome of an engine call: code is the cudnnStatus_t (0 = success),
  * call the cuDNN function that returned it. */
@@ -80,7 +80,10 @@ FBN_INTERNAL fbn_status fbn_dnn_runtime_status(int rstatus);
 typedef struct fbn_dnn_plan {
   fbn_tensor_desc desc;
   int path; /* FBN_CUDA_PATH_ID_FUSED or _GENERAL */
-  bool has_addend;
+  /* The operation the plan runs (BN_ADD_RELU: with an addend). GENERAL
+   * plans are plain batch norm (OPS_BN) whatever the operation: the ReLU and
+   * the addend are the backend's kernels there. */
+  fbn_operation operation;
   int mode;    /* cudnnBatchNormMode_t */
   int bn_ops;  /* cudnnBatchNormOps_t */
   int data_type;  /* cudnnDataType_t of x, y, z, dy, dx, dz */
@@ -89,16 +92,18 @@ typedef struct fbn_dnn_plan {
   void *x_desc;
   /* cudnnTensorDescriptor_t 1xCx1x1 derived with cudnnDeriveBNTensorDescriptor. */
   void *bn_desc;
-  /* cudnnActivationDescriptor_t: ReLU, CUDNN_PROPAGATE_NAN, coef 0 (FUSED only). */
+  /* cudnnActivationDescriptor_t: ReLU, CUDNN_PROPAGATE_NAN, coef 0 (FUSED
+   * with a ReLU operation only, else NULL). */
   void *act_desc;
 } fbn_dnn_plan;
 
-/* Build the descriptors for desc on path (FUSED or GENERAL). Needs no GPU.
+/* Build the descriptors for desc on path (FUSED or GENERAL) and operation
+ * (a valid fbn_operation). Needs no GPU.
  * On failure everything built is destroyed and *plan zeroed. A desc whose
  * dimensions do not fit int fails with CUDNN_STATUS_BAD_PARAM_OUT_OF_BOUND
  * and call "fbn_dnn_plan_init (int overflow)" without calling cuDNN. */
 FBN_INTERNAL fbn_dnn_error fbn_dnn_plan_init(fbn_dnn_plan *plan, const fbn_tensor_desc *desc,
-                                             int path, bool has_addend);
+                                             int path, fbn_operation operation);
 FBN_INTERNAL void fbn_dnn_plan_fini(fbn_dnn_plan *plan);
 
 typedef struct fbn_dnn_sizes {
@@ -114,7 +119,7 @@ FBN_INTERNAL fbn_dnn_error fbn_dnn_plan_sizes(void *handle, const fbn_dnn_plan *
 
 typedef struct fbn_dnn_forward_args {
   const void *x;
-  const void *z; /* FUSED with addend only */
+  const void *z; /* FUSED BN_ADD_RELU only */
   void *y;
   const void *scale; /* never NULL: ones for affine == false */
   const void *bias;  /* never NULL: zeros for affine == false */
@@ -130,15 +135,16 @@ typedef struct fbn_dnn_forward_args {
   size_t reserve_bytes;
 } fbn_dnn_forward_args;
 
-/* FUSED: y = ReLU(BN(x) + z); GENERAL: y = BN(x). Batch statistics. */
+/* FUSED: y = BN(x), ReLU(BN(x)) or ReLU(BN(x) + z) by the plan's
+ * operation; GENERAL: y = BN(x). Batch statistics. */
 FBN_INTERNAL fbn_dnn_error fbn_dnn_forward_training(void *handle, const fbn_dnn_plan *plan,
                                                     const fbn_dnn_forward_args *args);
 
 typedef struct fbn_dnn_backward_args {
   const void *x;
-  const void *y;  /* FUSED: the forward's output */
-  const void *dy; /* FUSED: dL/dy; GENERAL: dL/d(BN output) = dy * mask */
-  void *dz;       /* FUSED with addend: receives dL/dz */
+  const void *y;  /* FUSED with a ReLU: the forward's output (else unused) */
+  const void *dy; /* FUSED: dL/dy; GENERAL: dL/d(BN output) (dy * mask with a ReLU) */
+  void *dz;       /* FUSED BN_ADD_RELU: receives dL/dz */
   void *dx;
   const void *scale;
   const void *bias;

@@ -161,7 +161,7 @@ static fbn_dnn_error plan_build(fbn_dnn_plan *plan, const fbn_tensor_desc *d) {
                                      &sw));
   plan->param_type = (int)param_type;
 
-  if (plan->path == FBN_CUDA_PATH_ID_FUSED) {
+  if (plan->path == FBN_CUDA_PATH_ID_FUSED && fbn_operation_has_relu(plan->operation)) {
     DNN_TRY(cudnnCreateActivationDescriptor(&act_desc));
     plan->act_desc = act_desc;
     DNN_TRY(cudnnSetActivationDescriptor(act_desc, CUDNN_ACTIVATION_RELU, CUDNN_PROPAGATE_NAN,
@@ -170,21 +170,30 @@ static fbn_dnn_error plan_build(fbn_dnn_plan *plan, const fbn_tensor_desc *d) {
   return dnn_result(CUDNN_STATUS_SUCCESS, NULL);
 }
 
+static cudnnBatchNormOps_t dnn_bn_ops(fbn_operation op) {
+  switch (op) {
+  case FBN_OPERATION_BN_ADD_RELU: return CUDNN_BATCHNORM_OPS_BN_ADD_ACTIVATION;
+  case FBN_OPERATION_BN_RELU: return CUDNN_BATCHNORM_OPS_BN_ACTIVATION;
+  default: return CUDNN_BATCHNORM_OPS_BN;
+  }
+}
+
 fbn_dnn_error fbn_dnn_plan_init(fbn_dnn_plan *plan, const fbn_tensor_desc *desc, int path,
-                                bool has_addend) {
+                                fbn_operation operation) {
   memset(plan, 0, sizeof *plan);
   if (path != FBN_CUDA_PATH_ID_FUSED && path != FBN_CUDA_PATH_ID_GENERAL)
     return dnn_result(CUDNN_STATUS_BAD_PARAM, "fbn_dnn_plan_init (path is not a cuDNN path)");
+  if (!fbn_operation_valid(operation))
+    return dnn_result(CUDNN_STATUS_BAD_PARAM, "fbn_dnn_plan_init (unknown operation)");
   if (!fbn_cuda_desc_fits_int(desc, INT32_MAX))
     return dnn_result(CUDNN_STATUS_BAD_PARAM_OUT_OF_BOUND, "fbn_dnn_plan_init (int overflow)");
   plan->desc = *desc;
   plan->path = path;
-  plan->has_addend = has_addend;
+  plan->operation = operation;
   plan->data_type = (int)dnn_data_type(desc->dtype);
   if (path == FBN_CUDA_PATH_ID_FUSED) {
     plan->mode = (int)CUDNN_BATCHNORM_SPATIAL_PERSISTENT;
-    plan->bn_ops = (int)(has_addend ? CUDNN_BATCHNORM_OPS_BN_ADD_ACTIVATION
-                                    : CUDNN_BATCHNORM_OPS_BN_ACTIVATION);
+    plan->bn_ops = (int)dnn_bn_ops(operation);
   } else {
     plan->mode = (int)CUDNN_BATCHNORM_SPATIAL;
     plan->bn_ops = (int)CUDNN_BATCHNORM_OPS_BN;
@@ -203,7 +212,7 @@ fbn_dnn_error fbn_dnn_plan_sizes(void *handle, const fbn_dnn_plan *plan, fbn_dnn
   const cudnnBatchNormMode_t mode = (cudnnBatchNormMode_t)plan->mode;
   const cudnnBatchNormOps_t ops = (cudnnBatchNormOps_t)plan->bn_ops;
   cudnnTensorDescriptor_t x = (cudnnTensorDescriptor_t)plan->x_desc;
-  cudnnTensorDescriptor_t z = plan->has_addend ? x : NULL;
+  cudnnTensorDescriptor_t z = plan->operation == FBN_OPERATION_BN_ADD_RELU ? x : NULL;
   cudnnTensorDescriptor_t bn = (cudnnTensorDescriptor_t)plan->bn_desc;
   cudnnActivationDescriptor_t act = (cudnnActivationDescriptor_t)plan->act_desc;
   DNN_TRY(cudnnGetBatchNormalizationForwardTrainingExWorkspaceSize(h, mode, ops, x, z, x, bn, act,
@@ -240,7 +249,7 @@ fbn_dnn_error fbn_dnn_forward_training(void *handle, const fbn_dnn_plan *plan,
   cudnnTensorDescriptor_t bn = (cudnnTensorDescriptor_t)plan->bn_desc;
   const dnn_scalar one = dnn_scalar_make(plan, 1.0), zero = dnn_scalar_make(plan, 0.0);
   if (plan->path == FBN_CUDA_PATH_ID_FUSED) {
-    const bool addend = plan->has_addend;
+    const bool addend = plan->operation == FBN_OPERATION_BN_ADD_RELU;
     DNN_TRY(cudnnBatchNormalizationForwardTrainingEx(
         h, mode, (cudnnBatchNormOps_t)plan->bn_ops, &one, &zero, x, a->x, addend ? x : NULL,
         addend ? a->z : NULL, x, a->y, bn, a->scale, a->bias, a->factor, a->running_mean,
@@ -264,10 +273,13 @@ fbn_dnn_error fbn_dnn_backward(void *handle, const fbn_dnn_plan *plan,
   const dnn_scalar one = dnn_scalar_make(plan, 1.0), zero = dnn_scalar_make(plan, 0.0);
   const dnn_scalar *beta_param = a->accumulate ? &one : &zero;
   if (plan->path == FBN_CUDA_PATH_ID_FUSED) {
-    const bool addend = plan->has_addend;
+    /* BN alone needs no y (nor bias: "needed if there is activation"). */
+    const bool addend = plan->operation == FBN_OPERATION_BN_ADD_RELU;
+    const bool relu = fbn_operation_has_relu(plan->operation);
     DNN_TRY(cudnnBatchNormalizationBackwardEx(
-        h, mode, (cudnnBatchNormOps_t)plan->bn_ops, &one, &zero, &one, beta_param, x, a->x, x,
-        a->y, x, a->dy, addend ? x : NULL, addend ? a->dz : NULL, x, a->dx, bn, a->scale, a->bias,
+        h, mode, (cudnnBatchNormOps_t)plan->bn_ops, &one, &zero, &one, beta_param, x, a->x,
+        relu ? x : NULL, relu ? a->y : NULL, x, a->dy, addend ? x : NULL, addend ? a->dz : NULL,
+        x, a->dx, bn, a->scale, a->bias,
         a->dscale, a->dbias, a->epsilon, a->saved_mean, a->saved_invstd,
         (cudnnActivationDescriptor_t)plan->act_desc, a->workspace, a->workspace_bytes,
         a->reserve, a->reserve_bytes));

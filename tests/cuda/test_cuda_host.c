@@ -2,21 +2,36 @@
  * Host-only tests of the cuDNN backend (suite 'cuda-host'): everything that
  * runs without a GPU.
  *
- *   descriptors   every cuDNN path x dtype x layout x addend: the engine's
+ *   descriptors   every cuDNN path x dtype x layout x operation: the engine's
  *                 tensor / batch-norm / activation descriptors, read back
  *                 with cuDNN's own getters; the int-overflow gate
  *   path table    docs/cuda-backend.md's table, parsed and checked against
- *                 fbn_cuda_plan_path() for every combination it covers, and
- *                 that its rows cover each combination exactly once; the
- *                 size gates and run-time refusals of the selection function
+ *                 fbn_cuda_plan_path() for every combination it covers
+ *                 (every operation; BN + add + ReLU without an addend takes
+ *                 BN + ReLU's path), and that its rows cover each
+ *                 combination exactly once; the size gates and run-time
+ *                 refusals (per operation) of the selection function
  *   factor        the API layer's factor sequence (momentum, cumulative
  *                 average) put through cuDNN's update formula (bn_math.h)
  *                 reproduces the CPU module's running statistics; the
  *                 shifted one-pass statistics; the backward coefficients
- *   no device     fbn_module_create(CUDA) is FBN_STATUS_NO_DEVICE with the
- *                 CUDA error text, 200 times (skipped where a GPU exists)
+ *   force path    FBN_CUDA_FORCE_PATH values other than general/kernels
+ *                 fail fbn_op_create(CUDA), before the device is looked at
+ *   no device     fbn_module_create(CUDA) of modules with buffers and
+ *                 fbn_op_create(CUDA) of every operation are
+ *                 FBN_STATUS_NO_DEVICE with the CUDA error text, 200 times
+ *                 (skipped where a GPU exists)
  *   runtime error fbn_cuda_module_check_runtime_error's argument checks and
  *                 the engine's mapping of cudnnQueryRuntimeError statuses
+ *   op entry      fbn_cuda_op_forward/backward/path/check_runtime_error: bad
+ *                 input gives a specific status and a message naming the
+ *                 call and the rule with nothing written; CPU ops through
+ *                 them give the bits of fbn_op_forward/backward (every
+ *                 operation, dweight/dbias overwritten and accumulated)
+ *
+ * The workspace and saved-state sizes of a CUDA op need the op, so a
+ * device: the GPU suites (test_gpu.c, test_gpu_ops.c) query them for every
+ * case they run.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -64,17 +79,25 @@ static cudnnDataType_t expected_data_type(fbn_dtype d) {
   }
 }
 
-static void check_plan(const fbn_tensor_desc *d, int path, bool has_addend) {
+static int expected_bn_ops(fbn_operation op) {
+  switch (op) {
+  case FBN_OPERATION_BN_ADD_RELU: return CUDNN_BATCHNORM_OPS_BN_ADD_ACTIVATION;
+  case FBN_OPERATION_BN_RELU: return CUDNN_BATCHNORM_OPS_BN_ACTIVATION;
+  default: return CUDNN_BATCHNORM_OPS_BN;
+  }
+}
+
+static void check_plan(const fbn_tensor_desc *d, int path, fbn_operation op) {
   fbn_dnn_plan plan;
-  fbn_dnn_error e = fbn_dnn_plan_init(&plan, d, path, has_addend);
+  fbn_dnn_error e = fbn_dnn_plan_init(&plan, d, path, op);
   if (!fbn_dnn_ok(e)) {
     char text[512];
     fbn_dnn_describe(e, text, sizeof text);
-    fail_msg("plan %s %s %s addend=%d: %s", fbn_cuda_path_id_name(path), fbnt_dtype_str(d->dtype),
-             fbnt_layout_str(d->layout), has_addend, text);
+    fail_msg("plan %s %s %s %s: %s", fbn_cuda_path_id_name(path), fbnt_dtype_str(d->dtype),
+             fbnt_layout_str(d->layout), fbn_operation_name(op), text);
   }
   assert_int_equal(plan.path, path);
-  assert_int_equal(plan.has_addend, has_addend);
+  assert_int_equal(plan.operation, op);
 
   /* x/y/z/dy/dx/dz descriptor: dims and the packed strides of the layout */
   cudnnDataType_t dt;
@@ -111,10 +134,14 @@ static void check_plan(const fbn_tensor_desc *d, int path, bool has_addend) {
   assert_int_equal(h, 1);
   assert_int_equal(w, 1);
 
-  if (path == FBN_CUDA_PATH_ID_FUSED) {
+  if (path == FBN_CUDA_PATH_ID_FUSED && op == FBN_OPERATION_BN) {
+    /* BN alone: OPS_BN in persistent mode, no activation descriptor */
     assert_int_equal(plan.mode, CUDNN_BATCHNORM_SPATIAL_PERSISTENT);
-    assert_int_equal(plan.bn_ops, has_addend ? CUDNN_BATCHNORM_OPS_BN_ADD_ACTIVATION
-                                             : CUDNN_BATCHNORM_OPS_BN_ACTIVATION);
+    assert_int_equal(plan.bn_ops, CUDNN_BATCHNORM_OPS_BN);
+    assert_null(plan.act_desc);
+  } else if (path == FBN_CUDA_PATH_ID_FUSED) {
+    assert_int_equal(plan.mode, CUDNN_BATCHNORM_SPATIAL_PERSISTENT);
+    assert_int_equal(plan.bn_ops, expected_bn_ops(op));
     assert_non_null(plan.act_desc);
     cudnnActivationMode_t mode;
     cudnnNanPropagation_t nan;
@@ -145,13 +172,19 @@ static void test_cuda_host_descriptors_every_path(void **state) {
     for (size_t p = 0; p < 2; p++)
       for (size_t t = 0; t < 4; t++)
         for (size_t l = 0; l < 2; l++)
-          for (int addend = 0; addend < 2; addend++) {
+          for (int op = 0; op < 3; op++) {
             fbn_tensor_desc d = fbn_tensor_desc_make(shapes[s][0], shapes[s][1], shapes[s][2],
                                                      shapes[s][3], all_dtypes[t], all_layouts[l]);
-            check_plan(&d, paths[p], addend != 0);
+            check_plan(&d, paths[p], (fbn_operation)op);
             built++;
           }
-  assert_int_equal(built, 4 * 2 * 4 * 2 * 2);
+  assert_int_equal(built, 4 * 2 * 4 * 2 * 3);
+  /* an operation outside the enum is refused without calling cuDNN */
+  fbn_tensor_desc d = fbn_tensor_desc_make(2, 4, 3, 3, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC);
+  fbn_dnn_plan plan;
+  fbn_dnn_error e = fbn_dnn_plan_init(&plan, &d, FBN_CUDA_PATH_ID_FUSED, (fbn_operation)3);
+  assert_int_equal(e.code, CUDNN_STATUS_BAD_PARAM);
+  assert_null(plan.x_desc);
 }
 
 static void test_cuda_host_descriptors_reject_int_overflow(void **state) {
@@ -166,7 +199,8 @@ static void test_cuda_host_descriptors_reject_int_overflow(void **state) {
   for (size_t i = 0; i < sizeof big / sizeof big[0]; i++) {
     assert_false(fbn_cuda_desc_fits_int(&big[i], INT32_MAX));
     fbn_dnn_plan plan;
-    fbn_dnn_error e = fbn_dnn_plan_init(&plan, &big[i], FBN_CUDA_PATH_ID_GENERAL, false);
+    fbn_dnn_error e = fbn_dnn_plan_init(&plan, &big[i], FBN_CUDA_PATH_ID_GENERAL,
+                                        FBN_OPERATION_BN_ADD_RELU);
     assert_int_equal(e.code, CUDNN_STATUS_BAD_PARAM_OUT_OF_BOUND);
     assert_non_null(e.call);
     assert_null(plan.x_desc);
@@ -178,7 +212,7 @@ static void test_cuda_host_descriptors_reject_int_overflow(void **state) {
   /* Eval is not a cuDNN path: the engine refuses to build it. */
   fbn_tensor_desc d = fbn_tensor_desc_make(2, 4, 3, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW);
   fbn_dnn_plan plan;
-  fbn_dnn_error e = fbn_dnn_plan_init(&plan, &d, FBN_CUDA_PATH_ID_EVAL, false);
+  fbn_dnn_error e = fbn_dnn_plan_init(&plan, &d, FBN_CUDA_PATH_ID_EVAL, FBN_OPERATION_BN);
   assert_int_equal(e.code, CUDNN_STATUS_BAD_PARAM);
 }
 
@@ -205,7 +239,7 @@ typedef struct table_row {
   unsigned dtypes;  /* bit per fbn_dtype */
   unsigned layouts; /* bit per fbn_layout */
   unsigned c_class; /* bit 0: C%4==0, bit 1: C%4!=0 */
-  unsigned addend;  /* bit 0: no, bit 1: yes */
+  unsigned ops;     /* bit per fbn_operation */
   unsigned modes;   /* bit per fbn_bn_mode */
   unsigned stats;   /* bit 0: eval, bit 1: training (batch statistics) */
   fbn_cuda_path path;
@@ -254,7 +288,7 @@ static size_t load_table(table_row *rows, size_t max) {
   static const char *const dtype_names[] = {"float32", "float64", "float16", "bfloat16"};
   static const char *const layout_names[] = {"NCHW", "NHWC"};
   static const char *const c_names[] = {"C%4==0", "C%4!=0"};
-  static const char *const addend_names[] = {"no", "yes"};
+  static const char *const op_names[] = {"bn", "bn_relu", "bn_add_relu"};
   static const char *const mode_names[] = {"AUTO", "SPATIAL"};
   static const char *const stats_names[] = {"eval", "training"};
   static const char *const path_names[] = {"none", "fused", "general", "kernels", "eval"};
@@ -293,7 +327,7 @@ static size_t load_table(table_row *rows, size_t max) {
     r->dtypes = parse_set(cells[0], dtype_names, 4, lineno);
     r->layouts = parse_set(cells[1], layout_names, 2, lineno);
     r->c_class = parse_set(cells[2], c_names, 2, lineno);
-    r->addend = parse_set(cells[3], addend_names, 2, lineno);
+    r->ops = parse_set(cells[3], op_names, 3, lineno);
     r->modes = parse_set(cells[4], mode_names, 2, lineno);
     r->stats = parse_set(cells[5], stats_names, 2, lineno);
     unsigned pbits = parse_set(cells[6], path_names, 5, lineno);
@@ -307,6 +341,27 @@ static size_t load_table(table_row *rows, size_t max) {
   return n;
 }
 
+/* The path fbn_cuda_plan_path gives a module of operation op (with an
+ * addend exactly for BN + add + ReLU, or without one: then it runs
+ * BN + ReLU). */
+static fbn_cuda_path plan_path_of(fbn_dtype dtype, fbn_layout layout, int64_t c,
+                                  fbn_operation op, bool has_addend, fbn_bn_mode mode,
+                                  bool training) {
+  fbn_module_options o;
+  fbn_module_options_init(&o);
+  o.num_features = c;
+  o.device = FBN_DEVICE_CUDA;
+  o.param_dtype = dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
+  o.bn_mode = mode;
+  o.operation = op;
+  fbn_tensor_desc d = fbn_tensor_desc_make(2, c, 3, 5, dtype, layout);
+  fbn_cuda_path got = (fbn_cuda_path)-1;
+  fbn_status s = fbn_cuda_plan_path(&o, &d, has_addend, training, &got);
+  if (s != FBN_STATUS_SUCCESS)
+    fail_msg("fbn_cuda_plan_path: %s: %s", fbn_status_string(s), fbn_last_error_message());
+  return got;
+}
+
 static void test_cuda_host_path_table_matches_docs(void **state) {
   (void)state;
   table_row rows[32];
@@ -316,77 +371,81 @@ static void test_cuda_host_path_table_matches_docs(void **state) {
   for (unsigned t = 0; t < 4; t++)
     for (unsigned l = 0; l < 2; l++)
       for (unsigned cc = 0; cc < 2; cc++)
-        for (unsigned a = 0; a < 2; a++)
+        for (unsigned a = 0; a < 3; a++)
           for (unsigned mo = 0; mo < 2; mo++)
             for (unsigned st = 0; st < 2; st++) {
               const table_row *match = NULL;
               for (size_t i = 0; i < nrows; i++) {
                 const table_row *r = &rows[i];
                 if ((r->dtypes >> t & 1) && (r->layouts >> l & 1) && (r->c_class >> cc & 1) &&
-                    (r->addend >> a & 1) && (r->modes >> mo & 1) && (r->stats >> st & 1)) {
+                    (r->ops >> a & 1) && (r->modes >> mo & 1) && (r->stats >> st & 1)) {
                   if (match != NULL)
                     fail_msg("docs/cuda-backend.md lines %d and %d both cover dtype %s layout %s "
-                             "C-class %u addend %u mode %u stats %u",
+                             "C-class %u operation %s mode %u stats %u",
                              match->line, r->line, fbnt_dtype_str(all_dtypes[t]),
-                             fbnt_layout_str(all_layouts[l]), cc, a, mo, st);
+                             fbnt_layout_str(all_layouts[l]), cc,
+                             fbn_operation_name((fbn_operation)a), mo, st);
                   match = r;
                 }
               }
               if (match == NULL)
                 fail_msg("docs/cuda-backend.md: no row covers dtype %s layout %s C-class %u "
-                         "addend %u mode %u stats %u",
-                         fbnt_dtype_str(all_dtypes[t]), fbnt_layout_str(all_layouts[l]), cc, a,
-                         mo, st);
+                         "operation %s mode %u stats %u",
+                         fbnt_dtype_str(all_dtypes[t]), fbnt_layout_str(all_layouts[l]), cc,
+                         fbn_operation_name((fbn_operation)a), mo, st);
               for (int k = 0; k < 3; k++) {
-                const fbn_dtype dtype = (fbn_dtype)t;
-                fbn_module_options o;
-                fbn_module_options_init(&o);
-                o.num_features = c_values[cc][k];
-                o.device = FBN_DEVICE_CUDA;
-                o.param_dtype =
-                    dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
-                o.bn_mode = (fbn_bn_mode)mo;
-                fbn_tensor_desc d = fbn_tensor_desc_make(2, o.num_features, 3, 5, dtype,
-                                                         (fbn_layout)l);
-                fbn_cuda_path got = (fbn_cuda_path)-1;
-                fbn_status s = fbn_cuda_plan_path(&o, &d, a == 1, st == 1, &got);
-                if (s != FBN_STATUS_SUCCESS)
-                  fail_msg("fbn_cuda_plan_path: %s: %s", fbn_status_string(s),
-                           fbn_last_error_message());
+                const fbn_operation op = (fbn_operation)a;
+                const fbn_cuda_path got =
+                    plan_path_of((fbn_dtype)t, (fbn_layout)l, c_values[cc][k], op,
+                                 op == FBN_OPERATION_BN_ADD_RELU, (fbn_bn_mode)mo, st == 1);
                 if (got != match->path)
-                  fail_msg("%s %s C=%lld addend=%u bn_mode=%u %s: fbn_cuda_plan_path says %s, "
+                  fail_msg("%s %s C=%lld %s bn_mode=%u %s: fbn_cuda_plan_path says %s, "
                            "docs/cuda-backend.md line %d says %s",
-                           fbnt_dtype_str(dtype), fbnt_layout_str(d.layout),
-                           (long long)o.num_features, a, mo, st ? "training" : "eval",
-                           fbn_cuda_path_name(got), match->line, fbn_cuda_path_name(match->path));
+                           fbnt_dtype_str((fbn_dtype)t), fbnt_layout_str((fbn_layout)l),
+                           (long long)c_values[cc][k], fbn_operation_name(op), mo,
+                           st ? "training" : "eval", fbn_cuda_path_name(got), match->line,
+                           fbn_cuda_path_name(match->path));
+                /* a BN + add + ReLU module called without an addend runs BN + ReLU */
+                if (op == FBN_OPERATION_BN_RELU) {
+                  const fbn_cuda_path no_addend =
+                      plan_path_of((fbn_dtype)t, (fbn_layout)l, c_values[cc][k],
+                                   FBN_OPERATION_BN_ADD_RELU, false, (fbn_bn_mode)mo, st == 1);
+                  if (no_addend != got)
+                    fail_msg("%s %s C=%lld: bn_add_relu without addend takes %s, bn_relu %s",
+                             fbnt_dtype_str((fbn_dtype)t), fbnt_layout_str((fbn_layout)l),
+                             (long long)c_values[cc][k], fbn_cuda_path_name(no_addend),
+                             fbn_cuda_path_name(got));
+                }
                 checked++;
               }
             }
-  assert_int_equal(checked, 4 * 2 * 2 * 2 * 2 * 2 * 3);
+  assert_int_equal(checked, 4 * 2 * 2 * 3 * 2 * 2 * 3);
+}
+
+/* fbn_cuda_select_path in mode AUTO. */
+static int sel(const fbn_cuda_limits *lim, const fbn_cuda_refusals *ref, double eps,
+               const fbn_tensor_desc *d, fbn_operation op, bool training, const char **why) {
+  return fbn_cuda_select_path(lim, ref, FBN_BN_MODE_AUTO, eps, d, op, training, why);
 }
 
 static void test_cuda_host_path_size_gates_and_refusals(void **state) {
   (void)state;
+  const fbn_operation add = FBN_OPERATION_BN_ADD_RELU, relu = FBN_OPERATION_BN_RELU,
+                      bn = FBN_OPERATION_BN;
   const fbn_cuda_limits lim = fbn_cuda_default_limits();
   const char *why = NULL;
   /* numel > INT32_MAX: kernels in training, eval stays eval */
   fbn_tensor_desc big = fbn_tensor_desc_make(64, 256, 512, 512, FBN_DTYPE_FLOAT16,
                                              FBN_LAYOUT_NHWC);
-  assert_int_equal(fbn_cuda_select_path(&lim, NULL, FBN_BN_MODE_AUTO, 1e-5, &big, true, true, &why),
-                   FBN_CUDA_PATH_ID_KERNELS);
+  assert_int_equal(sel(&lim, NULL, 1e-5, &big, add, true, &why), FBN_CUDA_PATH_ID_KERNELS);
   assert_non_null(strstr(why, "int"));
-  assert_int_equal(
-      fbn_cuda_select_path(&lim, NULL, FBN_BN_MODE_AUTO, 1e-5, &big, true, false, NULL),
-      FBN_CUDA_PATH_ID_EVAL);
+  assert_int_equal(sel(&lim, NULL, 1e-5, &big, add, false, NULL), FBN_CUDA_PATH_ID_EVAL);
   /* N at and above the 880801 limit */
   fbn_tensor_desc at = fbn_tensor_desc_make(880801, 4, 1, 1, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC);
   fbn_tensor_desc above = fbn_tensor_desc_make(880802, 4, 1, 1, FBN_DTYPE_FLOAT16,
                                                FBN_LAYOUT_NHWC);
-  assert_int_equal(fbn_cuda_select_path(&lim, NULL, FBN_BN_MODE_AUTO, 1e-5, &at, true, true, NULL),
-                   FBN_CUDA_PATH_ID_FUSED);
-  assert_int_equal(
-      fbn_cuda_select_path(&lim, NULL, FBN_BN_MODE_AUTO, 1e-5, &above, true, true, &why),
-      FBN_CUDA_PATH_ID_KERNELS);
+  assert_int_equal(sel(&lim, NULL, 1e-5, &at, add, true, NULL), FBN_CUDA_PATH_ID_FUSED);
+  assert_int_equal(sel(&lim, NULL, 1e-5, &above, add, true, &why), FBN_CUDA_PATH_ID_KERNELS);
   assert_non_null(strstr(why, "N above"));
   /* the public query agrees */
   fbn_module_options o;
@@ -402,38 +461,27 @@ static void test_cuda_host_path_size_gates_and_refusals(void **state) {
   fbn_tensor_desc d = fbn_tensor_desc_make(8, 16, 4, 4, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NCHW);
   assert_true(fbn_cuda_size_gated(&strict, 1e-6, &d));
   assert_false(fbn_cuda_size_gated(&strict, 1e-5, &d));
-  assert_int_equal(fbn_cuda_select_path(&strict, NULL, FBN_BN_MODE_AUTO, 1e-6, &d, false, true,
-                                        NULL),
-                   FBN_CUDA_PATH_ID_KERNELS);
-  assert_int_equal(fbn_cuda_select_path(&strict, NULL, FBN_BN_MODE_AUTO, 1e-5, &d, false, true,
-                                        NULL),
-                   FBN_CUDA_PATH_ID_GENERAL);
+  assert_int_equal(sel(&strict, NULL, 1e-6, &d, relu, true, NULL), FBN_CUDA_PATH_ID_KERNELS);
+  assert_int_equal(sel(&strict, NULL, 1e-5, &d, relu, true, NULL), FBN_CUDA_PATH_ID_GENERAL);
   /* run-time refusals, per dtype and class */
   fbn_cuda_refusals ref;
   memset(&ref, 0, sizeof ref);
   fbn_tensor_desc bf = fbn_tensor_desc_make(8, 16, 4, 4, FBN_DTYPE_BFLOAT16, FBN_LAYOUT_NHWC);
   fbn_tensor_desc hf = fbn_tensor_desc_make(8, 16, 4, 4, FBN_DTYPE_FLOAT16, FBN_LAYOUT_NHWC);
-  assert_int_equal(fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, true, true, NULL),
-                   FBN_CUDA_PATH_ID_FUSED);
-  *fbn_cuda_fused_refusal(&ref, &bf, true) = true;
-  assert_true(ref.fused[FBN_DTYPE_BFLOAT16][1][1]);
+  assert_int_equal(sel(&lim, &ref, 1e-5, &bf, add, true, NULL), FBN_CUDA_PATH_ID_FUSED);
+  *fbn_cuda_fused_refusal(&ref, &bf, FBN_OPERATION_BN_ADD_RELU) = true;
+  assert_true(ref.fused[FBN_DTYPE_BFLOAT16][FBN_OPERATION_BN_ADD_RELU][1]);
   /* NHWC without the fused op takes the kernels (cuDNN's plain NHWC batch
    * norm is the slow one); the run-time chain still passes through general
    * for the call that was refused */
-  assert_int_equal(fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, true, true, NULL),
-                   FBN_CUDA_PATH_ID_KERNELS);
-  /* only that class: without an addend bfloat16 still tries the fused op */
-  assert_int_equal(
-      fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, false, true, NULL),
-      FBN_CUDA_PATH_ID_FUSED);
-  assert_int_equal(fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &hf, true, true, NULL),
-                   FBN_CUDA_PATH_ID_FUSED);
+  assert_int_equal(sel(&lim, &ref, 1e-5, &bf, add, true, NULL), FBN_CUDA_PATH_ID_KERNELS);
+  /* only that class: BN alone and BN + ReLU in bfloat16 still try the fused op */
+  assert_int_equal(sel(&lim, &ref, 1e-5, &bf, bn, true, NULL), FBN_CUDA_PATH_ID_FUSED);
+  assert_int_equal(sel(&lim, &ref, 1e-5, &bf, relu, true, NULL), FBN_CUDA_PATH_ID_FUSED);
+  assert_int_equal(sel(&lim, &ref, 1e-5, &hf, add, true, NULL), FBN_CUDA_PATH_ID_FUSED);
   ref.bn[FBN_DTYPE_BFLOAT16] = true;
-  assert_int_equal(fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, true, true, NULL),
-                   FBN_CUDA_PATH_ID_KERNELS);
-  assert_int_equal(
-      fbn_cuda_select_path(&lim, &ref, FBN_BN_MODE_AUTO, 1e-5, &bf, true, false, NULL),
-      FBN_CUDA_PATH_ID_EVAL);
+  assert_int_equal(sel(&lim, &ref, 1e-5, &bf, add, true, NULL), FBN_CUDA_PATH_ID_KERNELS);
+  assert_int_equal(sel(&lim, &ref, 1e-5, &bf, add, false, NULL), FBN_CUDA_PATH_ID_EVAL);
   assert_int_equal(fbn_cuda_fallback_path(FBN_CUDA_PATH_ID_FUSED), FBN_CUDA_PATH_ID_GENERAL);
   assert_int_equal(fbn_cuda_fallback_path(FBN_CUDA_PATH_ID_GENERAL), FBN_CUDA_PATH_ID_KERNELS);
   assert_int_equal(fbn_cuda_fallback_path(FBN_CUDA_PATH_ID_KERNELS), FBN_CUDA_PATH_ID_NONE);
@@ -643,8 +691,9 @@ static void test_cuda_host_no_device(void **state) {
   o.num_features = 16;
   o.device = FBN_DEVICE_CUDA;
   for (int i = 0; i < 200; i++) {
+    /* modules that own buffers: their first device allocation fails */
     o.affine = (i & 1) != 0;
-    o.track_running_stats = (i & 2) != 0;
+    o.track_running_stats = (i & 1) == 0 || (i & 2) != 0;
     fbn_module *m = (fbn_module *)&o; /* must be reset to NULL */
     fbn_status s = fbn_module_create(&o, &m);
     assert_int_equal(s, FBN_STATUS_NO_DEVICE);
@@ -657,6 +706,25 @@ static void test_cuda_host_no_device(void **state) {
     if (i == 0)
       print_message("# NO_DEVICE message: %s\n", msg);
   }
+  /* CUDA ops: fbn_op_create says NO_DEVICE for every operation and
+   * statistics, with the CUDA text, and leaves *out NULL */
+  for (int op = 0; op < 3; op++)
+    for (int stats = 0; stats < 2; stats++) {
+      fbn_op_desc od;
+      fbn_op_desc_init(&od);
+      od.num_features = 8;
+      od.device = FBN_DEVICE_CUDA;
+      od.dtype = FBN_DTYPE_FLOAT16;
+      od.layout = FBN_LAYOUT_NHWC;
+      od.operation = (fbn_operation)op;
+      od.statistics = (fbn_statistics)stats;
+      fbn_op *cop = (fbn_op *)&od;
+      assert_int_equal(fbn_op_create(&od, &cop), FBN_STATUS_NO_DEVICE);
+      assert_null(cop);
+      const char *msg = fbn_last_error_message();
+      if (strstr(msg, "fbn_op_create") == NULL || strstr(msg, "cudaGetDeviceCount") == NULL)
+        fail_msg("fbn_op_create NO_DEVICE message lacks the call and CUDA text: \"%s\"", msg);
+    }
   /* the queries that need a CUDA module say so, and don't crash */
   fbn_module_options cpu;
   fbn_module_options_init(&cpu);
@@ -699,6 +767,34 @@ static void test_cuda_host_no_device(void **state) {
                    FBN_STATUS_INVALID_STATE);
   fbn_saved_destroy(saved);
   fbn_module_destroy(m);
+}
+
+/* FBN_CUDA_FORCE_PATH is read when a CUDA op is created, before the device
+ * is looked at: a value other than general/kernels fails the creation with
+ * a message naming the variable and the rule, on any machine. */
+static void test_cuda_host_force_path_checked_at_op_creation(void **state) {
+  (void)state;
+  static const char *const bad[] = {"fused", "KERNELS", "general ", "x"};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    assert_int_equal(setenv("FBN_CUDA_FORCE_PATH", bad[i], 1), 0);
+    for (int op = 0; op < 3; op++) {
+      fbn_op_desc od;
+      fbn_op_desc_init(&od);
+      od.num_features = 4;
+      od.device = FBN_DEVICE_CUDA;
+      od.operation = (fbn_operation)op;
+      fbn_op *cop = (fbn_op *)&od;
+      assert_int_equal(fbn_op_create(&od, &cop), FBN_STATUS_INVALID_VALUE);
+      assert_null(cop);
+      const char *msg = fbn_last_error_message();
+      if (strstr(msg, "fbn_op_create") == NULL || strstr(msg, "FBN_CUDA_FORCE_PATH") == NULL ||
+          strstr(msg, bad[i]) == NULL || strstr(msg, "\"general\" or \"kernels\"") == NULL)
+        fail_msg("FBN_CUDA_FORCE_PATH = \"%s\": message \"%s\" lacks the call, the value or "
+                 "the rule",
+                 bad[i], msg);
+    }
+  }
+  assert_int_equal(unsetenv("FBN_CUDA_FORCE_PATH"), 0);
 }
 
 /* ---- bad arguments of the public CUDA entry points (no device needed) ------------ */
@@ -862,6 +958,26 @@ static void test_cuda_host_plan_path_bad_arguments(void **state) {
                FBN_STATUS_INVALID_VALUE, opts[i].what, "fbn_cuda_plan_path", __LINE__);
     assert_int_equal(p, FBN_CUDA_PATH_NONE);
   }
+  /* an addend for an operation that takes none */
+  for (int op = 0; op < 2; op++) {
+    fbn_module_options no_add = o;
+    no_add.operation = (fbn_operation)op;
+    p = FBN_CUDA_PATH_FUSED;
+    bad_expect(NULL, fbn_cuda_plan_path(&no_add, &good, true, true, &p),
+               FBN_STATUS_INVALID_VALUE, "has_addend with bn/bn_relu", "fbn_cuda_plan_path",
+               __LINE__);
+    if (strstr(fbn_last_error_message(), "takes no addend") == NULL)
+      fail_msg("message \"%s\" does not give the rule", fbn_last_error_message());
+    assert_int_equal(p, FBN_CUDA_PATH_NONE);
+    assert_int_equal(fbn_cuda_plan_path(&no_add, &good, false, true, &p), FBN_STATUS_SUCCESS);
+  }
+  /* an unknown operation */
+  fbn_module_options bad_op = o;
+  bad_op.operation = (fbn_operation)3;
+  p = FBN_CUDA_PATH_FUSED;
+  bad_expect(NULL, fbn_cuda_plan_path(&bad_op, &good, false, true, &p), FBN_STATUS_INVALID_VALUE,
+             "operation = 3", "fbn_cuda_plan_path", __LINE__);
+  assert_int_equal(p, FBN_CUDA_PATH_NONE);
   /* path names of values outside the enum */
   assert_string_equal(fbn_cuda_path_name((fbn_cuda_path)-1), "none");
   assert_string_equal(fbn_cuda_path_name((fbn_cuda_path)5), "none");
@@ -1117,6 +1233,300 @@ static void test_cuda_host_runtime_error_engine(void **state) {
   }
 }
 
+/* ---- the op API's CUDA entry points (CPU ops: no device needed) ------------------- */
+
+typedef struct op_ctx {
+  fbn_op *op;
+  fbn_tensor_desc d;
+  size_t bytes, saved_bytes;
+  float *x, *z, *y, *dy, *dx, *dz;
+  float w[4], b[4], rm[4], rv[4], dw[4], db[4];
+  void *saved;
+  void *ws;
+  size_t ws_bytes;
+  /* copies of everything a failing call must leave alone */
+  float *copy[6];
+  float pcopy[6][4];
+} op_ctx;
+
+static float **op_tensor(op_ctx *c, int i) {
+  float **t[6] = {&c->x, &c->z, &c->y, &c->dy, &c->dx, &c->dz};
+  return t[i];
+}
+
+static float *op_param(op_ctx *c, int i) {
+  float *p[6] = {c->w, c->b, c->rm, c->rv, c->dw, c->db};
+  return p[i];
+}
+
+static void op_ctx_init(op_ctx *c, fbnt_rng *rng, fbn_operation operation) {
+  memset(c, 0, sizeof *c);
+  fbn_op_desc od;
+  fbn_op_desc_init(&od);
+  od.num_features = 4;
+  od.operation = operation;
+  assert_int_equal(fbn_op_create(&od, &c->op), FBN_STATUS_SUCCESS);
+  c->d = fbn_tensor_desc_make(2, 4, 3, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW);
+  c->bytes = fbnt_desc_numel(&c->d) * sizeof(float);
+  for (int i = 0; i < 6; i++) {
+    *op_tensor(c, i) = fbnt_tensor_alloc(&c->d);
+    fbnt_fill_channels(rng, &c->d, *op_tensor(c, i), NULL);
+  }
+  double v[4];
+  for (int i = 0; i < 6; i++) {
+    fbnt_fill_vector(rng, v, 4, 0.5, 2.0, i != 3, true);
+    for (int k = 0; k < 4; k++)
+      op_param(c, i)[k] = (float)v[k];
+  }
+  assert_int_equal(fbn_op_saved_size(c->op, &c->d, &c->saved_bytes), FBN_STATUS_SUCCESS);
+  assert_true(c->saved_bytes > 0);
+  c->saved = fbnt_alloc(c->saved_bytes);
+  size_t f = 0, b = 0;
+  assert_int_equal(fbn_op_forward_workspace_size(c->op, &c->d, &f), FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_op_backward_workspace_size(c->op, &c->d, &b), FBN_STATUS_SUCCESS);
+  c->ws_bytes = f > b ? f : b;
+  c->ws = c->ws_bytes > 0 ? fbnt_alloc(c->ws_bytes) : NULL;
+}
+
+static void op_ctx_snapshot(op_ctx *c) {
+  for (int i = 0; i < 6; i++) {
+    if (c->copy[i] == NULL)
+      c->copy[i] = fbnt_alloc(c->bytes);
+    memcpy(c->copy[i], *op_tensor(c, i), c->bytes);
+    memcpy(c->pcopy[i], op_param(c, i), sizeof c->pcopy[i]);
+  }
+}
+
+static void op_ctx_free(op_ctx *c) {
+  for (int i = 0; i < 6; i++) {
+    fbnt_free(*op_tensor(c, i));
+    fbnt_free(c->copy[i]);
+  }
+  fbnt_free(c->saved);
+  if (c->ws != NULL)
+    fbnt_free(c->ws);
+  fbn_op_destroy(c->op);
+}
+
+/* The status, a message naming name and the rule's words, nothing written. */
+static void op_bad_expect(op_ctx *c, fbn_status got, fbn_status want, const char *call,
+                          const char *name, const char *needle, int line) {
+  char msg[1024];
+  snprintf(msg, sizeof msg, "%s", fbn_last_error_message());
+  if (got != want)
+    fail_msg("line %d: %s returned %s, want %s (message: \"%s\")", line, call,
+             fbn_status_string(got), fbn_status_string(want), msg);
+  if (strstr(msg, name) == NULL || (needle != NULL && strstr(msg, needle) == NULL))
+    fail_msg("line %d: %s: message \"%s\" does not name %s and \"%s\"", line, call, msg, name,
+             needle != NULL ? needle : "");
+  for (int i = 0; i < 6; i++) {
+    if (memcmp(*op_tensor(c, i), c->copy[i], c->bytes) != 0)
+      fail_msg("line %d: %s wrote to tensor %d", line, call, i);
+    if (memcmp(op_param(c, i), c->pcopy[i], sizeof c->pcopy[i]) != 0)
+      fail_msg("line %d: %s wrote to per-channel array %d", line, call, i);
+  }
+}
+
+#define OP_BAD(name, call, want, needle)                                                         \
+  op_bad_expect(&ctx, (call), (want), #call, #name, (needle), __LINE__)
+
+static void test_cuda_host_op_entry_points_bad_arguments(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  op_ctx ctx, bn;
+  op_ctx_init(&ctx, &rng, FBN_OPERATION_BN_ADD_RELU);
+  op_ctx_init(&bn, &rng, FBN_OPERATION_BN_RELU);
+  const fbn_cuda_exec exec = {0, NULL};
+  /* a forward to give the backwards real saved state */
+  assert_int_equal(fbn_cuda_op_forward(ctx.op, &exec, &ctx.d, ctx.x, ctx.z, ctx.y, ctx.w, ctx.b,
+                                       ctx.rm, ctx.rv, 0.1, ctx.saved, ctx.saved_bytes, ctx.ws,
+                                       ctx.ws_bytes),
+                   FBN_STATUS_SUCCESS);
+  fbnt_tensor_poison(&ctx.d, ctx.dx);
+  op_ctx_snapshot(&ctx);
+  fbn_tensor_desc other = ctx.d;
+  other.c = 5;
+
+  OP_BAD(fbn_cuda_op_forward,
+         fbn_cuda_op_forward(NULL, &exec, &ctx.d, ctx.x, ctx.z, ctx.dx, ctx.w, ctx.b, ctx.rm,
+                             ctx.rv, 0.1, NULL, 0, NULL, 0),
+         FBN_STATUS_NULL_POINTER, "op is NULL");
+  OP_BAD(fbn_cuda_op_forward,
+         fbn_cuda_op_forward(ctx.op, &exec, NULL, ctx.x, ctx.z, ctx.dx, ctx.w, ctx.b, ctx.rm,
+                             ctx.rv, 0.1, NULL, 0, NULL, 0),
+         FBN_STATUS_NULL_POINTER, "x_desc is NULL");
+  OP_BAD(fbn_cuda_op_forward,
+         fbn_cuda_op_forward(ctx.op, &exec, &ctx.d, NULL, ctx.z, ctx.dx, ctx.w, ctx.b, ctx.rm,
+                             ctx.rv, 0.1, NULL, 0, NULL, 0),
+         FBN_STATUS_NULL_POINTER, "x is NULL");
+  OP_BAD(fbn_cuda_op_forward,
+         fbn_cuda_op_forward(ctx.op, &exec, &ctx.d, ctx.x, ctx.z, ctx.dx, ctx.w, ctx.b, ctx.rm,
+                             ctx.rv, 1.5, NULL, 0, NULL, 0),
+         FBN_STATUS_INVALID_VALUE, "factor");
+  OP_BAD(fbn_cuda_op_forward,
+         fbn_cuda_op_forward(ctx.op, &exec, &ctx.d, ctx.x, NULL, ctx.dx, ctx.w, ctx.b, ctx.rm,
+                             ctx.rv, 0.1, NULL, 0, NULL, 0),
+         FBN_STATUS_NULL_POINTER, "addend");
+  OP_BAD(fbn_cuda_op_forward,
+         fbn_cuda_op_forward(ctx.op, &exec, &other, ctx.x, ctx.z, ctx.dx, ctx.w, ctx.b, ctx.rm,
+                             ctx.rv, 0.1, NULL, 0, NULL, 0),
+         FBN_STATUS_SHAPE_MISMATCH, "num_features");
+  OP_BAD(fbn_cuda_op_forward,
+         fbn_cuda_op_forward(ctx.op, &exec, &ctx.d, ctx.x, ctx.z, ctx.dx, ctx.w, ctx.b, ctx.rm,
+                             NULL, 0.1, NULL, 0, NULL, 0),
+         FBN_STATUS_INVALID_VALUE, "running_var");
+  OP_BAD(fbn_cuda_op_forward,
+         fbn_cuda_op_forward(ctx.op, &exec, &ctx.d, ctx.x, ctx.z, ctx.dx, ctx.w, ctx.b, ctx.rm,
+                             ctx.rv, 0.1, ctx.dz, 16, NULL, 0),
+         FBN_STATUS_INSUFFICIENT_WORKSPACE, "saved");
+  OP_BAD(fbn_cuda_op_forward,
+         fbn_cuda_op_forward(ctx.op, &exec, &ctx.d, ctx.x, ctx.z, ctx.x, ctx.w, ctx.b, ctx.rm,
+                             ctx.rv, 0.1, NULL, 0, NULL, 0),
+         FBN_STATUS_ALIASING, "y overlaps x");
+  /* BN + ReLU takes no addend */
+  op_ctx_snapshot(&bn);
+#define BN_BAD(name, call, want, needle)                                                         \
+  op_bad_expect(&bn, (call), (want), #call, #name, (needle), __LINE__)
+  BN_BAD(fbn_cuda_op_forward,
+         fbn_cuda_op_forward(bn.op, &exec, &bn.d, bn.x, bn.z, bn.dx, bn.w, bn.b, bn.rm, bn.rv,
+                             0.1, NULL, 0, NULL, 0),
+         FBN_STATUS_INVALID_VALUE, "takes no addend");
+
+  OP_BAD(fbn_cuda_op_backward,
+         fbn_cuda_op_backward(NULL, &exec, &ctx.d, ctx.x, ctx.y, ctx.dy, ctx.saved,
+                              ctx.saved_bytes, ctx.w, ctx.b, ctx.dx, NULL, NULL, NULL,
+                              FBN_PARAM_GRAD_OVERWRITE, NULL, 0),
+         FBN_STATUS_NULL_POINTER, "op is NULL");
+  OP_BAD(fbn_cuda_op_backward,
+         fbn_cuda_op_backward(ctx.op, &exec, &ctx.d, ctx.x, ctx.y, NULL, ctx.saved,
+                              ctx.saved_bytes, ctx.w, ctx.b, ctx.dx, NULL, NULL, NULL,
+                              FBN_PARAM_GRAD_OVERWRITE, NULL, 0),
+         FBN_STATUS_NULL_POINTER, "dy is NULL");
+  OP_BAD(fbn_cuda_op_backward,
+         fbn_cuda_op_backward(ctx.op, &exec, &ctx.d, ctx.x, NULL, ctx.dy, ctx.saved,
+                              ctx.saved_bytes, ctx.w, ctx.b, ctx.dx, NULL, NULL, NULL,
+                              FBN_PARAM_GRAD_OVERWRITE, NULL, 0),
+         FBN_STATUS_NULL_POINTER, "y is NULL");
+  OP_BAD(fbn_cuda_op_backward,
+         fbn_cuda_op_backward(ctx.op, &exec, &ctx.d, ctx.x, ctx.y, ctx.dy, NULL, 0, ctx.w, ctx.b,
+                              ctx.dx, NULL, NULL, NULL, FBN_PARAM_GRAD_OVERWRITE, NULL, 0),
+         FBN_STATUS_NULL_POINTER, "saved is NULL");
+  OP_BAD(fbn_cuda_op_backward,
+         fbn_cuda_op_backward(ctx.op, &exec, &ctx.d, ctx.x, ctx.y, ctx.dy, ctx.saved,
+                              ctx.saved_bytes, ctx.w, ctx.b, ctx.dx, NULL, ctx.dw, ctx.db,
+                              (fbn_param_grad)7, NULL, 0),
+         FBN_STATUS_INVALID_VALUE, "param_grad");
+  OP_BAD(fbn_cuda_op_backward,
+         fbn_cuda_op_backward(ctx.op, &exec, &ctx.d, ctx.x, ctx.y, ctx.dy, ctx.saved, 8, ctx.w,
+                              ctx.b, ctx.dx, NULL, NULL, NULL, FBN_PARAM_GRAD_OVERWRITE, NULL, 0),
+         FBN_STATUS_INSUFFICIENT_WORKSPACE, "saved");
+  OP_BAD(fbn_cuda_op_backward,
+         fbn_cuda_op_backward(ctx.op, &exec, &ctx.d, ctx.x, ctx.y, ctx.dy, ctx.saved,
+                              ctx.saved_bytes, ctx.w, ctx.b, ctx.dy, NULL, NULL, NULL,
+                              FBN_PARAM_GRAD_OVERWRITE, NULL, 0),
+         FBN_STATUS_ALIASING, "dx overlaps");
+  BN_BAD(fbn_cuda_op_backward,
+         fbn_cuda_op_backward(bn.op, &exec, &bn.d, bn.x, bn.y, bn.dy, bn.saved, bn.saved_bytes,
+                              bn.w, bn.b, bn.dx, bn.dz, NULL, NULL, FBN_PARAM_GRAD_OVERWRITE,
+                              NULL, 0),
+         FBN_STATUS_INVALID_VALUE, "no addend");
+#undef BN_BAD
+
+  /* path and run-time error queries want a CUDA op */
+  fbn_cuda_path p = FBN_CUDA_PATH_FUSED;
+  OP_BAD(fbn_cuda_op_path, fbn_cuda_op_path(NULL, &ctx.d, &p), FBN_STATUS_NULL_POINTER,
+         "op is NULL");
+  assert_int_equal(p, FBN_CUDA_PATH_NONE);
+  OP_BAD(fbn_cuda_op_path, fbn_cuda_op_path(ctx.op, &ctx.d, NULL), FBN_STATUS_NULL_POINTER,
+         "path is NULL");
+  p = FBN_CUDA_PATH_FUSED;
+  OP_BAD(fbn_cuda_op_path, fbn_cuda_op_path(ctx.op, &ctx.d, &p), FBN_STATUS_INVALID_VALUE,
+         "not a CUDA op");
+  assert_int_equal(p, FBN_CUDA_PATH_NONE);
+  fbn_status result = FBN_STATUS_SUCCESS;
+  OP_BAD(fbn_cuda_op_check_runtime_error,
+         fbn_cuda_op_check_runtime_error(ctx.op, &exec, true, NULL), FBN_STATUS_NULL_POINTER,
+         "result is NULL");
+  OP_BAD(fbn_cuda_op_check_runtime_error,
+         fbn_cuda_op_check_runtime_error(NULL, &exec, false, &result), FBN_STATUS_NULL_POINTER,
+         "op is NULL");
+  assert_int_equal(result, FBN_STATUS_NULL_POINTER);
+  result = FBN_STATUS_SUCCESS;
+  OP_BAD(fbn_cuda_op_check_runtime_error,
+         fbn_cuda_op_check_runtime_error(ctx.op, NULL, true, &result), FBN_STATUS_INVALID_VALUE,
+         "not a CUDA op");
+  assert_int_equal(result, FBN_STATUS_INVALID_VALUE);
+  op_ctx_free(&ctx);
+  op_ctx_free(&bn);
+}
+#undef OP_BAD
+
+/* A CPU op through the CUDA entry points computes what fbn_op_forward /
+ * fbn_op_backward compute, bit for bit (the launch context is unused), for
+ * every operation, both gradient modes. */
+static void test_cuda_host_op_entry_points_run_cpu_ops(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  for (int op = 0; op < 3; op++)
+    for (int accumulate = 0; accumulate < 2; accumulate++) {
+      op_ctx a;
+      op_ctx_init(&a, &rng, (fbn_operation)op);
+      const bool addend = op == FBN_OPERATION_BN_ADD_RELU;
+      const fbn_param_grad pg = accumulate ? FBN_PARAM_GRAD_ACCUMULATE : FBN_PARAM_GRAD_OVERWRITE;
+      float *y2 = fbnt_tensor_alloc(&a.d), *dx2 = fbnt_tensor_alloc(&a.d),
+            *dz2 = fbnt_tensor_alloc(&a.d);
+      void *saved2 = fbnt_alloc(a.saved_bytes);
+      float rm2[4], rv2[4], dw2[4], db2[4];
+      memcpy(rm2, a.rm, sizeof rm2);
+      memcpy(rv2, a.rv, sizeof rv2);
+      memcpy(dw2, a.dw, sizeof dw2);
+      memcpy(db2, a.db, sizeof db2);
+      fbnt_tensor_poison(&a.d, a.y);
+      fbnt_tensor_poison(&a.d, y2);
+      const fbn_cuda_exec exec = {0, NULL};
+      assert_int_equal(fbn_cuda_op_forward(a.op, &exec, &a.d, a.x, addend ? a.z : NULL, a.y, a.w,
+                                           a.b, a.rm, a.rv, 0.25, a.saved, a.saved_bytes, a.ws,
+                                           a.ws_bytes),
+                       FBN_STATUS_SUCCESS);
+      assert_int_equal(fbn_op_forward(a.op, &a.d, a.x, addend ? a.z : NULL, y2, a.w, a.b, rm2,
+                                      rv2, 0.25, saved2, a.saved_bytes, a.ws, a.ws_bytes),
+                       FBN_STATUS_SUCCESS);
+      assert_memory_equal(a.y, y2, a.bytes);
+      assert_memory_equal(a.rm, rm2, sizeof rm2);
+      assert_memory_equal(a.rv, rv2, sizeof rv2);
+      /* y is no longer the poison: the forward wrote every element */
+      for (size_t i = 0; i < fbnt_desc_numel(&a.d); i++)
+        assert_false(isnan(a.y[i]));
+      fbnt_tensor_poison(&a.d, a.dx);
+      fbnt_tensor_poison(&a.d, dx2);
+      fbnt_tensor_poison(&a.d, a.dz);
+      fbnt_tensor_poison(&a.d, dz2);
+      const void *yb = op == FBN_OPERATION_BN ? NULL : a.y;
+      assert_int_equal(fbn_cuda_op_backward(a.op, NULL, &a.d, a.x, yb, a.dy, a.saved,
+                                            a.saved_bytes, a.w, a.b, a.dx, addend ? a.dz : NULL,
+                                            a.dw, a.db, pg, a.ws, a.ws_bytes),
+                       FBN_STATUS_SUCCESS);
+      assert_int_equal(fbn_op_backward(a.op, &a.d, a.x, op == FBN_OPERATION_BN ? NULL : y2, a.dy,
+                                       saved2, a.saved_bytes, a.w, a.b, dx2,
+                                       addend ? dz2 : NULL, dw2, db2, pg, a.ws, a.ws_bytes),
+                       FBN_STATUS_SUCCESS);
+      assert_memory_equal(a.dx, dx2, a.bytes);
+      if (addend)
+        assert_memory_equal(a.dz, dz2, a.bytes);
+      assert_memory_equal(a.dw, dw2, sizeof dw2);
+      assert_memory_equal(a.db, db2, sizeof db2);
+      for (size_t i = 0; i < fbnt_desc_numel(&a.d); i++)
+        assert_false(isnan(a.dx[i]));
+      fbnt_free(y2);
+      fbnt_free(dx2);
+      fbnt_free(dz2);
+      fbnt_free(saved2);
+      op_ctx_free(&a);
+    }
+}
+
 int main(int argc, char **argv) {
   fbnt_parse_args(argc, argv);
   const struct CMUnitTest tests[] = {
@@ -1131,11 +1541,14 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_cuda_host_shifted_statistics),
       cmocka_unit_test(test_cuda_host_grad_coefficients),
       cmocka_unit_test(test_cuda_host_no_device),
+      cmocka_unit_test(test_cuda_host_force_path_checked_at_op_creation),
       cmocka_unit_test(test_cuda_host_plan_path_bad_arguments),
       cmocka_unit_test(test_cuda_host_queries_bad_arguments),
       cmocka_unit_test(test_cuda_host_forward_backward_bad_arguments),
       cmocka_unit_test(test_cuda_host_runtime_error_bad_arguments),
       cmocka_unit_test(test_cuda_host_runtime_error_engine),
+      cmocka_unit_test(test_cuda_host_op_entry_points_bad_arguments),
+      cmocka_unit_test(test_cuda_host_op_entry_points_run_cpu_ops),
   };
   return cmocka_run_group_tests_name("cuda-host", tests, NULL, NULL);
 }

@@ -500,15 +500,16 @@ static void set_force(const char *force) {
     unsetenv("FBN_CUDA_FORCE_PATH");
 }
 
-/* The GPU module of g (random state, created under g's forced path) and its
- * CPU twin with the same state. */
+/* The GPU module of g (random state) and its CPU twin with the same state.
+ * g's forced path is set here and stays set until the caller's
+ * set_force(NULL): a module reads it when it creates its ops (its first call
+ * of each kind). */
 static void create_pair(const gcase *g, const char *name, fbnt_rng *rng, fbn_module **gm,
                         fbn_module **cm) {
   const fbn_module_options go = gcase_options(g, FBN_DEVICE_CUDA);
   const fbn_module_options co = gcase_options(g, FBN_DEVICE_CPU);
   set_force(g->force);
   const fbn_status s = fbnt_module_create_pair(rng, &go, &co, gm, cm);
-  set_force(NULL);
   if (s != FBN_STATUS_SUCCESS)
     fail_msg("%s: creating the CUDA module and its CPU twin: %s: %s", name, fbn_status_string(s),
              fbn_last_error_message());
@@ -539,6 +540,7 @@ static bool run_gcase(const gcase *g, fbnt_rng *rng) {
     caller_check_and_fini(&cc);
   fbn_module_destroy(gm);
   fbn_module_destroy(cm);
+  set_force(NULL);
   if (!ok)
     print_error("FAILED: %s\n", name);
   return ok;
@@ -747,10 +749,9 @@ static void test_gpu_paths_agree(void **state) {
   double *y[3], *dx[3], *da[3], grads[3][2][64], running[3][2][64];
   for (int p = 0; p < 3; p++) {
     const fbn_module_options o = fbnt_options(&(fbnt_spec){.c = 64, .device = FBN_DEVICE_CUDA});
-    set_force(all_forces[p]);
+    set_force(all_forces[p]); /* read when the module creates its ops */
     fbn_module *m = NULL;
     fbn_status s = fbn_module_create(&o, &m);
-    set_force(NULL);
     FBN_OK(s);
     fbn_saved *sv = NULL;
     FBN_OK(fbn_saved_create(&sv));
@@ -774,6 +775,7 @@ static void test_gpu_paths_agree(void **state) {
     dev_free(dad);
     fbn_saved_destroy(sv);
     fbn_module_destroy(m);
+    set_force(NULL);
   }
   bool ok = true;
   const tol t = tensor_tol(FBN_DTYPE_FLOAT16, 1.0);

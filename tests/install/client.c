@@ -5,7 +5,8 @@
  *
  * It checks that the installed header and library agree (version), runs one
  * training step on the CPU and compares y, dx, daddend and the running
- * statistics with a float64 computation written out below, checks an error
+ * statistics with a float64 computation written out below, runs the same
+ * step through the op API on memory it owns (same results), checks an error
  * path, and, when the build has them, round-trips the state through the
  * installed fusedbn_state.h (CLIENT_STATE_IO), and asks the installed
  * fusedbn_cuda.h for a plan (a host function) and creates a CUDA module
@@ -146,6 +147,56 @@ int main(void) {
           EXPECT(close_to(dx[i], want, 4.0 * weight[c] * invstd), "dx[%zu] = %g, want %g", i,
                  dx[i], want);
         }
+  }
+
+  /* The same training step through the op API on memory the client owns:
+   * the module is a wrapper over it, so every result is the same. */
+  {
+    fbn_op_desc od;
+    fbn_op_desc_init(&od);
+    od.num_features = C;
+    fbn_op *op = NULL;
+    EXPECT_OK(fbn_op_create(&od, &op));
+    size_t saved_bytes = 0, fws = 0, bws = 0;
+    EXPECT_OK(fbn_op_saved_size(op, &d, &saved_bytes));
+    EXPECT_OK(fbn_op_forward_workspace_size(op, &d, &fws));
+    EXPECT_OK(fbn_op_backward_workspace_size(op, &d, &bws));
+    const size_t ws_bytes = fws > bws ? fws : bws;
+    void *op_saved = aligned_alloc(FBN_OP_MEMORY_ALIGNMENT, (saved_bytes + 63) / 64 * 64);
+    void *ws = ws_bytes > 0 ? aligned_alloc(FBN_OP_MEMORY_ALIGNMENT, (ws_bytes + 63) / 64 * 64)
+                            : NULL;
+    float rm[C], rv[C], dw[C], db[C], module_dw[C], module_db[C];
+    static float y2[COUNT], dx2[COUNT], dz2[COUNT];
+    for (int c = 0; c < C; c++) {
+      rm[c] = 0.0f;
+      rv[c] = 1.0f;
+      dw[c] = db[c] = NAN; /* overwritten */
+    }
+    for (int i = 0; i < COUNT; i++)
+      y2[i] = dx2[i] = dz2[i] = NAN;
+    double factor = 0.0;
+    EXPECT_OK(fbn_running_average_factor(0.1, false, 1, &factor));
+    if (op != NULL && op_saved != NULL && (ws != NULL || ws_bytes == 0)) {
+      EXPECT_OK(fbn_op_forward(op, &d, x, z, y2, weight, bias, rm, rv, factor, op_saved,
+                               saved_bytes, ws, fws));
+      EXPECT_OK(fbn_op_backward(op, &d, x, y2, dy, op_saved, saved_bytes, weight, bias, dx2, dz2,
+                                dw, db, FBN_PARAM_GRAD_OVERWRITE, ws, bws));
+      EXPECT(memcmp(y, y2, sizeof y) == 0, "op API y differs from the module's");
+      EXPECT(memcmp(dx, dx2, sizeof dx) == 0, "op API dx differs from the module's");
+      EXPECT(memcmp(dz, dz2, sizeof dz) == 0, "op API daddend differs from the module's");
+      EXPECT(memcmp(rm, running_mean, sizeof rm) == 0, "op API running_mean differs");
+      EXPECT(memcmp(rv, running_var, sizeof rv) == 0, "op API running_var differs");
+      EXPECT_OK(fbn_module_read_buffer(bn, FBN_BUFFER_WEIGHT_GRAD, FBN_DTYPE_FLOAT32, module_dw, C));
+      EXPECT_OK(fbn_module_read_buffer(bn, FBN_BUFFER_BIAS_GRAD, FBN_DTYPE_FLOAT32, module_db, C));
+      for (int c = 0; c < C; c++)
+        EXPECT(dw[c] == module_dw[c] && db[c] == module_db[c],
+               "op API dweight/dbias[%d] = %g/%g, module %g/%g", c, dw[c], db[c], module_dw[c],
+               module_db[c]);
+      printf("client: op API training step checked\n");
+    }
+    free(op_saved);
+    free(ws);
+    fbn_op_destroy(op);
   }
 
   /* An error: a status, a message naming the call, no crash. */

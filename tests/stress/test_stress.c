@@ -17,6 +17,10 @@
  * num_batches_tracked, dx, daddend, accumulated dweight/dbias), so a fault
  * that silently corrupted the module would show up there.
  *
+ * A second test cycles through the op API the same way (test_stress_op_cycles:
+ * the fast backend's op against the reference's on the same caller memory,
+ * with one bad argument in most cycles).
+ *
  * Leaks are caught by LeakSanitizer in the sanitizer build of
  * scripts/test (every allocation of a cycle, failing ones included, is
  * freed before the next).  FBN_STRESS_CYCLES overrides the number of
@@ -1005,11 +1009,267 @@ static void test_stress_create_destroy_only(void **state) {
   fbn_saved_destroy(NULL);
 }
 
+/* ---- the op API --------------------------------------------------------- */
+
+/*
+ * Cycles through the op API: a random description (operation, affine,
+ * batch or running statistics, tracked, layout, dtype) and shape, an op of
+ * the fast backend and one of the float64 reference, forward and backward
+ * of both on the same caller memory, compared element by element; in most
+ * cycles one bad argument first (to forward or backward), which must fail
+ * with its status and leave every output, the running statistics and the
+ * saved memory untouched.
+ */
+typedef enum op_fault {
+  OP_FAULT_NONE,
+  OP_FAULT_FACTOR,
+  OP_FAULT_ADDEND,
+  OP_FAULT_SAVED_SMALL,
+  OP_FAULT_SAVED_MISALIGNED,
+  OP_FAULT_CHANNELS,
+  OP_FAULT_GRAD_MODE,
+  OP_FAULT_BWD_SAVED_SMALL,
+  OP_FAULT_COUNT,
+} op_fault;
+
+static fbn_op *op_make(const fbn_op_desc *od, const char *backend) {
+  assert_int_equal(setenv("FBN_CPU_BACKEND", backend, 1), 0);
+  fbn_op *op = NULL;
+  assert_int_equal(fbn_op_create(od, &op), FBN_STATUS_SUCCESS);
+  unsetenv("FBN_CPU_BACKEND");
+  return op;
+}
+
+static void *op_alloc_sized(const fbn_op *op, const fbn_tensor_desc *d,
+                            fbn_status (*q)(const fbn_op *, const fbn_tensor_desc *, size_t *),
+                            size_t *bytes) {
+  assert_int_equal(q(op, d, bytes), FBN_STATUS_SUCCESS);
+  return *bytes > 0 ? fbnt_alloc(*bytes) : NULL;
+}
+
+/* scale: magnitude of the terms each element is made of (at least the
+ * largest |want|). */
+static void op_check_close(const char *what, const fbn_tensor_desc *d, const void *got,
+                           const void *want, size_t count, double scale, long cyc) {
+  double *g = malloc(count * sizeof *g), *w = malloc(count * sizeof *w);
+  assert_true(g && w);
+  for (size_t i = 0; i < count; i++) {
+    g[i] = fbnt_load(d->dtype, got, i);
+    w[i] = fbnt_load(d->dtype, want, i);
+  }
+  const double big = fbnt_max_abs(w, count);
+  const fbnt_tol tol = fbnt_tol_for(d->dtype, big > scale ? big : scale);
+  char label[96];
+  snprintf(label, sizeof label, "op cycle %ld: %s", cyc, what);
+  const bool ok = fbnt_check_close(label, g, w, count, 4 * tol.rtol, 4 * tol.atol, NULL);
+  free(g);
+  free(w);
+  if (!ok)
+    fail_msg("op cycle %ld: %s differs from the reference backend", cyc, what);
+}
+
+static void run_op_cycle(fbnt_rng *rng, long cyc, op_fault bad_arg) {
+  fbn_op_desc od;
+  fbn_op_desc_init(&od);
+  od.num_features = 1 + pick(rng, 6);
+  od.dtype = coin(rng) ? FBN_DTYPE_FLOAT32 : FBN_DTYPE_FLOAT64;
+  od.param_dtype = od.dtype;
+  od.layout = coin(rng) ? FBN_LAYOUT_NCHW : FBN_LAYOUT_NHWC;
+  od.operation = (fbn_operation)pick(rng, 3);
+  od.affine = coin(rng);
+  od.statistics = pick(rng, 3) == 0 ? FBN_STATISTICS_RUNNING : FBN_STATISTICS_BATCH;
+  const bool tracked = od.statistics == FBN_STATISTICS_RUNNING || coin(rng);
+  fbn_tensor_desc d = fbn_tensor_desc_make(1 + pick(rng, 4), od.num_features, 1 + pick(rng, 9),
+                                           1 + pick(rng, 9), od.dtype, od.layout);
+  if (d.n * d.h * d.w == 1)
+    d.w = 2;
+  fbn_op *fast = op_make(&od, "fast"), *ref = op_make(&od, "reference");
+  const size_t count = fbnt_desc_numel(&d), pbytes = (size_t)od.num_features * 8;
+  const bool has_z = od.operation == FBN_OPERATION_BN_ADD_RELU;
+  const bool relu = od.operation != FBN_OPERATION_BN;
+  void *x = fbnt_tensor_alloc(&d), *z = fbnt_tensor_alloc(&d), *dy = fbnt_tensor_alloc(&d);
+  fbnt_fill_channels(rng, &d, x, NULL);
+  fbnt_fill_normal(rng, &d, z, NULL, 1.0);
+  fbnt_fill_normal(rng, &d, dy, NULL, 1.0);
+  double v[4][8];
+  fbnt_fill_vector(rng, v[0], od.num_features, 0.5, 1.5, true, od.dtype == FBN_DTYPE_FLOAT32);
+  fbnt_fill_vector(rng, v[1], od.num_features, -0.5, 0.5, false, false);
+  fbnt_fill_vector(rng, v[2], od.num_features, -1.0, 1.0, false, false);
+  fbnt_fill_vector(rng, v[3], od.num_features, 0.5, 2.0, false, false);
+  /* per-channel arrays: [0] the fast op's, [1] the reference's */
+  void *w = fbnt_alloc(pbytes), *b = fbnt_alloc(pbytes), *rm[2], *rv[2], *dw[2], *db[2];
+  void *y[2], *dx[2], *dz[2], *saved[2], *ws[2][2];
+  size_t sb[2], wsb[2][2];
+  for (int64_t c = 0; c < od.num_features; c++) {
+    fbnt_store(od.dtype, w, (size_t)c, v[0][c]);
+    fbnt_store(od.dtype, b, (size_t)c, v[1][c]);
+  }
+  for (int k = 0; k < 2; k++) {
+    const fbn_op *op = k == 0 ? fast : ref;
+    rm[k] = fbnt_alloc(pbytes);
+    rv[k] = fbnt_alloc(pbytes);
+    dw[k] = fbnt_alloc(pbytes);
+    db[k] = fbnt_alloc(pbytes);
+    for (int64_t c = 0; c < od.num_features; c++) {
+      fbnt_store(od.dtype, rm[k], (size_t)c, v[2][c]);
+      fbnt_store(od.dtype, rv[k], (size_t)c, v[3][c]);
+      fbnt_store(od.dtype, dw[k], (size_t)c, 0.25 * (double)c);
+      fbnt_store(od.dtype, db[k], (size_t)c, -0.5 * (double)c);
+    }
+    y[k] = fbnt_tensor_alloc(&d);
+    dx[k] = fbnt_tensor_alloc(&d);
+    dz[k] = fbnt_tensor_alloc(&d);
+    fbnt_tensor_poison(&d, y[k]);
+    fbnt_tensor_poison(&d, dx[k]);
+    fbnt_tensor_poison(&d, dz[k]);
+    saved[k] = op_alloc_sized(op, &d, fbn_op_saved_size, &sb[k]);
+    ws[k][0] = op_alloc_sized(op, &d, fbn_op_forward_workspace_size, &wsb[k][0]);
+    ws[k][1] = op_alloc_sized(op, &d, fbn_op_backward_workspace_size, &wsb[k][1]);
+  }
+  const double factor = fbnt_rng_uniform(rng, 0.0, 1.0);
+  const fbn_param_grad pg = coin(rng) ? FBN_PARAM_GRAD_ACCUMULATE : FBN_PARAM_GRAD_OVERWRITE;
+  void *W = od.affine ? w : NULL, *B = od.affine ? b : NULL;
+
+  /* one bad argument to the fast op: nothing may change */
+  if (bad_arg != OP_FAULT_NONE) {
+    const size_t tb = count * fbn_dtype_size(d.dtype);
+    unsigned char *before = malloc(3 * tb + 4 * pbytes + sb[0]);
+    assert_non_null(before);
+    memcpy(before, y[0], tb);
+    memcpy(before + tb, dx[0], tb);
+    memcpy(before + 2 * tb, dz[0], tb);
+    memcpy(before + 3 * tb, rm[0], pbytes);
+    memcpy(before + 3 * tb + pbytes, rv[0], pbytes);
+    memcpy(before + 3 * tb + 2 * pbytes, dw[0], pbytes);
+    memcpy(before + 3 * tb + 3 * pbytes, db[0], pbytes);
+    memcpy(before + 3 * tb + 4 * pbytes, saved[0], sb[0]);
+    fbn_tensor_desc bad = d;
+    bad.c += 1;
+    fbn_status st = FBN_STATUS_SUCCESS, want = FBN_STATUS_SUCCESS;
+    void *rmf = tracked ? rm[0] : NULL, *rvf = tracked ? rv[0] : NULL;
+    switch (bad_arg) {
+    case OP_FAULT_FACTOR: /* only checked when the running statistics are updated */
+      want = tracked && od.statistics == FBN_STATISTICS_BATCH ? FBN_STATUS_INVALID_VALUE
+                                                              : FBN_STATUS_SUCCESS;
+      if (want == FBN_STATUS_SUCCESS)
+        break;
+      st = fbn_op_forward(fast, &d, x, has_z ? z : NULL, y[0], W, B, rmf, rvf, 1.0 + factor,
+                          saved[0], sb[0], ws[0][0], wsb[0][0]);
+      break;
+    case OP_FAULT_ADDEND:
+      want = has_z ? FBN_STATUS_NULL_POINTER : FBN_STATUS_INVALID_VALUE;
+      st = fbn_op_forward(fast, &d, x, has_z ? NULL : z, y[0], W, B, rmf, rvf, factor, saved[0],
+                          sb[0], ws[0][0], wsb[0][0]);
+      break;
+    case OP_FAULT_SAVED_SMALL:
+      want = FBN_STATUS_INSUFFICIENT_WORKSPACE;
+      st = fbn_op_forward(fast, &d, x, has_z ? z : NULL, y[0], W, B, rmf, rvf, factor, saved[0],
+                          sb[0] - 1, ws[0][0], wsb[0][0]);
+      break;
+    case OP_FAULT_SAVED_MISALIGNED:
+      want = FBN_STATUS_INSUFFICIENT_WORKSPACE;
+      st = fbn_op_forward(fast, &d, x, has_z ? z : NULL, y[0], W, B, rmf, rvf, factor,
+                          (char *)saved[0] + 8, sb[0] - 8, ws[0][0], wsb[0][0]);
+      break;
+    case OP_FAULT_CHANNELS:
+      want = FBN_STATUS_SHAPE_MISMATCH;
+      st = fbn_op_forward(fast, &bad, x, has_z ? z : NULL, y[0], W, B, rmf, rvf, factor,
+                          saved[0], sb[0], ws[0][0], wsb[0][0]);
+      break;
+    case OP_FAULT_GRAD_MODE:
+      want = FBN_STATUS_INVALID_VALUE;
+      st = fbn_op_backward(fast, &d, x, y[0], dy, saved[0], sb[0], W, B, dx[0],
+                           has_z ? dz[0] : NULL, od.affine ? dw[0] : NULL,
+                           od.affine ? db[0] : NULL, (fbn_param_grad)(2 + pick(rng, 5)), ws[0][1],
+                           wsb[0][1]);
+      break;
+    case OP_FAULT_BWD_SAVED_SMALL:
+      want = FBN_STATUS_INSUFFICIENT_WORKSPACE;
+      st = fbn_op_backward(fast, &d, x, y[0], dy, saved[0], sb[0] / 2, W, B, dx[0],
+                           has_z ? dz[0] : NULL, od.affine ? dw[0] : NULL,
+                           od.affine ? db[0] : NULL, pg, ws[0][1], wsb[0][1]);
+      break;
+    case OP_FAULT_NONE:
+    case OP_FAULT_COUNT: break;
+    }
+    if (st != want)
+      fail_msg("op cycle %ld: bad_arg %d: got %s, want %s (%s)", cyc, (int)bad_arg,
+               fbn_status_string(st), fbn_status_string(want), fbn_last_error_message());
+    if (want != FBN_STATUS_SUCCESS) {
+      if (strstr(fbn_last_error_message(), "fbn_op_") == NULL)
+        fail_msg("op cycle %ld: message \"%s\" names no call", cyc, fbn_last_error_message());
+      if (memcmp(before, y[0], tb) != 0 || memcmp(before + tb, dx[0], tb) != 0 ||
+          memcmp(before + 2 * tb, dz[0], tb) != 0 ||
+          memcmp(before + 3 * tb, rm[0], pbytes) != 0 ||
+          memcmp(before + 3 * tb + pbytes, rv[0], pbytes) != 0 ||
+          memcmp(before + 3 * tb + 2 * pbytes, dw[0], pbytes) != 0 ||
+          memcmp(before + 3 * tb + 3 * pbytes, db[0], pbytes) != 0 ||
+          memcmp(before + 3 * tb + 4 * pbytes, saved[0], sb[0]) != 0)
+        fail_msg("op cycle %ld: bad_arg %d wrote to caller memory", cyc, (int)bad_arg);
+    }
+    free(before);
+  }
+
+  for (int k = 0; k < 2; k++) {
+    const fbn_op *op = k == 0 ? fast : ref;
+    fbn_status st = fbn_op_forward(op, &d, x, has_z ? z : NULL, y[k], W, B,
+                                   tracked ? rm[k] : NULL, tracked ? rv[k] : NULL, factor,
+                                   saved[k], sb[k], ws[k][0], wsb[k][0]);
+    if (st != FBN_STATUS_SUCCESS)
+      fail_msg("op cycle %ld: forward: %s", cyc, fbn_last_error_message());
+    st = fbn_op_backward(op, &d, x, relu ? y[k] : NULL, dy, saved[k], sb[k], W, B, dx[k],
+                         has_z ? dz[k] : NULL, od.affine ? dw[k] : NULL,
+                         od.affine ? db[k] : NULL, pg, ws[k][1], wsb[k][1]);
+    if (st != FBN_STATUS_SUCCESS)
+      fail_msg("op cycle %ld: backward: %s", cyc, fbn_last_error_message());
+  }
+  /* |dy| <= ~4, weight * invstd <= 1.5 * 2, |xhat| <= ~sqrt(N*H*W) */
+  const double per = (double)(d.n * d.h * d.w);
+  op_check_close("y", &d, y[0], y[1], count, 0.0, cyc);
+  op_check_close("dx", &d, dx[0], dx[1], count, 12.0 * (1.0 + sqrt(per)), cyc);
+  if (has_z)
+    op_check_close("daddend", &d, dz[0], dz[1], count, 0.0, cyc);
+  const fbn_tensor_desc pc = fbn_tensor_desc_make(1, od.num_features, 1, 1, od.dtype, od.layout);
+  op_check_close("running_mean", &pc, rm[0], rm[1], (size_t)od.num_features, 0.0, cyc);
+  op_check_close("running_var", &pc, rv[0], rv[1], (size_t)od.num_features, 0.0, cyc);
+  if (od.affine) {
+    op_check_close("dweight", &pc, dw[0], dw[1], (size_t)od.num_features, 4.0 * per, cyc);
+    op_check_close("dbias", &pc, db[0], db[1], (size_t)od.num_features, 4.0 * per, cyc);
+  }
+
+  for (int k = 0; k < 2; k++) {
+    void *p[] = {rm[k], rv[k], dw[k], db[k], y[k], dx[k], dz[k], saved[k], ws[k][0], ws[k][1]};
+    for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)
+      fbnt_free(p[i]);
+  }
+  fbnt_free(w);
+  fbnt_free(b);
+  fbnt_free(x);
+  fbnt_free(z);
+  fbnt_free(dy);
+  fbn_op_destroy(fast);
+  fbn_op_destroy(ref);
+}
+
+static void test_stress_op_cycles(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, "stress_op_cycles");
+  const long cycles = stress_cycles() / 5;
+  for (long i = 0; i < cycles; i++) {
+    const op_fault f = pick(&rng, 3) == 0 ? OP_FAULT_NONE
+                                          : (op_fault)(1 + pick(&rng, OP_FAULT_COUNT - 1));
+    run_op_cycle(&rng, i, f);
+  }
+  fprintf(stderr, "# %ld op API cycles\n", cycles);
+}
+
 int main(int argc, char **argv) {
   fbnt_parse_args(argc, argv);
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_stress_random_cycles),
       cmocka_unit_test(test_stress_create_destroy_only),
+      cmocka_unit_test(test_stress_op_cycles),
   };
   return cmocka_run_group_tests_name("stress", tests, NULL, NULL);
 }

@@ -2,7 +2,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "internal.h"
+#include "core/core.h"
 
 #define FBN_MESSAGE_CAPACITY 1024
 
@@ -49,4 +49,10 @@ void fbn_error_append(const char *fmt, ...) {
   va_start(ap, fmt);
   vsnprintf(fbn_message + used, sizeof fbn_message - used, fmt, ap);
   va_end(ap);
+}
+
+fbn_status fbn_error_prefix(fbn_status status, const char *fn) {
+  char detail[FBN_MESSAGE_CAPACITY];
+  snprintf(detail, sizeof detail, "%s", fbn_message);
+  return fbn_error(status, "%s: %s", fn, detail);
 }

@@ -1,0 +1,357 @@
+/*
+ * Fast CPU backend: the same semantics as the reference backend
+ * (cpu_ref.c, docs/semantics.md) at memory speed. The default for CPU
+ * modules; FBN_CPU_BACKEND=reference selects the reference instead.
+ *
+ *   threads       OpenMP (OMP_NUM_THREADS): over groups of channels (NCHW) or
+ *                 chunks of rows (NHWC), handed out dynamically; one thread
+ *                 for tensors under FBN_FAST_MIN_PARALLEL elements, and then
+ *                 no OpenMP region or worksharing call at all (entering a
+ *                 one-thread region costs libgomp a team allocation, which
+ *                 dominated calls on small tensors)
+ *   forward       training: one statistics pass (float64 sums of the data
+ *                 shifted by a value of the channel: no E[x^2] - E[x]^2 in
+ *                 float) and one fused normalize + add + ReLU pass; eval: the
+ *                 fused pass only (NCHW with long rows: in memory order)
+ *   backward      one reduction pass (sum g, sum g*(x - mean)) and one pass
+ *                 writing dx and daddend; eval-mode backward without affine
+ *                 gradients skips the reduction
+ *   pipelines     NCHW with long rows, float32, large (AVX2): the first
+ *                 pass of channel group k+1 runs inside the loop of group
+ *                 k's second pass (fbn_fast_forward_nchw_pipe,
+ *                 fbn_fast_backward_nchw_pipe): a pass that only reads gets
+ *                 ~2/3 of the bandwidth of one that also writes here
+ *   memory        NCHW channel groups are sized so that their data comes
+ *                 back from the caches in the second pass; outputs of 8 MiB
+ *                 and more are written with non-temporal stores; no
+ *                 temporary tensors (the caller's workspace, sized by
+ *                 workspace_size: per-thread partial sums and per-channel
+ *                 coefficients)
+ *   inner loops   fast_loops_impl.h: plain `omp simd` loops compiled for
+ *                 x86-64-v3 (AVX2, FMA) and the baseline, chosen at load time
+ *
+ * Degenerate channels take the exact path: a channel whose statistics or
+ * coefficients are not finite (NaN or infinity in x, running stats or
+ * parameters; a zero variance with eps = 0) or whose coefficients do not fit
+ * the tensor's dtype is computed with the reference backend's arithmetic
+ * (float64, same order of summation), so NaN and infinity come out exactly
+ * where the reference puts them.
+ *
+ * Operations: BN + ReLU and BN + add + ReLU take the loops above; BN alone
+ * (no ReLU) runs each channel with the reference's arithmetic on the
+ * OpenMP threads (fbn_fast_forward_plain): correct, not vectorized.
+ *
+ * Saved state: the CPU header and two arrays of C doubles (mean and inverse
+ * standard deviation that normalized x, as the reference backend's,
+ * cpu_common.h), then for float32 tensors of the ReLU operations the ReLU
+ * bitmask of the forward's y: one bit per element, !(y <= 0) (NaN sets it),
+ * each tensor row on a byte.
+ * Backward takes the mask from it instead of reading y (the API requires y
+ * unchanged since the forward), which saves a quarter of its first pass's
+ * reads.
+ *
+ * Files (src/cpu/fast/), one translation unit so that the inner loops are
+ * inlined into their x86-64-v3 and baseline clones:
+ *   fast_config.h      compiler plumbing, tuning constants
+ *   fast_types.h       shared types and small helpers
+ *   fast_chunks.h      non-temporal stores, chunks, mask bits
+ *   fast_channel.h     per-channel statistics and exact paths, BN alone
+ *   fast_plan.h        plans carved from the workspace
+ *   fast_kernels.h     the kernel table, filled once from the CPU's features
+ *   fast_avx2.h        the AVX2 intrinsics loops
+ *   fast_loops_impl.h  masks, statistics, normalize and backward loops (per dtype)
+ *   fast_nchw_impl.h   NCHW drivers (per dtype)
+ *   fast_nhwc_impl.h   NHWC drivers (per dtype)
+ *   fast_pipe.h        the pipelined NCHW path (float32)
+ *   fast_backend.c     sizes, routing and the backend's entry points (this file)
+ */
+#include <float.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu/fast/fast_avx2.h"
+#include "cpu/fast/fast_channel.h"
+#include "cpu/fast/fast_plan.h"
+
+/* ---- the loops, for float and double ------------------------------------ */
+
+#define FBN_T float
+#define FBN_SFX f32
+#define FBN_MASK_T int32_t
+#define FBN_T_MIN FLT_MIN
+#include "cpu/fast/fast_loops_impl.h"
+#include "cpu/fast/fast_nchw_impl.h"
+#include "cpu/fast/fast_nhwc_impl.h"
+#undef FBN_T
+#undef FBN_SFX
+#undef FBN_MASK_T
+#undef FBN_T_MIN
+
+#include "cpu/fast/fast_pipe.h"
+
+#define FBN_T double
+#define FBN_SFX f64
+#define FBN_MASK_T int64_t
+#define FBN_T_MIN DBL_MIN
+#include "cpu/fast/fast_loops_impl.h"
+#include "cpu/fast/fast_nchw_impl.h"
+#include "cpu/fast/fast_nhwc_impl.h"
+#undef FBN_T
+#undef FBN_SFX
+#undef FBN_MASK_T
+#undef FBN_T_MIN
+
+/* ---- backend entry points ----------------------------------------------- */
+
+/* The ReLU mask saved after the statistics: float32 tensors of the ReLU
+ * operations. */
+static size_t fbn_fast_saved_mask_bytes(const fbn_op_desc *op, const fbn_tensor_desc *d) {
+  return fbn_operation_has_relu(op->operation) ? fbn_fast_mask_bytes(d) : 0;
+}
+
+static fbn_status fast_saved_size(const fbn_op_desc *op, void *state, const fbn_tensor_desc *d,
+                                  size_t *bytes) {
+  *bytes = fbn_cpu_saved_bytes(d, fbn_fast_saved_mask_bytes(op, d));
+  return FBN_STATUS_SUCCESS;
+}
+
+/* Which driver a call takes (both the size query and the call decide it
+ * here, so that they agree). */
+typedef enum fbn_fast_route {
+  FBN_FAST_ROUTE_PLAIN,     /* BN alone */
+  FBN_FAST_ROUTE_NCHW_EVAL, /* long rows, running statistics */
+  FBN_FAST_ROUTE_NCHW,      /* long rows (or the pipelined path) */
+  FBN_FAST_ROUTE_NCHW_VEC,  /* short rows */
+  FBN_FAST_ROUTE_NHWC,
+} fbn_fast_route;
+
+static fbn_fast_route fbn_fast_route_of(const fbn_op_desc *op, const fbn_tensor_desc *d,
+                                        bool backward) {
+  if (!fbn_operation_has_relu(op->operation))
+    return FBN_FAST_ROUTE_PLAIN;
+  if (d->layout == FBN_LAYOUT_NHWC)
+    return FBN_FAST_ROUTE_NHWC;
+  if (d->h * d->w < FBN_FAST_NCHW_VEC_HW)
+    return FBN_FAST_ROUTE_NCHW_VEC;
+  if (!backward && op->statistics == FBN_STATISTICS_RUNNING)
+    return FBN_FAST_ROUTE_NCHW_EVAL;
+  return FBN_FAST_ROUTE_NCHW;
+}
+
+/* Bytes of x (and dy, y) a short-row NCHW group aims for per channel. */
+static int64_t fbn_fast_vec_channel_bytes(const fbn_op_desc *op, const fbn_tensor_desc *d,
+                                          bool backward) {
+  const int64_t per = d->n * d->h * d->w * (int64_t)fbn_dtype_size(d->dtype);
+  if (!backward)
+    return per;
+  return (fbn_fast_saved_mask_bytes(op, d) > 0 ? 2 : 3) * per;
+}
+
+/* Scratch bytes of a call on nt threads. */
+static size_t fbn_fast_scratch_bytes(const fbn_op_desc *op, const fbn_tensor_desc *d,
+                                     bool backward, int nt) {
+  size_t bytes = 0;
+  switch (fbn_fast_route_of(op, d, backward)) {
+  case FBN_FAST_ROUTE_PLAIN:
+  case FBN_FAST_ROUTE_NCHW: return 0;
+  case FBN_FAST_ROUTE_NCHW_EVAL: {
+    /* 2 C doubles (mean, invstd), 3 C coefficients, C flags */
+    const size_t c = (size_t)d->c;
+    return 2 * c * sizeof(double) + 3 * c * fbn_dtype_size(d->dtype) + c;
+  }
+  case FBN_FAST_ROUTE_NCHW_VEC: {
+    fbn_fast_nchw_plan plan;
+    fbn_fast_nchw_plan_make(NULL, d, nt, fbn_fast_vec_channel_bytes(op, d, backward), &plan,
+                            &bytes);
+    return bytes;
+  }
+  case FBN_FAST_ROUTE_NHWC: {
+    fbn_fast_nhwc_plan plan;
+    fbn_fast_nhwc_plan_make(NULL, d->n * d->h * d->w, d->c, nt, fbn_dtype_size(d->dtype), &plan,
+                            &bytes);
+    return bytes;
+  }
+  }
+  return 0;
+}
+
+static fbn_status fast_workspace_size(const fbn_op_desc *op, void *state,
+                                      const fbn_tensor_desc *d, bool backward, size_t *bytes) {
+  *bytes = fbn_fast_scratch_bytes(op, d, backward, fbn_fast_threads(fbn_desc_numel(d)));
+  return FBN_STATUS_SUCCESS;
+}
+
+/* Threads for a call: as many as fbn_fast_threads() gives, fewer when the
+ * workspace was sized for fewer (OpenMP's thread count changed since the
+ * size query). 0 when not even one fits. */
+static int fbn_fast_call_threads(const fbn_op_desc *op, const fbn_tensor_desc *d, bool backward,
+                                 size_t workspace_bytes) {
+  for (int nt = fbn_fast_threads(fbn_desc_numel(d)); nt >= 1; nt--)
+    if (fbn_fast_scratch_bytes(op, d, backward, nt) <= workspace_bytes)
+      return nt;
+  return 0;
+}
+
+static fbn_status fbn_fast_no_room(const fbn_tensor_desc *d, size_t need, size_t have) {
+  return fbn_error(FBN_STATUS_INSUFFICIENT_WORKSPACE,
+                   "workspace_bytes = %zu: this shape needs at least %zu bytes on one thread",
+                   have, need);
+}
+
+static fbn_status fast_forward(const fbn_bk_forward_args *a) {
+  const fbn_tensor_desc *d = a->desc;
+  const bool f32 = d->dtype == FBN_DTYPE_FLOAT32;
+  const int nt = fbn_fast_call_threads(a->op, d, false, a->workspace_bytes);
+  if (nt == 0)
+    return fbn_fast_no_room(d, fbn_fast_scratch_bytes(a->op, d, false, 1), a->workspace_bytes);
+  fbn_fast_call call = {
+      .op = a->op,
+      .weight = a->weight,
+      .bias = a->bias,
+      .running_mean = a->running_mean,
+      .running_var = a->running_var,
+      .scratch = a->workspace,
+      .scratch_bytes = a->workspace_bytes,
+  };
+  fbn_fast_call *m = &call;
+  const size_t mask_bytes = fbn_fast_saved_mask_bytes(a->op, d);
+  uint8_t *bits = a->saved != NULL && mask_bytes > 0 ? fbn_cpu_saved_extra(a->saved, d->c) : NULL;
+  const int64_t bpr = fbn_fast_mask_bpr(d);
+  switch (fbn_fast_route_of(a->op, d, false)) {
+  case FBN_FAST_ROUTE_PLAIN: fbn_fast_forward_plain(m, a, nt); break;
+  case FBN_FAST_ROUTE_NCHW_EVAL: {
+    const size_t c = (size_t)d->c, stat_bytes = 2 * c * sizeof(double);
+    const size_t coef_bytes = 3 * c * fbn_dtype_size(d->dtype);
+    char *sc = fbn_fast_scratch(m, stat_bytes + coef_bytes + c);
+    if (sc == NULL)
+      return fbn_fast_no_room(d, stat_bytes + coef_bytes + c, a->workspace_bytes);
+    double *stat = (double *)sc;
+    void *coef = sc + stat_bytes;
+    bool *fast = (bool *)(sc + stat_bytes + coef_bytes);
+    if (f32)
+      forward_nchw_eval_f32(m, a, nt, bits, bpr, coef, stat, fast);
+    else
+      forward_nchw_eval_f64(m, a, nt, bits, bpr, coef, stat, fast);
+    break;
+  }
+  case FBN_FAST_ROUTE_NCHW:
+    if (fbn_fast_pipe_usable(a, bits, bpr))
+      fbn_fast_forward_nchw_pipe(m, a, nt, bits, bpr);
+    else if (f32)
+      forward_nchw_f32(m, a, nt, bits, bpr);
+    else
+      forward_nchw_f64(m, a, nt, bits, bpr);
+    break;
+  case FBN_FAST_ROUTE_NCHW_VEC: {
+    fbn_fast_nchw_plan plan;
+    size_t bytes;
+    if (fbn_fast_nchw_plan_make(m, d, nt, fbn_fast_vec_channel_bytes(a->op, d, false), &plan,
+                                &bytes) != FBN_STATUS_SUCCESS)
+      return fbn_fast_no_room(d, bytes, a->workspace_bytes);
+    if (f32)
+      forward_nchw_vec_f32(m, a, nt, &plan, bits, bpr);
+    else
+      forward_nchw_vec_f64(m, a, nt, &plan, bits, bpr);
+    break;
+  }
+  case FBN_FAST_ROUTE_NHWC: {
+    fbn_fast_nhwc_plan plan;
+    size_t bytes;
+    if (fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt, fbn_dtype_size(d->dtype), &plan,
+                                &bytes) != FBN_STATUS_SUCCESS)
+      return fbn_fast_no_room(d, bytes, a->workspace_bytes);
+    if (f32)
+      forward_nhwc_f32(m, a, nt, &plan, bits, bpr);
+    else
+      forward_nhwc_f64(m, a, nt, &plan, bits, bpr);
+    break;
+  }
+  }
+  if (a->saved != NULL)
+    fbn_cpu_saved_seal(a->saved, fbn_backend_cpu_fast(), a->op, d);
+  return FBN_STATUS_SUCCESS;
+}
+
+static fbn_status fast_backward(const fbn_bk_backward_args *a) {
+  const fbn_tensor_desc *d = a->desc;
+  fbn_status st = fbn_cpu_saved_check(a->saved, fbn_backend_cpu_fast(), a->op, d);
+  if (st != FBN_STATUS_SUCCESS)
+    return st;
+  const bool f32 = d->dtype == FBN_DTYPE_FLOAT32;
+  const int nt = fbn_fast_call_threads(a->op, d, true, a->workspace_bytes);
+  if (nt == 0)
+    return fbn_fast_no_room(d, fbn_fast_scratch_bytes(a->op, d, true, 1), a->workspace_bytes);
+  fbn_fast_call call = {
+      .op = a->op,
+      .weight = a->weight,
+      .bias = a->bias,
+      .dweight = a->dweight,
+      .dbias = a->dbias,
+      .accumulate = a->accumulate,
+      .grads = a->dweight != NULL || a->dbias != NULL,
+      .scratch = a->workspace,
+      .scratch_bytes = a->workspace_bytes,
+  };
+  fbn_fast_call *m = &call;
+  /* the mask the forward saved (float32, ReLU operations) */
+  const uint8_t *bits =
+      fbn_fast_saved_mask_bytes(a->op, d) > 0 ? fbn_cpu_saved_extra_const(a->saved, d->c) : NULL;
+  const int64_t bpr = fbn_fast_mask_bpr(d);
+  switch (fbn_fast_route_of(a->op, d, true)) {
+  case FBN_FAST_ROUTE_PLAIN: fbn_fast_backward_plain(m, a, nt); break;
+  case FBN_FAST_ROUTE_NCHW_EVAL:
+  case FBN_FAST_ROUTE_NCHW:
+    if (fbn_fast_bwd_pipe_usable(a, bits, bpr))
+      fbn_fast_backward_nchw_pipe(m, a, nt, bits, bpr);
+    else if (f32)
+      backward_nchw_f32(m, a, nt, bits, bpr);
+    else
+      backward_nchw_f64(m, a, nt, bits, bpr);
+    break;
+  case FBN_FAST_ROUTE_NCHW_VEC: {
+    fbn_fast_nchw_plan plan;
+    size_t bytes;
+    if (fbn_fast_nchw_plan_make(m, d, nt, fbn_fast_vec_channel_bytes(a->op, d, true), &plan,
+                                &bytes) != FBN_STATUS_SUCCESS)
+      return fbn_fast_no_room(d, bytes, a->workspace_bytes);
+    if (f32)
+      backward_nchw_vec_f32(m, a, nt, &plan, bits, bpr);
+    else
+      backward_nchw_vec_f64(m, a, nt, &plan, bits, bpr);
+    break;
+  }
+  case FBN_FAST_ROUTE_NHWC: {
+    fbn_fast_nhwc_plan plan;
+    size_t bytes;
+    if (fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt, fbn_dtype_size(d->dtype), &plan,
+                                &bytes) != FBN_STATUS_SUCCESS)
+      return fbn_fast_no_room(d, bytes, a->workspace_bytes);
+    if (f32)
+      backward_nhwc_f32(m, a, nt, &plan, bits, bpr);
+    else
+      backward_nhwc_f64(m, a, nt, &plan, bits, bpr);
+    break;
+  }
+  }
+  return FBN_STATUS_SUCCESS;
+}
+
+static const fbn_backend fast_backend = {
+    .name = "cpu-fast",
+    .device = FBN_DEVICE_CPU,
+    .op_init = fbn_cpu_op_init,
+    .op_fini = fbn_cpu_op_fini,
+    .check_shape = NULL,
+    .saved_size = fast_saved_size,
+    .workspace_size = fast_workspace_size,
+    .forward = fast_forward,
+    .backward = fast_backward,
+    .mem_alloc = fbn_cpu_mem_alloc,
+    .mem_free = fbn_cpu_mem_free,
+    .mem_copy = fbn_cpu_mem_copy,
+    .mem_fill = fbn_cpu_mem_fill,
+};
+
+const fbn_backend *fbn_backend_cpu_fast(void) { return &fast_backend; }
+
