@@ -10,7 +10,7 @@ Three parts:
             relu on the ResNet-50 batch-norm shapes, NCHW and channels_last;
             median milliseconds of each and their ratio (torch / fusedbn:
             above 1 where fusedbn is faster).
-  overhead  the seed shape (4, 2, 8, 3): the module's forward (training,
+  overhead  OneFlow's example shape (4, 2, 8, 3): the module's forward (training,
             no autograd graph) against fbn_op_forward called straight
             through ctypes on preallocated buffers; the difference is the
             per-call cost of the Python layer (checks, op lookup, output
@@ -141,7 +141,7 @@ def overhead_part(args, dtype):
     x.requires_grad_()
     t_step = median_ms(lambda: m(x, z).sum().backward(), args.warmup, reps)
     t_ref_step = median_ms(lambda: torch.relu(ref(x) + z).sum().backward(), args.warmup, reps)
-    print("# overhead: seed shape %s, median us of %d (float%d)"
+    print("# overhead: OneFlow's example shape %s, median us of %d (float%d)"
           % (shape, reps, torch.finfo(dtype).bits))
     print("fbn_op_forward through ctypes      %8.1f" % (t_raw * 1e3))
     print("FusedBatchNorm2d forward (no grad) %8.1f  (Python layer: %.1f)"
