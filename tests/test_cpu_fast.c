@@ -10,7 +10,9 @@
  * rows, tensors large enough to run on several threads) x NCHW/NHWC x
  * float32/float64 x affine x track_running_stats x addend x train/eval, with
  * momentum and the cumulative average; then NaN / infinity / degenerate
- * channels, which must come out exactly where the reference puts them.
+ * channels, which must come out exactly where the reference puts them. BN
+ * alone (FBN_OPERATION_BN: no addend, backward without y) runs the same
+ * matrix, and BN + ReLU must be ReLU(BN) bit for bit on the fast backend.
  *
  * Tolerances (per element, |fast - ref| <= atol + rtol * |ref|, NaN exactly
  * where ref is NaN, infinities equal):
@@ -59,12 +61,10 @@ typedef struct pair {
   fbn_module *fast;
 } pair;
 
-/* Two modules with options o and the same random state. */
-static void pair_create(pair *p, const fbn_module_options *o, fbnt_rng *rng) {
-  p->ref = create_with(o, "reference");
-  p->fast = create_with(o, NULL);
-  assert_string_equal(p->ref->backend->name, "cpu-reference");
-  assert_string_equal(p->fast->backend->name, "cpu-fast");
+/* The same random parameters, running statistics and gradients (and
+ * num_batches_tracked) into count modules of options o. */
+static void modules_init_alike(fbn_module *const *mods, int count, const fbn_module_options *o,
+                               fbnt_rng *rng) {
   static const struct {
     fbn_buffer which;
     double lo, hi;
@@ -76,21 +76,28 @@ static void pair_create(pair *p, const fbn_module_options *o, fbnt_rng *rng) {
   };
   double *v = calloc((size_t)o->num_features, sizeof *v);
   for (size_t i = 0; i < sizeof init / sizeof init[0]; i++) {
-    if (!fbn_module_has_buffer(p->ref, init[i].which))
+    if (!fbn_module_has_buffer(mods[0], init[i].which))
       continue;
     fbnt_fill_vector(rng, v, o->num_features, init[i].lo, init[i].hi, init[i].signed_, true);
-    assert_int_equal(fbn_module_write_buffer(p->ref, init[i].which, FBN_DTYPE_FLOAT64, v,
-                                             (size_t)o->num_features),
-                     FBN_STATUS_SUCCESS);
-    assert_int_equal(fbn_module_write_buffer(p->fast, init[i].which, FBN_DTYPE_FLOAT64, v,
-                                             (size_t)o->num_features),
-                     FBN_STATUS_SUCCESS);
+    for (int k = 0; k < count; k++)
+      assert_int_equal(fbn_module_write_buffer(mods[k], init[i].which, FBN_DTYPE_FLOAT64, v,
+                                               (size_t)o->num_features),
+                       FBN_STATUS_SUCCESS);
   }
   free(v);
-  if (o->track_running_stats) {
-    assert_int_equal(fbn_module_set_num_batches_tracked(p->ref, 3), FBN_STATUS_SUCCESS);
-    assert_int_equal(fbn_module_set_num_batches_tracked(p->fast, 3), FBN_STATUS_SUCCESS);
-  }
+  if (o->track_running_stats)
+    for (int k = 0; k < count; k++)
+      assert_int_equal(fbn_module_set_num_batches_tracked(mods[k], 3), FBN_STATUS_SUCCESS);
+}
+
+/* Two modules with options o and the same random state. */
+static void pair_create(pair *p, const fbn_module_options *o, fbnt_rng *rng) {
+  p->ref = create_with(o, "reference");
+  p->fast = create_with(o, NULL);
+  assert_string_equal(p->ref->backend->name, "cpu-reference");
+  assert_string_equal(p->fast->backend->name, "cpu-fast");
+  fbn_module *const mods[2] = {p->ref, p->fast};
+  modules_init_alike(mods, 2, o, rng);
 }
 
 static void pair_destroy(pair *p) {
@@ -212,17 +219,20 @@ typedef enum special {
 } special;
 
 /* A case with designated initializers: the module and shape (fields left
- * out: PyTorch's defaults, but momentum 0.25), a special, the steps. */
+ * out: PyTorch's defaults, but momentum 0.25), a special, the steps;
+ * bn_alone: operation FBN_OPERATION_BN (spec.addend must be false; backward
+ * gets y = NULL), else BN + add + ReLU (BN + ReLU without an addend). */
 typedef struct fcase {
   fbnt_spec spec;
   special sp;
   int steps;
+  bool bn_alone;
 } fcase;
 
 static void case_name(const fcase *k, char *buf, size_t size) {
   char spec[192];
   fbnt_spec_name(&k->spec, spec, sizeof spec);
-  snprintf(buf, size, "%s sp=%d", spec, (int)k->sp);
+  snprintf(buf, size, "%s sp=%d%s", spec, (int)k->sp, k->bn_alone ? " op=bn" : "");
 }
 
 /* Fresh random tensor: element of channel c uniform in offset_c +- scale_c
@@ -263,7 +273,11 @@ static bool run_case(const fcase *k, fbnt_rng *rng) {
     spec.momentum = 0.25;
   if (k->sp == SPECIAL_CONSTANT_EPS0)
     spec.zero_eps = true;
-  const fbn_module_options o = fbnt_options(&spec);
+  fbn_module_options o = fbnt_options(&spec);
+  if (k->bn_alone) {
+    assert_false(spec.addend);
+    o.operation = FBN_OPERATION_BN;
+  }
   const int64_t c_ = spec.c;
   pair p;
   pair_create(&p, &o, rng);
@@ -353,11 +367,13 @@ static bool run_case(const fcase *k, fbnt_rng *rng) {
     fbnt_tensor_poison(&d, dxf);
     fbnt_tensor_poison(&d, dar);
     fbnt_tensor_poison(&d, daf);
-    st = fbn_module_backward(p.ref, sr, &d, x, yf, dy, wantdx, wantda, NULL, 0);
+    /* BN alone: backward does not read y (NULL) */
+    const void *by = k->bn_alone ? NULL : yf;
+    st = fbn_module_backward(p.ref, sr, &d, x, by, dy, wantdx, wantda, NULL, 0);
     if (st != FBN_STATUS_SUCCESS)
       fail_msg("%s: reference backward = %s: %s", sname, fbn_status_string(st),
                fbn_last_error_message());
-    st = fbn_module_backward(p.fast, sf, &d, x, yf, dy, gotdx, gotda, NULL, 0);
+    st = fbn_module_backward(p.fast, sf, &d, x, by, dy, gotdx, gotda, NULL, 0);
     if (st != FBN_STATUS_SUCCESS)
       fail_msg("%s: fast backward = %s: %s", sname, fbn_status_string(st),
                fbn_last_error_message());
@@ -390,7 +406,8 @@ static const int64_t shapes[][4] = {
 };
 #define NUM_SHAPES (sizeof shapes / sizeof shapes[0])
 
-static void run_matrix(const char *test, fbn_layout layout, fbn_dtype dtype) {
+/* bn_alone: operation FBN_OPERATION_BN, the flags without the addend. */
+static void run_matrix(const char *test, fbn_layout layout, fbn_dtype dtype, bool bn_alone) {
   fbnt_tally all;
   fbnt_tally_begin(&all, test);
   for (size_t s = 0; s < NUM_SHAPES; s++)
@@ -402,6 +419,11 @@ static void run_matrix(const char *test, fbn_layout layout, fbn_dtype dtype) {
       if (big && flags != 0 && flags != 6 && flags != 7 && flags != 15 && flags != 9 &&
           flags != 12)
         continue;
+      /* BN alone has no addend (the flag is cleared below): the small shapes
+       * skip the flags that would repeat a case; the subset of the big ones
+       * stays distinct without it. */
+      if (bn_alone && !big && (flags & 4) != 0)
+        continue;
       const bool track = (flags & 2) != 0;
       const fcase k = {.spec = {.n = shapes[s][0],
                                 .c = shapes[s][1],
@@ -412,10 +434,11 @@ static void run_matrix(const char *test, fbn_layout layout, fbn_dtype dtype) {
                                 .no_affine = (flags & 1) == 0,
                                 .no_track = !track,
                                 .cumulative = track && (s % 2 == 1),
-                                .addend = (flags & 4) != 0,
+                                .addend = (flags & 4) != 0 && !bn_alone,
                                 .eval = (flags & 8) != 0},
                        .sp = SPECIAL_NONE,
-                       .steps = 4};
+                       .steps = 4,
+                       .bn_alone = bn_alone};
       fbnt_tally_add(&all, run_case(&k, &all.rng));
     }
   fbnt_tally_end(&all, "cases");
@@ -423,19 +446,19 @@ static void run_matrix(const char *test, fbn_layout layout, fbn_dtype dtype) {
 
 static void test_cpu_fast_matches_reference_nchw_f32(void **state) {
   (void)state;
-  run_matrix(__func__, FBN_LAYOUT_NCHW, FBN_DTYPE_FLOAT32);
+  run_matrix(__func__, FBN_LAYOUT_NCHW, FBN_DTYPE_FLOAT32, false);
 }
 static void test_cpu_fast_matches_reference_nhwc_f32(void **state) {
   (void)state;
-  run_matrix(__func__, FBN_LAYOUT_NHWC, FBN_DTYPE_FLOAT32);
+  run_matrix(__func__, FBN_LAYOUT_NHWC, FBN_DTYPE_FLOAT32, false);
 }
 static void test_cpu_fast_matches_reference_nchw_f64(void **state) {
   (void)state;
-  run_matrix(__func__, FBN_LAYOUT_NCHW, FBN_DTYPE_FLOAT64);
+  run_matrix(__func__, FBN_LAYOUT_NCHW, FBN_DTYPE_FLOAT64, false);
 }
 static void test_cpu_fast_matches_reference_nhwc_f64(void **state) {
   (void)state;
-  run_matrix(__func__, FBN_LAYOUT_NHWC, FBN_DTYPE_FLOAT64);
+  run_matrix(__func__, FBN_LAYOUT_NHWC, FBN_DTYPE_FLOAT64, false);
 }
 
 /* NaN, infinities and degenerate channels: every special on a small shape
@@ -574,6 +597,222 @@ static void test_cpu_fast_large_streamed_matches_reference(void **state) {
   fbnt_tally_end(&all, "cases");
 }
 
+/* ---- BN alone ------------------------------------------------------------- */
+
+static void test_cpu_fast_bn_alone_matches_reference_nchw_f32(void **state) {
+  (void)state;
+  run_matrix(__func__, FBN_LAYOUT_NCHW, FBN_DTYPE_FLOAT32, true);
+}
+static void test_cpu_fast_bn_alone_matches_reference_nhwc_f32(void **state) {
+  (void)state;
+  run_matrix(__func__, FBN_LAYOUT_NHWC, FBN_DTYPE_FLOAT32, true);
+}
+static void test_cpu_fast_bn_alone_matches_reference_nchw_f64(void **state) {
+  (void)state;
+  run_matrix(__func__, FBN_LAYOUT_NCHW, FBN_DTYPE_FLOAT64, true);
+}
+static void test_cpu_fast_bn_alone_matches_reference_nhwc_f64(void **state) {
+  (void)state;
+  run_matrix(__func__, FBN_LAYOUT_NHWC, FBN_DTYPE_FLOAT64, true);
+}
+
+/* BN alone on the streamed paths (float32 tensors of 8 MiB and more: the
+ * pipelined NCHW forward and backward, the paired NHWC passes, the eval and
+ * short-row loops of two runs at once, the flat loop of 7x7 rows), and with
+ * the specials that put channels on the exact path, small and threaded. */
+static void test_cpu_fast_bn_alone_streamed_and_special_match_reference(void **state) {
+  (void)state;
+  fbnt_tally all;
+  fbnt_tally_begin(&all, __func__);
+  static const struct {
+    int64_t n, c, h, w;
+    fbn_layout layout;
+  } big[] = {
+      {4, 35, 46, 348, FBN_LAYOUT_NCHW}, {3, 48, 139, 113, FBN_LAYOUT_NHWC},
+      {2, 35, 180, 180, FBN_LAYOUT_NHWC}, {5, 600, 28, 28, FBN_LAYOUT_NCHW},
+      {17, 2700, 7, 7, FBN_LAYOUT_NCHW},
+  };
+  for (size_t sh = 0; sh < sizeof big / sizeof big[0]; sh++)
+    for (int e = 0; e < 2; e++) {
+      const fcase k = {.spec = {.n = big[sh].n,
+                                .c = big[sh].c,
+                                .h = big[sh].h,
+                                .w = big[sh].w,
+                                .layout = big[sh].layout,
+                                .eval = e != 0},
+                       .steps = 2,
+                       .bn_alone = true};
+      fbnt_tally_add(&all, run_case(&k, &all.rng));
+    }
+  static const special sps[] = {SPECIAL_NAN_X,         SPECIAL_INF_X,       SPECIAL_NAN_DY,
+                                SPECIAL_CONSTANT_EPS0, SPECIAL_NAN_RUNNING, SPECIAL_INF_WEIGHT,
+                                SPECIAL_HUGE_OFFSET};
+  static const int64_t sp_shapes[][4] = {{3, 5, 4, 3}, {2, 16, 45, 46}};
+  for (size_t i = 0; i < sizeof sps / sizeof sps[0]; i++)
+    for (size_t s = 0; s < 2; s++)
+      for (int l = 0; l < 2; l++)
+        for (int t = 0; t < (s == 0 ? 2 : 1); t++)
+          for (int e = 0; e < 2; e++) {
+            const fcase k = {.spec = {.n = sp_shapes[s][0],
+                                      .c = sp_shapes[s][1],
+                                      .h = sp_shapes[s][2],
+                                      .w = sp_shapes[s][3],
+                                      .dtype = t ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32,
+                                      .layout = (fbn_layout)l,
+                                      .eval = e != 0},
+                             .sp = sps[i],
+                             .steps = 4,
+                             .bn_alone = true};
+            fbnt_tally_add(&all, run_case(&k, &all.rng));
+          }
+  fbnt_tally_end(&all, "cases");
+}
+
+/* Elements of got and want (tensors of d) that differ in their bits (NaN
+ * equal to NaN); the first few are printed. */
+static size_t count_bit_differences(const char *name, const char *what, const fbn_tensor_desc *d,
+                                    const void *got, const void *want) {
+  const size_t count = fbnt_desc_numel(d), size = fbn_dtype_size(d->dtype);
+  size_t bad = 0;
+  for (size_t i = 0; i < count; i++) {
+    const double g = fbnt_load(d->dtype, got, i), w = fbnt_load(d->dtype, want, i);
+    if ((isnan(g) && isnan(w)) || memcmp((const char *)got + i * size,
+                                         (const char *)want + i * size, size) == 0)
+      continue;
+    if (bad++ < 5)
+      fprintf(stderr, "%s: %s[%zu] = %.17g, want %.17g (bit for bit)\n", name, what, i, g, w);
+  }
+  return bad;
+}
+
+/* Every buffer of two modules, bit for bit (NaN equal to NaN). */
+static size_t count_buffer_differences(const char *name, const fbn_module *got,
+                                       const fbn_module *want) {
+  static const fbn_buffer which[] = {FBN_BUFFER_RUNNING_MEAN, FBN_BUFFER_RUNNING_VAR,
+                                     FBN_BUFFER_WEIGHT_GRAD, FBN_BUFFER_BIAS_GRAD};
+  const size_t c = (size_t)want->options.num_features;
+  double *g = malloc(c * sizeof *g), *w = malloc(c * sizeof *w);
+  size_t bad = 0;
+  for (size_t b = 0; b < sizeof which / sizeof which[0]; b++) {
+    if (!fbn_module_has_buffer(want, which[b]))
+      continue;
+    assert_int_equal(fbn_module_read_buffer(got, which[b], FBN_DTYPE_FLOAT64, g, c),
+                     FBN_STATUS_SUCCESS);
+    assert_int_equal(fbn_module_read_buffer(want, which[b], FBN_DTYPE_FLOAT64, w, c),
+                     FBN_STATUS_SUCCESS);
+    for (size_t i = 0; i < c; i++)
+      if (!(isnan(g[i]) && isnan(w[i])) && memcmp(&g[i], &w[i], sizeof g[i]) != 0 &&
+          bad++ < 5)
+        fprintf(stderr, "%s: buffer %d [%zu] = %.17g, want %.17g (bit for bit)\n", name,
+                (int)which[b], i, g[i], w[i]);
+  }
+  free(g);
+  free(w);
+  return bad;
+}
+
+/*
+ * BN + ReLU == ReLU(BN) bit for bit on the fast backend: two fast modules
+ * with the same state, one of FBN_OPERATION_BN_RELU, one of
+ * FBN_OPERATION_BN, fed the same fresh random data. Forward: ReLU applied
+ * to BN's y (!(v <= 0) ? v : +0) must be BN + ReLU's y, and the running
+ * statistics equal; backward: BN alone from the gradient the ReLU lets
+ * through (dy where !(y <= 0), else 0) must give BN + ReLU's dx and
+ * weight/bias gradients; then eval. Shapes and dtypes cover every path:
+ * short rows, channel groups, NHWC blocks, threads, and the streamed float32
+ * loops (pipelined NCHW, paired NHWC and short-row runs, the flat loop).
+ */
+static void test_cpu_fast_bn_relu_is_relu_of_bn_bit_for_bit(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  static const struct {
+    int64_t n, c, h, w;
+    bool f64; /* float64 too */
+  } shapes_[] = {
+      {2, 3, 5, 7, true},       {3, 70, 3, 3, true},     {4, 32, 24, 24, true},
+      {2, 1100, 3, 3, true},    {3, 7, 61, 59, true},    {2, 300, 11, 13, true},
+      {4, 35, 46, 348, false},  {3, 48, 139, 113, false}, {5, 600, 28, 28, false},
+      {17, 2700, 7, 7, false},
+  };
+  size_t failed = 0, cases = 0;
+  for (size_t s = 0; s < sizeof shapes_ / sizeof shapes_[0]; s++)
+    for (int t = 0; t < (shapes_[s].f64 ? 2 : 1); t++)
+      for (int l = 0; l < 2; l++) {
+        const fbn_tensor_desc d = {shapes_[s].n, shapes_[s].c, shapes_[s].h, shapes_[s].w,
+                                   t ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32, (fbn_layout)l};
+        char name[128];
+        snprintf(name, sizeof name, "(%lld,%lld,%lld,%lld) %s %s", (long long)d.n,
+                 (long long)d.c, (long long)d.h, (long long)d.w, fbnt_layout_str(d.layout),
+                 fbnt_dtype_str(d.dtype));
+        fbn_module_options o = fbnt_options(&(fbnt_spec){.c = d.c, .momentum = 0.25});
+        if (t)
+          o.param_dtype = FBN_DTYPE_FLOAT64;
+        o.operation = FBN_OPERATION_BN_RELU;
+        fbn_module *relu = create_with(&o, NULL);
+        o.operation = FBN_OPERATION_BN;
+        fbn_module *bn = create_with(&o, NULL);
+        fbn_module *const mods[2] = {relu, bn};
+        modules_init_alike(mods, 2, &o, &rng);
+        void *x = fbnt_tensor_alloc(&d), *dy = fbnt_tensor_alloc(&d), *g = fbnt_tensor_alloc(&d);
+        void *yr = fbnt_tensor_alloc(&d), *yb = fbnt_tensor_alloc(&d);
+        void *dxr = fbnt_tensor_alloc(&d), *dxb = fbnt_tensor_alloc(&d);
+        fbn_saved *sr = NULL, *sb = NULL;
+        assert_int_equal(fbn_saved_create(&sr), FBN_STATUS_SUCCESS);
+        assert_int_equal(fbn_saved_create(&sb), FBN_STATUS_SUCCESS);
+        const size_t numel = fbnt_desc_numel(&d);
+        size_t bad = 0;
+        for (int step = 0; step < 3; step++) {
+          const bool eval = step == 2;
+          if (eval) {
+            assert_int_equal(fbn_module_set_training(relu, false), FBN_STATUS_SUCCESS);
+            assert_int_equal(fbn_module_set_training(bn, false), FBN_STATUS_SUCCESS);
+          }
+          fill_random(&rng, &d, x, 3.0);
+          fill_random(&rng, &d, dy, 0.5);
+          fbnt_tensor_poison(&d, yr);
+          fbnt_tensor_poison(&d, yb);
+          assert_int_equal(fbn_module_forward(relu, &d, x, NULL, yr, eval ? NULL : sr, NULL, 0),
+                           FBN_STATUS_SUCCESS);
+          assert_int_equal(fbn_module_forward(bn, &d, x, NULL, yb, eval ? NULL : sb, NULL, 0),
+                           FBN_STATUS_SUCCESS);
+          /* ReLU(BN) in place; g = the gradient the ReLU of yr lets through */
+          for (size_t i = 0; i < numel; i++) {
+            const double v = fbnt_load(d.dtype, yb, i), r = fbnt_load(d.dtype, yr, i);
+            fbnt_store(d.dtype, yb, i, v <= 0.0 ? 0.0 : v);
+            fbnt_store(d.dtype, g, i, r <= 0.0 ? 0.0 : fbnt_load(d.dtype, dy, i));
+          }
+          bad += count_bit_differences(name, "ReLU(BN(x)) vs BN + ReLU y", &d, yb, yr);
+          bad += count_buffer_differences(name, bn, relu);
+          if (eval)
+            continue;
+          fbnt_tensor_poison(&d, dxr);
+          fbnt_tensor_poison(&d, dxb);
+          assert_int_equal(fbn_module_backward(relu, sr, &d, x, yr, dy, dxr, NULL, NULL, 0),
+                           FBN_STATUS_SUCCESS);
+          assert_int_equal(fbn_module_backward(bn, sb, &d, x, NULL, g, dxb, NULL, NULL, 0),
+                           FBN_STATUS_SUCCESS);
+          bad += count_bit_differences(name, "BN backward of the ReLU's gradient vs BN + ReLU dx",
+                                       &d, dxb, dxr);
+          bad += count_buffer_differences(name, bn, relu);
+        }
+        cases++;
+        if (bad != 0) {
+          failed++;
+          fprintf(stderr, "FAILED: %s: %zu values differ\n", name, bad);
+        }
+        fbn_saved_destroy(sr);
+        fbn_saved_destroy(sb);
+        void *bufs[] = {x, dy, g, yr, yb, dxr, dxb};
+        for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+          fbnt_free(bufs[i]);
+        fbn_module_destroy(relu);
+        fbn_module_destroy(bn);
+      }
+  if (failed != 0)
+    fail_msg("%zu of %zu cases differ", failed, cases);
+}
+
 /* The streamed float32 loop at other alignments: y (and x, addend, dy, dx,
  * daddend) 16 bytes past a 256-byte boundary, as glibc's malloc returns
  * large blocks (two 16-byte non-temporal stores per 8 elements), and 4
@@ -693,6 +932,12 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_cpu_fast_streamed_outputs_match_reference),
       cmocka_unit_test(test_cpu_fast_streamed_outputs_at_offsets),
       cmocka_unit_test(test_cpu_fast_large_streamed_matches_reference),
+      cmocka_unit_test(test_cpu_fast_bn_alone_matches_reference_nchw_f32),
+      cmocka_unit_test(test_cpu_fast_bn_alone_matches_reference_nhwc_f32),
+      cmocka_unit_test(test_cpu_fast_bn_alone_matches_reference_nchw_f64),
+      cmocka_unit_test(test_cpu_fast_bn_alone_matches_reference_nhwc_f64),
+      cmocka_unit_test(test_cpu_fast_bn_alone_streamed_and_special_match_reference),
+      cmocka_unit_test(test_cpu_fast_bn_relu_is_relu_of_bn_bit_for_bit),
   };
   return cmocka_run_group_tests_name("cpu_fast", tests, NULL, NULL);
 }

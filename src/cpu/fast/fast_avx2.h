@@ -32,28 +32,34 @@ static inline bool fbn_fast_no_loop(int unused, ...) {
  * a third of its time in the copy-out, and a direct streamed loop ran ~17%
  * faster than staging + copy on a 100 MB tensor). Same arithmetic as
  * norm_piece's x86-64-v3 clone: fma((x - m), a, b) + z, then
- * y = v where !(v <= 0) (NaN included), else +0.
+ * y = v where !(v <= 0) (NaN included), else +0 (RELU; BN alone: y = v).
+ * RELU, TWO, MASK: compile-time flags of the always-inline bodies, each
+ * wrapper choosing the body for its run-time value.
  */
 #if FBN_FAST_AVX2_LOOPS
 #include <immintrin.h>
 /* v = fma(x - m, a, b) [+ z]; y[0..8) <- v where !(v <= 0) (NaN included),
- * else +0, with non-temporal stores (one 32-byte store when y32, else two
- * 16-byte ones); returns the 8 mask bits !(v <= 0). */
+ * else +0 (RELU; else v), with non-temporal stores (one 32-byte store when
+ * y32, else two 16-byte ones); returns the 8 mask bits !(v <= 0) (RELU;
+ * else 0). */
 static inline __attribute__((always_inline, target("avx2,fma"))) unsigned
-fbn_fast_norm8_nt(const float *x, const float *z, float *y, __m256 m, __m256 a, __m256 b,
-                  bool y32) {
+fbn_fast_norm8_nt(const bool RELU, const float *x, const float *z, float *y, __m256 m, __m256 a,
+                  __m256 b, bool y32) {
   __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_loadu_ps(x), m), a, b);
   if (z != NULL)
     v = _mm256_add_ps(v, _mm256_loadu_ps(z));
-  const __m256 pass = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NLE_UQ);
-  const __m256 out = _mm256_and_ps(pass, v);
+  __m256 out = v, pass = v;
+  if (RELU) {
+    pass = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NLE_UQ);
+    out = _mm256_and_ps(pass, v);
+  }
   if (y32) {
     _mm256_stream_ps(y, out);
   } else {
     _mm_stream_ps(y, _mm256_castps256_ps128(out));
     _mm_stream_ps(y + 4, _mm256_extractf128_ps(out, 1));
   }
-  return (unsigned)_mm256_movemask_ps(pass);
+  return RELU ? (unsigned)_mm256_movemask_ps(pass) : 0u;
 }
 
 /* The run of the paired loops for outputs at p and p + d whose runs start
@@ -69,8 +75,8 @@ static inline int64_t fbn_fast_pair_run(const float *p, int64_t d, int64_t step)
  * coefficients, 64 elements of each in turn (two sets of streams in flight;
  * y and y + d alike modulo 32 bytes). */
 static inline __attribute__((always_inline, target("avx2,fma"))) void
-fbn_fast_norm_rows_body(const bool TWO, const float *x, const float *z, float *y, int64_t rows,
-                        int64_t len, bool per_row, const float *m, const float *a,
+fbn_fast_norm_rows_body(const bool TWO, const bool RELU, const float *x, const float *z, float *y,
+                        int64_t rows, int64_t len, bool per_row, const float *m, const float *a,
                         const float *b, uint8_t *bits, bool y32, int64_t d, int64_t db,
                         int64_t run) {
   for (int64_t r = 0; r < rows; r++) {
@@ -87,7 +93,8 @@ fbn_fast_norm_rows_body(const bool TWO, const float *x, const float *z, float *y
       bv = _mm256_loadu_ps(b + o + (i));                                                       \
     }                                                                                          \
     const int64_t e = o + (i) + ((s) != 0 ? d : 0);                                            \
-    const unsigned k = fbn_fast_norm8_nt(x + e, z != NULL ? z + e : NULL, y + e, mv, av, bv, y32); \
+    const unsigned k =                                                                         \
+        fbn_fast_norm8_nt(RELU, x + e, z != NULL ? z + e : NULL, y + e, mv, av, bv, y32);      \
     if (bits != NULL)                                                                          \
       bits[(o + (i)) / 8 + ((s) != 0 ? db : 0)] = (uint8_t)k;                                  \
   } while (0)
@@ -113,17 +120,27 @@ fbn_fast_norm_rows_body(const bool TWO, const float *x, const float *z, float *y
 }
 
 __attribute__((target("avx2,fma"))) static void
-fbn_fast_norm_nt_avx2(const float *x, const float *z, float *y, int64_t rows, int64_t len,
-                      bool per_row, const float *m, const float *a, const float *b,
+fbn_fast_norm_nt_avx2(bool relu, const float *x, const float *z, float *y, int64_t rows,
+                      int64_t len, bool per_row, const float *m, const float *a, const float *b,
                       uint8_t *bits, bool y32) {
-  fbn_fast_norm_rows_body(false, x, z, y, rows, len, per_row, m, a, b, bits, y32, 0, 0, 0);
+  if (relu)
+    fbn_fast_norm_rows_body(false, true, x, z, y, rows, len, per_row, m, a, b, bits, y32, 0, 0, 0);
+  else
+    fbn_fast_norm_rows_body(false, false, x, z, y, rows, len, per_row, m, a, b, NULL, y32, 0, 0,
+                            0);
 }
 
 __attribute__((target("avx2,fma"))) static void
-fbn_fast_norm_nt2_rows_avx2(const float *x, const float *z, float *y, int64_t rows, int64_t len,
-                            bool per_row, const float *m, const float *a, const float *b,
-                            uint8_t *bits, bool y32, int64_t d, int64_t db, int64_t run) {
-  fbn_fast_norm_rows_body(true, x, z, y, rows, len, per_row, m, a, b, bits, y32, d, db, run);
+fbn_fast_norm_nt2_rows_avx2(bool relu, const float *x, const float *z, float *y, int64_t rows,
+                            int64_t len, bool per_row, const float *m, const float *a,
+                            const float *b, uint8_t *bits, bool y32, int64_t d, int64_t db,
+                            int64_t run) {
+  if (relu)
+    fbn_fast_norm_rows_body(true, true, x, z, y, rows, len, per_row, m, a, b, bits, y32, d, db,
+                            run);
+  else
+    fbn_fast_norm_rows_body(true, false, x, z, y, rows, len, per_row, m, a, b, NULL, y32, d, db,
+                            run);
 }
 
 /*
@@ -140,9 +157,10 @@ fbn_fast_norm_nt2_rows_avx2(const float *x, const float *z, float *y, int64_t ro
  * modulo 32 bytes).
  */
 static inline __attribute__((always_inline, target("avx2,fma"))) void
-fbn_fast_pipe_row_body(const bool TWO, const float *x, const float *z, float *y, int64_t len,
-                       float m, float a, float b, uint8_t *bits, bool y32, const float *xs,
-                       double k, double *acc, int64_t d, int64_t db, int64_t run) {
+fbn_fast_pipe_row_body(const bool TWO, const bool RELU, const float *x, const float *z, float *y,
+                       int64_t len, float m, float a, float b, uint8_t *bits, bool y32,
+                       const float *xs, double k, double *acc, int64_t d, int64_t db,
+                       int64_t run) {
   const __m256 mv = _mm256_set1_ps(m), av = _mm256_set1_ps(a), bv = _mm256_set1_ps(b);
   const __m256d kv = _mm256_set1_pd(k);
   __m256d p10 = _mm256_setzero_pd(), p11 = p10, p12 = p10, p13 = p10;
@@ -159,7 +177,7 @@ fbn_fast_pipe_row_body(const bool TWO, const float *x, const float *z, float *y,
   do {                                                                                         \
     const int64_t o_ = (e) + ((s) != 0 ? d : 0);                                               \
     const unsigned mask_ =                                                                     \
-        fbn_fast_norm8_nt(x + o_, z != NULL ? z + o_ : NULL, y + o_, mv, av, bv, y32);         \
+        fbn_fast_norm8_nt(RELU, x + o_, z != NULL ? z + o_ : NULL, y + o_, mv, av, bv, y32);   \
     if (bits != NULL)                                                                          \
       bits[(e) / 8 + ((s) != 0 ? db : 0)] = (uint8_t)mask_;                                    \
   } while (0)
@@ -220,19 +238,25 @@ fbn_fast_pipe_row_body(const bool TWO, const float *x, const float *z, float *y,
 }
 
 __attribute__((target("avx2,fma"))) static void
-fbn_fast_pipe_row_avx2(const float *x, const float *z, float *y, int64_t len, float m, float a,
-                       float b, uint8_t *bits, bool y32, const float *xs, double k,
+fbn_fast_pipe_row_avx2(bool relu, const float *x, const float *z, float *y, int64_t len, float m,
+                       float a, float b, uint8_t *bits, bool y32, const float *xs, double k,
                        double *acc) {
-  fbn_fast_pipe_row_body(false, x, z, y, len, m, a, b, bits, y32, xs, k, acc, 0, 0, 0);
+  if (relu)
+    fbn_fast_pipe_row_body(false, true, x, z, y, len, m, a, b, bits, y32, xs, k, acc, 0, 0, 0);
+  else
+    fbn_fast_pipe_row_body(false, false, x, z, y, len, m, a, b, NULL, y32, xs, k, acc, 0, 0, 0);
 }
 
 /* Two rows at once: the second (and its statistics row) at + d, its bits at
  * + db, summed into the same acc. */
 __attribute__((target("avx2,fma"))) static void
-fbn_fast_pipe_row2_avx2(const float *x, const float *z, float *y, int64_t len, float m, float a,
-                        float b, uint8_t *bits, bool y32, const float *xs, double k,
+fbn_fast_pipe_row2_avx2(bool relu, const float *x, const float *z, float *y, int64_t len, float m,
+                        float a, float b, uint8_t *bits, bool y32, const float *xs, double k,
                         double *acc, int64_t d, int64_t db, int64_t run) {
-  fbn_fast_pipe_row_body(true, x, z, y, len, m, a, b, bits, y32, xs, k, acc, d, db, run);
+  if (relu)
+    fbn_fast_pipe_row_body(true, true, x, z, y, len, m, a, b, bits, y32, xs, k, acc, d, db, run);
+  else
+    fbn_fast_pipe_row_body(true, false, x, z, y, len, m, a, b, NULL, y32, xs, k, acc, d, db, run);
 }
 
 /*
@@ -242,13 +266,14 @@ fbn_fast_pipe_row2_avx2(const float *x, const float *z, float *y, int64_t len, f
  * per-row arithmetic, products and sums not fused), non-temporal stores. REDUCE:
  * for the next group's row (xs, bs, dys), acc[0] += sum g, acc[1] += sum
  * g (xs - mean) in float64. len % 8 == 0 and each row's mask on whole
- * bytes; dx and dz 16-byte aligned (32-byte: al32).
+ * bytes; dx and dz 16-byte aligned (32-byte: al32). Without MASK (BN
+ * alone, bits and bs NULL) g = dy.
  */
 static inline __attribute__((always_inline, target("avx2,fma"))) void
-fbn_fast_bwd_pipe_body(const bool APPLY, const bool REDUCE, const float *x, const uint8_t *bits,
-                       const float *dy, float *dx, float *dz, int64_t len, float m, float k,
-                       float c1, float c0, bool al32, const float *xs, const uint8_t *bs,
-                       const float *dys, double mean, double *acc) {
+fbn_fast_bwd_pipe_body(const bool APPLY, const bool REDUCE, const bool MASK, const float *x,
+                       const uint8_t *bits, const float *dy, float *dx, float *dz, int64_t len,
+                       float m, float k, float c1, float c0, bool al32, const float *xs,
+                       const uint8_t *bs, const float *dys, double mean, double *acc) {
   const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   const __m256 mv = _mm256_set1_ps(m), kv = _mm256_set1_ps(k), c1v = _mm256_set1_ps(c1);
   const __m256 c0v = _mm256_set1_ps(c0);
@@ -256,9 +281,11 @@ fbn_fast_bwd_pipe_body(const bool APPLY, const bool REDUCE, const float *x, cons
   __m256d s10 = _mm256_setzero_pd(), s11 = s10, s20 = s10, s21 = s10;
   for (int64_t i = 0; i < len; i += 8) {
     if (REDUCE) {
-      const __m256i bv = _mm256_and_si256(_mm256_set1_epi32(bs[i / 8]), sel);
-      const __m256 g = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(bv, sel)),
-                                     _mm256_loadu_ps(dys + i));
+      __m256 g = _mm256_loadu_ps(dys + i);
+      if (MASK) {
+        const __m256i bv = _mm256_and_si256(_mm256_set1_epi32(bs[i / 8]), sel);
+        g = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(bv, sel)), g);
+      }
       const __m256 xv = _mm256_loadu_ps(xs + i);
       const __m256d g0 = _mm256_cvtps_pd(_mm256_castps256_ps128(g));
       const __m256d g1 = _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1));
@@ -270,9 +297,11 @@ fbn_fast_bwd_pipe_body(const bool APPLY, const bool REDUCE, const float *x, cons
       s21 = _mm256_add_pd(s21, _mm256_mul_pd(g1, x1));
     }
     if (APPLY) {
-      const __m256i bv = _mm256_and_si256(_mm256_set1_epi32(bits[i / 8]), sel);
-      const __m256 g = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(bv, sel)),
-                                     _mm256_loadu_ps(dy + i));
+      __m256 g = _mm256_loadu_ps(dy + i);
+      if (MASK) {
+        const __m256i bv = _mm256_and_si256(_mm256_set1_epi32(bits[i / 8]), sel);
+        g = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(bv, sel)), g);
+      }
       const __m256 t = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), mv), c1v);
       const __m256 d = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(g, kv), t), c0v);
       if (al32) {
@@ -303,23 +332,35 @@ fbn_fast_bwd_pipe_both_avx2(const float *x, const uint8_t *bits, const float *dy
                             float *dz, int64_t len, float m, float k, float c1, float c0,
                             bool al32, const float *xs, const uint8_t *bs, const float *dys,
                             double mean, double *acc) {
-  fbn_fast_bwd_pipe_body(true, true, x, bits, dy, dx, dz, len, m, k, c1, c0, al32, xs, bs, dys,
-                         mean, acc);
+  if (bits != NULL)
+    fbn_fast_bwd_pipe_body(true, true, true, x, bits, dy, dx, dz, len, m, k, c1, c0, al32, xs, bs,
+                           dys, mean, acc);
+  else
+    fbn_fast_bwd_pipe_body(true, true, false, x, NULL, dy, dx, dz, len, m, k, c1, c0, al32, xs,
+                           NULL, dys, mean, acc);
 }
 
 __attribute__((target("avx2,fma"))) static void
 fbn_fast_bwd_pipe_apply_avx2(const float *x, const uint8_t *bits, const float *dy, float *dx,
                              float *dz, int64_t len, float m, float k, float c1, float c0,
                              bool al32) {
-  fbn_fast_bwd_pipe_body(true, false, x, bits, dy, dx, dz, len, m, k, c1, c0, al32, NULL, NULL,
-                         NULL, 0.0, NULL);
+  if (bits != NULL)
+    fbn_fast_bwd_pipe_body(true, false, true, x, bits, dy, dx, dz, len, m, k, c1, c0, al32, NULL,
+                           NULL, NULL, 0.0, NULL);
+  else
+    fbn_fast_bwd_pipe_body(true, false, false, x, NULL, dy, dx, dz, len, m, k, c1, c0, al32, NULL,
+                           NULL, NULL, 0.0, NULL);
 }
 
 __attribute__((target("avx2,fma"))) static void
 fbn_fast_bwd_pipe_reduce_avx2(int64_t len, const float *xs, const uint8_t *bs, const float *dys,
                               double mean, double *acc) {
-  fbn_fast_bwd_pipe_body(false, true, NULL, NULL, NULL, NULL, NULL, len, 0.0f, 0.0f, 0.0f, 0.0f,
-                         false, xs, bs, dys, mean, acc);
+  if (bs != NULL)
+    fbn_fast_bwd_pipe_body(false, true, true, NULL, NULL, NULL, NULL, NULL, len, 0.0f, 0.0f, 0.0f,
+                           0.0f, false, xs, bs, dys, mean, acc);
+  else
+    fbn_fast_bwd_pipe_body(false, true, false, NULL, NULL, NULL, NULL, NULL, len, 0.0f, 0.0f,
+                           0.0f, 0.0f, false, xs, NULL, dys, mean, acc);
 }
 
 /*
@@ -330,10 +371,11 @@ fbn_fast_bwd_pipe_reduce_avx2(int64_t len, const float *xs, const uint8_t *bs, c
  * bytes on whole rows (bit e of byte e / 8); dz and dx 16-byte aligned
  * (32-byte: al32), the second block's alike.
  *
- * reduce: g = (mask bit ? dy : +0), dz <- g when dz is not NULL;
+ * reduce: g = (mask bit ? dy : +0), or dy without a mask (bits NULL: BN
+ *   alone), dz <- g when dz is not NULL;
  *   s1[i] += g, s2[i] += g * (x - mean[i]) in float64 (bwd_reduce_block's
  *   arithmetic; the two blocks' terms summed into the same accumulators).
- * apply: g from the mask and dy, or (g_given) read from dz;
+ * apply: g from the mask and dy, or (g_given) read from dy;
  *   dz <- g when dz is not NULL and not g_given;
  *   dx <- g * k[i] + (x - m[i]) * c1[i] + c0[i] (full), else g * k[i]
  *   (bwd_apply_piece's arithmetic, products and sums not fused).
@@ -355,17 +397,17 @@ fbn_fast_store8(float *p, __m256 v, bool al32) {
   }
 }
 
-__attribute__((target("avx2,fma"))) static void
-fbn_fast_bwd_reduce2_avx2(const float *x, const uint8_t *bits, const float *dy, float *dz,
-                          int64_t n, const double *mean, double *s1, double *s2, bool al32,
-                          int64_t d, int64_t db, int64_t run) {
+static inline __attribute__((always_inline, target("avx2,fma"))) void
+fbn_fast_bwd_reduce2_body(const bool MASK, const float *x, const uint8_t *bits, const float *dy,
+                          float *dz, int64_t n, const double *mean, double *s1, double *s2,
+                          bool al32, int64_t d, int64_t db, int64_t run) {
   for (int64_t i0 = 0; i0 < n; i0 += run) {
     const int64_t i1 = i0 + run < n ? i0 + run : n;
     for (int s = 0; s < 2; s++) {
       const int64_t o = s != 0 ? d : 0;
-      const uint8_t *bs = bits + (s != 0 ? db : 0);
+      const uint8_t *bs = MASK ? bits + (s != 0 ? db : 0) : NULL;
       for (int64_t i = i0; i < i1; i += 8) {
-        const __m256 g = fbn_fast_g8(bs, dy + o, i);
+        const __m256 g = MASK ? fbn_fast_g8(bs, dy + o, i) : _mm256_loadu_ps(dy + o + i);
         if (dz != NULL)
           fbn_fast_store8(dz + o + i, g, al32);
         const __m256 xv = _mm256_loadu_ps(x + o + i);
@@ -387,6 +429,16 @@ fbn_fast_bwd_reduce2_avx2(const float *x, const uint8_t *bits, const float *dy, 
 }
 
 __attribute__((target("avx2,fma"))) static void
+fbn_fast_bwd_reduce2_avx2(const float *x, const uint8_t *bits, const float *dy, float *dz,
+                          int64_t n, const double *mean, double *s1, double *s2, bool al32,
+                          int64_t d, int64_t db, int64_t run) {
+  if (bits != NULL)
+    fbn_fast_bwd_reduce2_body(true, x, bits, dy, dz, n, mean, s1, s2, al32, d, db, run);
+  else
+    fbn_fast_bwd_reduce2_body(false, x, NULL, dy, dz, n, mean, s1, s2, al32, d, db, run);
+}
+
+__attribute__((target("avx2,fma"))) static void
 fbn_fast_bwd_apply2_avx2(const float *x, const uint8_t *bits, const float *dy, float *dz,
                          float *dx, int64_t n, bool full, bool g_given, const float *m,
                          const float *k, const float *c1, const float *c0, bool al32, int64_t d,
@@ -399,7 +451,7 @@ fbn_fast_bwd_apply2_avx2(const float *x, const uint8_t *bits, const float *dy, f
       for (int64_t i = i0; i < i1; i += 8) {
         __m256 g;
         if (g_given) {
-          g = _mm256_loadu_ps(dz + o + i);
+          g = _mm256_loadu_ps(dy + o + i);
         } else {
           g = fbn_fast_g8(bs, dy + o, i);
           if (dz != NULL)
@@ -422,13 +474,13 @@ fbn_fast_bwd_apply2_avx2(const float *x, const uint8_t *bits, const float *dy, f
 /* Element e of fbn_fast_norm_flat_body with plain stores (its unaligned
  * head and its tail). */
 static inline __attribute__((always_inline, target("avx2,fma"))) void
-fbn_fast_norm1(const float *x, const float *z, float *y, const float *m, const float *a,
-               const float *b, uint8_t *fb, int64_t e) {
+fbn_fast_norm1(const bool RELU, const float *x, const float *z, float *y, const float *m,
+               const float *a, const float *b, uint8_t *fb, int64_t e) {
   float v = __builtin_fmaf(x[e] - m[e], a[e], b[e]);
   if (z != NULL)
     v += z[e];
   const bool pass = !(v <= 0.0f);
-  y[e] = pass ? v : 0.0f;
+  y[e] = pass || !RELU ? v : 0.0f;
   if (fb != NULL && pass)
     fb[e / 8] = (uint8_t)(fb[e / 8] | 1u << (e % 8));
 }
@@ -436,11 +488,11 @@ fbn_fast_norm1(const float *x, const float *z, float *y, const float *m, const f
 /* 8 elements at e of a flat run: bits into fb through the carry (see
  * fbn_fast_norm_flat_body). */
 static inline __attribute__((always_inline, target("avx2,fma"))) void
-fbn_fast_norm8_flat(const float *x, const float *z, float *y, const float *m, const float *a,
-                    const float *b, uint8_t *fb, int64_t e, unsigned sh, unsigned *carry,
-                    bool y32) {
+fbn_fast_norm8_flat(const bool RELU, const float *x, const float *z, float *y, const float *m,
+                    const float *a, const float *b, uint8_t *fb, int64_t e, unsigned sh,
+                    unsigned *carry, bool y32) {
   const unsigned mask =
-      fbn_fast_norm8_nt(x + e, z != NULL ? z + e : NULL, y + e, _mm256_loadu_ps(m + e),
+      fbn_fast_norm8_nt(RELU, x + e, z != NULL ? z + e : NULL, y + e, _mm256_loadu_ps(m + e),
                         _mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e), y32);
   if (fb != NULL) {
     const unsigned w = *carry | mask << sh;
@@ -459,16 +511,16 @@ fbn_fast_norm8_flat(const float *x, const float *z, float *y, const float *m, co
  * elements of each in turn (two sets of streams in flight; y and y + d
  * alike modulo 32 bytes). */
 static inline __attribute__((always_inline, target("avx2,fma"))) void
-fbn_fast_norm_flat_body(const bool TWO, const float *x, const float *z, float *y,
+fbn_fast_norm_flat_body(const bool TWO, const bool RELU, const float *x, const float *z, float *y,
                         int64_t total, const float *m, const float *a, const float *b,
                         uint8_t *fb0, uint8_t *fb1, int64_t d, int64_t run) {
   const float *x1 = TWO ? x + d : NULL, *z1 = TWO && z != NULL ? z + d : NULL;
   float *y1 = TWO ? y + d : NULL;
   int64_t e = 0;
   for (; e < total && ((uintptr_t)(y + e) & 15) != 0; e++) {
-    fbn_fast_norm1(x, z, y, m, a, b, fb0, e);
+    fbn_fast_norm1(RELU, x, z, y, m, a, b, fb0, e);
     if (TWO)
-      fbn_fast_norm1(x1, z1, y1, m, a, b, fb1, e);
+      fbn_fast_norm1(RELU, x1, z1, y1, m, a, b, fb1, e);
   }
   const bool y32 = ((uintptr_t)(y + e) & 31) == 0;
   /* the vectors' bits start at bit sh of each byte; carry: the bits that
@@ -479,41 +531,47 @@ fbn_fast_norm_flat_body(const bool TWO, const float *x, const float *z, float *y
   if (TWO) {
     for (; e + run <= total; e += run) {
       for (int64_t j = 0; j < run; j += 8)
-        fbn_fast_norm8_flat(x, z, y, m, a, b, fb0, e + j, sh, &c0, y32);
+        fbn_fast_norm8_flat(RELU, x, z, y, m, a, b, fb0, e + j, sh, &c0, y32);
       for (int64_t j = 0; j < run; j += 8)
-        fbn_fast_norm8_flat(x1, z1, y1, m, a, b, fb1, e + j, sh, &c1, y32);
+        fbn_fast_norm8_flat(RELU, x1, z1, y1, m, a, b, fb1, e + j, sh, &c1, y32);
     }
   }
   /* the rest of each set in turn (see fbn_fast_norm_rows_body) */
   const int64_t e0 = e;
   for (; e + 8 <= total; e += 8)
-    fbn_fast_norm8_flat(x, z, y, m, a, b, fb0, e, sh, &c0, y32);
+    fbn_fast_norm8_flat(RELU, x, z, y, m, a, b, fb0, e, sh, &c0, y32);
   if (TWO)
     for (int64_t j = e0; j + 8 <= total; j += 8)
-      fbn_fast_norm8_flat(x1, z1, y1, m, a, b, fb1, j, sh, &c1, y32);
+      fbn_fast_norm8_flat(RELU, x1, z1, y1, m, a, b, fb1, j, sh, &c1, y32);
   if (fb0 != NULL)
     fb0[e / 8] = (uint8_t)c0;
   if (TWO && fb1 != NULL)
     fb1[e / 8] = (uint8_t)c1;
   _mm_sfence();
   for (; e < total; e++) {
-    fbn_fast_norm1(x, z, y, m, a, b, fb0, e);
+    fbn_fast_norm1(RELU, x, z, y, m, a, b, fb0, e);
     if (TWO)
-      fbn_fast_norm1(x1, z1, y1, m, a, b, fb1, e);
+      fbn_fast_norm1(RELU, x1, z1, y1, m, a, b, fb1, e);
   }
 }
 
 __attribute__((target("avx2,fma"))) static void
-fbn_fast_norm_nt_flat_avx2(const float *x, const float *z, float *y, int64_t total,
+fbn_fast_norm_nt_flat_avx2(bool relu, const float *x, const float *z, float *y, int64_t total,
                            const float *m, const float *a, const float *b, uint8_t *fb) {
-  fbn_fast_norm_flat_body(false, x, z, y, total, m, a, b, fb, NULL, 0, 0);
+  if (relu)
+    fbn_fast_norm_flat_body(false, true, x, z, y, total, m, a, b, fb, NULL, 0, 0);
+  else
+    fbn_fast_norm_flat_body(false, false, x, z, y, total, m, a, b, NULL, NULL, 0, 0);
 }
 
 __attribute__((target("avx2,fma"))) static void
-fbn_fast_norm_nt2_flat_avx2(const float *x, const float *z, float *y, int64_t total,
+fbn_fast_norm_nt2_flat_avx2(bool relu, const float *x, const float *z, float *y, int64_t total,
                             const float *m, const float *a, const float *b, uint8_t *fb0,
                             uint8_t *fb1, int64_t d, int64_t run) {
-  fbn_fast_norm_flat_body(true, x, z, y, total, m, a, b, fb0, fb1, d, run);
+  if (relu)
+    fbn_fast_norm_flat_body(true, true, x, z, y, total, m, a, b, fb0, fb1, d, run);
+  else
+    fbn_fast_norm_flat_body(true, false, x, z, y, total, m, a, b, NULL, NULL, d, run);
 }
 
 /* Row r of the saved mask (bpr bytes) <- bits [r*len, (r+1)*len) of fb
@@ -548,13 +606,14 @@ static void fbn_fast_mask_rows(const uint8_t *fb, int64_t rows, int64_t len, uin
 /* Whether this CPU runs the AVX2 loops (the kernel table, fast_kernels.h). */
 static bool fbn_fast_have_avx2(void) { return fbn_fast_kernels()->avx2; }
 
-static bool fbn_fast_norm_nt_f32(const float *x, const float *z, float *y, int64_t rows,
-                                 int64_t len, bool per_row, const float *m, const float *a,
-                                 const float *b, uint8_t *bits, int64_t bpr) {
+static bool fbn_fast_norm_nt_f32(bool relu, const float *x, const float *z, float *y,
+                                 int64_t rows, int64_t len, bool per_row, const float *m,
+                                 const float *a, const float *b, uint8_t *bits, int64_t bpr) {
   if (!fbn_fast_have_avx2())
     return false;
   if (len % 8 == 0 && (bits == NULL || bpr == len / 8) && ((uintptr_t)y & 15) == 0) {
-    fbn_fast_norm_nt_avx2(x, z, y, rows, len, per_row, m, a, b, bits, ((uintptr_t)y & 31) == 0);
+    fbn_fast_norm_nt_avx2(relu, x, z, y, rows, len, per_row, m, a, b, bits,
+                          ((uintptr_t)y & 31) == 0);
     return true;
   }
   const int64_t total = rows * len;
@@ -563,7 +622,7 @@ static bool fbn_fast_norm_nt_f32(const float *x, const float *z, float *y, int64
   uint8_t fb[FBN_FAST_NT_FLAT_MAX / 8 + 9];
   if (bits != NULL)
     memset(fb, 0, (size_t)(total / 8 + 9));
-  fbn_fast_norm_nt_flat_avx2(x, z, y, total, m, a, b, bits != NULL ? fb : NULL);
+  fbn_fast_norm_nt_flat_avx2(relu, x, z, y, total, m, a, b, bits != NULL ? fb : NULL);
   if (bits != NULL)
     fbn_fast_mask_rows(fb, rows, len, bits, bpr);
   return true;
@@ -573,14 +632,14 @@ static bool fbn_fast_norm_nt_f32(const float *x, const float *z, float *y, int64
  * coefficients, the second at x + d (z + d, y + d, bits + db), in one loop:
  * false where it does not apply (the caller then normalizes each block on
  * its own). */
-static bool fbn_fast_norm_nt2_f32(const float *x, const float *z, float *y, int64_t rows,
-                                  int64_t len, bool per_row, const float *m, const float *a,
-                                  const float *b, uint8_t *bits, int64_t bpr, int64_t d,
-                                  int64_t db) {
+static bool fbn_fast_norm_nt2_f32(bool relu, const float *x, const float *z, float *y,
+                                  int64_t rows, int64_t len, bool per_row, const float *m,
+                                  const float *a, const float *b, uint8_t *bits, int64_t bpr,
+                                  int64_t d, int64_t db) {
   if (!fbn_fast_have_avx2() || ((uintptr_t)(y + d) & 31) != ((uintptr_t)y & 31))
     return false;
   if (len % 8 == 0 && (bits == NULL || bpr == len / 8) && ((uintptr_t)y & 15) == 0) {
-    fbn_fast_norm_nt2_rows_avx2(x, z, y, rows, len, per_row, m, a, b, bits,
+    fbn_fast_norm_nt2_rows_avx2(relu, x, z, y, rows, len, per_row, m, a, b, bits,
                                 ((uintptr_t)y & 31) == 0, d, db, fbn_fast_pair_run(y, d, len));
     return true;
   }
@@ -592,7 +651,7 @@ static bool fbn_fast_norm_nt2_f32(const float *x, const float *z, float *y, int6
     memset(fb[0], 0, (size_t)(total / 8 + 9));
     memset(fb[1], 0, (size_t)(total / 8 + 9));
   }
-  fbn_fast_norm_nt2_flat_avx2(x, z, y, total, m, a, b, bits != NULL ? fb[0] : NULL,
+  fbn_fast_norm_nt2_flat_avx2(relu, x, z, y, total, m, a, b, bits != NULL ? fb[0] : NULL,
                               bits != NULL ? fb[1] : NULL, d, fbn_fast_pair_run(y, d, 0));
   if (bits != NULL) {
     fbn_fast_mask_rows(fb[0], rows, len, bits, bpr);
@@ -604,11 +663,13 @@ static bool fbn_fast_norm_nt2_f32(const float *x, const float *z, float *y, int6
 /* Two NHWC backward blocks of rows x len (the second at + d, its mask at
  * + db) through fbn_fast_bwd_reduce2_avx2 / fbn_fast_bwd_apply2_avx2: false
  * where they do not apply (the caller then takes each block on its own). */
-static bool fbn_fast_bwd_reduce2_f32(const float *x, const uint8_t *bits, int64_t bpr,
-                                     const float *dy, float *dz, int64_t rows, int64_t len,
-                                     const double *mean, double *s1, double *s2, int64_t d,
-                                     int64_t db) {
-  if (!fbn_fast_have_avx2() || bits == NULL || bpr * 8 != len ||
+static bool fbn_fast_bwd_reduce2_f32(bool relu, const float *x, const uint8_t *bits,
+                                     int64_t bpr, const float *dy, float *dz, int64_t rows,
+                                     int64_t len, const double *mean, double *s1, double *s2,
+                                     int64_t d, int64_t db) {
+  if (!relu)
+    bits = NULL; /* g = dy */
+  if (!fbn_fast_have_avx2() || (relu && (bits == NULL || bpr * 8 != len)) ||
       (dz != NULL && (((uintptr_t)dz & 15) != 0 ||
                       ((uintptr_t)(dz + d) & 31) != ((uintptr_t)dz & 31))))
     return false;

@@ -37,9 +37,11 @@
  * (float64, same order of summation), so NaN and infinity come out exactly
  * where the reference puts them.
  *
- * Operations: BN + ReLU and BN + add + ReLU take the loops above; BN alone
- * (no ReLU) runs each channel with the reference's arithmetic on the
- * OpenMP threads (fbn_fast_forward_plain): correct, not vectorized.
+ * Operations: the three take the same drivers and loops. BN alone (no ReLU)
+ * runs them without the ReLU gate and without a mask (forward: y = v;
+ * backward: g = dy, y not read), a compile-time flag of the loop bodies, so
+ * that its arithmetic is BN + ReLU's up to the gate: BN + ReLU == ReLU(BN)
+ * bit for bit.
  *
  * Saved state: the CPU header and two arrays of C doubles (mean and inverse
  * standard deviation that normalized x, as the reference backend's,
@@ -55,7 +57,7 @@
  *   fast_config.h      compiler plumbing, tuning constants
  *   fast_types.h       shared types and small helpers
  *   fast_chunks.h      non-temporal stores, chunks, mask bits
- *   fast_channel.h     per-channel statistics and exact paths, BN alone
+ *   fast_channel.h     per-channel statistics and exact paths
  *   fast_plan.h        plans carved from the workspace
  *   fast_kernels.h     the kernel table, filled once from the CPU's features
  *   fast_avx2.h        the AVX2 intrinsics loops
@@ -119,7 +121,6 @@ static fbn_status fast_saved_size(const fbn_op_desc *op, void *state, const fbn_
 /* Which driver a call takes (both the size query and the call decide it
  * here, so that they agree). */
 typedef enum fbn_fast_route {
-  FBN_FAST_ROUTE_PLAIN,     /* BN alone */
   FBN_FAST_ROUTE_NCHW_EVAL, /* long rows, running statistics */
   FBN_FAST_ROUTE_NCHW,      /* long rows (or the pipelined path) */
   FBN_FAST_ROUTE_NCHW_VEC,  /* short rows */
@@ -128,8 +129,6 @@ typedef enum fbn_fast_route {
 
 static fbn_fast_route fbn_fast_route_of(const fbn_op_desc *op, const fbn_tensor_desc *d,
                                         bool backward) {
-  if (!fbn_operation_has_relu(op->operation))
-    return FBN_FAST_ROUTE_PLAIN;
   if (d->layout == FBN_LAYOUT_NHWC)
     return FBN_FAST_ROUTE_NHWC;
   if (d->h * d->w < FBN_FAST_NCHW_VEC_HW)
@@ -139,13 +138,16 @@ static fbn_fast_route fbn_fast_route_of(const fbn_op_desc *op, const fbn_tensor_
   return FBN_FAST_ROUTE_NCHW;
 }
 
-/* Bytes of x (and dy, y) a short-row NCHW group aims for per channel. */
+/* Bytes of x (and dy, y) a short-row NCHW group aims for per channel (y
+ * is not read with the saved mask, nor by BN alone). */
 static int64_t fbn_fast_vec_channel_bytes(const fbn_op_desc *op, const fbn_tensor_desc *d,
                                           bool backward) {
   const int64_t per = d->n * d->h * d->w * (int64_t)fbn_dtype_size(d->dtype);
   if (!backward)
     return per;
-  return (fbn_fast_saved_mask_bytes(op, d) > 0 ? 2 : 3) * per;
+  const bool reads_y =
+      fbn_operation_has_relu(op->operation) && fbn_fast_saved_mask_bytes(op, d) == 0;
+  return (reads_y ? 3 : 2) * per;
 }
 
 /* Scratch bytes of a call on nt threads. */
@@ -153,7 +155,6 @@ static size_t fbn_fast_scratch_bytes(const fbn_op_desc *op, const fbn_tensor_des
                                      bool backward, int nt) {
   size_t bytes = 0;
   switch (fbn_fast_route_of(op, d, backward)) {
-  case FBN_FAST_ROUTE_PLAIN:
   case FBN_FAST_ROUTE_NCHW: return 0;
   case FBN_FAST_ROUTE_NCHW_EVAL: {
     /* 2 C doubles (mean, invstd), 3 C coefficients, C flags */
@@ -219,7 +220,6 @@ static fbn_status fast_forward(const fbn_bk_forward_args *a) {
   uint8_t *bits = a->saved != NULL && mask_bytes > 0 ? fbn_cpu_saved_extra(a->saved, d->c) : NULL;
   const int64_t bpr = fbn_fast_mask_bpr(d);
   switch (fbn_fast_route_of(a->op, d, false)) {
-  case FBN_FAST_ROUTE_PLAIN: fbn_fast_forward_plain(m, a, nt); break;
   case FBN_FAST_ROUTE_NCHW_EVAL: {
     const size_t c = (size_t)d->c, stat_bytes = 2 * c * sizeof(double);
     const size_t coef_bytes = 3 * c * fbn_dtype_size(d->dtype);
@@ -299,7 +299,6 @@ static fbn_status fast_backward(const fbn_bk_backward_args *a) {
       fbn_fast_saved_mask_bytes(a->op, d) > 0 ? fbn_cpu_saved_extra_const(a->saved, d->c) : NULL;
   const int64_t bpr = fbn_fast_mask_bpr(d);
   switch (fbn_fast_route_of(a->op, d, true)) {
-  case FBN_FAST_ROUTE_PLAIN: fbn_fast_backward_plain(m, a, nt); break;
   case FBN_FAST_ROUTE_NCHW_EVAL:
   case FBN_FAST_ROUTE_NCHW:
     if (fbn_fast_bwd_pipe_usable(a, bits, bpr))

@@ -2,7 +2,7 @@
  * Fast CPU backend: per-channel work shared by both dtypes: batch and
  * running statistics with the running-average update and the saved
  * mean/invstd, and the exact (reference arithmetic) paths of forward and
- * backward for degenerate channels and for BN alone.
+ * backward for degenerate channels.
  */
 #ifndef FUSEDBN_SRC_CPU_FAST_FAST_CHANNEL_H
 #define FUSEDBN_SRC_CPU_FAST_FAST_CHANNEL_H
@@ -195,37 +195,6 @@ static void fbn_fast_exact_backward_apply(const fbn_fast_call *m, const fbn_bk_b
         fbn_fast_store(a->dx, dt, i, dx);
       }
     }
-}
-
-/* ---- BN alone ----------------------------------------------------------- */
-
-/*
- * FBN_OPERATION_BN (no ReLU, no addend) runs each channel with the
- * reference's arithmetic (the exact paths above), channels spread over the
- * threads: the vectorized loops all end in the ReLU.
- */
-static void fbn_fast_forward_plain(fbn_fast_call *m, const fbn_bk_forward_args *a, int nt) {
-  const int64_t c_ = a->desc->c;
-  FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1))
-  for (int64_t c = 0; c < c_; c++) {
-    double mean, invstd;
-    if (fbn_fast_full(a)) /* NaN sums: fbn_fast_batch_stats takes the exact way */
-      fbn_fast_batch_stats(m, a, c, 0.0, NAN, NAN, &mean, &invstd);
-    else
-      fbn_fast_running_stats(m, a, c, &mean, &invstd);
-    fbn_fast_exact_normalize(m, a, c, mean, invstd, NULL, 0);
-  }
-}
-
-static void fbn_fast_backward_plain(fbn_fast_call *m, const fbn_bk_backward_args *a, int nt) {
-  const int64_t c_ = a->desc->c;
-  FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1))
-  for (int64_t c = 0; c < c_; c++) {
-    fbn_fast_bwd_chan ch;
-    fbn_fast_bwd_chan_init(m, a, c, &ch);
-    fbn_fast_bwd_chan_sums(m, a, c, false, 0.0, 0.0, &ch);
-    fbn_fast_exact_backward_apply(m, a, c, &ch);
-  }
 }
 
 #endif /* FUSEDBN_SRC_CPU_FAST_FAST_CHANNEL_H */

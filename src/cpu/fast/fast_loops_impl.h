@@ -11,6 +11,11 @@
  * Element conventions (docs/semantics.md):
  *   ReLU(v) = v <= 0 ? +0 : v     (NaN compares false: ReLU(NaN) = NaN)
  *   g       = y <= 0 ? 0 : dy     (a NaN y passes dy, as PyTorch's threshold_backward)
+ * BN alone (FBN_OPERATION_BN) runs the same loops without the gate: y = v,
+ * g = dy (no mask, y not read). The flag is a compile-time parameter of the
+ * always-inline bodies (RELU, MASK), chosen once per block, so that both
+ * variants do the same arithmetic up to the gate: BN + ReLU is ReLU(BN) bit
+ * for bit.
  * Statistics are accumulated in double on data shifted by a value k of the
  * channel itself (shifted-data sums: no cancellation of E[x^2] - E[x]^2 when
  * |mean| >> std). Normalization runs in FBN_T as
@@ -213,56 +218,55 @@ static void FBN_K(stats_blocks)(const FBN_T *restrict x, int64_t nblocks, int64_
 }
 
 /* ======================================================================== */
-/* Forward: y = ReLU((x - m) * a + b [+ z])                                 */
+/* Forward: y = ReLU((x - m) * a + b [+ z]), or without ReLU (BN alone)      */
 /* ======================================================================== */
 
-FBN_FAST_INLINE void FBN_K(norm_piece)(const FBN_T *restrict x, const FBN_T *restrict z,
-                                       FBN_T *restrict y, int64_t n, FBN_T m, FBN_T a, FBN_T b) {
+/* The gate: ReLU(v) when RELU, else v. */
+#define FBN_GATE(RELU, v) ((RELU) && (v) <= (FBN_T)0 ? (FBN_T)0 : (v))
+
+FBN_FAST_INLINE void FBN_K(norm_piece)(const bool RELU, const FBN_T *restrict x,
+                                       const FBN_T *restrict z, FBN_T *restrict y, int64_t n,
+                                       FBN_T m, FBN_T a, FBN_T b) {
   if (z != NULL) {
     FBN_SIMD
     for (int64_t i = 0; i < n; i++) {
       const FBN_T v = (x[i] - m) * a + b + z[i];
-      y[i] = v <= (FBN_T)0 ? (FBN_T)0 : v;
+      y[i] = FBN_GATE(RELU, v);
     }
   } else {
     FBN_SIMD
     for (int64_t i = 0; i < n; i++) {
       const FBN_T v = (x[i] - m) * a + b;
-      y[i] = v <= (FBN_T)0 ? (FBN_T)0 : v;
+      y[i] = FBN_GATE(RELU, v);
     }
   }
 }
 
-FBN_FAST_INLINE void FBN_K(norm_piece_vec)(const FBN_T *restrict x, const FBN_T *restrict z,
-                                           FBN_T *restrict y, int64_t n,
+FBN_FAST_INLINE void FBN_K(norm_piece_vec)(const bool RELU, const FBN_T *restrict x,
+                                           const FBN_T *restrict z, FBN_T *restrict y, int64_t n,
                                            const FBN_T *restrict m, const FBN_T *restrict a,
                                            const FBN_T *restrict b) {
   if (z != NULL) {
     FBN_SIMD
     for (int64_t i = 0; i < n; i++) {
       const FBN_T v = (x[i] - m[i]) * a[i] + b[i] + z[i];
-      y[i] = v <= (FBN_T)0 ? (FBN_T)0 : v;
+      y[i] = FBN_GATE(RELU, v);
     }
   } else {
     FBN_SIMD
     for (int64_t i = 0; i < n; i++) {
       const FBN_T v = (x[i] - m[i]) * a[i] + b[i];
-      y[i] = v <= (FBN_T)0 ? (FBN_T)0 : v;
+      y[i] = FBN_GATE(RELU, v);
     }
   }
 }
 
-/*
- * One block of rows x len. Coefficients per row (m[r], a[r], b[r]) when
- * per_row, else per element of the block. bits (may be NULL): the block's
- * first row of the saved bitmask.
- */
-FBN_FAST_CLONES
-static void FBN_K(norm_block)(const FBN_T *x, const FBN_T *z, FBN_T *y, int64_t rows, int64_t len,
-                              bool per_row, const FBN_T *m, const FBN_T *a, const FBN_T *b,
-                              uint8_t *bits, int64_t bpr, bool stream) {
-  if (stream && FBN_K(fbn_fast_norm_nt)(x, z, y, rows, len, per_row, m, a, b, bits, bpr))
-    return;
+/* norm_block's staged loop (RELU: with the gate; else BN alone, bits NULL). */
+static FBN_FAST_INLINE void FBN_K(norm_block_body)(const bool RELU, const FBN_T *x,
+                                                   const FBN_T *z, FBN_T *y, int64_t rows,
+                                                   int64_t len, bool per_row, const FBN_T *m,
+                                                   const FBN_T *a, const FBN_T *b, uint8_t *bits,
+                                                   int64_t bpr, bool stream) {
   FBN_T tmp[FBN_CHUNK] __attribute__((aligned(64)));
   FBN_ANALYZER_INIT(tmp);
   fbn_fast_chunk ck;
@@ -272,14 +276,14 @@ static void FBN_K(norm_block)(const FBN_T *x, const FBN_T *z, FBN_T *y, int64_t 
     if (per_row) {
       for (int64_t j = 0; j < ck.nrows; j++) {
         const int64_t r = ck.row + j, o = j * len, n = ck.nrows > 1 ? len : ck.n;
-        FBN_K(norm_piece)(x + ck.off + o, z != NULL ? z + ck.off + o : NULL, out + o, n, m[r],
-                          a[r], b[r]);
+        FBN_K(norm_piece)(RELU, x + ck.off + o, z != NULL ? z + ck.off + o : NULL, out + o, n,
+                          m[r], a[r], b[r]);
       }
     } else {
-      FBN_K(norm_piece_vec)(x + ck.off, z != NULL ? z + ck.off : NULL, out, ck.n, m + ck.off,
-                            a + ck.off, b + ck.off);
+      FBN_K(norm_piece_vec)(RELU, x + ck.off, z != NULL ? z + ck.off : NULL, out, ck.n,
+                            m + ck.off, a + ck.off, b + ck.off);
     }
-    if (bits != NULL)
+    if (RELU && bits != NULL)
       FBN_K(mask_pack)(out, &ck, len, bits, bpr);
     if (stream)
       FBN_K(fbn_fast_stream)(y + ck.off, tmp, ck.n);
@@ -288,27 +292,46 @@ static void FBN_K(norm_block)(const FBN_T *x, const FBN_T *z, FBN_T *y, int64_t 
     fbn_fast_stream_fence();
 }
 
+/*
+ * One block of rows x len. Coefficients per row (m[r], a[r], b[r]) when
+ * per_row, else per element of the block. bits (may be NULL): the block's
+ * first row of the saved bitmask. relu: y = ReLU(v); else y = v (BN alone,
+ * no mask).
+ */
+FBN_FAST_CLONES
+static void FBN_K(norm_block)(bool relu, const FBN_T *x, const FBN_T *z, FBN_T *y, int64_t rows,
+                              int64_t len, bool per_row, const FBN_T *m, const FBN_T *a,
+                              const FBN_T *b, uint8_t *bits, int64_t bpr, bool stream) {
+  if (stream && FBN_K(fbn_fast_norm_nt)(relu, x, z, y, rows, len, per_row, m, a, b, bits, bpr))
+    return;
+  if (relu)
+    FBN_K(norm_block_body)(true, x, z, y, rows, len, per_row, m, a, b, bits, bpr, stream);
+  else
+    FBN_K(norm_block_body)(false, x, z, y, rows, len, per_row, m, a, b, NULL, bpr, stream);
+}
+
 /* ======================================================================== */
 /* Backward                                                                 */
 /* ======================================================================== */
 
-/*
- * Reduction of one block: sum g and sum g * (x - mean), g = mk ? dy : 0.
- * per_row: acc[r] per row with mean[r]; else per element into sg[], sgx[]
- * with mean[] per element. gout (may be NULL) receives g.
- */
-FBN_FAST_CLONES
-static void FBN_K(bwd_reduce_block)(const FBN_T *x, const FBN_T *y, const uint8_t *bits,
-                                    int64_t bpr, const FBN_T *dy, FBN_T *gout, int64_t rows,
-                                    int64_t len, bool per_row, const double *mean,
-                                    double (*acc)[2], double *sg, double *sgx, bool stream) {
+/* g of element i: dy masked by mk (MASK), else dy (BN alone). */
+#define FBN_G(MASK, mk, dyv) ((MASK) ? ((mk) ? (dyv) : (FBN_T)0) : (dyv))
+
+/* bwd_reduce_block's loop (MASK: g = mk ? dy : 0; else g = dy, y not read). */
+static FBN_FAST_INLINE void FBN_K(bwd_reduce_body)(const bool MASK, const FBN_T *x,
+                                                   const FBN_T *y, const uint8_t *bits,
+                                                   int64_t bpr, const FBN_T *dy, FBN_T *gout,
+                                                   int64_t rows, int64_t len, bool per_row,
+                                                   const double *mean, double (*acc)[2],
+                                                   double *sg, double *sgx, bool stream) {
   FBN_MASK_T mk[FBN_CHUNK] __attribute__((aligned(64)));
   FBN_T tmp[FBN_CHUNK] __attribute__((aligned(64)));
   FBN_ANALYZER_INIT(tmp);
   fbn_fast_chunk ck;
   fbn_fast_chunk_start(&ck, rows, len, FBN_CHUNK);
   while (fbn_fast_chunk_next(&ck)) {
-    FBN_K(chunk_mask)(y, bits, bpr, &ck, len, mk);
+    if (MASK)
+      FBN_K(chunk_mask)(y, bits, bpr, &ck, len, mk);
     const FBN_T *xc = x + ck.off, *dyc = dy + ck.off;
     FBN_T *gc = gout == NULL ? NULL : stream ? tmp : gout + ck.off;
     if (per_row) {
@@ -321,7 +344,7 @@ static void FBN_K(bwd_reduce_block)(const FBN_T *x, const FBN_T *y, const uint8_
         FBN_SIMD_REDUCTION(s1, s2)
         for (int64_t i = 0; i < n; i++) {
           const FBN_T dyv = dyo[i];
-          const FBN_T g = mo[i] ? dyv : (FBN_T)0;
+          const FBN_T g = FBN_G(MASK, mo[i], dyv);
           s1 += (double)g;
           s2 += (double)g * ((double)xo[i] - mr);
         }
@@ -332,7 +355,7 @@ static void FBN_K(bwd_reduce_block)(const FBN_T *x, const FBN_T *y, const uint8_
           FBN_SIMD
           for (int64_t i = 0; i < n; i++) {
             const FBN_T dyv = dyo[i];
-            go[i] = mo[i] ? dyv : (FBN_T)0;
+            go[i] = FBN_G(MASK, mo[i], dyv);
           }
         }
       }
@@ -345,7 +368,7 @@ static void FBN_K(bwd_reduce_block)(const FBN_T *x, const FBN_T *y, const uint8_
         FBN_SIMD
         for (int64_t i = 0; i < ck.n; i++) {
           const FBN_T dyv = dyc[i];
-          const FBN_T g = mo[i] ? dyv : (FBN_T)0;
+          const FBN_T g = FBN_G(MASK, mo[i], dyv);
           go[i] = g;
           s1[i] += (double)g;
           s2[i] += (double)g * ((double)xc[i] - me[i]);
@@ -354,7 +377,7 @@ static void FBN_K(bwd_reduce_block)(const FBN_T *x, const FBN_T *y, const uint8_
         FBN_SIMD
         for (int64_t i = 0; i < ck.n; i++) {
           const FBN_T dyv = dyc[i];
-          const FBN_T g = mo[i] ? dyv : (FBN_T)0;
+          const FBN_T g = FBN_G(MASK, mo[i], dyv);
           s1[i] += (double)g;
           s2[i] += (double)g * ((double)xc[i] - me[i]);
         }
@@ -365,6 +388,27 @@ static void FBN_K(bwd_reduce_block)(const FBN_T *x, const FBN_T *y, const uint8_
   }
   if (gout != NULL && stream)
     fbn_fast_stream_fence();
+}
+
+/*
+ * Reduction of one block: sum g and sum g * (x - mean), g = mk ? dy : 0
+ * (relu: the mask from bits, or from y when bits is NULL), else g = dy (BN
+ * alone: y may be NULL). per_row: acc[r] per row with mean[r]; else per
+ * element into sg[], sgx[] with mean[] per element. gout (may be NULL)
+ * receives g.
+ */
+FBN_FAST_CLONES
+static void FBN_K(bwd_reduce_block)(bool relu, const FBN_T *x, const FBN_T *y,
+                                    const uint8_t *bits, int64_t bpr, const FBN_T *dy,
+                                    FBN_T *gout, int64_t rows, int64_t len, bool per_row,
+                                    const double *mean, double (*acc)[2], double *sg,
+                                    double *sgx, bool stream) {
+  if (relu)
+    FBN_K(bwd_reduce_body)(true, x, y, bits, bpr, dy, gout, rows, len, per_row, mean, acc, sg, sgx,
+                           stream);
+  else
+    FBN_K(bwd_reduce_body)(false, x, NULL, NULL, bpr, dy, gout, rows, len, per_row, mean, acc, sg,
+                           sgx, stream);
 }
 
 /* dx (and dz = g) of n elements; g = mk ? dy : 0, or g = dy when mk is NULL
@@ -385,7 +429,17 @@ FBN_FAST_INLINE void FBN_K(bwd_apply_piece)(const FBN_T *restrict x, const FBN_M
   }
   if (cs) {
     const FBN_T ms = m[0], ks = k[0], c1s = c1[0], c0s = c0[0];
-    if (dz != NULL && full) {
+    if (mk == NULL) { /* dy holds g; dz is NULL */
+      if (full) {
+        FBN_SIMD
+        for (int64_t i = 0; i < n; i++)
+          dx[i] = dy[i] * ks + (x[i] - ms) * c1s + c0s;
+      } else {
+        FBN_SIMD
+        for (int64_t i = 0; i < n; i++)
+          dx[i] = dy[i] * ks;
+      }
+    } else if (dz != NULL && full) {
       FBN_SIMD
       for (int64_t i = 0; i < n; i++) {
         const FBN_T dyv = dy[i];
@@ -463,8 +517,9 @@ FBN_FAST_INLINE void FBN_K(bwd_apply_piece)(const FBN_T *restrict x, const FBN_M
 
 /*
  * dx and dz of one block. The mask comes from bits (not NULL) or y; with
- * g_given, dy already holds g (no mask, dz NULL). Coefficients per row or
- * per element as in norm_block.
+ * g_given, dy already holds g (no mask, dz NULL, y not read: daddend
+ * written by the reduction, or BN alone, where g = dy). Coefficients per
+ * row or per element as in norm_block.
  */
 FBN_FAST_CLONES
 static void FBN_K(bwd_apply_block)(const FBN_T *x, const FBN_T *y, const uint8_t *bits,
@@ -487,7 +542,7 @@ static void FBN_K(bwd_apply_block)(const FBN_T *x, const FBN_T *y, const uint8_t
     if (per_row) {
       for (int64_t j = 0; j < ck.nrows; j++) {
         const int64_t r = ck.row + j, o = j * len, n = ck.nrows > 1 ? len : ck.n;
-        FBN_K(bwd_apply_piece)(x + ck.off + o, mk + o, dy + ck.off + o,
+        FBN_K(bwd_apply_piece)(x + ck.off + o, g_given ? NULL : mk + o, dy + ck.off + o,
                                ox != NULL ? ox + o : NULL, oz != NULL ? oz + o : NULL, n, full,
                                m + r, k + r, c1 + r, c0 + r, true);
       }

@@ -50,8 +50,8 @@ static void FBN_K(forward_nchw_group)(fbn_fast_call *m, const fbn_bk_forward_arg
     /* Channels on the exact path are computed here too, then overwritten. */
     for (int64_t n = 0; n < n_; n++) {
       const int64_t off = (n * c_ + c0) * hw;
-      FBN_K(norm_block)(x + off, z != NULL ? z + off : NULL, y + off, gc, hw, true, cm, ca, cb,
-                        bits != NULL ? bits + (n * c_ + c0) * bpr : NULL, bpr, stream);
+      FBN_K(norm_block)(fbn_fast_relu(a), x + off, FBN_FAST_AT(z, off), y + off, gc, hw, true, cm,
+                        ca, cb, FBN_FAST_AT(bits, (n * c_ + c0) * bpr), bpr, stream);
     }
     for (int64_t j = 0; j < gc; j++)
       if (!fast[j])
@@ -94,6 +94,7 @@ static void FBN_K(forward_nchw_eval)(fbn_fast_call *m, const fbn_bk_forward_args
   FBN_T *y = a->y;
   const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
   FBN_T *cm = coef, *ca = coef + c_, *cb = coef + 2 * c_;
+  const bool relu = fbn_fast_relu(a);
   for (int64_t c = 0; c < c_; c++) {
     fbn_fast_running_stats(m, a, c, &stat[c], &stat[c_ + c]);
     fast[c] = FBN_K(forward_coef)(stat[c], stat[c_ + c], fbn_fast_weight(m, c),
@@ -106,18 +107,18 @@ static void FBN_K(forward_nchw_eval)(fbn_fast_call *m, const fbn_bk_forward_args
   const int64_t half = stream ? n_ / 2 : 0, dn = half * c_;
   const int64_t cpn = (c_ + rpc - 1) / rpc, total = (n_ - half) * cpn;
 #define FBN_EVAL_RUN(n, c0, c1)                                                                  \
-  FBN_K(norm_block)(x + ((n) * c_ + (c0)) * hw, z != NULL ? z + ((n) * c_ + (c0)) * hw : NULL,   \
+  FBN_K(norm_block)(relu, x + ((n) * c_ + (c0)) * hw, FBN_FAST_AT(z, ((n) * c_ + (c0)) * hw),    \
                     y + ((n) * c_ + (c0)) * hw, (c1) - (c0), hw, true, cm + (c0), ca + (c0),     \
-                    cb + (c0), bits != NULL ? bits + ((n) * c_ + (c0)) * bpr : NULL, bpr, stream)
+                    cb + (c0), FBN_FAST_AT(bits, ((n) * c_ + (c0)) * bpr), bpr, stream)
 #define FBN_EVAL_UNIT(k)                                                                         \
   do {                                                                                         \
     const int64_t c0 = (k) % cpn * rpc, c1 = c0 + rpc < c_ ? c0 + rpc : c_;                    \
     if ((k) < half * cpn) {                                                                    \
       const int64_t n = (k) / cpn, off = (n * c_ + c0) * hw;                                   \
-      if (!FBN_K(fbn_fast_norm_nt2)(x + off, z != NULL ? z + off : NULL, y + off, c1 - c0, hw,  \
+      if (!FBN_K(fbn_fast_norm_nt2)(relu, x + off, FBN_FAST_AT(z, off), y + off, c1 - c0, hw,   \
                                     true, cm + c0, ca + c0, cb + c0,                           \
-                                    bits != NULL ? bits + (n * c_ + c0) * bpr : NULL, bpr,     \
-                                    dn * hw, dn * bpr)) {                                      \
+                                    FBN_FAST_AT(bits, (n * c_ + c0) * bpr), bpr, dn * hw,      \
+                                    dn * bpr)) {                                               \
         FBN_EVAL_RUN(n, c0, c1);                                                               \
         FBN_EVAL_RUN(n + half, c0, c1);                                                        \
       }                                                                                        \
@@ -154,6 +155,7 @@ static void FBN_K(forward_nchw_vec_group)(fbn_fast_call *m, const fbn_bk_forward
   const FBN_T *x = a->x, *z = a->addend;
   FBN_T *y = a->y;
   const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
+  const bool relu = fbn_fast_relu(a);
   const int64_t g_ = plan->group;
   {
     const int64_t c0 = gi * g_;
@@ -194,13 +196,13 @@ static void FBN_K(forward_nchw_vec_group)(fbn_fast_call *m, const fbn_bk_forward
      * run at a time */
     const int64_t half = stream ? n_ / 2 : 0, dn = half * c_;
 #define FBN_VEC_RUN(n)                                                                           \
-  FBN_K(norm_block)(x + ((n) * c_ + c0) * hw, z != NULL ? z + ((n) * c_ + c0) * hw : NULL,       \
+  FBN_K(norm_block)(relu, x + ((n) * c_ + c0) * hw, FBN_FAST_AT(z, ((n) * c_ + c0) * hw),        \
                     y + ((n) * c_ + c0) * hw, gc, hw, false, cm, ca, cb,                         \
-                    bits != NULL ? bits + ((n) * c_ + c0) * bpr : NULL, bpr, stream)
+                    FBN_FAST_AT(bits, ((n) * c_ + c0) * bpr), bpr, stream)
     for (int64_t n = 0; n < half; n++) {
       const int64_t off = (n * c_ + c0) * hw;
-      if (!FBN_K(fbn_fast_norm_nt2)(x + off, z != NULL ? z + off : NULL, y + off, gc, hw, false,
-                                    cm, ca, cb, bits != NULL ? bits + (n * c_ + c0) * bpr : NULL, bpr,
+      if (!FBN_K(fbn_fast_norm_nt2)(relu, x + off, FBN_FAST_AT(z, off), y + off, gc, hw, false,
+                                    cm, ca, cb, FBN_FAST_AT(bits, (n * c_ + c0) * bpr), bpr,
                                     dn * hw, dn * bpr)) {
         FBN_VEC_RUN(n);
         FBN_VEC_RUN(n + half);
@@ -233,9 +235,10 @@ static void FBN_K(forward_nchw_vec)(fbn_fast_call *m, const fbn_bk_forward_args 
 /* Backward drivers                                                         */
 /* ======================================================================== */
 
-/* NCHW, long rows: channel groups as in forward_nchw. */
-static int64_t FBN_K(backward_nchw_gsize)(const fbn_tensor_desc *d, bool bits, int nt) {
-  const int64_t per_channel = (bits ? 2 : 3) * d->n * d->h * d->w * (int64_t)sizeof(FBN_T);
+/* NCHW, long rows: channel groups as in forward_nchw; no_y: y is not read
+ * (the saved mask, or BN alone). */
+static int64_t FBN_K(backward_nchw_gsize)(const fbn_tensor_desc *d, bool no_y, int nt) {
+  const int64_t per_channel = (no_y ? 2 : 3) * d->n * d->h * d->w * (int64_t)sizeof(FBN_T);
   return fbn_fast_nchw_group(d->c, per_channel, nt);
 }
 
@@ -249,7 +252,8 @@ static void FBN_K(backward_nchw_group)(fbn_fast_call *m, const fbn_bk_backward_a
   const bool reduce = full || m->grads;
   const bool apply = dx != NULL || dz != NULL;
   const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
-  const int64_t g_ = FBN_K(backward_nchw_gsize)(d, bits != NULL, nt);
+  const bool relu = fbn_fast_relu(a);
+  const int64_t g_ = FBN_K(backward_nchw_gsize)(d, bits != NULL || !relu, nt);
   {
     const int64_t c0 = gi * g_;
     const int64_t gc = c_ - c0 < g_ ? c_ - c0 : g_;
@@ -268,8 +272,9 @@ static void FBN_K(backward_nchw_group)(fbn_fast_call *m, const fbn_bk_backward_a
     if (reduce) {
       for (int64_t n = 0; n < n_; n++) {
         const int64_t off = (n * c_ + c0) * hw;
-        FBN_K(bwd_reduce_block)(x + off, y + off, bits != NULL ? bits + (n * c_ + c0) * bpr : NULL,
-                                bpr, dy + off, NULL, gc, hw, true, shift, acc, NULL, NULL, false);
+        FBN_K(bwd_reduce_block)(relu, x + off, FBN_FAST_AT(y, off),
+                                FBN_FAST_AT(bits, (n * c_ + c0) * bpr), bpr, dy + off, NULL, gc,
+                                hw, true, shift, acc, NULL, NULL, false);
       }
     }
     for (int64_t j = 0; j < gc; j++) {
@@ -283,10 +288,9 @@ static void FBN_K(backward_nchw_group)(fbn_fast_call *m, const fbn_bk_backward_a
       return;
     for (int64_t n = 0; n < n_; n++) {
       const int64_t off = (n * c_ + c0) * hw;
-      FBN_K(bwd_apply_block)(x + off, y + off, bits != NULL ? bits + (n * c_ + c0) * bpr : NULL,
-                             bpr, dy + off, dx != NULL ? dx + off : NULL,
-                             dz != NULL ? dz + off : NULL, gc, hw, full, false, true, cm, ck, cc1,
-                             cc0, stream);
+      FBN_K(bwd_apply_block)(x + off, FBN_FAST_AT(y, off), FBN_FAST_AT(bits, (n * c_ + c0) * bpr),
+                             bpr, dy + off, FBN_FAST_AT(dx, off), FBN_FAST_AT(dz, off), gc, hw,
+                             full, !relu, true, cm, ck, cc1, cc0, stream);
     }
     for (int64_t j = 0; j < gc; j++)
       if (!fast[j])
@@ -296,7 +300,8 @@ static void FBN_K(backward_nchw_group)(fbn_fast_call *m, const fbn_bk_backward_a
 
 static void FBN_K(backward_nchw)(fbn_fast_call *m, const fbn_bk_backward_args *a, int nt,
                                  const uint8_t *bits, int64_t bpr) {
-  const int64_t c_ = a->desc->c, g_ = FBN_K(backward_nchw_gsize)(a->desc, bits != NULL, nt);
+  const int64_t c_ = a->desc->c;
+  const int64_t g_ = FBN_K(backward_nchw_gsize)(a->desc, bits != NULL || !fbn_fast_relu(a), nt);
   const int64_t ngroups = (c_ + g_ - 1) / g_;
   if (nt > 1) {
     FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt))
@@ -320,6 +325,7 @@ static void FBN_K(backward_nchw_vec_group)(fbn_fast_call *m, const fbn_bk_backwa
   const bool reduce = full || m->grads;
   const bool apply = dx != NULL || dz != NULL;
   const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
+  const bool relu = fbn_fast_relu(a);
   const int64_t g_ = plan->group;
   {
     const int64_t c0 = gi * g_;
@@ -338,9 +344,9 @@ static void FBN_K(backward_nchw_vec_group)(fbn_fast_call *m, const fbn_bk_backwa
     if (reduce)
       for (int64_t n = 0; n < n_; n++) {
         const int64_t off = (n * c_ + c0) * hw;
-        FBN_K(bwd_reduce_block)(x + off, y + off, bits != NULL ? bits + (n * c_ + c0) * bpr : NULL,
-                                bpr, dy + off, NULL, gc, hw, false, v.shift, NULL, v.s1, v.s2,
-                                false);
+        FBN_K(bwd_reduce_block)(relu, x + off, FBN_FAST_AT(y, off),
+                                FBN_FAST_AT(bits, (n * c_ + c0) * bpr), bpr, dy + off, NULL, gc,
+                                hw, false, v.shift, NULL, v.s1, v.s2, false);
       }
     for (int64_t j = 0; j < gc; j++) {
       if (reduce) {
@@ -364,10 +370,9 @@ static void FBN_K(backward_nchw_vec_group)(fbn_fast_call *m, const fbn_bk_backwa
     FBN_K(expand)(cc0, gc, hw);
     for (int64_t n = 0; n < n_; n++) {
       const int64_t off = (n * c_ + c0) * hw;
-      FBN_K(bwd_apply_block)(x + off, y + off, bits != NULL ? bits + (n * c_ + c0) * bpr : NULL,
-                             bpr, dy + off, dx != NULL ? dx + off : NULL,
-                             dz != NULL ? dz + off : NULL, gc, hw, full, false, false, cm, ck,
-                             cc1, cc0, stream);
+      FBN_K(bwd_apply_block)(x + off, FBN_FAST_AT(y, off), FBN_FAST_AT(bits, (n * c_ + c0) * bpr),
+                             bpr, dy + off, FBN_FAST_AT(dx, off), FBN_FAST_AT(dz, off), gc, hw,
+                             full, !relu, false, cm, ck, cc1, cc0, stream);
     }
     for (int64_t j = 0; j < gc; j++)
       if (!v.fast[j])

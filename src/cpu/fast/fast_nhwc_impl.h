@@ -104,9 +104,9 @@ static void FBN_K(forward_nhwc_norm_rows)(const fbn_bk_forward_args *a,
   FBN_T *y = a->y;
   for (int64_t r = r0; r < r1; r += p_) {
     const int64_t nr = r + p_ <= r1 ? p_ : r1 - r;
-    FBN_K(norm_block)(x + r * c_, z != NULL ? z + r * c_ : NULL, y + r * c_, nr, c_, false,
-                      plan->coef[0], plan->coef[1], plan->coef[2],
-                      bits != NULL ? bits + r * bpr : NULL, bpr, stream);
+    FBN_K(norm_block)(fbn_fast_relu(a), x + r * c_, FBN_FAST_AT(z, r * c_), y + r * c_, nr, c_,
+                      false, plan->coef[0], plan->coef[1], plan->coef[2],
+                      FBN_FAST_AT(bits, r * bpr), bpr, stream);
   }
 }
 
@@ -132,9 +132,9 @@ static void FBN_K(forward_nhwc_norm_pair)(const fbn_bk_forward_args *a,
   FBN_T *y = a->y;
   int64_t r = k0 * cr;
   for (; r + dr + p_ <= e1; r += p_)
-    if (!FBN_K(fbn_fast_norm_nt2)(x + r * c_, z != NULL ? z + r * c_ : NULL, y + r * c_, p_, c_,
-                                  false, plan->coef[0], plan->coef[1], plan->coef[2],
-                                  bits != NULL ? bits + r * bpr : NULL, bpr, dr * c_, dr * bpr))
+    if (!FBN_K(fbn_fast_norm_nt2)(fbn_fast_relu(a), x + r * c_, FBN_FAST_AT(z, r * c_), y + r * c_,
+                                  p_, c_, false, plan->coef[0], plan->coef[1], plan->coef[2],
+                                  FBN_FAST_AT(bits, r * bpr), bpr, dr * c_, dr * bpr))
       break;
   FBN_K(forward_nhwc_norm_rows)(a, plan, r, (k0 + 1) * cr, true, bits, bpr);
   FBN_K(forward_nhwc_norm_rows)(a, plan, r + dr, e1, true, bits, bpr);
@@ -243,6 +243,7 @@ typedef struct FBN_K(fbn_fast_bwd_nhwc) {
   const uint8_t *bits;
   int64_t bpr, rows, nchunks;
   bool full, reduce, stream;
+  bool relu;    /* the ReLU operations; BN alone: g = dy, y not read (may be NULL) */
   bool g_early; /* g written by the reduction pass; the second pass computes dx from it */
 } FBN_K(fbn_fast_bwd_nhwc);
 
@@ -255,9 +256,10 @@ static void FBN_K(backward_nhwc_reduce_rows)(const FBN_K(fbn_fast_bwd_nhwc) *b, 
   FBN_T *dz = a->daddend;
   for (int64_t r = r0; r < r1; r += p_) {
     const int64_t nr = r + p_ <= r1 ? p_ : r1 - r;
-    FBN_K(bwd_reduce_block)(x + r * c_, y + r * c_, b->bits != NULL ? b->bits + r * b->bpr : NULL,
-                            b->bpr, dy + r * c_, b->g_early ? dz + r * c_ : NULL, nr, c_, false,
-                            b->plan->shift, NULL, s1, s2, b->stream);
+    FBN_K(bwd_reduce_block)(b->relu, x + r * c_, FBN_FAST_AT(y, r * c_),
+                            FBN_FAST_AT(b->bits, r * b->bpr), b->bpr, dy + r * c_,
+                            b->g_early ? dz + r * c_ : NULL, nr, c_, false, b->plan->shift, NULL,
+                            s1, s2, b->stream);
   }
 }
 
@@ -299,15 +301,15 @@ static void FBN_K(backward_nhwc_apply_rows)(const FBN_K(fbn_fast_bwd_nhwc) *b, i
   const int64_t c_ = a->desc->c, p_ = plan->rows_per_block;
   const FBN_T *x = a->x, *y = a->y;
   FBN_T *dx = a->dx;
-  /* g_early: dz holds g; read it instead of the mask and dy. */
+  /* g_early: dz holds g; read it instead of the mask and dy. BN alone: g = dy. */
   const FBN_T *pdy = b->g_early ? (const FBN_T *)a->daddend : (const FBN_T *)a->dy;
   FBN_T *pdz = b->g_early ? NULL : (FBN_T *)a->daddend;
   for (int64_t r = r0; r < r1; r += p_) {
     const int64_t nr = r + p_ <= r1 ? p_ : r1 - r;
-    FBN_K(bwd_apply_block)(x + r * c_, y + r * c_, b->bits != NULL ? b->bits + r * b->bpr : NULL,
-                           b->bpr, pdy + r * c_, dx != NULL ? dx + r * c_ : NULL,
-                           pdz != NULL ? pdz + r * c_ : NULL, nr, c_, b->full, b->g_early, false,
-                           plan->coef[0], plan->coef[1], plan->coef[2], plan->coef[3], b->stream);
+    FBN_K(bwd_apply_block)(x + r * c_, FBN_FAST_AT(y, r * c_), FBN_FAST_AT(b->bits, r * b->bpr),
+                           b->bpr, pdy + r * c_, FBN_FAST_AT(dx, r * c_), FBN_FAST_AT(pdz, r * c_),
+                           nr, c_, b->full, b->g_early || !b->relu, false, plan->coef[0],
+                           plan->coef[1], plan->coef[2], plan->coef[3], b->stream);
   }
 }
 
@@ -337,18 +339,22 @@ static void FBN_K(backward_nhwc_unit)(const FBN_K(fbn_fast_bwd_nhwc) *b, bool ap
   const int64_t dr = half * cr;
   const FBN_T *x = a->x, *dy = a->dy;
   FBN_T *dz = a->daddend, *dx = a->dx;
+  /* the apply pass's g: given in dz (g_early) or dy (BN alone), else from
+   * the mask and dy */
+  const bool g_given = b->g_early || !b->relu;
+  const FBN_T *gy = b->g_early ? dz : dy;
   int64_t r = u * cr;
   for (; r + dr + p_ <= e1; r += p_) {
-    const uint8_t *bb = b->bits != NULL ? b->bits + r * b->bpr : NULL;
+    const uint8_t *bb = FBN_FAST_AT(b->bits, r * b->bpr);
     const int64_t o = r * c_;
     bool done;
     if (apply)
-      done = FBN_K(fbn_fast_bwd_apply2)(x + o, bb, b->bpr, dy + o, dz != NULL ? dz + o : NULL,
-                                        dx != NULL ? dx + o : NULL, p_, c_, b->full, b->g_early,
-                                        plan->coef[0], plan->coef[1], plan->coef[2],
-                                        plan->coef[3], dr * c_, dr * b->bpr);
+      done = FBN_K(fbn_fast_bwd_apply2)(x + o, bb, b->bpr, gy + o,
+                                        g_given ? NULL : FBN_FAST_AT(dz, o), FBN_FAST_AT(dx, o),
+                                        p_, c_, b->full, g_given, plan->coef[0], plan->coef[1],
+                                        plan->coef[2], plan->coef[3], dr * c_, dr * b->bpr);
     else
-      done = FBN_K(fbn_fast_bwd_reduce2)(x + o, bb, b->bpr, dy + o,
+      done = FBN_K(fbn_fast_bwd_reduce2)(b->relu, x + o, bb, b->bpr, dy + o,
                                          b->g_early ? dz + o : NULL, p_, c_, plan->shift, s1, s2,
                                          dr * c_, dr * b->bpr);
     if (!done)
@@ -419,6 +425,7 @@ static void FBN_K(backward_nhwc)(fbn_fast_call *m, const fbn_bk_backward_args *a
       .full = full,
       .reduce = reduce,
       .stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T)),
+      .relu = fbn_fast_relu(a),
       .g_early = reduce && a->daddend != NULL,
   };
   fbn_fast_bwd_chan *ch = plan->chan;
@@ -442,6 +449,8 @@ static void FBN_K(backward_nhwc)(fbn_fast_call *m, const fbn_bk_backward_args *a
 
 #undef FBN_CHUNK
 #undef FBN_ANALYZER_INIT
+#undef FBN_GATE
+#undef FBN_G
 #undef FBN_K
 #undef FBN_CAT
 #undef FBN_CAT2

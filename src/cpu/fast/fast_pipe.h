@@ -89,7 +89,7 @@ static void fbn_fast_pipe_unit(fbn_fast_call *m, const fbn_bk_forward_args *a,
   fbn_fast_pipe_groups(p, u, &gi0, &gi1);
   const float *x = a->x, *z = a->addend;
   float *y = a->y;
-  const bool y32 = ((uintptr_t)y & 31) == 0;
+  const bool y32 = ((uintptr_t)y & 31) == 0, relu = fbn_fast_relu(a);
   /* y + dn * hw alike y modulo 32 bytes: hw % 8 == 0 */
   const int64_t half = n_ / 2, dn = half * c_;
   fbn_fast_pipe_group grp[2];
@@ -127,26 +127,26 @@ static void fbn_fast_pipe_unit(fbn_fast_call *m, const fbn_bk_forward_args *a,
       for (int64_t j = 0; j < both; j++) {
         const int64_t o = off + j * hw;
         if (two)
-          fbn_fast_pipe_row2_avx2(x + o, z != NULL ? z + o : NULL, y + o, hw, cm[j], ca[j], cb[j],
-                                  bn != NULL ? bn + j * bpr : NULL, y32, x + off1 + j * hw,
+          fbn_fast_pipe_row2_avx2(relu, x + o, FBN_FAST_AT(z, o), y + o, hw, cm[j], ca[j], cb[j],
+                                  FBN_FAST_AT(bn, j * bpr), y32, x + off1 + j * hw,
                                   next->shift[j], next->acc[j], dn * hw, dn * bpr,
                                   fbn_fast_pair_run(y + o, dn * hw, 0));
         else
-          fbn_fast_pipe_row_avx2(x + o, z != NULL ? z + o : NULL, y + o, hw, cm[j], ca[j], cb[j],
-                                 bn != NULL ? bn + j * bpr : NULL, y32, x + off1 + j * hw,
+          fbn_fast_pipe_row_avx2(relu, x + o, FBN_FAST_AT(z, o), y + o, hw, cm[j], ca[j], cb[j],
+                                 FBN_FAST_AT(bn, j * bpr), y32, x + off1 + j * hw,
                                  next->shift[j], next->acc[j]);
       }
       if (gc > both) {
         const int64_t o = off + both * hw;
         if (two)
-          fbn_fast_norm_nt2_rows_avx2(x + o, z != NULL ? z + o : NULL, y + o, gc - both, hw, true,
+          fbn_fast_norm_nt2_rows_avx2(relu, x + o, FBN_FAST_AT(z, o), y + o, gc - both, hw, true,
                                       cm + both, ca + both, cb + both,
-                                      bn != NULL ? bn + both * bpr : NULL, y32, dn * hw,
-                                      dn * bpr, fbn_fast_pair_run(y + o, dn * hw, hw));
+                                      FBN_FAST_AT(bn, both * bpr), y32, dn * hw, dn * bpr,
+                                      fbn_fast_pair_run(y + o, dn * hw, hw));
         else
-          fbn_fast_norm_nt_avx2(x + o, z != NULL ? z + o : NULL, y + o, gc - both, hw, true,
-                                cm + both, ca + both, cb + both,
-                                bn != NULL ? bn + both * bpr : NULL, y32);
+          fbn_fast_norm_nt_avx2(relu, x + o, FBN_FAST_AT(z, o), y + o, gc - both, hw, true,
+                                cm + both, ca + both, cb + both, FBN_FAST_AT(bn, both * bpr),
+                                y32);
       }
     }
     _mm_sfence();
@@ -173,18 +173,19 @@ static void fbn_fast_forward_nchw_pipe(fbn_fast_call *m, const fbn_bk_forward_ar
 }
 /*
  * Backward, NCHW, long rows, float32, batch statistics, with the saved mask
- * and dx (daddend too or not), streamed (AVX2): the reduction of group k+1
- * (x, dy and mask read from memory) in the loop that writes dx (and
- * daddend) of group k (whose x, dy and mask are still in the caches), as the
- * forward above. A group's sums are in this loop's order (not
- * bwd_reduce_block's).
+ * (the ReLU operations; BN alone: none, g = dy) and dx (daddend too or not),
+ * streamed (AVX2): the reduction of group k+1 (x, dy and mask read from
+ * memory) in the loop that writes dx (and daddend) of group k (whose x, dy
+ * and mask are still in the caches), as the forward above. A group's sums
+ * are in this loop's order (not bwd_reduce_block's).
  */
 static bool fbn_fast_bwd_pipe_usable(const fbn_bk_backward_args *a, const uint8_t *bits,
                                      int64_t bpr) {
   const fbn_tensor_desc *d = a->desc;
   const int64_t hw = d->h * d->w;
   return d->dtype == FBN_DTYPE_FLOAT32 && d->layout == FBN_LAYOUT_NCHW &&
-         hw >= FBN_FAST_NCHW_VEC_HW && hw % 8 == 0 && bits != NULL && bpr == hw / 8 &&
+         hw >= FBN_FAST_NCHW_VEC_HW && hw % 8 == 0 &&
+         (fbn_fast_relu(a) ? bits != NULL && bpr == hw / 8 : bits == NULL) &&
          fbn_fast_full(a) && a->dx != NULL && ((uintptr_t)a->dx & 15) == 0 &&
          ((uintptr_t)a->daddend & 15) == 0 &&
          fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(float)) &&
@@ -230,8 +231,8 @@ static void fbn_fast_bwd_pipe_unit(fbn_fast_call *m, const fbn_bk_backward_args 
   for (int64_t n = 0; n < n_; n++)
     for (int64_t j = 0; j < cur->gc; j++) {
       const int64_t o = (n * c_ + cur->c0 + j) * hw;
-      fbn_fast_bwd_pipe_reduce_avx2(hw, x + o, bits + (n * c_ + cur->c0 + j) * bpr, dy + o,
-                                    cur->ch[j].mean, cur->acc[j]);
+      fbn_fast_bwd_pipe_reduce_avx2(hw, x + o, FBN_FAST_AT(bits, (n * c_ + cur->c0 + j) * bpr),
+                                    dy + o, cur->ch[j].mean, cur->acc[j]);
     }
   for (int64_t gi = gi0; gi < gi1; gi++) {
     const int64_t c0 = cur->c0, gc = cur->gc;
@@ -249,12 +250,13 @@ static void fbn_fast_bwd_pipe_unit(fbn_fast_call *m, const fbn_bk_backward_args 
     for (int64_t n = 0; n < n_; n++) {
       for (int64_t j = 0; j < gc; j++) { /* gc1 <= gc: only the tensor's last group is smaller */
         const int64_t o = (n * c_ + c0 + j) * hw, o1 = (n * c_ + c1 + j) * hw;
-        const uint8_t *b = bits + (n * c_ + c0 + j) * bpr;
-        float *dzo = dz != NULL ? dz + o : NULL;
+        const uint8_t *b = FBN_FAST_AT(bits, (n * c_ + c0 + j) * bpr);
+        float *dzo = FBN_FAST_AT(dz, o);
         if (j < gc1)
           fbn_fast_bwd_pipe_both_avx2(x + o, b, dy + o, dx + o, dzo, hw, cm[j], ck[j], cc1[j],
-                                      cc0[j], al32, x + o1, bits + (n * c_ + c1 + j) * bpr,
-                                      dy + o1, next->ch[j].mean, next->acc[j]);
+                                      cc0[j], al32, x + o1,
+                                      FBN_FAST_AT(bits, (n * c_ + c1 + j) * bpr), dy + o1,
+                                      next->ch[j].mean, next->acc[j]);
         else
           fbn_fast_bwd_pipe_apply_avx2(x + o, b, dy + o, dx + o, dzo, hw, cm[j], ck[j], cc1[j],
                                        cc0[j], al32);

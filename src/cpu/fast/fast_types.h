@@ -82,6 +82,11 @@ typedef struct fbn_fast_call {
 
 /* Whether the call normalizes with batch statistics. */
 #define fbn_fast_full(a) ((a)->op->statistics == FBN_STATISTICS_BATCH)
+/* Whether the call's operation ends in the ReLU (BN alone does not). */
+#define fbn_fast_relu(a) fbn_operation_has_relu((a)->op->operation)
+/* p + o, or NULL where p is NULL (y of BN alone's backward, optional
+ * outputs). */
+#define FBN_FAST_AT(p, o) ((p) != NULL ? (p) + (o) : NULL)
 
 /* ---- small helpers ------------------------------------------------------ */
 
