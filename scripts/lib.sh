@@ -1,7 +1,9 @@
 # shellcheck shell=bash
 # Shared helpers of scripts/*: sourced, not run.
 
-# Install the Debian packages named in "$@" that are missing (needs root or sudo).
+# Install the Debian packages named in "$@" that are missing (needs root or
+# sudo). Returns 1 when some could not be installed (callers that can go on
+# without them say `|| true`).
 fbn_install_packages() {
   local missing=()
   local p
@@ -18,9 +20,10 @@ fbn_install_packages() {
   export DEBIAN_FRONTEND=noninteractive
   if ! { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends \
            "${missing[@]}" >/dev/null; }; then
-    # Offline machines (the lent GPU machines have no registry): go on with
-    # what is there; the build says what is really missing.
-    echo "fusedbn: apt-get could not install ${missing[*]}; continuing without" >&2
+    # Offline machines (no package registry) may still have what the build
+    # needs some other way; the caller decides whether to go on.
+    echo "fusedbn: apt-get could not install ${missing[*]}" >&2
+    return 1
   fi
 }
 
