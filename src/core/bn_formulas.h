@@ -10,8 +10,17 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-/* Inverse standard deviation from the biased variance. */
+/* Inverse standard deviation of running statistics: 1/sqrt(var + eps)
+ * (+inf for var + eps = 0, as PyTorch in eval mode). */
 static inline double fbn_bn_invstd(double var, double eps) { return 1.0 / sqrt(var + eps); }
+
+/* Inverse standard deviation of batch statistics from the biased variance:
+ * 0 for a zero variance with eps = 0 (a constant channel then gives
+ * y = ReLU(bias [+ addend]), dx = 0, dweight = 0: PyTorch's InvStd rule),
+ * else 1/sqrt(var + eps). */
+static inline double fbn_bn_batch_invstd(double var, double eps) {
+  return var == 0.0 && eps == 0.0 ? 0.0 : 1.0 / sqrt(var + eps);
+}
 
 /* One step of the running average: (1 - f) * running + f * batch_value. */
 static inline double fbn_bn_running_update(double running, double factor, double batch_value) {

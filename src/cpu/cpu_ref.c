@@ -83,7 +83,8 @@ static fbn_status ref_forward(const fbn_bk_forward_args *a) {
       mean = load(a->running_mean, pt, c);
       var = load(a->running_var, pt, c);
     }
-    const double invstd = fbn_bn_invstd(var, o->eps);
+    const double invstd = o->statistics == FBN_STATISTICS_BATCH ? fbn_bn_batch_invstd(var, o->eps)
+                                                                : fbn_bn_invstd(var, o->eps);
     const double weight = o->affine ? load(a->weight, pt, c) : 1.0;
     const double bias = o->affine ? load(a->bias, pt, c) : 0.0;
     for (int64_t n = 0; n < d->n; n++)

@@ -6,6 +6,7 @@
 #ifndef FUSEDBN_SRC_CUDA_BN_MATH_H
 #define FUSEDBN_SRC_CUDA_BN_MATH_H
 
+#include <math.h>
 #include <stdint.h>
 
 #if defined(__CUDACC__)
@@ -43,6 +44,14 @@ FBN_HD fbn_bn_stats fbn_bn_stats_from_sums(double shift, double sum, double sums
   s.var = var;
   s.var_unbiased = count > 1 ? var * ((double)count / (double)(count - 1)) : var;
   return s;
+}
+
+/* Inverse standard deviation of batch statistics: 0 for a zero variance
+ * with eps = 0 (a constant channel: y = bias [+ addend], dx = 0, PyTorch's
+ * InvStd rule), else 1/sqrt(var + eps). Running statistics keep
+ * 1/sqrt(var + eps), as PyTorch in eval mode. */
+FBN_HD double fbn_bn_stats_invstd(double var, double eps) {
+  return var == 0.0 && eps == 0.0 ? 0.0 : 1.0 / sqrt(var + eps);
 }
 
 /* Number of slices each channel's count values are split into for the

@@ -460,7 +460,7 @@ __global__ void stats_finalize_kernel(int64_t C, int64_t count, bool nhwc, int64
     return;
   const double shift = (double)to_acc(x[nhwc ? c : c * hw]);
   const fbn_bn_stats st = fbn_bn_stats_from_sums(shift, sum, sumsq, count);
-  const double invstd = 1.0 / sqrt(st.var + eps);
+  const double invstd = fbn_bn_stats_invstd(st.var, eps);
   if (running_mean != nullptr) {
     running_mean[c] = (P)fbn_bn_running_update((double)running_mean[c], st.mean, factor);
     running_var[c] = (P)fbn_bn_running_update((double)running_var[c], st.var_unbiased, factor);
