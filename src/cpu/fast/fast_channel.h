@@ -41,10 +41,22 @@ static void fbn_fast_exact_stats(const fbn_tensor_desc *d, const void *x, int64_
 }
 
 /*
+ * Shifted sums give the sum of squared deviations as s2 - s1^2/count, whose
+ * rounding grows with R = (k - mean)^2 / var, the squared distance of the
+ * shift k from the mean in standard deviations (the error is about
+ * R * 1e-16 relative in float64). Up to R = 64 (a shift within 8 standard
+ * deviations of the mean: every channel of normally distributed data) that
+ * stays at the two-pass sum's level; a channel whose shift is an outlier
+ * beyond it is recomputed by two passes.
+ */
+#define FBN_FAST_SHIFT_MAX_R 64.0
+
+/*
  * Batch statistics of channel c from its shifted sums s1 = sum (x - k),
  * s2 = sum (x - k)^2: running-statistics update, saved mean/invstd.
- * Non-finite sums, or a variance that would give an infinite invstd, are
- * recomputed the reference's way.
+ * Non-finite sums, a shift beyond FBN_FAST_SHIFT_MAX_R, or a zero variance
+ * with eps = 0 are recomputed the reference's way (which then decides
+ * whether the channel is constant: invstd = 0).
  */
 static void fbn_fast_batch_stats(fbn_fast_call *m, const fbn_bk_forward_args *a, int64_t c,
                                  double k,
@@ -60,7 +72,7 @@ static void fbn_fast_batch_stats(fbn_fast_call *m, const fbn_bk_forward_args *a,
     if (sq < 0.0)
       sq = 0.0;
     mean = k + mu;
-    ok = sq / (double)count + o->eps > 0.0;
+    ok = sq / (double)count + o->eps > 0.0 && s1 * mu <= FBN_FAST_SHIFT_MAX_R * sq;
   }
   if (!ok)
     fbn_fast_exact_stats(d, a->x, c, &mean, &sq);
@@ -73,7 +85,7 @@ static void fbn_fast_batch_stats(fbn_fast_call *m, const fbn_bk_forward_args *a,
     fbn_fast_store(rv, pt, c,
                    fbn_bn_running_update(fbn_fast_load(rv, pt, c), a->factor, unbiased));
   }
-  const double invstd = fbn_bn_invstd(var, o->eps);
+  const double invstd = fbn_bn_batch_invstd(var, o->eps);
   fbn_fast_save(a, c, mean, invstd);
   *mean_out = mean;
   *invstd_out = invstd;
@@ -108,6 +120,38 @@ static void fbn_fast_exact_normalize(const fbn_fast_call *m, const fbn_bk_forwar
       if (bits != NULL)
         fbn_fast_mask_set(d, bits, n, c, s, !(fbn_fast_load(a->y, d->dtype, i) <= 0.0));
     }
+}
+
+/* ---- whether a channel's coefficients fit the vectorized loops ---------- */
+
+/*
+ * The vectorized loops compute in the tensor's type T:
+ *   forward   y  = ReLU((x - m) * a + b [+ z])
+ *   backward  dx = g * k + (x - m) * c1 + c0    (c1 = c0 = 0: running stats)
+ * with the coefficients computed in float64 and rounded to T once
+ * (fast_loops_impl.h: forward_coef, backward_coef). A channel takes them
+ * only when, besides every coefficient being finite:
+ *   - each factor (a, k, c1) is a normal number of T, or zero because one of
+ *     its float64 factors is zero: a factor rounded to a subnormal or to zero
+ *     has lost its relative precision, and so has every product with it (a
+ *     channel of standard deviation 1e19 in float32 has c1 ~ invstd^2 ~
+ *     1e-38). The terms b and c0 may be subnormal: their rounding is no
+ *     larger than the result's own.
+ *   - |m| is below half an ulp of T's largest finite value, so that x - m
+ *     is finite for every finite x (values near T's largest, with a mean far
+ *     from 0, would overflow it where the float64 arithmetic does not).
+ * Other channels take the exact path (the reference's arithmetic).
+ */
+static inline bool fbn_fast_factor_fits(bool exact_zero, double rounded, double t_min) {
+  return exact_zero || fabs(rounded) >= t_min;
+}
+
+/* Half an ulp of T's largest finite value, less a little: 2^103 for float,
+ * 2^970 for double. */
+#define FBN_FAST_SHIFT_LIMIT(t_max, t_epsilon) ((double)(t_max) * (double)(t_epsilon) * 0.25)
+
+static inline bool fbn_fast_shift_fits(double rounded, double limit) {
+  return fabs(rounded) < limit;
 }
 
 /* ---- per-channel backward ----------------------------------------------- */

@@ -563,8 +563,14 @@ static void FBN_K(bwd_apply_block)(const FBN_T *x, const FBN_T *y, const uint8_t
 /* Per-channel coefficients                                                 */
 /* ======================================================================== */
 
-/* Forward coefficients of one channel; false when any of them is not a
- * finite, normal FBN_T (the channel then takes the exact path). */
+/* The x - m bound of fbn_fast_shift_fits for FBN_T. */
+#define FBN_T_SHIFT_LIMIT                                                                        \
+  _Generic((FBN_T)0, float: FBN_FAST_SHIFT_LIMIT(FLT_MAX, FLT_EPSILON),                          \
+           default: FBN_FAST_SHIFT_LIMIT(DBL_MAX, DBL_EPSILON))
+
+/* Forward coefficients of one channel; false when they do not fit FBN_T
+ * (fast_channel.h: fbn_fast_factor_fits, fbn_fast_shift_fits; the channel
+ * then takes the exact path). */
 static bool FBN_K(forward_coef)(double mean, double invstd, double w, double b, FBN_T *cm,
                                 FBN_T *ca, FBN_T *cb) {
   const double ad = invstd * w;
@@ -575,10 +581,13 @@ static bool FBN_K(forward_coef)(double mean, double invstd, double w, double b, 
   *cb = (FBN_T)bd;
   return fbn_fast_finite(mean) && fbn_fast_finite(ad) && fbn_fast_finite(bd) &&
          fbn_fast_finite((double)*cm) && fbn_fast_finite((double)*ca) &&
-         fbn_fast_finite((double)*cb) && (*ca == (FBN_T)0 || fabs((double)*ca) >= FBN_T_MIN);
+         fbn_fast_finite((double)*cb) &&
+         fbn_fast_factor_fits(invstd == 0.0 || w == 0.0, (double)*ca, FBN_T_MIN) &&
+         fbn_fast_shift_fits((double)*cm, FBN_T_SHIFT_LIMIT);
 }
 
-/* Backward coefficients: dx = g*k + (x - m)*c1 + c0; false as above. */
+/* Backward coefficients: dx = g*k + (x - m)*c1 + c0 (x read only with
+ * batch statistics); false as above. */
 static bool FBN_K(backward_coef)(const fbn_fast_bwd_chan *ch, bool full, int64_t count, FBN_T *cm,
                                  FBN_T *ck, FBN_T *cc1, FBN_T *cc0) {
   const double k = ch->weight * ch->invstd;
@@ -594,11 +603,17 @@ static bool FBN_K(backward_coef)(const fbn_fast_bwd_chan *ch, bool full, int64_t
   *ck = (FBN_T)k;
   *cc1 = (FBN_T)c1;
   *cc0 = (FBN_T)c0;
+  const bool k_zero = ch->weight == 0.0 || ch->invstd == 0.0;
+  const bool c1_zero = !full || k_zero || ch->sum_gxhat == 0.0;
   return fbn_fast_finite(ch->mean) && fbn_fast_finite(k) && fbn_fast_finite(c1) &&
          fbn_fast_finite(c0) && fbn_fast_finite((double)*cm) && fbn_fast_finite((double)*ck) &&
          fbn_fast_finite((double)*cc1) && fbn_fast_finite((double)*cc0) &&
-         (*ck == (FBN_T)0 || fabs((double)*ck) >= FBN_T_MIN);
+         fbn_fast_factor_fits(k_zero, (double)*ck, FBN_T_MIN) &&
+         fbn_fast_factor_fits(c1_zero, (double)*cc1, FBN_T_MIN) &&
+         (!full || fbn_fast_shift_fits((double)*cm, FBN_T_SHIFT_LIMIT));
 }
+
+#undef FBN_T_SHIFT_LIMIT
 
 /* Copy e[j*hw] to e[j*hw + 1 .. (j+1)*hw) for the gc channels of a group. */
 static void FBN_K(expand)(FBN_T *e, int64_t gc, int64_t hw) {
