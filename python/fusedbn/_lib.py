@@ -113,6 +113,15 @@ def make_error(status, message, status_name=None):
     return Error(status, status_name, message)
 
 
+def in_call(caller, error):
+    """error with its message prefixed by caller (what the user called, e.g.
+    "fusedbn.torch.FusedBatchNorm2d.forward"), the library's text kept; the
+    same error when its message already starts with caller."""
+    if not isinstance(error, Error) or error.message.startswith(caller + ":"):
+        return error
+    return make_error(error.status, "%s: %s" % (caller, error.message), error.status_name)
+
+
 _vp = C.c_void_p
 _sz = C.c_size_t
 _PSIZE = C.POINTER(C.c_size_t)

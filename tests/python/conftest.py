@@ -4,8 +4,8 @@ Every output the package allocates for the library to write (y, dx, daddend,
 dweight, dbias) is poisoned with NaN before the call, and saved state and
 workspace with 0xA5 bytes, so an element the library leaves unwritten shows
 up as a mismatch.  Random data is drawn from a generator seeded with
-FUSEDBN_TEST_SEED (default: a fresh seed), printed in the report of a failing
-test.
+FUSEDBN_TEST_SEED, else FBN_TEST_SEED (the C tests' variable), else a fresh
+seed; the seed is printed in the report header and after a failing test.
 """
 import os
 import random
@@ -16,7 +16,14 @@ import torch
 import fusedbn.torch  # noqa: F401  (loads the library; fails loudly if it can't)
 from fusedbn.torch import _ops
 
-SEED = int(os.environ.get("FUSEDBN_TEST_SEED", random.SystemRandom().randrange(1 << 31)))
+def _seed():
+    for name in ("FUSEDBN_TEST_SEED", "FBN_TEST_SEED"):
+        if os.environ.get(name):
+            return int(os.environ[name], 0)
+    return random.SystemRandom().randrange(1 << 31)
+
+
+SEED = _seed()
 
 
 def pytest_report_header(config):

@@ -56,8 +56,31 @@ def test_not_4d(gen, training):
 @pytest.mark.parametrize("training", [True, False])
 def test_wrong_channel_count_carries_library_message(gen, training):
     m = module(gen).train(training)
-    e = expect(m, fusedbn.InvalidArgumentError, ["fbn_op_", "4", "3"], rand_x(gen, (2, 4, 4, 5)))
+    e = expect(m, fusedbn.InvalidArgumentError, ["fbn_op_", "C = 4", "num_features = 3"],
+               rand_x(gen, (2, 4, 4, 5)))
     assert e.status_name == "FBN_STATUS_SHAPE_MISMATCH"
+    # The library's text (from a size query the user did not call) after
+    # the name of what the user called.
+    assert e.message.startswith("fusedbn.torch.FusedBatchNorm2d.forward: fbn_op_"), e.message
+
+
+def test_library_message_names_the_functional_call(gen):
+    with pytest.raises(fusedbn.InvalidArgumentError) as info:
+        functional.batch_norm(rand_x(gen, SHAPE), None, None, training=True,
+                              operation="bn", addend=rand(gen, SHAPE))
+    assert info.value.message.startswith(
+        "fusedbn.torch.functional.batch_norm: fbn_op_forward: "), info.value.message
+
+
+@pytest.mark.parametrize("x", [[[1.0]], 3.0, None])
+def test_x_not_a_tensor(gen, x):
+    m = module(gen)
+    e = expect(m, fusedbn.InvalidArgumentError, ["FusedBatchNorm2d.forward", "x is a %s"
+                                                 % type(x).__name__, "torch.Tensor"], x)
+    assert e.status_name == "FBN_STATUS_INVALID_VALUE"
+    with pytest.raises(fusedbn.InvalidArgumentError,
+                       match="functional.batch_norm: x is a %s" % type(x).__name__):
+        functional.batch_norm(x, None, None, training=True)
 
 
 def test_integer_dtype(gen):
@@ -155,3 +178,47 @@ def test_functional_unknown_operation():
 def test_functional_eval_without_running_stats_carries_library_message(gen):
     with pytest.raises(fusedbn.InvalidArgumentError, match="fbn_op_forward"):
         functional.batch_norm(rand_x(gen, SHAPE), None, None, training=False)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("given", ["running_mean", "running_var"])
+def test_functional_one_running_statistic_carries_library_message(gen, training, given):
+    """Training updates both running statistics or neither, eval normalizes
+    with both: one alone is refused by fbn_op_forward and stays as it was."""
+    stat = rand(gen, SHAPE[1], lo=0.5, hi=1.5)
+    before = stat.clone()
+    x = rand_x(gen, SHAPE)
+    x_before = x.clone()
+    stats = (stat, None) if given == "running_mean" else (None, stat)
+    with pytest.raises(fusedbn.InvalidArgumentError) as info:
+        functional.batch_norm(x, *stats, weight=rand(gen, SHAPE[1]), bias=rand(gen, SHAPE[1]),
+                              training=training)
+    e = info.value
+    assert e.message.startswith("fusedbn.torch.functional.batch_norm: fbn_op_forward: "), e.message
+    missing = "running_var" if given == "running_mean" else "running_mean"
+    if training:
+        assert e.status_name == "FBN_STATUS_INVALID_VALUE" and "give both" in e.message
+    else:
+        assert e.status_name == "FBN_STATUS_NULL_POINTER" and missing + " is NULL" in e.message
+    assert torch.equal(stat, before) and torch.equal(x, x_before)
+
+
+def test_functional_addend_on_another_device(gen):
+    mean, var = rand(gen, SHAPE[1]), rand(gen, SHAPE[1], lo=0.5, hi=1.5)
+    before = (mean.clone(), var.clone())
+    with pytest.raises(fusedbn.InvalidArgumentError, match="addend on meta, x on cpu: addend "
+                       "must be on x's device"):
+        functional.batch_norm(rand_x(gen, SHAPE), mean, var, training=True,
+                              addend=torch.empty(SHAPE, dtype=torch.float64, device="meta"))
+    assert torch.equal(mean, before[0]) and torch.equal(var, before[1])
+
+
+def test_half_module_with_half_x_on_cpu_carries_library_message(gen):
+    """A model moved with .half() gets float16 x: the CPU backends have no
+    float16 (fbn_op_create says so); the module's float16 statistics and
+    num_batches_tracked stay as they were."""
+    m = module(gen, dtype=torch.float32).half()
+    e = expect(m, fusedbn.UnsupportedError, ["FusedBatchNorm2d.forward: fbn_op_create",
+                                             "dtype = float16", "float32 and float64"],
+               rand_x(gen, SHAPE).half())
+    assert e.status_name == "FBN_STATUS_UNSUPPORTED"

@@ -171,6 +171,21 @@ def check_per_channel(fn, name, t, x, num_features):
                        % (name, tuple(t.shape), tuple(t.stride()), num_features))
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def as_param_dtype(t, x):
+    """t, or a float32 copy of t when t is a float16/bfloat16 tensor and x is
+    not float64 (the library's per-channel dtype for such x is float32): a
+    module moved with .half() or .bfloat16() runs with its parameters and
+    statistics widened.  The copy of a parameter that requires grad is part
+    of the autograd graph (.float()), so its gradient reaches t cast back."""
+    if (isinstance(t, torch.Tensor) and t.dtype in _LOW_PRECISION
+            and x.dtype != torch.float64):
+        return t.float()
+    return t
+
+
 def stream_of(fn, device):
     """The stream argument of the op calls for tensors on device: None on the
     CPU; torch.cuda.current_stream() (as a cudaStream_t integer) on CUDA,

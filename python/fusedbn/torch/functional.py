@@ -76,10 +76,14 @@ class FusedBatchNormFunction(torch.autograd.Function):
         need_x, need_addend, need_w, need_b = ctx.needs_input_grad[:4]
         dy = dy.contiguous(memory_format=ctx.fbn_memory_format)
         # autograd runs backward on the forward's stream: the current one.
-        stream = _ops.stream_of("fusedbn.torch backward", x.device)
-        dx, daddend, dweight, dbias = _ops.backward(
-            ctx.fbn_saved, x, y, dy, weight, bias, need_x, need_addend and ctx.fbn_has_addend,
-            need_w and weight is not None, need_b and bias is not None, stream)
+        fn = "fusedbn.torch backward"
+        try:
+            stream = _ops.stream_of(fn, x.device)
+            dx, daddend, dweight, dbias = _ops.backward(
+                ctx.fbn_saved, x, y, dy, weight, bias, need_x, need_addend and ctx.fbn_has_addend,
+                need_w and weight is not None, need_b and bias is not None, stream)
+        except _lib.Error as e:
+            raise _lib.in_call(fn, e) from None
         return dx, daddend, dweight, dbias, None, None, None
 
 
@@ -90,17 +94,42 @@ def _requires_grad(*tensors):
 def run(fn, x, running_mean, running_var, weight, bias, use_batch_stats, averaging, eps, addend,
         operation, num_features):
     """The checked call behind batch_norm() and the modules.  fn names the
-    caller in messages; operation is an _lib.OPERATION_* value (BN_ADD_RELU
-    with addend None runs BN_RELU); averaging = (momentum, count) gives the
-    factor running statistics are updated with (_ops.factor_of; count is
-    num_batches_tracked for the cumulative average, else None), asked of the
-    library only when they are updated."""
+    caller in messages (the library's messages are prefixed with it);
+    operation is an _lib.OPERATION_* value (BN_ADD_RELU with addend None runs
+    BN_RELU); averaging = (momentum, count) gives the factor running
+    statistics are updated with (_ops.factor_of; count is num_batches_tracked
+    for the cumulative average, else None), asked of the library only when
+    they are updated.
+
+    float16/bfloat16 per-channel tensors (a module moved with .half() or
+    .bfloat16()) run as float32 copies when x is not float64: weight and
+    bias through .float() (autograd casts their gradients back), running
+    statistics copied back after the library succeeded."""
     _ops.check_x(fn, x)
     if addend is not None:
         _ops.check_like_x(fn, "addend", addend, x)
+    weight, bias = _ops.as_param_dtype(weight, x), _ops.as_param_dtype(bias, x)
+    low_mean, low_var = running_mean, running_var
+    running_mean = _ops.as_param_dtype(running_mean, x)
+    running_var = _ops.as_param_dtype(running_var, x)
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
         _ops.check_per_channel(fn, name, t, x, num_features)
+    try:
+        y = _run_checked(fn, x, running_mean, running_var, weight, bias, use_batch_stats,
+                         averaging, eps, addend, operation, num_features)
+    except _lib.Error as e:
+        raise _lib.in_call(fn, e) from None
+    if use_batch_stats:
+        with torch.no_grad():
+            for low, used in ((low_mean, running_mean), (low_var, running_var)):
+                if low is not used:
+                    low.copy_(used)
+    return y
+
+
+def _run_checked(fn, x, running_mean, running_var, weight, bias, use_batch_stats, averaging, eps,
+                 addend, operation, num_features):
     stream = _ops.stream_of(fn, x.device)
     if operation == _lib.OPERATION_BN_ADD_RELU and addend is None:
         operation = _lib.OPERATION_BN_RELU
