@@ -120,6 +120,16 @@ typedef struct fbn_backend {
   fbn_status (*workspace_size)(const fbn_op_desc *op, void *state, const fbn_tensor_desc *desc,
                                bool backward, size_t *bytes);
 
+  /* The least workspace a call can run with, for the API layer's check of
+   * the caller's workspace; NULL: workspace_size itself. A backend whose
+   * workspace_size depends on state that may change between the query and
+   * the call (the fast CPU backend: the OpenMP thread count) gives the
+   * smallest size it can run with here (the fast CPU backend: over thread
+   * counts up to the current one) and runs each call on as many threads
+   * as the workspace it gets holds. */
+  fbn_status (*min_workspace_size)(const fbn_op_desc *op, void *state,
+                                   const fbn_tensor_desc *desc, bool backward, size_t *bytes);
+
   /* ---- compute ---- */
   fbn_status (*forward)(const fbn_bk_forward_args *args);
   fbn_status (*backward)(const fbn_bk_backward_args *args);

@@ -6,6 +6,7 @@
  * reused across calls and two forwards run before their backwards. Outputs
  * are NaN-poisoned before every call and every element is checked.
  */
+#include <dlfcn.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -29,6 +30,8 @@ typedef struct op_case {
   fbn_dtype dtype;
   fbn_param_grad param_grad;
   int64_t n, c, h, w;
+  /* > 0: OpenMP threads for the size queries, then for the calls */
+  int query_threads, call_threads;
 } op_case;
 
 static void case_name(const op_case *k, char *buf, size_t size) {
@@ -221,6 +224,84 @@ static bool run_backward(run_state *s, fbnt_rng *rng, const fwd_data *f, const v
   return ok;
 }
 
+/* Bytes of one tensor of the case. */
+static size_t tensor_bytes(const fbn_tensor_desc *d) {
+  return fbnt_desc_numel(d) * fbn_dtype_size(d->dtype);
+}
+
+/* A call given an array its flags exclude (not affine: weight, dweight;
+ * batch statistics without running statistics: running_mean alone) is
+ * INVALID_VALUE and writes nothing: neither its outputs nor the NaN-filled
+ * arrays handed over. */
+static bool check_refused(run_state *s, fbnt_rng *rng, const fwd_data *f, void *saved) {
+  const op_case *k = s->k;
+  const fbn_tensor_desc *d = &s->d;
+  const bool has_z = k->operation == FBN_OPERATION_BN_ADD_RELU;
+  const size_t bytes = tensor_bytes(d), pbytes = (size_t)d->c * fbn_dtype_size(s->pt);
+  double nans[64];
+  for (int64_t c = 0; c < d->c; c++)
+    nans[c] = NAN;
+  void *extra = param_array(s->pt, nans, d->c), *extra_copy = fbnt_alloc(pbytes);
+  void *y_copy = fbnt_alloc(bytes), *saved_copy = fbnt_alloc(s->saved_bytes);
+  void *dy = fbnt_tensor_alloc(d), *dx = fbnt_tensor_alloc(d), *dx_copy = fbnt_alloc(bytes);
+  /* outputs poisoned: a refused call that computed would change them */
+  fbnt_tensor_poison(d, f->y);
+  memset(saved, 0xa5, s->saved_bytes);
+  memcpy(extra_copy, extra, pbytes);
+  memcpy(y_copy, f->y, bytes);
+  memcpy(saved_copy, saved, s->saved_bytes);
+  fbnt_fill_normal(rng, d, dy, NULL, 1.0);
+  fbnt_tensor_poison(d, dx);
+  memcpy(dx_copy, dx, bytes);
+  bool ok = true;
+  int calls = 0;
+  for (int which = 0; which < 3; which++) {
+    fbn_status st;
+    if (which == 0 && !k->affine) {
+      st = fbn_op_forward(s->op, d, f->x, has_z ? f->z : NULL, f->y, extra, NULL,
+                          k->tracked ? s->rmean : NULL, k->tracked ? s->rvar : NULL, 0.25, saved,
+                          s->saved_bytes, s->workspace, s->ws_fwd);
+    } else if (which == 1 && !k->affine) {
+      st = fbn_op_backward(s->op, d, f->x, k->operation == FBN_OPERATION_BN ? NULL : f->y, dy,
+                           saved, s->saved_bytes, NULL, NULL, dx, NULL, extra, NULL,
+                           k->param_grad, s->workspace, s->ws_bwd);
+    } else if (which == 2 && !k->tracked) {
+      st = fbn_op_forward(s->op, d, f->x, has_z ? f->z : NULL, f->y, s->weight, s->bias, extra,
+                          NULL, 0.25, saved, s->saved_bytes, s->workspace, s->ws_fwd);
+    } else {
+      continue;
+    }
+    calls++;
+    if (st != FBN_STATUS_INVALID_VALUE) {
+      print_error("%s: refused call %d: got %s, want INVALID_VALUE\n", s->name, which,
+                  fbn_status_string(st));
+      ok = false;
+    }
+    if (memcmp(extra, extra_copy, pbytes) != 0 || memcmp(f->y, y_copy, bytes) != 0 ||
+        memcmp(saved, saved_copy, s->saved_bytes) != 0 || memcmp(dx, dx_copy, bytes) != 0) {
+      print_error("%s: refused call %d wrote memory\n", s->name, which);
+      ok = false;
+    }
+  }
+  if (!k->affine || !k->tracked)
+    ok &= calls > 0;
+  void *bufs[] = {extra, extra_copy, y_copy, saved_copy, dy, dx, dx_copy};
+  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+    fbnt_free(bufs[i]);
+  return ok;
+}
+
+/* omp_set_num_threads / omp_get_max_threads of the OpenMP runtime the
+ * library links, or NULL in a build without OpenMP. */
+typedef void (*omp_set_fn)(int);
+typedef int (*omp_get_fn)(void);
+static omp_set_fn omp_setter(void) {
+  void *p = dlsym(RTLD_DEFAULT, "omp_set_num_threads");
+  omp_set_fn f;
+  memcpy(&f, &p, sizeof f);
+  return p != NULL ? f : NULL;
+}
+
 /* Forward A and B before their backwards, then A's saved memory reused by a
  * third forward and its backward. */
 static bool run_case(const op_case *k, fbnt_rng *rng) {
@@ -253,9 +334,21 @@ static bool run_case(const op_case *k, fbnt_rng *rng) {
   s.rvar = param_array(s.pt, s.ref.running_var, k->c);
   void *dweight = param_array(s.pt, grads[0], k->c), *dbias = param_array(s.pt, grads[1], k->c);
 
+  if (k->query_threads > 0)
+    omp_setter()(k->query_threads);
   assert_int_equal(fbn_op_saved_size(op, &s.d, &s.saved_bytes), FBN_STATUS_SUCCESS);
   assert_int_equal(fbn_op_forward_workspace_size(op, &s.d, &s.ws_fwd), FBN_STATUS_SUCCESS);
   assert_int_equal(fbn_op_backward_workspace_size(op, &s.d, &s.ws_bwd), FBN_STATUS_SUCCESS);
+  if (k->call_threads > 0) {
+    /* the calls find more threads than the queries: the sizes they would
+     * get now are larger than the workspace handed over */
+    omp_setter()(k->call_threads);
+    size_t now_fwd = 0, now_bwd = 0;
+    assert_int_equal(fbn_op_forward_workspace_size(op, &s.d, &now_fwd), FBN_STATUS_SUCCESS);
+    assert_int_equal(fbn_op_backward_workspace_size(op, &s.d, &now_bwd), FBN_STATUS_SUCCESS);
+    assert_true(now_fwd > s.ws_fwd);
+    assert_true(now_bwd > s.ws_bwd);
+  }
   assert_true(s.saved_bytes > 0);
   const size_t ws = s.ws_fwd > s.ws_bwd ? s.ws_fwd : s.ws_bwd;
   s.workspace = ws > 0 ? fbnt_alloc(ws) : NULL;
@@ -270,13 +363,7 @@ static bool run_case(const op_case *k, fbnt_rng *rng) {
   ok = ok && run_backward(&s, rng, &fb, saved_b, dweight, dbias);
   ok = ok && run_forward(&s, rng, &fa, saved_a);
   ok = ok && run_backward(&s, rng, &fa, saved_a, dweight, dbias);
-  if (ok && !k->affine) {
-    /* not affine: the per-channel arrays were never handed over */
-    ok &= check_params(s.name, "dweight untouched", s.pt, dweight, grads[0], k->c);
-  }
-  if (ok && !k->tracked) {
-    ok &= check_params(s.name, "running_mean untouched", s.pt, s.rmean, s.ref.running_mean, k->c);
-  }
+  ok = ok && check_refused(&s, rng, &fa, saved_a);
 
   fwd_data_free(&fa);
   fwd_data_free(&fb);
@@ -397,6 +484,58 @@ static void test_op_grad_overwrite_vs_accumulate(void **state) {
   fbn_op_destroy(op);
 }
 
+/* OpenMP's thread count raised between the size queries and the calls
+ * (as torch.set_num_threads does): the fast backend runs on as many threads
+ * as the workspace holds, forward and backward checked against the
+ * reference. NHWC and short-row NCHW size their scratch per thread. */
+static void test_op_threads_raised_after_query(void **state) {
+  (void)state;
+  const omp_set_fn set = omp_setter();
+  void *g = dlsym(RTLD_DEFAULT, "omp_get_max_threads");
+  if (set == NULL || g == NULL) {
+    print_message("[  SKIPPED ] built without OpenMP: the thread count cannot change\n");
+    skip();
+    return;
+  }
+  omp_get_fn get;
+  memcpy(&get, &g, sizeof get);
+  const int before = get();
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, "test_op_threads_raised_after_query");
+  static const struct {
+    fbn_operation operation;
+    fbn_layout layout;
+    int64_t n, c, h, w;
+    int query_threads, call_threads;
+  } shapes[] = {
+      {FBN_OPERATION_BN_RELU, FBN_LAYOUT_NHWC, 8, 64, 28, 28, 1, 4},
+      /* short-row groups: the one-thread size is larger than two threads' */
+      {FBN_OPERATION_BN_ADD_RELU, FBN_LAYOUT_NCHW, 64, 16, 8, 8, 2, 8},
+  };
+  int failures = 0;
+  for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+    const op_case k = {.backend = "fast",
+                       .operation = shapes[i].operation,
+                       .affine = true,
+                       .tracked = true,
+                       .training = true,
+                       .layout = shapes[i].layout,
+                       .dtype = FBN_DTYPE_FLOAT32,
+                       .param_grad = FBN_PARAM_GRAD_OVERWRITE,
+                       .n = shapes[i].n,
+                       .c = shapes[i].c,
+                       .h = shapes[i].h,
+                       .w = shapes[i].w,
+                       .query_threads = shapes[i].query_threads,
+                       .call_threads = shapes[i].call_threads};
+    if (!run_case(&k, &rng))
+      failures++;
+  }
+  set(before);
+  if (failures > 0)
+    fail_msg("%d configurations failed", failures);
+}
+
 /* The factor helper: momentum, or 1/num_batches_tracked. */
 static void test_op_running_average_factor(void **state) {
   (void)state;
@@ -419,6 +558,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_op_bn_relu_reference),
       cmocka_unit_test(test_op_bn_add_relu_reference),
       cmocka_unit_test(test_op_grad_overwrite_vs_accumulate),
+      cmocka_unit_test(test_op_threads_raised_after_query),
       cmocka_unit_test(test_op_running_average_factor),
   };
   return cmocka_run_group_tests_name("op", tests, NULL, NULL);

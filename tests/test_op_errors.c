@@ -1,9 +1,9 @@
 /*
  * Bad input to every function of the op API: the documented status, a
  * message that names the call and the bad value, and nothing written: y,
- * dx, daddend, dweight, dbias, the running statistics and the saved memory
- * are compared byte for byte with their poisoned state after every
- * failing call.
+ * dx, daddend, dweight, dbias, the running statistics and (for forward) the
+ * saved memory are poisoned after setup's successful forward and compared
+ * byte for byte with their poisoned state after every failing call.
  */
 #include <math.h>
 #include <setjmp.h>
@@ -101,13 +101,27 @@ static int setup(void **state) {
                                   f->buf[RM], f->buf[RV], 0.1, f->saved, f->saved_bytes, f->ws,
                                   WS_BYTES),
                    FBN_STATUS_SUCCESS);
-  fbnt_tensor_poison(&f->d, f->buf[DX]);
-  fbnt_tensor_poison(&f->d, f->buf[DZ]);
+  /* every output poisoned (over the whole buffer): a failing call that
+   * computed would change it. The saved state stays the forward's: the
+   * backward tests need it (forward tests poison it, poison_saved). */
+  const fbn_tensor_desc whole = fbn_tensor_desc_make(8, C, 5, 2, FBN_DTYPE_FLOAT32,
+                                                     FBN_LAYOUT_NCHW);
+  fbnt_tensor_poison(&whole, f->buf[Y]);
+  fbnt_tensor_poison(&whole, f->buf[DX]);
+  fbnt_tensor_poison(&whole, f->buf[DZ]);
+  memset(f->buf[RM], 0x7f, 64);
+  memset(f->buf[RV], 0x7f, 64);
   memset(f->dw, 0x7f, 64);
   memset(f->db, 0x7f, 64);
   snapshot(f);
   *state = f;
   return 0;
+}
+
+/* The saved memory poisoned, for tests of forward (which writes it). */
+static void poison_saved(fx *f) {
+  memset(f->saved, 0xa5, f->saved_bytes);
+  snapshot(f);
 }
 
 static int teardown(void **state) {
@@ -341,6 +355,7 @@ static void test_op_factor_rejects_bad_input(void **state) {
 
 static void test_op_forward_rejects_bad_input(void **state) {
   FX;
+  poison_saved(f);
   const char *fn = "fbn_op_forward";
   unsigned char *x = f->buf[X], *z = f->buf[Z], *y = f->buf[Y], *w = f->buf[W], *b = f->buf[B];
   unsigned char *rm = f->buf[RM], *rv = f->buf[RV], *sv = f->saved;
@@ -425,6 +440,7 @@ static void test_op_forward_rejects_bad_input(void **state) {
  * nothing is updated. */
 static void test_op_forward_affine_off(void **state) {
   FX;
+  poison_saved(f);
   fbn_op_desc od;
   fbn_op_desc_init(&od);
   od.num_features = C;
@@ -451,6 +467,7 @@ static void test_op_forward_affine_off(void **state) {
 /* The fast backend's NHWC loops need workspace: NULL, too small. */
 static void test_op_forward_rejects_small_workspace(void **state) {
   FX;
+  poison_saved(f);
   fbn_op_desc od;
   fbn_op_desc_init(&od);
   od.num_features = C;
@@ -473,6 +490,42 @@ static void test_op_forward_rejects_small_workspace(void **state) {
   assert_true(need > 0);
   fbnt_free(ws);
   fbn_op_destroy(op);
+}
+
+/* The running statistics (when updated) and y are written: each against
+ * every other span of the call. */
+static void test_op_forward_rejects_aliased_outputs(void **state) {
+  FX;
+  poison_saved(f);
+  const char *fn = "fbn_op_forward";
+  unsigned char *x = f->buf[X], *z = f->buf[Z], *y = f->buf[Y], *w = f->buf[W], *b = f->buf[B];
+  unsigned char *rm = f->buf[RM], *rv = f->buf[RV], *sv = f->saved, *ws = f->ws;
+  const size_t sb = f->saved_bytes;
+  const fbn_tensor_desc *d = &f->d;
+  FAILS(FWD(2, d, x, z, y, w, b, y + 20, rv, 0.1, sv, sb, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "y overlaps running_mean");
+  FAILS(FWD(2, d, x, z, y, w, b, rm, rm, 0.1, sv, sb, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "running_mean overlaps running_var");
+  FAILS(FWD(2, d, x, z, y, w, b, x, rv, 0.1, sv, sb, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "running_mean overlaps x");
+  FAILS(FWD(2, d, x, z, y, w, b, rm, z + 4, 0.1, sv, sb, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "running_var overlaps addend");
+  FAILS(FWD(2, d, x, z, y, w, b, rm, b, 0.1, sv, sb, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "running_var overlaps bias");
+  FAILS(FWD(2, d, x, z, y, rv, b, rm, rv, 0.1, sv, sb, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "running_var overlaps weight");
+  FAILS(FWD(2, d, x, z, y, w, b, sv + 8, rv, 0.1, sv, sb, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "saved overlaps running_mean");
+  FAILS(FWD(2, d, x, z, y, w, b, rm, ws + 64, 0.1, sv, sb, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "workspace overlaps running_var");
+  FAILS(FWD(2, d, x, z, y, y + 8, b, rm, rv, 0.1, sv, sb, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "y overlaps weight");
+  FAILS(FWD(2, d, x, z, y, w, y + 4, rm, rv, 0.1, sv, sb, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "y overlaps bias");
+  /* running statistics only read (running-statistics op): y still may not
+   * overlap them */
+  FAILS(fbn_op_forward(f->running, d, x, z, y, w, b, y + 20, rv, 0.1, sv, sb, ws, WS_BYTES),
+        FBN_STATUS_ALIASING, fn, "y overlaps running_mean");
 }
 
 /* ---- backward ----------------------------------------------------------- */
@@ -582,6 +635,35 @@ static void test_op_backward_rejects_foreign_saved(void **state) {
   fbnt_free(y2);
 }
 
+/* dx, daddend, dweight, dbias and workspace are written: each against
+ * every other span of the call (x, y, dy, saved, weight, bias, each other). */
+static void test_op_backward_rejects_aliased_outputs(void **state) {
+  FX;
+  const char *fn = "fbn_op_backward";
+  unsigned char *x = f->buf[X], *y = f->buf[Y], *dy = f->buf[DY], *dx = f->buf[DX];
+  unsigned char *dz = f->buf[DZ], *sv = f->saved, *dw = f->dw, *db = f->db, *ws = f->ws;
+  const size_t sb = f->saved_bytes;
+  const fbn_param_grad ow = FBN_PARAM_GRAD_OVERWRITE;
+  FAILS(BWD(2, x, y, dy, sv, sb, dx, dz, x + 4, db, ow, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "dweight overlaps x");
+  FAILS(BWD(2, x, y, dy, sv, sb, dx, dz, dw, f->buf[W], ow, ws, WS_BYTES), FBN_STATUS_ALIASING,
+        fn, "dbias overlaps weight");
+  FAILS(BWD(2, x, y, dy, sv, sb, dx, dz, f->buf[B], db, ow, ws, WS_BYTES), FBN_STATUS_ALIASING,
+        fn, "dweight overlaps bias");
+  FAILS(BWD(2, x, y, dy, sv, sb, sv, dz, dw, db, ow, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "dx overlaps saved");
+  FAILS(BWD(2, x, y, dy, sv, sb, dx, f->buf[B], dw, db, ow, ws, WS_BYTES), FBN_STATUS_ALIASING,
+        fn, "daddend overlaps bias");
+  FAILS(BWD(2, x, y, dy, sv, sb, dx, dz, y + 12, db, ow, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "dweight overlaps y");
+  FAILS(BWD(2, x, y, dy, sv, sb, dx, dz, dw, dy, ow, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "dbias overlaps dy");
+  FAILS(BWD(2, x, y, dy, sv, sb, dx, dz, dw, dx + 8, ow, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "dx overlaps dbias");
+  FAILS(BWD(2, x, y, dy, sv, sb, dx, dz, ws, db, ow, ws, WS_BYTES), FBN_STATUS_ALIASING, fn,
+        "dweight overlaps workspace");
+}
+
 static void test_op_backward_affine_off(void **state) {
   FX;
   fbn_op_desc od;
@@ -617,6 +699,8 @@ int main(int argc, char **argv) {
       cmocka_unit_test_setup_teardown(test_op_forward_rejects_bad_input, setup, teardown),
       cmocka_unit_test_setup_teardown(test_op_forward_affine_off, setup, teardown),
       cmocka_unit_test_setup_teardown(test_op_forward_rejects_small_workspace, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_op_forward_rejects_aliased_outputs, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_op_backward_rejects_aliased_outputs, setup, teardown),
       cmocka_unit_test_setup_teardown(test_op_backward_rejects_bad_input, setup, teardown),
       cmocka_unit_test_setup_teardown(test_op_backward_rejects_foreign_saved, setup, teardown),
       cmocka_unit_test_setup_teardown(test_op_backward_affine_off, setup, teardown),

@@ -169,6 +169,17 @@ static fbn_status fbn_op_size(const char *fn, const fbn_op *op, const fbn_tensor
   return st == FBN_STATUS_SUCCESS ? st : fbn_error_prefix(st, fn);
 }
 
+/* The least workspace a call of the op accepts (x_desc validated): the
+ * backend's minimum, which for the fast CPU backend does not depend on the
+ * thread count at the time of the call; the message names fn. */
+static fbn_status fbn_op_min_workspace(const char *fn, const fbn_op *op, const fbn_tensor_desc *x,
+                                       bool backward, size_t *bytes) {
+  if (op->backend->min_workspace_size == NULL)
+    return fbn_op_size(fn, op, x, backward ? FBN_SIZE_BACKWARD : FBN_SIZE_FORWARD, bytes);
+  fbn_status st = op->backend->min_workspace_size(&op->desc, op->state, x, backward, bytes);
+  return st == FBN_STATUS_SUCCESS ? st : fbn_error_prefix(st, fn);
+}
+
 static fbn_status fbn_op_size_query(const char *fn, const fbn_op *op, const fbn_tensor_desc *x,
                                     fbn_size_kind kind, size_t *bytes) {
   fbn_clear_error();
@@ -258,14 +269,18 @@ typedef struct fbn_span {
 } fbn_span;
 
 /* all[first..first+count) are written by the call: none may overlap any
- * other entry of all. */
+ * other entry of all. The message names the first written span that
+ * overlaps and what it overlaps, the spans only read before the written
+ * ones. */
 static fbn_status fbn_check_spans(const char *fn, const fbn_span *all, size_t nall, size_t first,
                                   size_t count) {
   for (size_t i = first; i < first + count; i++)
-    for (size_t j = 0; j < nall; j++)
+    for (size_t k = 0; k < nall; k++) {
+      const size_t j = (k + first + count) % nall; /* read-only spans first */
       if (j != i && fbn_overlap(all[i].ptr, all[i].bytes, all[j].ptr, all[j].bytes))
         return fbn_error(FBN_STATUS_ALIASING, "%s: %s overlaps %s", fn, all[i].name,
                          all[j].name);
+    }
   return FBN_STATUS_SUCCESS;
 }
 
@@ -352,23 +367,25 @@ fbn_status fbn_op_forward_impl(const char *fn, const fbn_op *op, const fbn_tenso
     if (st != FBN_STATUS_SUCCESS)
       return st;
   }
-  st = fbn_op_size(fn, op, x_desc, FBN_SIZE_FORWARD, &need);
+  st = fbn_op_min_workspace(fn, op, x_desc, false, &need);
   if (st == FBN_STATUS_SUCCESS)
     st = fbn_check_memory(fn, "workspace", workspace, workspace_bytes, need);
   if (st != FBN_STATUS_SUCCESS)
     return st;
   {
     const size_t pbytes = (size_t)o->num_features * fbn_dtype_size(o->param_dtype);
-    const fbn_span all[] = {{x, bytes, "x"},
-                            {addend, bytes, "addend"},
+    /* what forward writes first (the running statistics only when it
+     * updates them), each against every other span */
+    const fbn_span all[] = {{saved, saved != NULL ? saved_bytes : 0, "saved"},
+                            {workspace, workspace_bytes, "workspace"},
                             {y, bytes, "y"},
-                            {weight, pbytes, "weight"},
-                            {bias, pbytes, "bias"},
                             {running_mean, pbytes, "running_mean"},
                             {running_var, pbytes, "running_var"},
-                            {saved, saved_bytes, "saved"},
-                            {workspace, workspace_bytes, "workspace"}};
-    st = fbn_check_spans(fn, all, sizeof all / sizeof all[0], 7, 2);
+                            {x, bytes, "x"},
+                            {addend, bytes, "addend"},
+                            {weight, pbytes, "weight"},
+                            {bias, pbytes, "bias"}};
+    st = fbn_check_spans(fn, all, sizeof all / sizeof all[0], 0, update ? 5 : 3);
     if (st != FBN_STATUS_SUCCESS)
       return st;
   }
@@ -461,7 +478,7 @@ fbn_status fbn_op_backward_impl(const char *fn, const fbn_op *op, const fbn_tens
   if (st == FBN_STATUS_SUCCESS)
     st = fbn_check_memory(fn, "saved", saved, saved_bytes, need);
   if (st == FBN_STATUS_SUCCESS)
-    st = fbn_op_size(fn, op, x_desc, FBN_SIZE_BACKWARD, &need);
+    st = fbn_op_min_workspace(fn, op, x_desc, true, &need);
   if (st == FBN_STATUS_SUCCESS)
     st = fbn_check_memory(fn, "workspace", workspace, workspace_bytes, need);
   if (st != FBN_STATUS_SUCCESS)

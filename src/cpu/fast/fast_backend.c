@@ -183,6 +183,22 @@ static fbn_status fast_workspace_size(const fbn_op_desc *op, void *state,
   return FBN_STATUS_SUCCESS;
 }
 
+/* The least workspace a call runs with: the smallest size over the thread
+ * counts up to the current one (not monotonic: short-row NCHW groups
+ * shrink with more threads); the call then runs on as many threads as its
+ * workspace holds (fbn_fast_call_threads). */
+static fbn_status fast_min_workspace_size(const fbn_op_desc *op, void *state,
+                                          const fbn_tensor_desc *d, bool backward,
+                                          size_t *bytes) {
+  size_t least = SIZE_MAX;
+  for (int nt = fbn_fast_threads(fbn_desc_numel(d)); nt >= 1; nt--) {
+    const size_t b = fbn_fast_scratch_bytes(op, d, backward, nt);
+    least = b < least ? b : least;
+  }
+  *bytes = least;
+  return FBN_STATUS_SUCCESS;
+}
+
 /* Threads for a call: as many as fbn_fast_threads() gives, fewer when the
  * workspace was sized for fewer (OpenMP's thread count changed since the
  * size query). 0 when not even one fits. */
@@ -344,6 +360,7 @@ static const fbn_backend fast_backend = {
     .check_shape = NULL,
     .saved_size = fast_saved_size,
     .workspace_size = fast_workspace_size,
+    .min_workspace_size = fast_min_workspace_size,
     .forward = fast_forward,
     .backward = fast_backward,
     .mem_alloc = fbn_cpu_mem_alloc,
