@@ -44,13 +44,15 @@ static bool buffer_same(const char *name, fbn_module *m, fbn_buffer which, const
 }
 
 /* Forward (training, then eval) and backward through a module and through
- * an op on copies of its buffers. */
+ * an op on copies of its buffers (the buffers the module has: weight, bias
+ * and their gradients when affine, the running statistics when tracked). */
 static bool compare_one(fbnt_rng *rng, const char *backend, fbn_operation operation,
-                        bool addend, fbn_layout layout, fbn_dtype dtype, bool cumulative) {
+                        bool addend, fbn_layout layout, fbn_dtype dtype, bool affine,
+                        bool tracked, bool cumulative) {
   char name[200];
-  snprintf(name, sizeof name, "%s %s addend=%d %s %s cumulative=%d", backend,
+  snprintf(name, sizeof name, "%s %s addend=%d %s %s affine=%d tracked=%d cumulative=%d", backend,
            fbn_operation_name(operation), addend, fbnt_layout_str(layout), fbnt_dtype_str(dtype),
-           cumulative);
+           affine, tracked, cumulative);
   assert_int_equal(setenv("FBN_CPU_BACKEND", backend, 1), 0);
   const int64_t C = 4;
   const fbn_dtype pt = dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
@@ -60,17 +62,21 @@ static bool compare_one(fbnt_rng *rng, const char *backend, fbn_operation operat
   mo.num_features = C;
   mo.param_dtype = pt;
   mo.operation = operation;
+  mo.affine = affine;
+  mo.track_running_stats = tracked;
   mo.cumulative_average = cumulative;
   fbn_module *m = NULL;
   assert_int_equal(fbnt_module_create_random(rng, &mo, &m, NULL), FBN_STATUS_SUCCESS);
   int64_t nbt = 0;
-  assert_int_equal(fbn_module_get_num_batches_tracked(m, &nbt), FBN_STATUS_SUCCESS);
+  if (tracked)
+    assert_int_equal(fbn_module_get_num_batches_tracked(m, &nbt), FBN_STATUS_SUCCESS);
 
-  void *w = buffer_copy(m, FBN_BUFFER_WEIGHT, pbytes), *b = buffer_copy(m, FBN_BUFFER_BIAS, pbytes);
-  void *rm = buffer_copy(m, FBN_BUFFER_RUNNING_MEAN, pbytes);
-  void *rv = buffer_copy(m, FBN_BUFFER_RUNNING_VAR, pbytes);
-  void *gw = buffer_copy(m, FBN_BUFFER_WEIGHT_GRAD, pbytes);
-  void *gb = buffer_copy(m, FBN_BUFFER_BIAS_GRAD, pbytes);
+  void *w = affine ? buffer_copy(m, FBN_BUFFER_WEIGHT, pbytes) : NULL;
+  void *b = affine ? buffer_copy(m, FBN_BUFFER_BIAS, pbytes) : NULL;
+  void *rm = tracked ? buffer_copy(m, FBN_BUFFER_RUNNING_MEAN, pbytes) : NULL;
+  void *rv = tracked ? buffer_copy(m, FBN_BUFFER_RUNNING_VAR, pbytes) : NULL;
+  void *gw = affine ? buffer_copy(m, FBN_BUFFER_WEIGHT_GRAD, pbytes) : NULL;
+  void *gb = affine ? buffer_copy(m, FBN_BUFFER_BIAS_GRAD, pbytes) : NULL;
 
   const fbn_tensor_desc d = fbn_tensor_desc_make(3, C, 5, 7, dtype, layout);
   const size_t bytes = fbnt_desc_numel(&d) * fbn_dtype_size(dtype);
@@ -97,7 +103,10 @@ static bool compare_one(fbnt_rng *rng, const char *backend, fbn_operation operat
     od.param_dtype = pt;
     od.layout = layout;
     od.operation = run;
-    od.statistics = training ? FBN_STATISTICS_BATCH : FBN_STATISTICS_RUNNING;
+    od.affine = affine;
+    /* without running statistics eval normalizes with the batch's */
+    const bool batch_stats = training || !tracked;
+    od.statistics = batch_stats ? FBN_STATISTICS_BATCH : FBN_STATISTICS_RUNNING;
     fbn_op *op = NULL;
     assert_int_equal(fbn_op_create(&od, &op), FBN_STATUS_SUCCESS);
     size_t sb = 0, wsf = 0, wsb = 0;
@@ -109,7 +118,7 @@ static bool compare_one(fbnt_rng *rng, const char *backend, fbn_operation operat
     assert_int_equal(fbn_saved_create(&ms), FBN_STATUS_SUCCESS);
 
     double factor = 0.0;
-    if (training) {
+    if (training && tracked) {
       nbt += 1;
       assert_int_equal(fbn_running_average_factor(mo.momentum, cumulative, nbt, &factor),
                        FBN_STATUS_SUCCESS);
@@ -122,8 +131,10 @@ static bool compare_one(fbnt_rng *rng, const char *backend, fbn_operation operat
                                     saved, sb, ws, wsf),
                      FBN_STATUS_SUCCESS);
     ok &= same(name, "y", y1, y2, bytes);
-    ok &= buffer_same(name, m, FBN_BUFFER_RUNNING_MEAN, rm, pbytes);
-    ok &= buffer_same(name, m, FBN_BUFFER_RUNNING_VAR, rv, pbytes);
+    if (tracked) {
+      ok &= buffer_same(name, m, FBN_BUFFER_RUNNING_MEAN, rm, pbytes);
+      ok &= buffer_same(name, m, FBN_BUFFER_RUNNING_VAR, rv, pbytes);
+    }
 
     fbnt_tensor_poison(&d, dx1);
     fbnt_tensor_poison(&d, dx2);
@@ -139,16 +150,20 @@ static bool compare_one(fbnt_rng *rng, const char *backend, fbn_operation operat
     ok &= same(name, "dx", dx1, dx2, bytes);
     if (with_z)
       ok &= same(name, "daddend", dz1, dz2, bytes);
-    ok &= buffer_same(name, m, FBN_BUFFER_WEIGHT_GRAD, gw, pbytes);
-    ok &= buffer_same(name, m, FBN_BUFFER_BIAS_GRAD, gb, pbytes);
+    if (affine) {
+      ok &= buffer_same(name, m, FBN_BUFFER_WEIGHT_GRAD, gw, pbytes);
+      ok &= buffer_same(name, m, FBN_BUFFER_BIAS_GRAD, gb, pbytes);
+    }
     fbn_saved_destroy(ms);
     fbnt_free(saved);
     fbnt_free(ws);
     fbn_op_destroy(op);
   }
-  int64_t after = 0;
-  assert_int_equal(fbn_module_get_num_batches_tracked(m, &after), FBN_STATUS_SUCCESS);
-  assert_int_equal(after, nbt);
+  if (tracked) {
+    int64_t after = 0;
+    assert_int_equal(fbn_module_get_num_batches_tracked(m, &after), FBN_STATUS_SUCCESS);
+    assert_int_equal(after, nbt);
+  }
   void *bufs[] = {w, b, rm, rv, gw, gb, x, z, dy, y1, y2, dx1, dx2, dz1, dz2};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     fbnt_free(bufs[i]);
@@ -162,21 +177,26 @@ static void test_op_module_bit_identical(void **state) {
   fbnt_rng rng;
   fbnt_rng_for_test(&rng, "test_op_module_bit_identical");
   static const char *backends[2] = {"fast", "reference"};
-  int failures = 0;
+  int failures = 0, cases = 0;
+  /* affine x track_running_stats; momentum and the cumulative average
+   * alternate over layout x dtype, so each flag pair meets both */
   for (int be = 0; be < 2; be++)
     for (int op = 0; op < 3; op++)
       for (int addend = 0; addend < 2; addend++)
         for (int layout = 0; layout < 2; layout++)
-          for (int dt = 0; dt < 2; dt++) {
-            if (addend && op != FBN_OPERATION_BN_ADD_RELU)
-              continue;
-            if (!compare_one(&rng, backends[be], (fbn_operation)op, addend,
-                             layout ? FBN_LAYOUT_NHWC : FBN_LAYOUT_NCHW,
-                             dt ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32, (layout + dt) % 2 == 1))
-              failures++;
-          }
+          for (int dt = 0; dt < 2; dt++)
+            for (int flags = 0; flags < 4; flags++) {
+              if (addend && op != FBN_OPERATION_BN_ADD_RELU)
+                continue;
+              cases++;
+              if (!compare_one(&rng, backends[be], (fbn_operation)op, addend,
+                               layout ? FBN_LAYOUT_NHWC : FBN_LAYOUT_NCHW,
+                               dt ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32, flags & 1, flags & 2,
+                               (layout + dt + flags) % 2 == 1))
+                failures++;
+            }
   if (failures > 0)
-    fail_msg("%d configurations differ", failures);
+    fail_msg("%d of %d configurations differ", failures, cases);
 }
 
 /* BN alone / BN + ReLU modules against the reference; backward of BN alone
@@ -265,6 +285,84 @@ static void test_op_module_operation_option(void **state) {
       module_operation_case(&rng, (fbn_operation)op, training);
 }
 
+/* A forward that fails after the saved object was handed over (here: the
+ * caller's workspace overlaps x, found by the op layer) leaves the saved
+ * object bound to the earlier forward: its backward still runs and matches
+ * the reference. Twice: with the same shape, and with a larger one, whose
+ * saved state needs more memory than the object holds. */
+static void test_op_module_failed_forward_keeps_saved(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, "test_op_module_failed_forward_keeps_saved");
+  const int64_t C = 3;
+  fbn_module_options mo;
+  fbn_module_options_init(&mo);
+  mo.num_features = C;
+  fbn_module *m = NULL;
+  fbnt_ref_module ref;
+  memset(&ref, 0, sizeof ref);
+  fbnt_ref_module_init(&ref, C);
+  assert_int_equal(fbnt_module_create_random(&rng, &mo, &m, &ref), FBN_STATUS_SUCCESS);
+  const fbn_tensor_desc d = fbn_tensor_desc_make(4, C, 8, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW);
+  const fbn_tensor_desc big = fbn_tensor_desc_make(32, C, 8, 3, FBN_DTYPE_FLOAT32,
+                                                   FBN_LAYOUT_NCHW);
+  const size_t count = fbnt_desc_numel(&d);
+  /* x and xb start blocks that the failing calls also pass as workspace:
+   * larger than any need, so the module takes them */
+  const size_t blob = (size_t)1 << 22;
+  void *x = fbnt_alloc(blob), *z = fbnt_tensor_alloc(&d), *y = fbnt_tensor_alloc(&d);
+  void *dy = fbnt_tensor_alloc(&d), *dx = fbnt_tensor_alloc(&d), *dz = fbnt_tensor_alloc(&d);
+  void *xb = fbnt_alloc(blob), *yb = fbnt_tensor_alloc(&big);
+  double *xr = calloc(count, sizeof(double)), *zr = calloc(count, sizeof(double));
+  double *yr = calloc(count, sizeof(double)), *dyr = calloc(count, sizeof(double));
+  double *dxr = calloc(count, sizeof(double)), *dzr = calloc(count, sizeof(double));
+  assert_true(xr && zr && yr && dyr && dxr && dzr);
+  fbnt_fill_channels(&rng, &d, x, xr);
+  fbnt_fill_normal(&rng, &d, z, zr, 1.0);
+  fbnt_fill_normal(&rng, &d, dy, dyr, 1.0);
+  fbnt_fill_channels(&rng, &big, xb, NULL);
+  fbnt_tensor_poison(&d, y);
+  fbnt_ref_saved rs;
+  fbnt_ref_saved_init(&rs);
+  assert_true(fbnt_ref_forward(&ref, d.n, d.h, d.w, xr, zr, yr, &rs));
+  fbnt_ref_backward(&ref, &rs, xr, yr, dyr, dxr, dzr);
+
+  fbn_saved *saved = NULL;
+  assert_int_equal(fbn_saved_create(&saved), FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_module_forward(m, &d, x, z, y, saved, NULL, 0), FBN_STATUS_SUCCESS);
+  assert_true(fbnt_check_tensor("failed forward keeps saved", "y", &d, y, yr));
+  void *y2 = fbnt_tensor_alloc(&big);
+  fbnt_tensor_poison(&big, y2);
+  memcpy(yb, y2, fbnt_desc_numel(&big) * sizeof(float));
+  assert_int_equal(fbn_module_forward(m, &d, x, z, y2, saved, x, blob), FBN_STATUS_ALIASING);
+  assert_non_null(strstr(fbn_last_error_message(), "workspace overlaps x"));
+  assert_int_equal(fbn_module_forward(m, &big, xb, NULL, y2, saved, xb, blob),
+                   FBN_STATUS_ALIASING);
+  assert_memory_equal(y2, yb, fbnt_desc_numel(&big) * sizeof(float));
+
+  fbnt_tensor_poison(&d, dx);
+  fbnt_tensor_poison(&d, dz);
+  fbn_status st = fbn_module_backward(m, saved, &d, x, y, dy, dx, dz, NULL, 0);
+  if (st != FBN_STATUS_SUCCESS)
+    fail_msg("backward after a failed forward: %s: %s", fbn_status_string(st),
+             fbn_last_error_message());
+  assert_true(fbnt_check_tensor("failed forward keeps saved", "dx", &d, dx, dxr));
+  assert_true(fbnt_check_tensor("failed forward keeps saved", "daddend", &d, dz, dzr));
+  /* running statistics, num_batches_tracked and gradients: one forward */
+  assert_true(fbnt_check_module("failed forward keeps saved", m, &ref, 1e-5, true));
+
+  fbn_saved_destroy(saved);
+  fbnt_ref_saved_free(&rs);
+  fbnt_ref_module_free(&ref);
+  fbn_module_destroy(m);
+  void *bufs[] = {x, z, y, dy, dx, dz, xb, yb, y2};
+  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+    fbnt_free(bufs[i]);
+  double *refs[] = {xr, zr, yr, dyr, dxr, dzr};
+  for (size_t i = 0; i < sizeof refs / sizeof refs[0]; i++)
+    free(refs[i]);
+}
+
 static void test_op_module_rejects_unknown_operation(void **state) {
   (void)state;
   fbn_module_options mo;
@@ -287,6 +385,7 @@ int main(int argc, char **argv) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_op_module_bit_identical),
       cmocka_unit_test(test_op_module_operation_option),
+      cmocka_unit_test(test_op_module_failed_forward_keeps_saved),
       cmocka_unit_test(test_op_module_rejects_unknown_operation),
   };
   return cmocka_run_group_tests_name("op_module", tests, NULL, NULL);

@@ -38,9 +38,12 @@ void fbn_saved_destroy(fbn_saved *saved) {
 }
 
 /* Saved-state memory of at least need bytes on the module's device: the
- * caller's (fbn_cuda_saved_set_memory) or the object's own, grown here. */
-static fbn_status fbn_saved_memory(const char *fn, const fbn_module *m, fbn_saved *s, size_t need,
-                                   void **mem, size_t *bytes) {
+ * caller's (fbn_cuda_saved_set_memory), the object's own, or a new block
+ * (*fresh, else NULL) that replaces the object's once the forward succeeded
+ * (fbn_saved_adopt): until then the object keeps its memory and binding. */
+static fbn_status fbn_saved_memory(const char *fn, const fbn_module *m, const fbn_saved *s,
+                                   size_t need, void **mem, size_t *bytes, void **fresh) {
+  *fresh = NULL;
   if (s->external != NULL) {
     if (s->external_bytes < need)
       return fbn_error(FBN_STATUS_INSUFFICIENT_WORKSPACE,
@@ -52,19 +55,27 @@ static fbn_status fbn_saved_memory(const char *fn, const fbn_module *m, fbn_save
   }
   if (s->memory == NULL || s->memory_backend != m->backend ||
       s->memory_device != m->options.device_index || s->memory_bytes < need) {
-    void *p;
-    fbn_status st = m->backend->mem_alloc(m->options.device_index, need, &p);
-    if (st != FBN_STATUS_SUCCESS)
+    fbn_status st = m->backend->mem_alloc(m->options.device_index, need, fresh);
+    if (st != FBN_STATUS_SUCCESS) {
+      *fresh = NULL;
       return fbn_error_prefix(st, fn);
-    fbn_saved_release(s);
-    s->memory = p;
-    s->memory_bytes = need;
-    s->memory_backend = m->backend;
-    s->memory_device = m->options.device_index;
+    }
+    *mem = *fresh;
+    *bytes = need;
+    return FBN_STATUS_SUCCESS;
   }
   *mem = s->memory;
   *bytes = s->memory_bytes;
   return FBN_STATUS_SUCCESS;
+}
+
+/* The new block of fbn_saved_memory (need bytes) becomes the object's. */
+static void fbn_saved_adopt(const fbn_module *m, fbn_saved *s, void *fresh, size_t need) {
+  fbn_saved_release(s);
+  s->memory = fresh;
+  s->memory_bytes = need;
+  s->memory_backend = m->backend;
+  s->memory_device = m->options.device_index;
 }
 
 /* ---- the module's ops --------------------------------------------------- */
@@ -279,33 +290,37 @@ fbn_status fbn_module_forward_impl(const char *fn, fbn_module *module, const fbn
       return fbn_error_prefix(st, fn);
   }
 
-  void *saved_mem = NULL;
-  size_t saved_bytes = 0;
+  /* The saved object keeps its memory and binding (a backward of its
+   * earlier forward still runs) unless this forward succeeds. */
+  void *saved_mem = NULL, *saved_fresh = NULL;
+  size_t saved_bytes = 0, saved_need = 0;
   if (saved != NULL) {
-    size_t need = 0;
-    st = op->backend->saved_size(&op->desc, op->state, desc, &need);
+    st = op->backend->saved_size(&op->desc, op->state, desc, &saved_need);
     if (st != FBN_STATUS_SUCCESS)
       return fbn_error_prefix(st, fn);
-    saved->module_id = 0; /* empty until this forward succeeds */
-    st = fbn_saved_memory(fn, module, saved, need, &saved_mem, &saved_bytes);
+    st = fbn_saved_memory(fn, module, saved, saved_need, &saved_mem, &saved_bytes, &saved_fresh);
     if (st != FBN_STATUS_SUCCESS)
       return st;
   }
   st = fbn_module_workspace(fn, module, op, desc, false, &workspace, &workspace_bytes);
-  if (st != FBN_STATUS_SUCCESS)
-    return st;
 
   /* running statistics: updated in training, read in eval, none without them */
   void *rm = o->track_running_stats ? module->buffers[FBN_BUFFER_RUNNING_MEAN] : NULL;
   void *rv = o->track_running_stats ? module->buffers[FBN_BUFFER_RUNNING_VAR] : NULL;
-  st = fbn_op_forward_impl(fn, op, desc, x, addend, y, module->buffers[FBN_BUFFER_WEIGHT],
-                           module->buffers[FBN_BUFFER_BIAS], rm, rv, factor, saved_mem,
-                           saved_bytes, workspace, workspace_bytes, exec);
-  if (st != FBN_STATUS_SUCCESS)
+  if (st == FBN_STATUS_SUCCESS)
+    st = fbn_op_forward_impl(fn, op, desc, x, addend, y, module->buffers[FBN_BUFFER_WEIGHT],
+                             module->buffers[FBN_BUFFER_BIAS], rm, rv, factor, saved_mem,
+                             saved_bytes, workspace, workspace_bytes, exec);
+  if (st != FBN_STATUS_SUCCESS) {
+    if (saved_fresh != NULL)
+      module->backend->mem_free(o->device_index, saved_fresh);
     return st;
+  }
 
   module->num_batches_tracked = next_count;
   if (saved != NULL) {
+    if (saved_fresh != NULL)
+      fbn_saved_adopt(module, saved, saved_fresh, saved_need);
     saved->module_id = module->id;
     saved->desc = *desc;
     saved->operation = operation;
