@@ -390,7 +390,8 @@ FBN_API fbn_status fbn_module_backward_workspace_size(const fbn_module *module,
  * @param addend     NULL for y = ReLU(BN(x)), else a tensor like x.
  * @param y          output; must not overlap x or addend (FBN_STATUS_ALIASING).
  * @param saved      NULL if no backward will follow, else filled with what
- *                   backward needs.
+ *                   backward needs.  A failing call leaves it as it was:
+ *                   still bound to its earlier forward, whose backward runs.
  * @param workspace  NULL (workspace_bytes ignored): the library uses its
  *                   own cached buffer. Otherwise at least
  *                   fbn_module_forward_workspace_size() bytes, 256-byte
@@ -586,7 +587,9 @@ FBN_API fbn_status fbn_op_get_desc(const fbn_op *op, fbn_op_desc *out);
  * layout must equal the op's).  The sizes depend only on the op and
  * x_desc (and, for the fast CPU backend's workspace, on the number of
  * OpenMP threads at the time of the query: a call that finds more threads
- * than the workspace was sized for runs on fewer).
+ * than the workspace was sized for accepts it and runs on as many threads
+ * as it holds; after lowering the thread count, query again, as the need
+ * can grow).
  *
  * fbn_op_saved_size: bytes of saved state (0 is never returned).
  * fbn_op_forward_workspace_size / fbn_op_backward_workspace_size: bytes of
@@ -624,8 +627,8 @@ FBN_API fbn_status fbn_running_average_factor(double momentum, bool cumulative_a
  * Forward of the op's operation on caller memory.
  *
  * @param x_desc        description of x, addend and y (as in the queries).
- * @param x, y          input and output; y must not overlap x or addend
- *                      (FBN_STATUS_ALIASING).
+ * @param x, y          input and output; y must not overlap any other
+ *                      memory of the call (FBN_STATUS_ALIASING).
  * @param addend        required for FBN_OPERATION_BN_ADD_RELU, NULL
  *                      otherwise (FBN_STATUS_INVALID_VALUE).
  * @param weight, bias  affine: both required; not affine: both NULL
@@ -634,7 +637,9 @@ FBN_API fbn_status fbn_running_average_factor(double momentum, bool cumulative_a
  *                      FBN_STATISTICS_RUNNING: both required (read).
  *                      FBN_STATISTICS_BATCH: both NULL (no update) or both
  *                      given (updated with factor); one alone:
- *                      FBN_STATUS_INVALID_VALUE.
+ *                      FBN_STATUS_INVALID_VALUE.  When updated, neither may
+ *                      overlap the other or any other memory of the call
+ *                      (FBN_STATUS_ALIASING).
  * @param factor        used only when the running statistics are updated:
  *                      must then be in [0, 1] (NaN: FBN_STATUS_INVALID_VALUE).
  * @param saved         NULL when no backward will follow (saved_bytes is then
@@ -647,8 +652,9 @@ FBN_API fbn_status fbn_running_average_factor(double momentum, bool cumulative_a
  *                      bytes are needed); FBN_STATUS_INSUFFICIENT_WORKSPACE
  *                      otherwise.  Its content is undefined after the call.
  *
- * saved and workspace must not overlap each other, a tensor or a
- * per-channel array of the call (FBN_STATUS_ALIASING).
+ * What forward writes (y, the running statistics when updated, saved,
+ * workspace) must not overlap each other, a tensor or a per-channel array
+ * of the call: FBN_STATUS_ALIASING, the message naming both.
  *
  * NULL op, x_desc, x or y: FBN_STATUS_NULL_POINTER; x_desc as in the
  * queries.
