@@ -51,8 +51,9 @@ typedef struct fbn_bk_forward_args {
    * its backward needs (layout private to the backend). */
   void *saved;
   size_t saved_bytes;
-  /* workspace_size(backward = false) bytes or more (NULL when that is 0),
-   * aligned to FBN_OP_MEMORY_ALIGNMENT, on the op's device. */
+  /* min_workspace_size(backward = false) bytes or more (workspace_size's
+   * when that hook is NULL; NULL when that is 0), aligned to
+   * FBN_OP_MEMORY_ALIGNMENT, on the op's device. */
   void *workspace;
   size_t workspace_bytes;
   /* Backend launch context: CUDA: const fbn_cuda_exec * (stream, cuDNN
@@ -83,7 +84,7 @@ typedef struct fbn_bk_backward_args {
   void *dweight;      /* may be NULL; NULL unless op->affine */
   void *dbias;        /* may be NULL; NULL unless op->affine */
   bool accumulate;    /* dweight/dbias += (true) or = (false) */
-  void *workspace;    /* workspace_size(backward = true) bytes or more */
+  void *workspace;    /* min_workspace_size(backward = true) bytes or more */
   size_t workspace_bytes;
   const void *exec;
 } fbn_bk_backward_args;

@@ -170,8 +170,9 @@ static fbn_status fbn_op_size(const char *fn, const fbn_op *op, const fbn_tensor
 }
 
 /* The least workspace a call of the op accepts (x_desc validated): the
- * backend's minimum, which for the fast CPU backend does not depend on the
- * thread count at the time of the call; the message names fn. */
+ * backend's minimum (the fast CPU backend: the smallest size over thread
+ * counts up to the current one, so that a workspace sized at a lower count
+ * passes); the message names fn. */
 static fbn_status fbn_op_min_workspace(const char *fn, const fbn_op *op, const fbn_tensor_desc *x,
                                        bool backward, size_t *bytes) {
   if (op->backend->min_workspace_size == NULL)
