@@ -148,6 +148,29 @@ typedef struct fbn_backend {
                          double value);
 } fbn_backend;
 
+/* Synchronized batch norm (src/sync/): the hooks a backend offers for it.
+ * The split phases run the backend's own forward and backward with the op
+ * in running-statistics mode and float64 per-channel arrays (the combined
+ * mean and biased variance in place of running_mean / running_var; the
+ * backward's dweight/dbias give the local sums); these two do the rest, on
+ * host memory. */
+typedef struct fbn_backend_sync {
+  /* Per channel c of x (desc validated, desc->n > 0): mean[c] and m2[c] =
+   * sum (x - mean[c])^2, float64. */
+  fbn_status (*stats)(const fbn_op_desc *op, void *state, const fbn_tensor_desc *desc,
+                      const void *x, double *mean, double *m2);
+  /* dx and daddend (args->dx / args->daddend, either may be NULL; dweight
+   * and dbias unused) of a shard whose saved state a running-statistics
+   * forward of args->op on this backend filled, with the sums over the
+   * whole batch (C each) and its count: the batch-statistics backward. */
+  fbn_status (*backward_apply)(const fbn_bk_backward_args *args, const double *sum_g,
+                               const double *sum_gxhat, int64_t total_count);
+} fbn_backend_sync;
+
+/* The sync hooks of backend (cpu/cpu_sync.c: both CPU backends), NULL for
+ * a backend without synchronized batch norm. */
+FBN_INTERNAL const fbn_backend_sync *fbn_backend_sync_hooks(const fbn_backend *backend);
+
 /* The float64 reference backend (cpu/cpu_ref.c), always built. */
 FBN_INTERNAL const fbn_backend *fbn_backend_cpu_reference(void);
 /* The fast CPU backend (cpu/fast/), the default for CPU ops and modules. */
