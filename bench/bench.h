@@ -5,11 +5,10 @@
  *   bench_main.c          options, shapes table, device choice, main()
  *   bench_util.c          repetition counts, random tensors, dtypes, agreement
  *   bench_report.c        text table and CSV output
- *   bench_unfused_cpu.c   the unfused CPU baseline: a BN step, an add pass, a
- *                         ReLU pass (bench_unfused_cpu.h)
- *   bench_bn_plain.c      the baseline's BN step in plain C
- *   bench_cpu.c           CPU mode: fusedbn CPU module against that baseline
- *                         and the copy floor
+ *   bench_unfused_cpu.c   the unfused CPU baselines: fusedbn's BN alone, then
+ *                         an add pass and/or a ReLU pass (bench_unfused_cpu.h)
+ *   bench_cpu.c           CPU mode: a fusedbn CPU module of each operation
+ *                         against its baseline and the copy floor
  *   common/               the CPU timing harness shared with fbn-peers-bench
  *                         and fbn-ab (clock, RNG, eviction, copy floor, machine)
  *   bench_cuda.c          GPU mode (only with the CUDA backend): fusedbn CUDA
@@ -45,6 +44,9 @@ typedef enum bench_pass {
   BENCH_PASS_COUNT = 3,
 } bench_pass;
 
+/* The operations timed (fbn_operation values index the flags). */
+#define BENCH_OP_COUNT 3
+
 typedef enum bench_device {
   BENCH_DEVICE_AUTO = 0,
   BENCH_DEVICE_CPU = 1,
@@ -63,6 +65,8 @@ typedef struct bench_config {
   bench_variant variants[8];
   int num_variants;
   bool passes[BENCH_PASS_COUNT];
+  bool ops[BENCH_OP_COUNT]; /* by fbn_operation */
+  bool ops_given;           /* --op was given (else all) */
   /* Repetitions: reps_forced true means exactly `reps`; otherwise `reps`
    * is the default count, lowered (never below min_reps) for runs that
    * would exceed time_budget_s. */
@@ -131,12 +135,13 @@ typedef struct bench_row {
   bench_shape shape;
   fbn_dtype dtype;
   fbn_layout layout;
+  fbn_operation op;
   bench_pass pass;
   /* Bytes the pass must move at minimum, counted for GB/s
    * (bench_pass_tensors() tensors of x's size). */
   double bytes;
   bench_timing fused;   /* fusedbn module (default bn_mode) */
-  bench_timing unfused; /* the unfused baseline of this device */
+  bench_timing unfused; /* the unfused baseline of this device (none for BN alone) */
   bench_timing spatial; /* GPU only: fusedbn with bn_mode SPATIAL */
   bench_timing floor;   /* CPU only: the copy floor moving `bytes` */
   /* Short note (path taken, baseline mode), may be "". */
@@ -154,12 +159,13 @@ int bench_mismatch_count(void);
 /* Append text to row->note ("; "-separated). */
 void bench_note_append(bench_row *row, const char *text);
 
-/* Tensors of x's size a pass must move at minimum: 3 for a forward (x,
- * addend, y: a training forward can read x once, keeping a group of
- * channels in the caches from its statistics to its normalization, as the
- * library's NCHW pipeline and the GPU's persistent kernels do), 5 for a
- * backward (x, y, dy, dx, daddend). */
-int bench_pass_tensors(bench_pass pass);
+/* Tensors of x's size a pass of operation op must move at minimum. BN +
+ * add + ReLU: 3 for a forward (x, addend, y: a training forward can read x
+ * once, keeping a group of channels in the caches from its statistics to
+ * its normalization, as the library's NCHW pipeline and the GPU's
+ * persistent kernels do), 5 for a backward (x, y, dy, dx, daddend); BN +
+ * ReLU: 2 (x, y) and 4 (x, y, dy, dx); BN alone: 2 and 3 (x, dy, dx). */
+int bench_pass_tensors(fbn_operation op, bench_pass pass);
 
 typedef struct bench_report_info {
   const char *device_desc;   /* "cpu: ..." or "cuda: <GPU name> ..." */

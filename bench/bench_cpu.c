@@ -1,14 +1,17 @@
 /*
  * fusedbn-bench: CPU mode.
  *
- * For each shape and (dtype, layout): a fusedbn CPU module (the library's
- * default CPU backend, or the float64 reference with --cpu-backend
- * reference) against the unfused baseline of bench_unfused_cpu.h and the
- * copy floor (bench_common.h), for the training forward (with addend,
- * filling a saved object), the eval forward and the training backward (dx
- * and daddend). Before timing a pass both implementations run once on the
- * same data and their outputs are compared (the "note" column), so that a
- * broken path is never timed.
+ * For each shape, (dtype, layout) and operation (BN, BN + ReLU, BN + add +
+ * ReLU): a fusedbn CPU module of that operation (the library's default CPU
+ * backend, or the float64 reference with --cpu-backend reference) against
+ * the operation's unfused baseline of bench_unfused_cpu.h (fusedbn's BN
+ * alone, then the add and ReLU passes; none for BN alone) and the copy floor
+ * (bench_common.h), for the training forward (filling a saved object), the
+ * eval forward and the training backward (dx, and daddend of BN + add +
+ * ReLU). Before timing a pass both implementations run once on the same
+ * data and their outputs are compared (the "note" column), so that a broken
+ * path is never timed; BN alone is compared with the baseline's BN step (the
+ * op API's BN alone, the same backend).
  *
  * The three are timed sample by sample in turn, each sample after the same
  * cache eviction, so that all start from memory and see the same state of
@@ -28,6 +31,7 @@ typedef struct cpu_case {
   bench_shape shape;
   fbn_tensor_desc desc;
   size_t tensor_bytes;
+  fbn_operation op; /* of the module */
   fbn_module *module;
   fbn_saved *saved;
   bench_unfused_cpu unfused;
@@ -46,35 +50,47 @@ typedef fbn_status (*cpu_op)(cpu_case *k);
 
 /* ---- the operations being timed ------------------------------------------ */
 
+static bool has_addend(const cpu_case *k) { return k->op == FBN_OPERATION_BN_ADD_RELU; }
+
 static fbn_status fused_forward_train(cpu_case *k) {
-  return fbn_module_forward(k->module, &k->desc, k->x, k->addend, k->y, k->saved, k->fwd_ws,
-                            k->fwd_ws_bytes);
+  return fbn_module_forward(k->module, &k->desc, k->x, has_addend(k) ? k->addend : NULL, k->y,
+                            k->saved, k->fwd_ws, k->fwd_ws_bytes);
 }
 
 static fbn_status fused_forward_eval(cpu_case *k) {
-  return fbn_module_forward(k->module, &k->desc, k->x, k->addend, k->y, NULL, k->fwd_ws,
-                            k->fwd_ws_bytes);
+  return fbn_module_forward(k->module, &k->desc, k->x, has_addend(k) ? k->addend : NULL, k->y,
+                            NULL, k->fwd_ws, k->fwd_ws_bytes);
 }
 
+/* BN alone reads no y (NULL); only BN + add + ReLU has a daddend. */
 static fbn_status fused_backward(cpu_case *k) {
-  return fbn_module_backward(k->module, k->saved, &k->desc, k->x, k->y, k->dy, k->dx,
-                             k->daddend, k->bwd_ws, k->bwd_ws_bytes);
+  return fbn_module_backward(k->module, k->saved, &k->desc, k->x,
+                             k->op == FBN_OPERATION_BN ? NULL : k->y, k->dy, k->dx,
+                             has_addend(k) ? k->daddend : NULL, k->bwd_ws, k->bwd_ws_bytes);
 }
 
-static fbn_status unfused_forward_train(cpu_case *k) {
-  bench_unfused_cpu_train_forward(&k->unfused, k->x, k->addend, k->y_ref);
-  return FBN_STATUS_SUCCESS;
+/* The baseline of k->op; for BN alone (no unfused form) its BN step, used
+ * by the agreement check only. */
+static fbn_status unfused_forward(cpu_case *k, bool train) {
+  if (k->op == FBN_OPERATION_BN) {
+    return bench_unfused_cpu_bn_forward(&k->unfused, train, k->x, k->y_ref);
+  }
+  return bench_unfused_cpu_forward(&k->unfused, k->op, train, k->x,
+                                   has_addend(k) ? k->addend : NULL, k->y_ref);
 }
 
-static fbn_status unfused_forward_eval(cpu_case *k) {
-  bench_unfused_cpu_eval_forward(&k->unfused, k->x, k->addend, k->y_ref);
-  return FBN_STATUS_SUCCESS;
-}
+static fbn_status unfused_forward_train(cpu_case *k) { return unfused_forward(k, true); }
 
+static fbn_status unfused_forward_eval(cpu_case *k) { return unfused_forward(k, false); }
+
+/* g (the ReLU's gradient) goes to daddend_ref: BN + add + ReLU's daddend,
+ * BN + ReLU's temporary. */
 static fbn_status unfused_backward(cpu_case *k) {
-  bench_unfused_cpu_train_backward(&k->unfused, k->x, k->y_ref, k->dy, k->dx_ref,
-                                   k->daddend_ref);
-  return FBN_STATUS_SUCCESS;
+  if (k->op == FBN_OPERATION_BN) {
+    return bench_unfused_cpu_bn_backward(&k->unfused, k->x, k->dy, k->dx_ref);
+  }
+  return bench_unfused_cpu_backward(&k->unfused, k->x, k->y_ref, k->dy, k->dx_ref,
+                                    k->daddend_ref);
 }
 
 static fbn_status floor_copy(cpu_case *k) {
@@ -114,17 +130,18 @@ static int batch_size(double one_run_ms) {
 /* Warm up, pick the repetition count, then take fused, unfused and floor
  * samples in turn so that all three see the same machine conditions.
  * Without warm-up runs, check_ms (the agreement check's fused and unfused
- * runs, which warmed both up) estimates one run of the pair. */
+ * runs, which warmed both up) estimates one run of the pair. unfused NULL
+ * (BN alone): fused and floor only. */
 static int measure_row(const bench_config *cfg, cpu_case *k, const char *what, cpu_op fused,
                        cpu_op unfused, double check_ms, bench_row *row) {
   enum { FUSED, UNFUSED, FLOOR, FORMS };
   const cpu_op ops[FORMS] = {fused, unfused, floor_copy};
-  double one_ms[FORMS] = {check_ms / 2, check_ms / 2, 0.0};
+  double one_ms[FORMS] = {check_ms / 2, unfused != NULL ? check_ms / 2 : 0.0, 0.0};
   fbn_status status;
   (void)time_op(floor_copy, k, 1, &one_ms[FLOOR]); /* its warm-up and batch size */
   for (int i = 0; i < cfg->warmup; i++) {
     for (int f = 0; f < FORMS; f++) {
-      if ((status = time_op(ops[f], k, 1, &one_ms[f])) != FBN_STATUS_SUCCESS) {
+      if (ops[f] != NULL && (status = time_op(ops[f], k, 1, &one_ms[f])) != FBN_STATUS_SUCCESS) {
         return bench_fail_status(what, status);
       }
     }
@@ -135,7 +152,8 @@ static int measure_row(const bench_config *cfg, cpu_case *k, const char *what, c
    * same batch size (both warm or both cold); batched calls stay in the
    * caches after the first, so those rows have no memory floor, and the
    * floor is never batched. */
-  const int pair_batch = batch_size(fmin(one_ms[FUSED], one_ms[UNFUSED]));
+  const int pair_batch =
+      batch_size(unfused != NULL ? fmin(one_ms[FUSED], one_ms[UNFUSED]) : one_ms[FUSED]);
   const int batch[FORMS] = {pair_batch, pair_batch, 1};
   const int forms = pair_batch > 1 ? FLOOR : FORMS;
   /* The floor is sampled twice per rep, before and after the pair: its
@@ -149,6 +167,9 @@ static int measure_row(const bench_config *cfg, cpu_case *k, const char *what, c
   double *floor_samples = samples + FLOOR * reps;
   for (int r = 0; r < reps; r++) {
     for (int f = 0; f < forms; f++) {
+      if (ops[f] == NULL) {
+        continue;
+      }
       double *sample = f == FLOOR ? &floor_samples[2 * r] : &samples[f * reps + r];
       if ((status = time_op(ops[f], k, batch[f], sample)) != FBN_STATUS_SUCCESS) {
         free(samples);
@@ -160,7 +181,9 @@ static int measure_row(const bench_config *cfg, cpu_case *k, const char *what, c
     }
   }
   bench_timing_from_samples(&row->fused, samples + FUSED * reps, reps);
-  bench_timing_from_samples(&row->unfused, samples + UNFUSED * reps, reps);
+  if (unfused != NULL) {
+    bench_timing_from_samples(&row->unfused, samples + UNFUSED * reps, reps);
+  }
   if (forms == FORMS) {
     bench_timing_from_samples(&row->floor, floor_samples, 2 * reps);
   }
@@ -196,7 +219,9 @@ static int check_pass(cpu_case *k, bench_row *row) {
     if (status != FBN_STATUS_SUCCESS) {
       return bench_fail_status("fbn_module_forward", status);
     }
-    (void)(train ? unfused_forward_train(k) : unfused_forward_eval(k));
+    if ((status = unfused_forward(k, train)) != FBN_STATUS_SUCCESS) {
+      return bench_fail_status("fbn_op_forward (the baseline's BN alone)", status);
+    }
     (void)bench_note_agreement(row, "", bench_max_rel_diff(k->y, k->y_ref, dt, numel));
     return 0;
   }
@@ -204,7 +229,9 @@ static int check_pass(cpu_case *k, bench_row *row) {
     if ((status = fused_forward_train(k)) != FBN_STATUS_SUCCESS) {
       return bench_fail_status("fbn_module_forward", status);
     }
-    (void)unfused_forward_train(k);
+    if ((status = unfused_forward_train(k)) != FBN_STATUS_SUCCESS) {
+      return bench_fail_status("fbn_op_forward (the baseline's BN alone)", status);
+    }
     /* Same ReLU mask for both: an element within rounding of 0 may be
      * positive in one forward and not in the other. */
     memcpy(k->y_ref, k->y, k->tensor_bytes);
@@ -215,9 +242,12 @@ static int check_pass(cpu_case *k, bench_row *row) {
     if ((status = fused_backward(k)) != FBN_STATUS_SUCCESS) {
       return bench_fail_status("fbn_module_backward", status);
     }
-    (void)unfused_backward(k);
+    if ((status = unfused_backward(k)) != FBN_STATUS_SUCCESS) {
+      return bench_fail_status("fbn_op_backward (the baseline's BN alone)", status);
+    }
     const double d_dx = bench_max_rel_diff(k->dx, k->dx_ref, dt, numel);
-    const double d_da = bench_max_rel_diff(k->daddend, k->daddend_ref, dt, numel);
+    const double d_da =
+        has_addend(k) ? bench_max_rel_diff(k->daddend, k->daddend_ref, dt, numel) : 0.0;
     (void)bench_note_agreement(row, "", isnan(d_dx) || isnan(d_da) ? NAN : fmax(d_dx, d_da));
     return 0;
   }
@@ -231,19 +261,23 @@ static int check_pass(cpu_case *k, bench_row *row) {
 
 static void *tensor(const cpu_case *k) { return bench_alloc_touched(k->tensor_bytes); }
 
-static int case_init(cpu_case *k, const bench_shape *shape, const bench_variant *v,
-                     const bench_evict *evict) {
-  memset(k, 0, sizeof *k);
-  k->evict = evict;
-  k->shape = *shape;
-  k->desc = fbn_tensor_desc_make(shape->n, shape->c, shape->h, shape->w, v->dtype, v->layout);
-  k->tensor_bytes = (size_t)bench_shape_numel(shape) * fbn_dtype_size(v->dtype);
-
+/* The fused module of operation op (replacing the previous one), its saved
+ * object and workspaces. */
+static int case_set_op(cpu_case *k, fbn_operation op) {
+  fbn_saved_destroy(k->saved);
+  fbn_module_destroy(k->module);
+  bench_free(k->fwd_ws);
+  bench_free(k->bwd_ws);
+  k->saved = NULL;
+  k->module = NULL;
+  k->fwd_ws = k->bwd_ws = NULL;
+  k->op = op;
   fbn_module_options opts;
   fbn_module_options_init(&opts);
-  opts.num_features = shape->c;
-  opts.param_dtype = v->dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
+  opts.num_features = k->shape.c;
+  opts.param_dtype = k->desc.dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
   opts.device = FBN_DEVICE_CPU;
+  opts.operation = op;
   fbn_status status = fbn_module_create(&opts, &k->module);
   if (status != FBN_STATUS_SUCCESS) {
     return bench_fail_status("fbn_module_create", status);
@@ -261,10 +295,25 @@ static int case_init(cpu_case *k, const bench_shape *shape, const bench_variant 
   }
   k->fwd_ws = k->fwd_ws_bytes > 0 ? bench_alloc_touched(k->fwd_ws_bytes) : NULL;
   k->bwd_ws = k->bwd_ws_bytes > 0 ? bench_alloc_touched(k->bwd_ws_bytes) : NULL;
+  return 0;
+}
 
-  bench_unfused_cpu_init(&k->unfused, shape, v->dtype, v->layout, &bench_bn_plain);
-  /* The floor of the pass moving most: backward's 5 tensors. */
-  bench_copy_init(&k->copy, (size_t)bench_pass_tensors(BENCH_PASS_TRAIN_BWD) * k->tensor_bytes / 2);
+static int case_init(cpu_case *k, const bench_shape *shape, const bench_variant *v,
+                     const bench_evict *evict) {
+  memset(k, 0, sizeof *k);
+  k->evict = evict;
+  k->shape = *shape;
+  k->desc = fbn_tensor_desc_make(shape->n, shape->c, shape->h, shape->w, v->dtype, v->layout);
+  k->tensor_bytes = (size_t)bench_shape_numel(shape) * fbn_dtype_size(v->dtype);
+
+  const int rc = bench_unfused_cpu_init(&k->unfused, shape, v->dtype, v->layout);
+  if (rc != 0) {
+    return rc;
+  }
+  /* The floor of the pass moving most: BN + add + ReLU's backward. */
+  bench_copy_init(&k->copy, (size_t)bench_pass_tensors(FBN_OPERATION_BN_ADD_RELU,
+                                                       BENCH_PASS_TRAIN_BWD) *
+                                k->tensor_bytes / 2);
   k->x = tensor(k);
   k->addend = tensor(k);
   k->dy = tensor(k);
@@ -289,7 +338,7 @@ static void case_fini(cpu_case *k) {
   for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) {
     bench_free(buffers[i]);
   }
-  if (k->unfused.coef != NULL) {
+  if (k->unfused.train_op != NULL || k->unfused.eval_op != NULL) {
     bench_unfused_cpu_fini(&k->unfused);
   }
   if (k->copy.src != NULL) {
@@ -303,64 +352,78 @@ static void case_fini(cpu_case *k) {
  * forwards normalize with the same values. */
 static int sync_running_stats(cpu_case *k) {
   const size_t c = (size_t)k->shape.c;
-  fbn_status status = fbn_module_read_buffer(k->module, FBN_BUFFER_RUNNING_MEAN, FBN_DTYPE_FLOAT64,
+  const fbn_dtype pt = k->unfused.param_dtype;
+  fbn_status status = fbn_module_read_buffer(k->module, FBN_BUFFER_RUNNING_MEAN, pt,
                                              k->unfused.running_mean, c);
   if (status == FBN_STATUS_SUCCESS) {
-    status = fbn_module_read_buffer(k->module, FBN_BUFFER_RUNNING_VAR, FBN_DTYPE_FLOAT64,
+    status = fbn_module_read_buffer(k->module, FBN_BUFFER_RUNNING_VAR, pt,
                                     k->unfused.running_var, c);
   }
   return status == FBN_STATUS_SUCCESS ? 0 : bench_fail_status("fbn_module_read_buffer", status);
 }
 
-static int run_case(const bench_config *cfg, const bench_report_info *info,
-                    const bench_shape *shape, const bench_variant *v, const bench_evict *evict) {
-  cpu_case k;
-  int rc = case_init(&k, shape, v, evict);
+/* The rows of one operation (k's module set to it). */
+static int run_op(const bench_config *cfg, const bench_report_info *info, cpu_case *k) {
+  int rc = 0;
+  const bool bn_alone = k->op == FBN_OPERATION_BN;
   for (int p = 0; rc == 0 && p < BENCH_PASS_COUNT; p++) {
     if (!cfg->passes[p]) {
       continue;
     }
     bench_row row;
     memset(&row, 0, sizeof row);
-    row.shape = *shape;
-    row.dtype = v->dtype;
-    row.layout = v->layout;
+    row.shape = k->shape;
+    row.dtype = k->desc.dtype;
+    row.layout = k->desc.layout;
+    row.op = k->op;
     row.pass = (bench_pass)p;
-    row.bytes = (double)bench_pass_tensors(row.pass) * (double)k.tensor_bytes;
-    k.floor_copy = (size_t)bench_pass_tensors(row.pass) * k.tensor_bytes / 2;
+    row.bytes = (double)bench_pass_tensors(row.op, row.pass) * (double)k->tensor_bytes;
+    k->floor_copy = (size_t)bench_pass_tensors(row.op, row.pass) * k->tensor_bytes / 2;
 
     const bool train = row.pass != BENCH_PASS_EVAL_FWD;
-    fbn_status status = fbn_module_set_training(k.module, train);
+    fbn_status status = fbn_module_set_training(k->module, train);
     if (status != FBN_STATUS_SUCCESS) {
       rc = bench_fail_status("fbn_module_set_training", status);
       break;
     }
-    if (!train && (rc = sync_running_stats(&k)) != 0) {
+    if (!train && (rc = sync_running_stats(k)) != 0) {
       break;
     }
     const double t0 = bench_now_s();
-    if ((rc = check_pass(&k, &row)) != 0) {
+    if ((rc = check_pass(k, &row)) != 0) {
       break;
     }
     const double check_ms = (bench_now_s() - t0) * 1e3;
     switch (row.pass) {
     case BENCH_PASS_TRAIN_FWD:
-      rc = measure_row(cfg, &k, "fbn_module_forward (training)", fused_forward_train,
-                       unfused_forward_train, check_ms, &row);
+      rc = measure_row(cfg, k, "fbn_module_forward (training)", fused_forward_train,
+                       bn_alone ? NULL : unfused_forward_train, check_ms, &row);
       break;
     case BENCH_PASS_EVAL_FWD:
-      rc = measure_row(cfg, &k, "fbn_module_forward (eval)", fused_forward_eval,
-                       unfused_forward_eval, check_ms, &row);
+      rc = measure_row(cfg, k, "fbn_module_forward (eval)", fused_forward_eval,
+                       bn_alone ? NULL : unfused_forward_eval, check_ms, &row);
       break;
     case BENCH_PASS_TRAIN_BWD:
-      rc = measure_row(cfg, &k, "fbn_module_backward", fused_backward, unfused_backward,
-                       check_ms, &row);
+      rc = measure_row(cfg, k, "fbn_module_backward", fused_backward,
+                       bn_alone ? NULL : unfused_backward, check_ms, &row);
       break;
     case BENCH_PASS_COUNT:
       break;
     }
     if (rc == 0) {
       bench_report_row(cfg, info, &row);
+    }
+  }
+  return rc;
+}
+
+static int run_case(const bench_config *cfg, const bench_report_info *info,
+                    const bench_shape *shape, const bench_variant *v, const bench_evict *evict) {
+  cpu_case k;
+  int rc = case_init(&k, shape, v, evict);
+  for (int o = 0; rc == 0 && o < BENCH_OP_COUNT; o++) {
+    if (cfg->ops[o] && (rc = case_set_op(&k, (fbn_operation)o)) == 0) {
+      rc = run_op(cfg, info, &k);
     }
   }
   case_fini(&k);
@@ -377,7 +440,7 @@ int bench_run_cpu(const bench_config *cfg) {
       return 2;
     }
   }
-  char copy_desc[256], device_desc[512], baseline_desc[512], machine[320];
+  char copy_desc[256], device_desc[512], baseline_desc[1024], machine[320];
   const char *backend = getenv("FBN_CPU_BACKEND");
   const bool reference = backend != NULL && strcmp(backend, "reference") == 0;
   const int threads = bench_threads();
@@ -393,10 +456,12 @@ int bench_run_cpu(const bench_config *cfg) {
              machine);
   }
   snprintf(baseline_desc, sizeof baseline_desc,
-           "%s (this program's code, not fusedbn's) -> add pass (y += addend) -> ReLU pass; "
-           "each pass one loop, omp simd, the library's threads; new outputs of 8 MiB or more "
-           "with non-temporal stores",
-           bench_bn_plain.desc);
+           "fusedbn's BN alone (op API, FBN_OPERATION_BN, the same backend as fused), then for "
+           "bn_add_relu an add pass (y += addend) and a ReLU pass (backward: a ReLU-backward "
+           "pass writing daddend, then BN alone's backward), for bn_relu a ReLU pass "
+           "(backward: a ReLU-backward pass into a temporary, then BN alone's backward); bn has "
+           "no unfused form (\"-\"), only its floor; each pass one loop, omp simd, the "
+           "library's threads; new outputs of 8 MiB or more with non-temporal stores");
   if (strstr(machine, "BUSY") != NULL) {
     fprintf(stderr,
             "fusedbn-bench: warning: the machine is busy (%s): CPU timings will be noisy%s\n",

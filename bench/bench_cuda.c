@@ -696,8 +696,9 @@ static int run_case(const bench_config *cfg, const bench_report_info *info, gpu_
     row.shape = *shape;
     row.dtype = v->dtype;
     row.layout = v->layout;
+    row.op = FBN_OPERATION_BN_ADD_RELU; /* the GPU mode's only operation */
     row.pass = (bench_pass)p;
-    row.bytes = (double)bench_pass_tensors(row.pass) * (double)k.tensor_bytes;
+    row.bytes = (double)bench_pass_tensors(row.op, row.pass) * (double)k.tensor_bytes;
     if (row.pass == BENCH_PASS_EVAL_FWD) {
       if (!k.unfused_eval_ok) {
         bench_note_append(&row, k.unfused_eval_why);

@@ -32,8 +32,10 @@ static void usage(FILE *out) {
   fprintf(out,
           "usage: fusedbn-bench [options]\n"
           "\n"
-          "Times y = ReLU(BatchNorm2d(x) + addend): fusedbn's fused module against the\n"
-          "unfused sequence (BN, then add, then ReLU) a framework runs without it.\n"
+          "Times y = ReLU(BatchNorm2d(x) + addend), y = ReLU(BatchNorm2d(x)) and BN alone:\n"
+          "fusedbn's module of each operation against the unfused sequence a framework runs\n"
+          "without it (CPU: fusedbn's BN alone, then an add pass and/or a ReLU pass; BN\n"
+          "alone has no unfused form; GPU: cuDNN's BN, add and ReLU).\n"
           "\n"
           "  --device cpu|cuda|auto  where to run (default auto: the GPU if the library has\n"
           "                          the CUDA backend and a device is usable, else the CPU)\n"
@@ -44,6 +46,8 @@ static void usage(FILE *out) {
           "                          data type (CPU default float32; GPU default: float16\n"
           "                          NHWC and float32 NCHW)\n"
           "  --pass LIST             comma-separated train,eval,backward or all (default all)\n"
+          "  --op LIST               comma-separated bn,bn_relu,bn_add_relu or all (default\n"
+          "                          all on the CPU; the GPU mode times bn_add_relu only)\n"
           "  --reps N                exactly N timed runs per measurement (default %d; CPU\n"
           "                          rows whose runs would take over %.0f s get fewer, at\n"
           "                          least %d; --quick: 5 on the CPU, 10 on the GPU); the\n"
@@ -122,6 +126,41 @@ static bool parse_dtype(const char *text, fbn_dtype *out) {
   return false;
 }
 
+static bool parse_ops(const char *text, bool ops[BENCH_OP_COUNT]) {
+  static const struct {
+    const char *name;
+    fbn_operation op;
+  } names[] = {{"bn", FBN_OPERATION_BN},
+               {"bn_relu", FBN_OPERATION_BN_RELU},
+               {"bn_add_relu", FBN_OPERATION_BN_ADD_RELU}};
+  char buf[128];
+  if (strlen(text) >= sizeof buf) {
+    return false;
+  }
+  strcpy(buf, text);
+  for (int o = 0; o < BENCH_OP_COUNT; o++) {
+    ops[o] = false;
+  }
+  bool any = false;
+  char *save = NULL;
+  for (char *tok = strtok_r(buf, ",", &save); tok != NULL; tok = strtok_r(NULL, ",", &save)) {
+    bool known = strcmp(tok, "all") == 0;
+    for (int o = 0; known && o < BENCH_OP_COUNT; o++) {
+      ops[o] = true;
+    }
+    for (size_t i = 0; i < COUNT_OF(names); i++) {
+      if (strcmp(tok, names[i].name) == 0) {
+        ops[names[i].op] = known = true;
+      }
+    }
+    if (!known) {
+      return false;
+    }
+    any = true;
+  }
+  return any;
+}
+
 static bool parse_passes(const char *text, bool passes[BENCH_PASS_COUNT]) {
   char buf[128];
   if (strlen(text) >= sizeof buf) {
@@ -172,7 +211,8 @@ static int parse_args(int argc, char **argv, bench_config *cfg, bench_args *args
     const char *val = i + 1 < argc ? argv[i + 1] : NULL;
     const bool takes_value = strcmp(opt, "--device") == 0 || strcmp(opt, "--shape") == 0 ||
                              strcmp(opt, "--layout") == 0 || strcmp(opt, "--dtype") == 0 ||
-                             strcmp(opt, "--pass") == 0 || strcmp(opt, "--reps") == 0 ||
+                             strcmp(opt, "--pass") == 0 || strcmp(opt, "--op") == 0 ||
+                             strcmp(opt, "--reps") == 0 ||
                              strcmp(opt, "--warmup") == 0 || strcmp(opt, "--cpu-backend") == 0;
     if (takes_value) {
       if (val == NULL) {
@@ -225,6 +265,8 @@ static int parse_args(int argc, char **argv, bench_config *cfg, bench_args *args
       ok = args->have_dtype = parse_dtype(val, &args->dtype);
     } else if (strcmp(opt, "--pass") == 0) {
       ok = parse_passes(val, cfg->passes);
+    } else if (strcmp(opt, "--op") == 0) {
+      ok = cfg->ops_given = parse_ops(val, cfg->ops);
     } else if (strcmp(opt, "--reps") == 0) {
       ok = args->have_reps = parse_int(val, 1, 100000, &args->reps);
     } else if (strcmp(opt, "--warmup") == 0) {
@@ -312,6 +354,9 @@ int main(int argc, char **argv) {
   for (int p = 0; p < BENCH_PASS_COUNT; p++) {
     cfg.passes[p] = true;
   }
+  for (int o = 0; o < BENCH_OP_COUNT; o++) {
+    cfg.ops[o] = true;
+  }
   bench_args args;
   memset(&args, 0, sizeof args);
   int rc = parse_args(argc, argv, &cfg, &args);
@@ -337,6 +382,12 @@ int main(int argc, char **argv) {
       snprintf(cfg.fallback_reason, sizeof cfg.fallback_reason, "%s", why);
       fprintf(stderr, "fusedbn-bench: no usable GPU (%s); running on the CPU\n", why);
     }
+  }
+  if (cfg.device == BENCH_DEVICE_CUDA && cfg.ops_given &&
+      (cfg.ops[FBN_OPERATION_BN] || cfg.ops[FBN_OPERATION_BN_RELU])) {
+    fprintf(stderr, "fusedbn-bench: --op: the GPU mode times bn_add_relu only (its baseline is "
+                    "cuDNN's BN, add and ReLU); use --device cpu for bn and bn_relu\n");
+    return 2;
   }
   apply_defaults(&cfg, &args);
 

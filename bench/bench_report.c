@@ -1,8 +1,9 @@
 /*
  * fusedbn-bench: the text table and the CSV output.
  *
- * One row per (shape, layout, dtype, pass). Columns: fused (fusedbn),
- * unfused (the device's baseline), and on the GPU spatial (fusedbn with
+ * One row per (shape, layout, dtype, operation, pass). Columns: fused
+ * (fusedbn), unfused (the device's baseline of that operation; "-" for BN
+ * alone, which has none), and on the GPU spatial (fusedbn with
  * bn_mode SPATIAL: no persistent kernel). GB/s counts the minimum bytes a
  * pass must move (row->bytes). The reference of "%floor" (CPU: the row's
  * own copy floor) or "%copy" (GPU: one device copy for the run) is a
@@ -35,7 +36,7 @@ static double reference_gbps(const bench_report_info *info, const bench_row *row
 
 void bench_report_begin(const bench_config *cfg, const bench_report_info *info) {
   if (cfg->csv) {
-    printf("device,n,c,h,w,layout,dtype,pass,bytes,copy_gbps,"
+    printf("device,n,c,h,w,layout,dtype,op,pass,bytes,copy_gbps,"
            "fused_reps,fused_ms,fused_min_ms,fused_gbps,fused_copy_frac,"
            "unfused_reps,unfused_ms,unfused_min_ms,unfused_gbps,"
            "spatial_reps,spatial_ms,spatial_gbps,fused_over_unfused,speedup,"
@@ -59,9 +60,11 @@ void bench_report_begin(const bench_config *cfg, const bench_report_info *info) 
          "agreement check (note), then %d more warm-up run(s)%s\n",
          is_gpu(cfg) ? "" : " (fused, unfused and floor in turn)", cfg->warmup,
          cfg->quick ? " (--quick)" : "");
-  printf("GB/s:     minimum bytes moved / median time; forward counts 3 tensors (x, addend, y;\n"
-         "          training reads x once where its statistics and its normalization share the\n"
-         "          caches), backward 5 (x, y, dy read; dx, daddend written)\n");
+  printf("GB/s:     minimum bytes moved / median time; forward counts 3 tensors for bn_add_relu\n"
+         "          (x, addend, y; training reads x once where its statistics and its\n"
+         "          normalization share the caches), 2 for bn_relu and bn (x, y); backward 5 for\n"
+         "          bn_add_relu (x, y, dy read; dx, daddend written), 4 for bn_relu (x, y, dy;\n"
+         "          dx), 3 for bn (x, dy; dx)\n");
   if (is_gpu(cfg)) {
     printf("%%copy:    fused GB/s / copy GB/s;  f/unf: fused ms / unfused ms (< 1: fused is "
            "faster);  speedup: unfused ms / fused ms\n\n");
@@ -74,8 +77,8 @@ void bench_report_begin(const bench_config *cfg, const bench_report_info *info) 
            "ms\n\n");
   }
   const char *ref = is_gpu(cfg) ? "%copy" : "%floor";
-  printf("%-17s %-6s %-8s %-9s %4s %10s %7s %6s %11s %7s", "shape", "layout", "dtype", "pass",
-         "reps", "fused ms", "GB/s", ref, "unfused ms", "GB/s");
+  printf("%-17s %-6s %-8s %-11s %-9s %4s %10s %7s %6s %11s %7s", "shape", "layout", "dtype", "op",
+         "pass", "reps", "fused ms", "GB/s", ref, "unfused ms", "GB/s");
   if (is_gpu(cfg)) {
     printf(" %11s %7s", "spatial ms", "GB/s");
   } else {
@@ -122,10 +125,10 @@ void bench_report_row(const bench_config *cfg, const bench_report_info *info,
   const double speedup = have_ratio ? row->unfused.median_ms / row->fused.median_ms : NAN;
 
   if (cfg->csv) {
-    printf("%s,%lld,%lld,%lld,%lld,%s,%s,%s,%.0f", is_gpu(cfg) ? "cuda" : "cpu",
+    printf("%s,%lld,%lld,%lld,%lld,%s,%s,%s,%s,%.0f", is_gpu(cfg) ? "cuda" : "cpu",
            (long long)row->shape.n, (long long)row->shape.c, (long long)row->shape.h,
            (long long)row->shape.w, bench_layout_name(row->layout), bench_dtype_name(row->dtype),
-           bench_pass_name(row->pass), row->bytes);
+           fbn_operation_name(row->op), bench_pass_name(row->pass), row->bytes);
     if (isnan(ref_gbps)) {
       printf(",");
     } else {
@@ -159,8 +162,9 @@ void bench_report_row(const bench_config *cfg, const bench_report_info *info,
   char shape[64];
   snprintf(shape, sizeof shape, "(%lld,%lld,%lld,%lld)", (long long)row->shape.n,
            (long long)row->shape.c, (long long)row->shape.h, (long long)row->shape.w);
-  printf("%-17s %-6s %-8s %-9s %4d", shape, bench_layout_name(row->layout),
-         bench_dtype_name(row->dtype), bench_pass_name(row->pass), row->fused.reps);
+  printf("%-17s %-6s %-8s %-11s %-9s %4d", shape, bench_layout_name(row->layout),
+         bench_dtype_name(row->dtype), fbn_operation_name(row->op), bench_pass_name(row->pass),
+         row->fused.reps);
   print_ms_text(&row->fused, row->bytes, 10);
   if (row->fused.reps > 0 && !isnan(copy_frac)) {
     printf(" %5.1f%%", 100.0 * copy_frac);

@@ -1,9 +1,10 @@
 /*
- * fusedbn-bench: the unfused CPU baseline's sequence and its elementwise
- * passes (see bench_unfused_cpu.h); the BN step is bench_bn_plain.c.
+ * fusedbn-bench: the unfused CPU baselines' sequences and their elementwise
+ * passes (see bench_unfused_cpu.h); the BN step is fusedbn's BN alone.
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "bench_parallel.h"
 #include "bench_unfused_cpu.h"
@@ -54,80 +55,136 @@ BENCH_ELEMENTWISE(float, f32)
 BENCH_ELEMENTWISE(double, f64)
 #undef BENCH_ELEMENTWISE
 
-static double *alloc_channels(const bench_unfused_cpu *u, double value) {
-  const size_t count = (size_t)u->shape.c;
-  double *p = bench_alloc_touched(count * sizeof(double));
-  for (size_t i = 0; i < count; i++)
-    p[i] = value;
+static void *alloc_channels(const bench_unfused_cpu *u, double value) {
+  const int64_t c = u->shape.c;
+  void *p = bench_alloc_touched((size_t)c * fbn_dtype_size(u->param_dtype));
+  for (int64_t i = 0; i < c; i++) {
+    if (u->param_dtype == FBN_DTYPE_FLOAT64) {
+      ((double *)p)[i] = value;
+    } else {
+      ((float *)p)[i] = (float)value;
+    }
+  }
   return p;
 }
 
-void bench_unfused_cpu_init(bench_unfused_cpu *u, const bench_shape *shape, fbn_dtype dtype,
-                            fbn_layout layout, const bench_bn_step *bn) {
+static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
+
+/* One BN-alone op (statistics as given) with its workspace needs folded
+ * into u. */
+static int create_bn_op(bench_unfused_cpu *u, fbn_statistics statistics, fbn_op **out) {
+  fbn_op_desc od;
+  fbn_op_desc_init(&od);
+  od.num_features = u->shape.c;
+  od.dtype = u->desc.dtype;
+  od.param_dtype = u->param_dtype;
+  od.layout = u->desc.layout;
+  od.device = FBN_DEVICE_CPU;
+  od.operation = FBN_OPERATION_BN;
+  od.statistics = statistics;
+  fbn_status st = fbn_op_create(&od, out);
+  if (st != FBN_STATUS_SUCCESS) {
+    return bench_fail_status("fbn_op_create (BN alone)", st);
+  }
+  size_t fwd = 0, bwd = 0;
+  if ((st = fbn_op_forward_workspace_size(*out, &u->desc, &fwd)) != FBN_STATUS_SUCCESS ||
+      (st = fbn_op_backward_workspace_size(*out, &u->desc, &bwd)) != FBN_STATUS_SUCCESS) {
+    return bench_fail_status("fbn_op_*_workspace_size (BN alone)", st);
+  }
+  u->workspace_bytes = max_size(u->workspace_bytes, max_size(fwd, bwd));
+  return 0;
+}
+
+int bench_unfused_cpu_init(bench_unfused_cpu *u, const bench_shape *shape, fbn_dtype dtype,
+                           fbn_layout layout) {
+  memset(u, 0, sizeof *u);
   u->shape = *shape;
-  u->dtype = dtype;
-  u->layout = layout;
-  u->eps = 1e-5;
+  u->desc = fbn_tensor_desc_make(shape->n, shape->c, shape->h, shape->w, dtype, layout);
+  u->param_dtype = dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
   u->momentum = 0.1;
-  u->bn = bn;
+  int rc = create_bn_op(u, FBN_STATISTICS_BATCH, &u->train_op);
+  if (rc == 0) {
+    rc = create_bn_op(u, FBN_STATISTICS_RUNNING, &u->eval_op);
+  }
+  if (rc != 0) {
+    return rc;
+  }
+  const fbn_status st = fbn_op_saved_size(u->train_op, &u->desc, &u->saved_bytes);
+  if (st != FBN_STATUS_SUCCESS) {
+    return bench_fail_status("fbn_op_saved_size (BN alone)", st);
+  }
+  u->saved = bench_alloc_touched(u->saved_bytes);
+  u->workspace = u->workspace_bytes > 0 ? bench_alloc_touched(u->workspace_bytes) : NULL;
   u->weight = alloc_channels(u, 1.0);
   u->bias = alloc_channels(u, 0.0);
   u->running_mean = alloc_channels(u, 0.0);
   u->running_var = alloc_channels(u, 1.0);
-  u->save_mean = alloc_channels(u, 0.0);
-  u->save_invstd = alloc_channels(u, 1.0);
-  u->weight_grad = alloc_channels(u, 0.0);
-  u->bias_grad = alloc_channels(u, 0.0);
-  u->shift = alloc_channels(u, 0.0);
-  u->sum_a = alloc_channels(u, 0.0);
-  u->sum_b = alloc_channels(u, 0.0);
-  u->max_threads = bench_threads();
-  u->partial = bench_alloc_touched((size_t)u->max_threads * 2 * (size_t)shape->c * sizeof(double));
-  u->coef = bench_alloc_touched(3 * (size_t)shape->c * fbn_dtype_size(dtype));
+  u->dweight = alloc_channels(u, 0.0);
+  u->dbias = alloc_channels(u, 0.0);
+  return 0;
 }
 
 void bench_unfused_cpu_fini(bench_unfused_cpu *u) {
-  double *buffers[] = {u->weight,      u->bias,      u->running_mean, u->running_var,
-                       u->save_mean,   u->save_invstd, u->weight_grad, u->bias_grad,
-                       u->shift,       u->sum_a,     u->sum_b,        u->partial};
-  for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++)
+  void *buffers[] = {u->weight,  u->bias,  u->running_mean, u->running_var,
+                     u->dweight, u->dbias, u->saved,        u->workspace};
+  for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) {
     bench_free(buffers[i]);
-  bench_free(u->coef);
+  }
+  fbn_op_destroy(u->train_op);
+  fbn_op_destroy(u->eval_op);
+  memset(u, 0, sizeof *u);
 }
 
-/* y += addend, then y = ReLU(y): two passes. */
-static void add_then_relu(const bench_unfused_cpu *u, const void *addend, void *y) {
+fbn_status bench_unfused_cpu_bn_forward(bench_unfused_cpu *u, bool train, const void *x,
+                                        void *y) {
+  if (train) {
+    return fbn_op_forward(u->train_op, &u->desc, x, NULL, y, u->weight, u->bias,
+                          u->running_mean, u->running_var, u->momentum, u->saved, u->saved_bytes,
+                          u->workspace, u->workspace_bytes);
+  }
+  return fbn_op_forward(u->eval_op, &u->desc, x, NULL, y, u->weight, u->bias, u->running_mean,
+                        u->running_var, 0.0, NULL, 0, u->workspace, u->workspace_bytes);
+}
+
+fbn_status bench_unfused_cpu_bn_backward(bench_unfused_cpu *u, const void *x, const void *dy_bn,
+                                         void *dx) {
+  return fbn_op_backward(u->train_op, &u->desc, x, NULL, dy_bn, u->saved, u->saved_bytes,
+                         u->weight, u->bias, dx, NULL, u->dweight, u->dbias,
+                         FBN_PARAM_GRAD_ACCUMULATE, u->workspace, u->workspace_bytes);
+}
+
+fbn_status bench_unfused_cpu_forward(bench_unfused_cpu *u, fbn_operation op, bool train,
+                                     const void *x, const void *addend, void *y) {
+  const fbn_status st = bench_unfused_cpu_bn_forward(u, train, x, y);
+  if (st != FBN_STATUS_SUCCESS) {
+    return st;
+  }
   const int64_t numel = bench_shape_numel(&u->shape);
   const int nt = bench_parallel_threads(numel);
-  if (u->dtype == FBN_DTYPE_FLOAT32) {
-    BENCH_PARALLEL_RANGE(nt, numel, add_range_f32(y, addend, begin, end));
+  const bool add = op == FBN_OPERATION_BN_ADD_RELU;
+  if (u->desc.dtype == FBN_DTYPE_FLOAT32) {
+    if (add) {
+      BENCH_PARALLEL_RANGE(nt, numel, add_range_f32(y, addend, begin, end));
+    }
     BENCH_PARALLEL_RANGE(nt, numel, relu_range_f32(y, begin, end));
   } else {
-    BENCH_PARALLEL_RANGE(nt, numel, add_range_f64(y, addend, begin, end));
+    if (add) {
+      BENCH_PARALLEL_RANGE(nt, numel, add_range_f64(y, addend, begin, end));
+    }
     BENCH_PARALLEL_RANGE(nt, numel, relu_range_f64(y, begin, end));
   }
+  return FBN_STATUS_SUCCESS;
 }
 
-void bench_unfused_cpu_train_forward(bench_unfused_cpu *u, const void *x, const void *addend,
-                                     void *y) {
-  u->bn->train_forward(u, x, y);
-  add_then_relu(u, addend, y);
-}
-
-void bench_unfused_cpu_eval_forward(bench_unfused_cpu *u, const void *x, const void *addend,
-                                    void *y) {
-  u->bn->eval_forward(u, x, y);
-  add_then_relu(u, addend, y);
-}
-
-void bench_unfused_cpu_train_backward(bench_unfused_cpu *u, const void *x, const void *y,
-                                      const void *dy, void *dx, void *daddend) {
+fbn_status bench_unfused_cpu_backward(bench_unfused_cpu *u, const void *x, const void *y,
+                                      const void *dy, void *dx, void *g) {
   const int64_t numel = bench_shape_numel(&u->shape);
   const int nt = bench_parallel_threads(numel);
-  const bool stream = (size_t)numel * fbn_dtype_size(u->dtype) >= BENCH_STREAM_MIN;
-  if (u->dtype == FBN_DTYPE_FLOAT32)
-    BENCH_PARALLEL_RANGE(nt, numel, relu_backward_range_f32(y, dy, daddend, begin, end, stream));
-  else
-    BENCH_PARALLEL_RANGE(nt, numel, relu_backward_range_f64(y, dy, daddend, begin, end, stream));
-  u->bn->backward(u, x, daddend, dx);
+  const bool stream = (size_t)numel * fbn_dtype_size(u->desc.dtype) >= BENCH_STREAM_MIN;
+  if (u->desc.dtype == FBN_DTYPE_FLOAT32) {
+    BENCH_PARALLEL_RANGE(nt, numel, relu_backward_range_f32(y, dy, g, begin, end, stream));
+  } else {
+    BENCH_PARALLEL_RANGE(nt, numel, relu_backward_range_f64(y, dy, g, begin, end, stream));
+  }
+  return bench_unfused_cpu_bn_backward(u, x, g, dx);
 }

@@ -228,7 +228,14 @@ const char *bench_pass_name(bench_pass pass) {
   return "?";
 }
 
-int bench_pass_tensors(bench_pass pass) { return pass == BENCH_PASS_TRAIN_BWD ? 5 : 3; }
+int bench_pass_tensors(fbn_operation op, bench_pass pass) {
+  const int add = op == FBN_OPERATION_BN_ADD_RELU ? 1 : 0;
+  if (pass != BENCH_PASS_TRAIN_BWD) {
+    return 2 + add; /* x, (addend,) y */
+  }
+  /* x, dy, dx, (y: the ReLU's gate,) (daddend) */
+  return 3 + (op != FBN_OPERATION_BN ? 1 : 0) + add;
+}
 
 int bench_fail_status(const char *call, fbn_status status) {
   fprintf(stderr, "fusedbn-bench: %s failed: %s: %s\n", call, fbn_status_string(status),
