@@ -721,6 +721,11 @@ static size_t count_buffer_differences(const char *name, const fbn_module *got,
  * weight/bias gradients; then eval. Shapes and dtypes cover every path:
  * short rows, channel groups, NHWC blocks, threads, and the streamed float32
  * loops (pipelined NCHW, paired NHWC and short-row runs, the flat loop).
+ * NHWC on several threads (64Ki elements and more) sums each thread's
+ * chunks into its own partial sums, and threads take chunks as they come:
+ * two calls of one op may round the batch statistics differently there, so
+ * its training steps are compared within 1e-6 (float32) / 1e-12 (float64)
+ * of max |y|, |dx| and the buffers, and its eval step bit for bit.
  */
 static void test_cpu_fast_bn_relu_is_relu_of_bn_bit_for_bit(void **state) {
   (void)state;
@@ -761,12 +766,26 @@ static void test_cpu_fast_bn_relu_is_relu_of_bn_bit_for_bit(void **state) {
         assert_int_equal(fbn_saved_create(&sr), FBN_STATUS_SUCCESS);
         assert_int_equal(fbn_saved_create(&sb), FBN_STATUS_SUCCESS);
         const size_t numel = fbnt_desc_numel(&d);
+        const bool exact = d.layout == FBN_LAYOUT_NCHW || numel < 65536;
+        const double rtol = t ? 1e-12 : 1e-6;
         size_t bad = 0;
         for (int step = 0; step < 3; step++) {
           const bool eval = step == 2;
           if (eval) {
             assert_int_equal(fbn_module_set_training(relu, false), FBN_STATUS_SUCCESS);
             assert_int_equal(fbn_module_set_training(bn, false), FBN_STATUS_SUCCESS);
+            /* the same running statistics (within rtol only, where !exact) */
+            double *v = malloc((size_t)d.c * sizeof *v);
+            const fbn_buffer rs[] = {FBN_BUFFER_RUNNING_MEAN, FBN_BUFFER_RUNNING_VAR};
+            for (int b = 0; b < 2; b++) {
+              assert_int_equal(fbn_module_read_buffer(relu, rs[b], FBN_DTYPE_FLOAT64, v,
+                                                      (size_t)d.c),
+                               FBN_STATUS_SUCCESS);
+              assert_int_equal(fbn_module_write_buffer(bn, rs[b], FBN_DTYPE_FLOAT64, v,
+                                                       (size_t)d.c),
+                               FBN_STATUS_SUCCESS);
+            }
+            free(v);
           }
           fill_random(&rng, &d, x, 3.0);
           fill_random(&rng, &d, dy, 0.5);
@@ -782,8 +801,13 @@ static void test_cpu_fast_bn_relu_is_relu_of_bn_bit_for_bit(void **state) {
             fbnt_store(d.dtype, yb, i, v <= 0.0 ? 0.0 : v);
             fbnt_store(d.dtype, g, i, r <= 0.0 ? 0.0 : fbnt_load(d.dtype, dy, i));
           }
-          bad += count_bit_differences(name, "ReLU(BN(x)) vs BN + ReLU y", &d, yb, yr);
-          bad += count_buffer_differences(name, bn, relu);
+          if (exact || eval) {
+            bad += count_bit_differences(name, "ReLU(BN(x)) vs BN + ReLU y", &d, yb, yr);
+            bad += count_buffer_differences(name, bn, relu);
+          } else {
+            bad += !same_tensor(name, "ReLU(BN(x)) vs BN + ReLU y", &d, yb, yr, rtol, 0.0);
+            bad += !fbnt_check_modules_agree(name, bn, relu, rtol);
+          }
           if (eval)
             continue;
           fbnt_tensor_poison(&d, dxr);
@@ -792,9 +816,15 @@ static void test_cpu_fast_bn_relu_is_relu_of_bn_bit_for_bit(void **state) {
                            FBN_STATUS_SUCCESS);
           assert_int_equal(fbn_module_backward(bn, sb, &d, x, NULL, g, dxb, NULL, NULL, 0),
                            FBN_STATUS_SUCCESS);
-          bad += count_bit_differences(name, "BN backward of the ReLU's gradient vs BN + ReLU dx",
-                                       &d, dxb, dxr);
-          bad += count_buffer_differences(name, bn, relu);
+          if (exact) {
+            bad += count_bit_differences(name, "BN backward of the ReLU's gradient vs BN + ReLU dx",
+                                         &d, dxb, dxr);
+            bad += count_buffer_differences(name, bn, relu);
+          } else {
+            bad += !same_tensor(name, "BN backward of the ReLU's gradient vs BN + ReLU dx", &d, dxb,
+                                dxr, rtol, 0.0);
+            bad += !fbnt_check_modules_agree(name, bn, relu, rtol);
+          }
         }
         cases++;
         if (bad != 0) {
