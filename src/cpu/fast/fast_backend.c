@@ -32,10 +32,13 @@
  *
  * Degenerate channels take the exact path: a channel whose statistics or
  * coefficients are not finite (NaN or infinity in x, running stats or
- * parameters; a zero variance with eps = 0) or whose coefficients do not fit
- * the tensor's dtype is computed with the reference backend's arithmetic
- * (float64, same order of summation), so NaN and infinity come out exactly
- * where the reference puts them.
+ * parameters) or do not fit the tensor's dtype (a factor below its normal
+ * range, a mean so large that x - mean could overflow: fast_channel.h) is
+ * computed with the reference backend's arithmetic (float64, same order of
+ * summation), so NaN and infinity come out exactly where the reference puts
+ * them. Batch statistics alone are recomputed that way (the loops then
+ * normalize) when the shifted sums would cancel (a shift beyond 8 standard
+ * deviations of the mean) or the variance is 0 with eps = 0.
  *
  * Operations: the three take the same drivers and loops. BN alone (no ReLU)
  * runs them without the ReLU gate and without a mask (forward: y = v;
