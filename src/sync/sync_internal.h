@@ -1,6 +1,8 @@
 /*
  * Synchronized batch norm inside the API layer: what the split phases
- * (sync.c) share with the callback adapter (sync_comm.c). Never installed.
+ * (sync_check.c: checks and sizes, sync_forward.c, sync_backward.c) share
+ * with each other and with the callback adapter (sync_comm.c). Never
+ * installed.
  */
 #ifndef FUSEDBN_SRC_SYNC_SYNC_INTERNAL_H
 #define FUSEDBN_SRC_SYNC_SYNC_INTERNAL_H
@@ -25,6 +27,49 @@ static inline size_t fbn_sync_align(size_t x) {
   return (x + FBN_OP_MEMORY_ALIGNMENT - 1) / FBN_OP_MEMORY_ALIGNMENT * FBN_OP_MEMORY_ALIGNMENT;
 }
 
+/* Element i of a float32/float64 array. */
+static inline double fbn_sync_load(const void *p, fbn_dtype dtype, int64_t i) {
+  return dtype == FBN_DTYPE_FLOAT64 ? ((const double *)p)[i] : (double)((const float *)p)[i];
+}
+
+static inline void fbn_sync_store(void *p, fbn_dtype dtype, int64_t i, double v) {
+  if (dtype == FBN_DTYPE_FLOAT64)
+    ((double *)p)[i] = v;
+  else
+    ((float *)p)[i] = (float)v;
+}
+
+/* The op the backend runs for the apply phases: running-statistics mode
+ * (normalize with the given mean/variance), float64 per-channel arrays,
+ * always with weight and bias (1 and 0 for an op without affine). */
+static inline fbn_op_desc fbn_sync_apply_desc(const fbn_op *op) {
+  fbn_op_desc d = op->desc;
+  d.statistics = FBN_STATISTICS_RUNNING;
+  d.param_dtype = FBN_DTYPE_FLOAT64;
+  d.affine = true;
+  return d;
+}
+
+/* Bytes of a statistics record; doubles of a gradient record; bytes of one
+ * per-channel array of the op's param_dtype. */
+static inline size_t fbn_sync_stats_bytes(const fbn_op *op) {
+  return FBN_SYNC_HEADER_BYTES + 2 * (size_t)op->desc.num_features * sizeof(double);
+}
+
+static inline size_t fbn_sync_grad_count(const fbn_op *op) {
+  return FBN_SYNC_GRAD_HEAD + 2 * (size_t)op->desc.num_features;
+}
+
+/* Bytes of the float64 weight, bias and variance at the start of the
+ * workspace of the apply phases. */
+static inline size_t fbn_sync_param_bytes(const fbn_op *op) {
+  return fbn_sync_align(3 * (size_t)op->desc.num_features * sizeof(double));
+}
+
+static inline size_t fbn_sync_pbytes(const fbn_op *op) {
+  return (size_t)op->desc.num_features * fbn_dtype_size(op->desc.param_dtype);
+}
+
 /* The op can run the synchronized calls (batch statistics, a backend with
  * the sync hooks); messages name fn. */
 FBN_INTERNAL fbn_status fbn_sync_check_op(const char *fn, const fbn_op *op);
@@ -36,6 +81,24 @@ FBN_INTERNAL fbn_status fbn_sync_check_x_desc(const char *fn, const fbn_op *op,
 FBN_INTERNAL fbn_status fbn_sync_check_headers(const char *fn, const fbn_op *op,
                                                const void *records, int world_size,
                                                size_t stride, int64_t *total);
+/* Caller memory `name` of `have` bytes for a need of `need` (NULL only when
+ * need is 0), aligned to align: INSUFFICIENT_WORKSPACE otherwise. */
+FBN_INTERNAL fbn_status fbn_sync_check_memory(const char *fn, const char *name, const void *ptr,
+                                              size_t have, size_t need, size_t align);
+/* weight and bias: both for an affine op, neither otherwise. */
+FBN_INTERNAL fbn_status fbn_sync_check_affine(const char *fn, const fbn_op *op,
+                                              const void *weight, const void *bias);
+/* A tensor pointer of a shard: required unless the shard is empty. */
+FBN_INTERNAL fbn_status fbn_sync_check_tensor(const char *fn, const char *name, const void *p,
+                                              const fbn_tensor_desc *x);
+/* w64, b64 = the op's weight and bias as float64 (1 and 0 without affine). */
+FBN_INTERNAL void fbn_sync_params64(const fbn_op *op, const void *weight, const void *bias,
+                                    double *w64, double *b64);
+/* Saved bytes and workspace bytes (either may be NULL) of the apply phases
+ * for a checked shard. */
+FBN_INTERNAL fbn_status fbn_sync_sizes(const char *fn, const fbn_op *op,
+                                       const fbn_tensor_desc *x, size_t *saved,
+                                       size_t *workspace);
 /* Every check of fbn_sync_apply() (workspace of fbn_sync_workspace_size()). */
 FBN_INTERNAL fbn_status fbn_sync_apply_checks(const char *fn, const fbn_op *op,
                                               const fbn_tensor_desc *x_desc, const void *x,
