@@ -431,7 +431,7 @@ static void test_sync_split_phase_errors(void **state) {
   fbnt_rng_for_test(&rng, "split_phase_errors");
   for (int i = 0; i < 24; i++)
     x[i] = (float)fbnt_rng_normal(&rng);
-  double *recs = aligned_alloc(64, 2 * rb);
+  double *recs = aligned_alloc(64, (2 * rb + 63) / 64 * 64);
   assert_int_equal(fbn_sync_stats(op, &d, x, recs, rb), FBN_STATUS_SUCCESS);
   assert_int_equal(fbn_sync_stats(op, &d, x, (char *)recs + rb, rb), FBN_STATUS_SUCCESS);
   assert_int_equal(fbn_sync_stats(op, &d, NULL, recs, rb), FBN_STATUS_NULL_POINTER);
