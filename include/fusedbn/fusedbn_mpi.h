@@ -40,11 +40,10 @@ FBN_API fbn_status fbn_mpi_sync_forward(const fbn_op *op, MPI_Comm comm,
 FBN_API fbn_status fbn_mpi_sync_backward(const fbn_op *op, MPI_Comm comm,
                                          const fbn_tensor_desc *x_desc, const void *x,
                                          const void *y, const void *dy, const void *saved,
-                                         size_t saved_bytes, const void *weight,
-                                         const void *bias, void *dx, void *daddend,
-                                         void *dweight, void *dbias, fbn_param_grad param_grad,
-                                         fbn_sync_grad_scope scope, void *workspace,
-                                         size_t workspace_bytes);
+                                         size_t saved_bytes, const void *weight, const void *bias,
+                                         void *dx, void *daddend, void *dweight, void *dbias,
+                                         fbn_param_grad param_grad, fbn_sync_grad_scope scope,
+                                         void *workspace, size_t workspace_bytes);
 
 #ifdef __cplusplus
 }

@@ -126,10 +126,9 @@ FBN_API fbn_status fbn_sync_combine(const fbn_op *op, const void *records, int w
  *  variance; invstd = 1 / sqrt(var + eps)); saved (NULL: no backward) as
  *  sized by fbn_sync_saved_size().  Pointers as for fbn_op_forward(). */
 FBN_API fbn_status fbn_sync_apply(const fbn_op *op, const fbn_tensor_desc *x_desc, const void *x,
-                                  const void *addend, void *y, const void *weight,
-                                  const void *bias, const double *mean, const double *var,
-                                  void *saved, size_t saved_bytes, void *workspace,
-                                  size_t workspace_bytes);
+                                  const void *addend, void *y, const void *weight, const void *bias,
+                                  const double *mean, const double *var, void *saved,
+                                  size_t saved_bytes, void *workspace, size_t workspace_bytes);
 
 /* ---- backward, split phases --------------------------------------------- */
 
@@ -150,14 +149,11 @@ FBN_API fbn_status fbn_sync_backward_reduce(const fbn_op *op, const fbn_tensor_d
  *  summed, must be W * C: FBN_STATUS_SHAPE_MISMATCH otherwise).  dweight and
  *  dbias (each may be NULL) receive or are incremented by the global
  *  gradients. */
-FBN_API fbn_status fbn_sync_backward_apply(const fbn_op *op, const fbn_tensor_desc *x_desc,
-                                           const void *x, const void *y, const void *dy,
-                                           const void *saved, size_t saved_bytes,
-                                           const void *weight, const void *bias,
-                                           const double *grad_record, size_t grad_record_bytes,
-                                           void *dx, void *daddend, void *dweight, void *dbias,
-                                           fbn_param_grad param_grad, void *workspace,
-                                           size_t workspace_bytes);
+FBN_API fbn_status fbn_sync_backward_apply(
+    const fbn_op *op, const fbn_tensor_desc *x_desc, const void *x, const void *y, const void *dy,
+    const void *saved, size_t saved_bytes, const void *weight, const void *bias,
+    const double *grad_record, size_t grad_record_bytes, void *dx, void *daddend, void *dweight,
+    void *dbias, fbn_param_grad param_grad, void *workspace, size_t workspace_bytes);
 
 /* ---- callback adapter --------------------------------------------------- */
 
@@ -205,8 +201,8 @@ FBN_API fbn_status fbn_sync_forward(const fbn_op *op, const fbn_sync_comm *comm,
                                     const fbn_tensor_desc *x_desc, const void *x,
                                     const void *addend, void *y, const void *weight,
                                     const void *bias, void *running_mean, void *running_var,
-                                    double factor, void *saved, size_t saved_bytes,
-                                    void *workspace, size_t workspace_bytes);
+                                    double factor, void *saved, size_t saved_bytes, void *workspace,
+                                    size_t workspace_bytes);
 
 /** The synchronized backward of the fbn_sync_forward() that filled saved:
  *  reduce, all-reduce through comm, apply; dweight/dbias as scope says,
@@ -214,10 +210,10 @@ FBN_API fbn_status fbn_sync_forward(const fbn_op *op, const fbn_sync_comm *comm,
 FBN_API fbn_status fbn_sync_backward(const fbn_op *op, const fbn_sync_comm *comm,
                                      const fbn_tensor_desc *x_desc, const void *x, const void *y,
                                      const void *dy, const void *saved, size_t saved_bytes,
-                                     const void *weight, const void *bias, void *dx,
-                                     void *daddend, void *dweight, void *dbias,
-                                     fbn_param_grad param_grad, fbn_sync_grad_scope scope,
-                                     void *workspace, size_t workspace_bytes);
+                                     const void *weight, const void *bias, void *dx, void *daddend,
+                                     void *dweight, void *dbias, fbn_param_grad param_grad,
+                                     fbn_sync_grad_scope scope, void *workspace,
+                                     size_t workspace_bytes);
 
 #ifdef __cplusplus
 }

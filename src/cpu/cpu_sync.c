@@ -25,7 +25,7 @@ static inline bool parallel_worth(const fbn_tensor_desc *d) {
 }
 
 static fbn_status cpu_sync_stats(const fbn_op_desc *op, void *state, const fbn_tensor_desc *d,
-                          const void *x, double *mean_out, double *m2_out) {
+                                 const void *x, double *mean_out, double *m2_out) {
   (void)op;
   (void)state;
   const fbn_dtype dt = d->dtype;
@@ -92,13 +92,13 @@ static fbn_status sync_backward_apply(const fbn_bk_backward_args *a, const doubl
 }
 
 static fbn_status ref_sync_backward_apply(const fbn_bk_backward_args *a, const double *sum_g,
-                                           const double *sum_gxhat, int64_t total_count) {
+                                          const double *sum_gxhat, int64_t total_count) {
   fbn_status st = fbn_cpu_saved_check(a->saved, fbn_backend_cpu_reference(), a->op, a->desc);
   return st == FBN_STATUS_SUCCESS ? sync_backward_apply(a, sum_g, sum_gxhat, total_count) : st;
 }
 
 static fbn_status fast_sync_backward_apply(const fbn_bk_backward_args *a, const double *sum_g,
-                                            const double *sum_gxhat, int64_t total_count) {
+                                           const double *sum_gxhat, int64_t total_count) {
   fbn_status st = fbn_cpu_saved_check(a->saved, fbn_backend_cpu_fast(), a->op, a->desc);
   return st == FBN_STATUS_SUCCESS ? sync_backward_apply(a, sum_g, sum_gxhat, total_count) : st;
 }

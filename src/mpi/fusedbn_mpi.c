@@ -29,9 +29,9 @@ static fbn_status mpi_allgather(void *context, const void *send, void *recv, siz
     snprintf(error, error_size, "MPI_Allgather of %zu bytes: more than INT_MAX", bytes);
     return FBN_STATUS_INVALID_VALUE;
   }
-  const int rc =
-      MPI_Allgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, m->comm);
-  return rc == MPI_SUCCESS ? FBN_STATUS_SUCCESS : mpi_failed("MPI_Allgather", rc, error, error_size);
+  const int rc = MPI_Allgather(send, (int)bytes, MPI_BYTE, recv, (int)bytes, MPI_BYTE, m->comm);
+  return rc == MPI_SUCCESS ? FBN_STATUS_SUCCESS
+                           : mpi_failed("MPI_Allgather", rc, error, error_size);
 }
 
 static fbn_status mpi_allreduce_sum(void *context, double *data, size_t count, char *error,
@@ -42,7 +42,8 @@ static fbn_status mpi_allreduce_sum(void *context, double *data, size_t count, c
     return FBN_STATUS_INVALID_VALUE;
   }
   const int rc = MPI_Allreduce(MPI_IN_PLACE, data, (int)count, MPI_DOUBLE, MPI_SUM, m->comm);
-  return rc == MPI_SUCCESS ? FBN_STATUS_SUCCESS : mpi_failed("MPI_Allreduce", rc, error, error_size);
+  return rc == MPI_SUCCESS ? FBN_STATUS_SUCCESS
+                           : mpi_failed("MPI_Allreduce", rc, error, error_size);
 }
 
 /* The callback table of comm; FBN_STATUS_DEVICE_ERROR when MPI can't say
@@ -71,8 +72,8 @@ typedef struct fbn_mpi_failure {
   const char *text;
 } fbn_mpi_failure;
 
-static fbn_status mpi_report(void *context, const void *send, void *recv, size_t bytes,
-                             char *error, size_t error_size) {
+static fbn_status mpi_report(void *context, const void *send, void *recv, size_t bytes, char *error,
+                             size_t error_size) {
   (void)send;
   (void)recv;
   (void)bytes;
@@ -110,14 +111,14 @@ fbn_status fbn_mpi_sync_forward(const fbn_op *op, MPI_Comm comm, const fbn_tenso
   fbn_mpi_failure failure = {st, error};
   if (st != FBN_STATUS_SUCCESS) /* reported by the first collective */
     table = (fbn_sync_comm){1, 0, &failure, mpi_report, mpi_report_reduce};
-  return fbn_sync_forward(op, &table, x_desc, x, addend, y, weight, bias, running_mean,
-                          running_var, factor, saved, saved_bytes, workspace, workspace_bytes);
+  return fbn_sync_forward(op, &table, x_desc, x, addend, y, weight, bias, running_mean, running_var,
+                          factor, saved, saved_bytes, workspace, workspace_bytes);
 }
 
 fbn_status fbn_mpi_sync_backward(const fbn_op *op, MPI_Comm comm, const fbn_tensor_desc *x_desc,
                                  const void *x, const void *y, const void *dy, const void *saved,
-                                 size_t saved_bytes, const void *weight, const void *bias,
-                                 void *dx, void *daddend, void *dweight, void *dbias,
+                                 size_t saved_bytes, const void *weight, const void *bias, void *dx,
+                                 void *daddend, void *dweight, void *dbias,
                                  fbn_param_grad param_grad, fbn_sync_grad_scope scope,
                                  void *workspace, size_t workspace_bytes) {
   fbn_mpi_context ctx = {comm};
@@ -128,6 +129,5 @@ fbn_status fbn_mpi_sync_backward(const fbn_op *op, MPI_Comm comm, const fbn_tens
   if (st != FBN_STATUS_SUCCESS)
     table = (fbn_sync_comm){1, 0, &failure, mpi_report, mpi_report_reduce};
   return fbn_sync_backward(op, &table, x_desc, x, y, dy, saved, saved_bytes, weight, bias, dx,
-                           daddend, dweight, dbias, param_grad, scope, workspace,
-                           workspace_bytes);
+                           daddend, dweight, dbias, param_grad, scope, workspace, workspace_bytes);
 }

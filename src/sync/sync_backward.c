@@ -12,11 +12,10 @@
 
 /* ---- backward ----------------------------------------------------------- */
 
-fbn_status fbn_sync_backward_checks(const char *fn, const fbn_op *op,
-                                    const fbn_tensor_desc *x_desc, const void *x, const void *y,
-                                    const void *dy, const void *saved, size_t saved_bytes,
-                                    const void *weight, const void *bias, void *dx,
-                                    void *daddend, void *dweight, void *dbias,
+fbn_status fbn_sync_backward_checks(const char *fn, const fbn_op *op, const fbn_tensor_desc *x_desc,
+                                    const void *x, const void *y, const void *dy, const void *saved,
+                                    size_t saved_bytes, const void *weight, const void *bias,
+                                    void *dx, void *daddend, void *dweight, void *dbias,
                                     fbn_param_grad param_grad, const void *workspace,
                                     size_t workspace_bytes) {
   fbn_status st = fbn_sync_check_op(fn, op);
@@ -40,9 +39,8 @@ fbn_status fbn_sync_backward_checks(const char *fn, const fbn_op *op,
                      "%s: daddend = %p: operation %s has no addend (pass NULL)", fn, daddend,
                      fbn_operation_name(o->operation));
   if (!o->affine && (dweight != NULL || dbias != NULL))
-    return fbn_error(FBN_STATUS_INVALID_VALUE,
-                     "%s: %s = %p: the op has affine = false (pass NULL)", fn,
-                     dweight != NULL ? "dweight" : "dbias", dweight != NULL ? dweight : dbias);
+    return fbn_error(FBN_STATUS_INVALID_VALUE, "%s: %s = %p: the op has affine = false (pass NULL)",
+                     fn, dweight != NULL ? "dweight" : "dbias", dweight != NULL ? dweight : dbias);
   if (param_grad != FBN_PARAM_GRAD_OVERWRITE && param_grad != FBN_PARAM_GRAD_ACCUMULATE)
     return fbn_error(FBN_STATUS_INVALID_VALUE,
                      "%s: param_grad = %d: must be FBN_PARAM_GRAD_OVERWRITE or "
@@ -51,10 +49,11 @@ fbn_status fbn_sync_backward_checks(const char *fn, const fbn_op *op,
   size_t need_saved = 0, need_ws = 0;
   st = fbn_sync_sizes(fn, op, x_desc, &need_saved, &need_ws);
   if (st == FBN_STATUS_SUCCESS && x_desc->n > 0)
-    st = fbn_sync_check_memory(fn, "saved", saved, saved_bytes, need_saved, FBN_OP_MEMORY_ALIGNMENT);
+    st =
+        fbn_sync_check_memory(fn, "saved", saved, saved_bytes, need_saved, FBN_OP_MEMORY_ALIGNMENT);
   if (st == FBN_STATUS_SUCCESS)
     st = fbn_sync_check_memory(fn, "workspace", workspace, workspace_bytes, need_ws,
-                           FBN_OP_MEMORY_ALIGNMENT);
+                               FBN_OP_MEMORY_ALIGNMENT);
   if (st != FBN_STATUS_SUCCESS)
     return st;
   const size_t bytes = x_desc->n > 0 ? fbn_desc_bytes(x_desc) : 0;
@@ -85,7 +84,8 @@ void fbn_sync_store_param_grads(const fbn_op *op, const double *rec, void *dweig
   const double *sum_g = rec + FBN_SYNC_GRAD_HEAD, *sum_gxhat = sum_g + c_;
   for (int64_t c = 0; c < c_; c++) {
     if (dweight != NULL)
-      fbn_sync_store(dweight, pt, c, accumulate ? fbn_sync_load(dweight, pt, c) + sum_gxhat[c] : sum_gxhat[c]);
+      fbn_sync_store(dweight, pt, c,
+                     accumulate ? fbn_sync_load(dweight, pt, c) + sum_gxhat[c] : sum_gxhat[c]);
     if (dbias != NULL)
       fbn_sync_store(dbias, pt, c, accumulate ? fbn_sync_load(dbias, pt, c) + sum_g[c] : sum_g[c]);
   }
@@ -95,22 +95,21 @@ static fbn_status sync_check_grad_record(const char *fn, const fbn_op *op, const
                                          size_t rec_bytes) {
   if (rec == NULL)
     return fbn_error(FBN_STATUS_NULL_POINTER, "%s: grad_record is NULL", fn);
-  return fbn_sync_check_memory(fn, "grad_record", rec, rec_bytes, fbn_sync_grad_count(op) * sizeof(double),
-                           sizeof(double));
+  return fbn_sync_check_memory(fn, "grad_record", rec, rec_bytes,
+                               fbn_sync_grad_count(op) * sizeof(double), sizeof(double));
 }
 
-fbn_status fbn_sync_backward_reduce(const fbn_op *op, const fbn_tensor_desc *x_desc,
-                                    const void *x, const void *y, const void *dy,
-                                    const void *saved, size_t saved_bytes, const void *weight,
-                                    const void *bias, double *grad_record,
-                                    size_t grad_record_bytes, void *dweight, void *dbias,
-                                    fbn_param_grad param_grad, void *workspace,
+fbn_status fbn_sync_backward_reduce(const fbn_op *op, const fbn_tensor_desc *x_desc, const void *x,
+                                    const void *y, const void *dy, const void *saved,
+                                    size_t saved_bytes, const void *weight, const void *bias,
+                                    double *grad_record, size_t grad_record_bytes, void *dweight,
+                                    void *dbias, fbn_param_grad param_grad, void *workspace,
                                     size_t workspace_bytes) {
   static const char fn[] = "fbn_sync_backward_reduce";
   fbn_clear_error();
-  fbn_status st = fbn_sync_backward_checks(fn, op, x_desc, x, y, dy, saved, saved_bytes, weight,
-                                           bias, NULL, NULL, dweight, dbias, param_grad,
-                                           workspace, workspace_bytes);
+  fbn_status st =
+      fbn_sync_backward_checks(fn, op, x_desc, x, y, dy, saved, saved_bytes, weight, bias, NULL,
+                               NULL, dweight, dbias, param_grad, workspace, workspace_bytes);
   if (st == FBN_STATUS_SUCCESS)
     st = sync_check_grad_record(fn, op, grad_record, grad_record_bytes);
   if (st != FBN_STATUS_SUCCESS)
@@ -119,9 +118,12 @@ fbn_status fbn_sync_backward_reduce(const fbn_op *op, const fbn_tensor_desc *x_d
   const size_t rec_bytes = fbn_sync_grad_count(op) * sizeof(double);
   const size_t pbytes = fbn_sync_pbytes(op);
   const size_t bytes = x_desc->n > 0 ? fbn_desc_bytes(x_desc) : 0;
-  const fbn_span_check others[] = {{x, bytes, "x"},           {y, bytes, "y"},
-                                   {dy, bytes, "dy"},         {saved, saved_bytes, "saved"},
-                                   {dweight, pbytes, "dweight"}, {dbias, pbytes, "dbias"},
+  const fbn_span_check others[] = {{x, bytes, "x"},
+                                   {y, bytes, "y"},
+                                   {dy, bytes, "dy"},
+                                   {saved, saved_bytes, "saved"},
+                                   {dweight, pbytes, "dweight"},
+                                   {dbias, pbytes, "dbias"},
                                    {workspace, workspace_bytes, "workspace"}};
   for (size_t j = 0; j < sizeof others / sizeof others[0]; j++)
     if (fbn_overlap(grad_record, rec_bytes, others[j].ptr, others[j].bytes))
@@ -169,18 +171,18 @@ fbn_status fbn_sync_backward_reduce(const fbn_op *op, const fbn_tensor_desc *x_d
   return FBN_STATUS_SUCCESS;
 }
 
-fbn_status fbn_sync_backward_apply(const fbn_op *op, const fbn_tensor_desc *x_desc,
-                                   const void *x, const void *y, const void *dy,
-                                   const void *saved, size_t saved_bytes, const void *weight,
-                                   const void *bias, const double *grad_record,
-                                   size_t grad_record_bytes, void *dx, void *daddend,
-                                   void *dweight, void *dbias, fbn_param_grad param_grad,
-                                   void *workspace, size_t workspace_bytes) {
+fbn_status fbn_sync_backward_apply(const fbn_op *op, const fbn_tensor_desc *x_desc, const void *x,
+                                   const void *y, const void *dy, const void *saved,
+                                   size_t saved_bytes, const void *weight, const void *bias,
+                                   const double *grad_record, size_t grad_record_bytes, void *dx,
+                                   void *daddend, void *dweight, void *dbias,
+                                   fbn_param_grad param_grad, void *workspace,
+                                   size_t workspace_bytes) {
   static const char fn[] = "fbn_sync_backward_apply";
   fbn_clear_error();
-  fbn_status st = fbn_sync_backward_checks(fn, op, x_desc, x, y, dy, saved, saved_bytes, weight,
-                                           bias, dx, daddend, dweight, dbias, param_grad,
-                                           workspace, workspace_bytes);
+  fbn_status st =
+      fbn_sync_backward_checks(fn, op, x_desc, x, y, dy, saved, saved_bytes, weight, bias, dx,
+                               daddend, dweight, dbias, param_grad, workspace, workspace_bytes);
   if (st == FBN_STATUS_SUCCESS)
     st = sync_check_grad_record(fn, op, grad_record, grad_record_bytes);
   if (st != FBN_STATUS_SUCCESS)
@@ -229,7 +231,8 @@ fbn_status fbn_sync_backward_apply(const fbn_op *op, const fbn_tensor_desc *x_de
         .daddend = daddend,
         .exec = NULL,
     };
-    st = fbn_backend_sync_hooks(op->backend)->backward_apply(&args, sum_g, sum_gxhat, (int64_t)total);
+    st = fbn_backend_sync_hooks(op->backend)
+             ->backward_apply(&args, sum_g, sum_gxhat, (int64_t)total);
     if (st != FBN_STATUS_SUCCESS)
       return fbn_error_prefix(st, fn);
   }

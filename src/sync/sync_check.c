@@ -53,8 +53,8 @@ fbn_status fbn_sync_check_x_desc(const char *fn, const fbn_op *op, const fbn_ten
   return FBN_STATUS_SUCCESS;
 }
 
-fbn_status fbn_sync_check_memory(const char *fn, const char *name, const void *ptr,
-                                    size_t have, size_t need, size_t align) {
+fbn_status fbn_sync_check_memory(const char *fn, const char *name, const void *ptr, size_t have,
+                                 size_t need, size_t align) {
   if (ptr == NULL) {
     if (need == 0)
       return FBN_STATUS_SUCCESS;
@@ -72,22 +72,21 @@ fbn_status fbn_sync_check_memory(const char *fn, const char *name, const void *p
 }
 
 fbn_status fbn_sync_check_affine(const char *fn, const fbn_op *op, const void *weight,
-                                    const void *bias) {
+                                 const void *bias) {
   const bool affine = op->desc.affine;
   if (affine && (weight == NULL || bias == NULL))
     return fbn_error(FBN_STATUS_NULL_POINTER, "%s: %s is NULL: an affine op needs it", fn,
                      weight == NULL ? "weight" : "bias");
   if (!affine && (weight != NULL || bias != NULL))
-    return fbn_error(FBN_STATUS_INVALID_VALUE,
-                     "%s: %s = %p: the op has affine = false (pass NULL)", fn,
-                     weight != NULL ? "weight" : "bias", weight != NULL ? weight : bias);
+    return fbn_error(FBN_STATUS_INVALID_VALUE, "%s: %s = %p: the op has affine = false (pass NULL)",
+                     fn, weight != NULL ? "weight" : "bias", weight != NULL ? weight : bias);
   return FBN_STATUS_SUCCESS;
 }
 
 /* A tensor pointer of a shard: required unless the shard is empty. */
 
 fbn_status fbn_sync_check_tensor(const char *fn, const char *name, const void *p,
-                                    const fbn_tensor_desc *x) {
+                                 const fbn_tensor_desc *x) {
   if (p == NULL && x->n > 0)
     return fbn_error(FBN_STATUS_NULL_POINTER, "%s: %s is NULL (N = %lld)", fn, name,
                      (long long)x->n);
@@ -97,7 +96,7 @@ fbn_status fbn_sync_check_tensor(const char *fn, const char *name, const void *p
 /* Float64 weight and bias for the backend at the start of the workspace. */
 
 void fbn_sync_params64(const fbn_op *op, const void *weight, const void *bias, double *w64,
-                          double *b64) {
+                       double *b64) {
   const int64_t c_ = op->desc.num_features;
   for (int64_t c = 0; c < c_; c++) {
     w64[c] = op->desc.affine ? fbn_sync_load(weight, op->desc.param_dtype, c) : 1.0;
@@ -132,8 +131,8 @@ fbn_status fbn_sync_grad_record_size(const fbn_op *op, size_t *bytes) {
 }
 
 /* Backend saved bytes / workspace bytes for a checked shard. */
-fbn_status fbn_sync_sizes(const char *fn, const fbn_op *op, const fbn_tensor_desc *x,
-                             size_t *saved, size_t *workspace) {
+fbn_status fbn_sync_sizes(const char *fn, const fbn_op *op, const fbn_tensor_desc *x, size_t *saved,
+                          size_t *workspace) {
   const fbn_op_desc ad = fbn_sync_apply_desc(op);
   size_t s = FBN_OP_MEMORY_ALIGNMENT, wf = 0, wb = 0;
   fbn_status st = FBN_STATUS_SUCCESS;
@@ -174,7 +173,6 @@ fbn_status fbn_sync_saved_size(const fbn_op *op, const fbn_tensor_desc *x_desc, 
   return sync_size_query("fbn_sync_saved_size", op, x_desc, true, bytes);
 }
 
-fbn_status fbn_sync_workspace_size(const fbn_op *op, const fbn_tensor_desc *x_desc,
-                                   size_t *bytes) {
+fbn_status fbn_sync_workspace_size(const fbn_op *op, const fbn_tensor_desc *x_desc, size_t *bytes) {
   return sync_size_query("fbn_sync_workspace_size", op, x_desc, false, bytes);
 }

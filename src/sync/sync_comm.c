@@ -40,8 +40,8 @@ static fbn_status sync_callback_failed(const char *fn, const char *which, fbn_st
   error[FBN_SYNC_ERROR_BYTES - 1] = '\0';
   if (st == FBN_STATUS_SUCCESS)
     st = FBN_STATUS_DEVICE_ERROR;
-  return fbn_error(st, "%s: the %s callback failed with %s: %s", fn, which,
-                   fbn_status_string(st), error[0] != '\0' ? error : "(no message)");
+  return fbn_error(st, "%s: the %s callback failed with %s: %s", fn, which, fbn_status_string(st),
+                   error[0] != '\0' ? error : "(no message)");
 }
 
 typedef struct sync_fwd_layout {
@@ -97,8 +97,7 @@ fbn_status fbn_sync_comm_workspace_size(const fbn_op *op, const fbn_tensor_desc 
   if (st != FBN_STATUS_SUCCESS)
     return st;
   if (world_size < 1)
-    return fbn_error(FBN_STATUS_INVALID_VALUE, "%s: world_size = %d: must be >= 1", fn,
-                     world_size);
+    return fbn_error(FBN_STATUS_INVALID_VALUE, "%s: world_size = %d: must be >= 1", fn, world_size);
   if (bytes == NULL)
     return fbn_error(FBN_STATUS_NULL_POINTER, "%s: bytes is NULL", fn);
   sync_fwd_layout f;
@@ -123,8 +122,9 @@ static fbn_status sync_check_ws(const char *fn, const void *ws, size_t have, siz
                      "%zu bytes (fbn_sync_comm_workspace_size)",
                      fn, have, need);
   if ((uintptr_t)ws % FBN_OP_MEMORY_ALIGNMENT != 0)
-    return fbn_error(FBN_STATUS_INSUFFICIENT_WORKSPACE, "%s: workspace = %p: must be aligned to %d bytes",
-                     fn, ws, FBN_OP_MEMORY_ALIGNMENT);
+    return fbn_error(FBN_STATUS_INSUFFICIENT_WORKSPACE,
+                     "%s: workspace = %p: must be aligned to %d bytes", fn, ws,
+                     FBN_OP_MEMORY_ALIGNMENT);
   return FBN_STATUS_SUCCESS;
 }
 
@@ -199,8 +199,8 @@ fbn_status fbn_sync_forward(const fbn_op *op, const fbn_sync_comm *comm,
   st = fbn_sync_check_headers(fn, op, ws + l.headers, w, FBN_SYNC_HEADER_BYTES, &total);
   if (st != FBN_STATUS_SUCCESS)
     return st;
-  st = comm->allgather(comm->context, ws + l.record, ws + l.records, rec_bytes, error,
-                       sizeof error);
+  st =
+      comm->allgather(comm->context, ws + l.record, ws + l.records, rec_bytes, error, sizeof error);
   if (st != FBN_STATUS_SUCCESS)
     return sync_callback_failed(fn, "allgather", st, error);
   st = fbn_sync_check_headers(fn, op, ws + l.records, w, rec_bytes, &total);
@@ -216,8 +216,8 @@ fbn_status fbn_sync_forward(const fbn_op *op, const fbn_sync_comm *comm,
     memcpy(rv, running_var, pbytes);
   }
   fbn_sync_combine_run(op, ws + l.records, w, rec_bytes, total, mean, var, rm, rv, factor);
-  st = fbn_sync_apply_run(fn, op, x_desc, x, addend, y, weight, bias, mean, var, saved,
-                          saved_bytes, ws + l.apply, workspace_bytes - l.apply);
+  st = fbn_sync_apply_run(fn, op, x_desc, x, addend, y, weight, bias, mean, var, saved, saved_bytes,
+                          ws + l.apply, workspace_bytes - l.apply);
   if (st != FBN_STATUS_SUCCESS)
     return st;
   if (running_mean != NULL) {
@@ -232,8 +232,7 @@ fbn_status fbn_sync_backward(const fbn_op *op, const fbn_sync_comm *comm,
                              const void *dy, const void *saved, size_t saved_bytes,
                              const void *weight, const void *bias, void *dx, void *daddend,
                              void *dweight, void *dbias, fbn_param_grad param_grad,
-                             fbn_sync_grad_scope scope, void *workspace,
-                             size_t workspace_bytes) {
+                             fbn_sync_grad_scope scope, void *workspace, size_t workspace_bytes) {
   static const char fn[] = "fbn_sync_backward";
   fbn_clear_error();
   fbn_status st = fbn_sync_check_op(fn, op);

@@ -42,10 +42,11 @@ fbn_status fbn_sync_stats(const fbn_op *op, const fbn_tensor_desc *x_desc, const
   if (record == NULL)
     return fbn_error(FBN_STATUS_NULL_POINTER, "%s: record is NULL", fn);
   st = fbn_sync_check_memory(fn, "record", record, record_bytes, fbn_sync_stats_bytes(op),
-                         sizeof(double));
+                             sizeof(double));
   if (st != FBN_STATUS_SUCCESS)
     return st;
-  if (x != NULL && fbn_overlap(record, fbn_sync_stats_bytes(op), x, x_desc->n > 0 ? fbn_desc_bytes(x_desc) : 0))
+  if (x != NULL &&
+      fbn_overlap(record, fbn_sync_stats_bytes(op), x, x_desc->n > 0 ? fbn_desc_bytes(x_desc) : 0))
     return fbn_error(FBN_STATUS_ALIASING, "%s: record overlaps x", fn);
 
   const int64_t c_ = op->desc.num_features;
@@ -144,8 +145,9 @@ void fbn_sync_combine_run(const fbn_op *op, const void *records, int world_size,
     if (running_mean != NULL) {
       const double unbiased = m2 / (double)(total - 1);
       fbn_sync_store(running_mean, pt, c,
-            fbn_bn_running_update(fbn_sync_load(running_mean, pt, c), factor, mean));
-      fbn_sync_store(running_var, pt, c, fbn_bn_running_update(fbn_sync_load(running_var, pt, c), factor, unbiased));
+                     fbn_bn_running_update(fbn_sync_load(running_mean, pt, c), factor, mean));
+      fbn_sync_store(running_var, pt, c,
+                     fbn_bn_running_update(fbn_sync_load(running_var, pt, c), factor, unbiased));
     }
   }
 }
@@ -163,8 +165,7 @@ fbn_status fbn_sync_combine(const fbn_op *op, const void *records, int world_siz
   if (mean == NULL || var == NULL)
     return fbn_error(FBN_STATUS_NULL_POINTER, "%s: %s is NULL", fn, mean == NULL ? "mean" : "var");
   if (world_size < 1)
-    return fbn_error(FBN_STATUS_INVALID_VALUE, "%s: world_size = %d: must be >= 1", fn,
-                     world_size);
+    return fbn_error(FBN_STATUS_INVALID_VALUE, "%s: world_size = %d: must be >= 1", fn, world_size);
   if (record_bytes < fbn_sync_stats_bytes(op) || record_bytes % sizeof(double) != 0)
     return fbn_error(FBN_STATUS_INVALID_VALUE,
                      "%s: record_bytes = %zu: must be a multiple of 8 and at least %zu "
@@ -231,10 +232,11 @@ fbn_status fbn_sync_apply_checks(const char *fn, const fbn_op *op, const fbn_ten
   size_t need_saved = 0, need_ws = 0;
   st = fbn_sync_sizes(fn, op, x_desc, &need_saved, &need_ws);
   if (st == FBN_STATUS_SUCCESS && saved != NULL)
-    st = fbn_sync_check_memory(fn, "saved", saved, saved_bytes, need_saved, FBN_OP_MEMORY_ALIGNMENT);
+    st =
+        fbn_sync_check_memory(fn, "saved", saved, saved_bytes, need_saved, FBN_OP_MEMORY_ALIGNMENT);
   if (st == FBN_STATUS_SUCCESS)
     st = fbn_sync_check_memory(fn, "workspace", workspace, workspace_bytes, need_ws,
-                           FBN_OP_MEMORY_ALIGNMENT);
+                               FBN_OP_MEMORY_ALIGNMENT);
   if (st != FBN_STATUS_SUCCESS)
     return st;
   const size_t bytes = x_desc->n > 0 ? fbn_desc_bytes(x_desc) : 0;
@@ -256,9 +258,8 @@ fbn_status fbn_sync_apply_checks(const char *fn, const fbn_op *op, const fbn_ten
 
 fbn_status fbn_sync_apply_run(const char *fn, const fbn_op *op, const fbn_tensor_desc *x_desc,
                               const void *x, const void *addend, void *y, const void *weight,
-                              const void *bias, const double *mean, const double *var,
-                              void *saved, size_t saved_bytes, void *workspace,
-                              size_t workspace_bytes) {
+                              const void *bias, const double *mean, const double *var, void *saved,
+                              size_t saved_bytes, void *workspace, size_t workspace_bytes) {
   if (x_desc->n == 0)
     return FBN_STATUS_SUCCESS;
   const fbn_op_desc ad = fbn_sync_apply_desc(op);

@@ -79,15 +79,15 @@ FBN_INTERNAL fbn_status fbn_sync_check_x_desc(const char *fn, const fbn_op *op,
 /* The check headers of world_size records, stride bytes apart, against
  * the op: the status of fbn_sync_combine(); *total the summed count. */
 FBN_INTERNAL fbn_status fbn_sync_check_headers(const char *fn, const fbn_op *op,
-                                               const void *records, int world_size,
-                                               size_t stride, int64_t *total);
+                                               const void *records, int world_size, size_t stride,
+                                               int64_t *total);
 /* Caller memory `name` of `have` bytes for a need of `need` (NULL only when
  * need is 0), aligned to align: INSUFFICIENT_WORKSPACE otherwise. */
 FBN_INTERNAL fbn_status fbn_sync_check_memory(const char *fn, const char *name, const void *ptr,
                                               size_t have, size_t need, size_t align);
 /* weight and bias: both for an affine op, neither otherwise. */
-FBN_INTERNAL fbn_status fbn_sync_check_affine(const char *fn, const fbn_op *op,
-                                              const void *weight, const void *bias);
+FBN_INTERNAL fbn_status fbn_sync_check_affine(const char *fn, const fbn_op *op, const void *weight,
+                                              const void *bias);
 /* A tensor pointer of a shard: required unless the shard is empty. */
 FBN_INTERNAL fbn_status fbn_sync_check_tensor(const char *fn, const char *name, const void *p,
                                               const fbn_tensor_desc *x);
@@ -96,23 +96,22 @@ FBN_INTERNAL void fbn_sync_params64(const fbn_op *op, const void *weight, const 
                                     double *w64, double *b64);
 /* Saved bytes and workspace bytes (either may be NULL) of the apply phases
  * for a checked shard. */
-FBN_INTERNAL fbn_status fbn_sync_sizes(const char *fn, const fbn_op *op,
-                                       const fbn_tensor_desc *x, size_t *saved,
-                                       size_t *workspace);
+FBN_INTERNAL fbn_status fbn_sync_sizes(const char *fn, const fbn_op *op, const fbn_tensor_desc *x,
+                                       size_t *saved, size_t *workspace);
 /* Every check of fbn_sync_apply() (workspace of fbn_sync_workspace_size()). */
 FBN_INTERNAL fbn_status fbn_sync_apply_checks(const char *fn, const fbn_op *op,
                                               const fbn_tensor_desc *x_desc, const void *x,
-                                              const void *addend, const void *y,
-                                              const void *weight, const void *bias,
-                                              const void *saved, size_t saved_bytes,
-                                              const void *workspace, size_t workspace_bytes);
+                                              const void *addend, const void *y, const void *weight,
+                                              const void *bias, const void *saved,
+                                              size_t saved_bytes, const void *workspace,
+                                              size_t workspace_bytes);
 /* fbn_sync_apply() after its checks passed. */
 FBN_INTERNAL fbn_status fbn_sync_apply_run(const char *fn, const fbn_op *op,
                                            const fbn_tensor_desc *x_desc, const void *x,
                                            const void *addend, void *y, const void *weight,
-                                           const void *bias, const double *mean,
-                                           const double *var, void *saved, size_t saved_bytes,
-                                           void *workspace, size_t workspace_bytes);
+                                           const void *bias, const double *mean, const double *var,
+                                           void *saved, size_t saved_bytes, void *workspace,
+                                           size_t workspace_bytes);
 /* Combine after fbn_sync_check_headers() passed: mean/var, running update. */
 FBN_INTERNAL void fbn_sync_combine_run(const fbn_op *op, const void *records, int world_size,
                                        size_t stride, int64_t total, double *mean, double *var,
@@ -123,13 +122,10 @@ FBN_INTERNAL void fbn_sync_store_param_grads(const fbn_op *op, const double *gra
                                              void *dweight, void *dbias, bool accumulate);
 /* Checks shared by fbn_sync_backward_reduce() and fbn_sync_backward_apply():
  * pointers, saved state, workspace, aliasing of the outputs. */
-FBN_INTERNAL fbn_status fbn_sync_backward_checks(const char *fn, const fbn_op *op,
-                                                 const fbn_tensor_desc *x_desc, const void *x,
-                                                 const void *y, const void *dy,
-                                                 const void *saved, size_t saved_bytes,
-                                                 const void *weight, const void *bias, void *dx,
-                                                 void *daddend, void *dweight, void *dbias,
-                                                 fbn_param_grad param_grad,
-                                                 const void *workspace, size_t workspace_bytes);
+FBN_INTERNAL fbn_status fbn_sync_backward_checks(
+    const char *fn, const fbn_op *op, const fbn_tensor_desc *x_desc, const void *x, const void *y,
+    const void *dy, const void *saved, size_t saved_bytes, const void *weight, const void *bias,
+    void *dx, void *daddend, void *dweight, void *dbias, fbn_param_grad param_grad,
+    const void *workspace, size_t workspace_bytes);
 
 #endif /* FUSEDBN_SRC_SYNC_SYNC_INTERNAL_H */

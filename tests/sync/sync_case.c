@@ -109,14 +109,14 @@ int sync_data_make(sync_data *d, const sync_case *k, char *why, size_t why_size)
                             ? (int64_t)(i % (size_t)k->c)
                             : (int64_t)(i / (size_t)(k->h * k->w) % (size_t)k->c);
       /* channel offsets far from 0: a merge that loses the mean shows */
-      sync_store(d->x[s], k->dtype, i, 3.0 * (double)c - 4.0 + (0.5 + 0.2 * (double)c) *
-                                                                   fbnt_rng_normal(&rng));
+      sync_store(d->x[s], k->dtype, i,
+                 3.0 * (double)c - 4.0 + (0.5 + 0.2 * (double)c) * fbnt_rng_normal(&rng));
       sync_store(d->z[s], k->dtype, i, 0.5 * fbnt_rng_normal(&rng));
       sync_store(d->dy[s], k->dtype, i, fbnt_rng_normal(&rng));
     }
     fbn_status st = fbn_op_forward(op, &td, d->x[s], add ? d->z[s] : NULL, d->y[s],
-                                   k->affine ? d->weight : NULL, k->affine ? d->bias : NULL, rm,
-                                   rv, factor_of(k, s), saved, saved_bytes, NULL, 0);
+                                   k->affine ? d->weight : NULL, k->affine ? d->bias : NULL, rm, rv,
+                                   factor_of(k, s), saved, saved_bytes, NULL, 0);
     if (st == FBN_STATUS_SUCCESS)
       st = fbn_op_backward(op, &td, d->x[s], d->y[s], d->dy[s], saved, saved_bytes,
                            k->affine ? d->weight : NULL, k->affine ? d->bias : NULL, d->dx[s],
@@ -164,29 +164,29 @@ static int compare_tol(const char *what, int step, int rank, const void *got, co
     const double g = sync_load(got, dtype, i), w = sync_load(want, dtype, i);
     const bool ok = isnan(w) ? isnan(g) : fabs(g - w) <= tol * fmax(1.0, fabs(w));
     if (!ok) {
-      snprintf(why, why_size, "rank %d step %d %s[%zu] = %.17g, whole batch %.17g (tol %g)",
-               rank, step, what, i, g, w, tol);
+      snprintf(why, why_size, "rank %d step %d %s[%zu] = %.17g, whole batch %.17g (tol %g)", rank,
+               step, what, i, g, w, tol);
       return 1;
     }
   }
   return 0;
 }
 
-#define compare(what, step, rank, got, want, dtype, count, why, why_size)                      \
-  compare_tol(what, step, rank, got, want, dtype, count, k->exact ? 0.0 : sync_tolerance(dtype), \
+#define compare(what, step, rank, got, want, dtype, count, why, why_size)                          \
+  compare_tol(what, step, rank, got, want, dtype, count, k->exact ? 0.0 : sync_tolerance(dtype),   \
               why, why_size)
 
 /* comm NULL (MPI build of this file): MPI_COMM_WORLD through the MPI
  * adapter. */
 #ifdef SYNC_CASE_MPI
-#define SYNC_WS_SIZE(op, comm, d, b)                                                             \
-  ((comm) != NULL ? fbn_sync_comm_workspace_size(op, d, (comm)->world_size, b)                   \
+#define SYNC_WS_SIZE(op, comm, d, b)                                                               \
+  ((comm) != NULL ? fbn_sync_comm_workspace_size(op, d, (comm)->world_size, b)                     \
                   : fbn_mpi_sync_workspace_size(op, MPI_COMM_WORLD, d, b))
-#define SYNC_FORWARD(op, comm, ...)                                                              \
-  ((comm) != NULL ? fbn_sync_forward(op, comm, __VA_ARGS__)                                      \
+#define SYNC_FORWARD(op, comm, ...)                                                                \
+  ((comm) != NULL ? fbn_sync_forward(op, comm, __VA_ARGS__)                                        \
                   : fbn_mpi_sync_forward(op, MPI_COMM_WORLD, __VA_ARGS__))
-#define SYNC_BACKWARD(op, comm, ...)                                                             \
-  ((comm) != NULL ? fbn_sync_backward(op, comm, __VA_ARGS__)                                     \
+#define SYNC_BACKWARD(op, comm, ...)                                                               \
+  ((comm) != NULL ? fbn_sync_backward(op, comm, __VA_ARGS__)                                       \
                   : fbn_mpi_sync_backward(op, MPI_COMM_WORLD, __VA_ARGS__))
 #else
 #define SYNC_WS_SIZE(op, comm, d, b) fbn_sync_comm_workspace_size(op, d, (comm)->world_size, b)
@@ -232,31 +232,29 @@ int sync_rank_run(const sync_data *d, const fbn_op *op, int rank, const fbn_sync
     poison(dz, tb);
     poison(dw, pb);
     poison(db, pb);
-    fbn_status st = SYNC_FORWARD(op, comm, &sd, n > 0 ? x : NULL, add && n > 0 ? z : NULL,
-                                     n > 0 ? y : NULL, w, b, rm, rv, factor_of(k, s), saved,
-                                     saved_bytes, ws, ws_bytes);
+    fbn_status st =
+        SYNC_FORWARD(op, comm, &sd, n > 0 ? x : NULL, add && n > 0 ? z : NULL, n > 0 ? y : NULL, w,
+                     b, rm, rv, factor_of(k, s), saved, saved_bytes, ws, ws_bytes);
     if (st != FBN_STATUS_SUCCESS) {
       if (rc == 0)
-        snprintf(why, why_size, "rank %d step %d forward: %s: %s", rank, s,
-                 fbn_status_string(st), fbn_last_error_message());
+        snprintf(why, why_size, "rank %d step %d forward: %s: %s", rank, s, fbn_status_string(st),
+                 fbn_last_error_message());
       rc = 1;
     }
-    st = SYNC_BACKWARD(op, comm, &sd, n > 0 ? x : NULL, n > 0 ? y : NULL, n > 0 ? dy : NULL,
-                           saved, saved_bytes, w, b, n > 0 ? dx : NULL,
-                           add && n > 0 ? dz : NULL, k->affine ? dw : NULL,
-                           k->affine ? db : NULL, FBN_PARAM_GRAD_OVERWRITE, k->scope, ws,
-                           ws_bytes);
+    st = SYNC_BACKWARD(op, comm, &sd, n > 0 ? x : NULL, n > 0 ? y : NULL, n > 0 ? dy : NULL, saved,
+                       saved_bytes, w, b, n > 0 ? dx : NULL, add && n > 0 ? dz : NULL,
+                       k->affine ? dw : NULL, k->affine ? db : NULL, FBN_PARAM_GRAD_OVERWRITE,
+                       k->scope, ws, ws_bytes);
     if (st != FBN_STATUS_SUCCESS) {
       if (rc == 0)
-        snprintf(why, why_size, "rank %d step %d backward: %s: %s", rank, s,
-                 fbn_status_string(st), fbn_last_error_message());
+        snprintf(why, why_size, "rank %d step %d backward: %s: %s", rank, s, fbn_status_string(st),
+                 fbn_last_error_message());
       rc = 1;
     }
     if (rc == 0)
       rc = compare("y", s, rank, y, (const char *)d->y[s] + off, k->dtype, count, why, why_size);
     if (rc == 0)
-      rc = compare("dx", s, rank, dx, (const char *)d->dx[s] + off, k->dtype, count, why,
-                   why_size);
+      rc = compare("dx", s, rank, dx, (const char *)d->dx[s] + off, k->dtype, count, why, why_size);
     if (rc == 0 && add)
       rc = compare("daddend", s, rank, dz, (const char *)d->dz[s] + off, k->dtype, count, why,
                    why_size);

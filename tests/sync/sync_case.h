@@ -39,9 +39,9 @@ typedef struct sync_data {
   size_t elem, pelem, numel;
   void *x[SYNC_MAX_STEPS], *z[SYNC_MAX_STEPS], *dy[SYNC_MAX_STEPS];
   void *y[SYNC_MAX_STEPS], *dx[SYNC_MAX_STEPS], *dz[SYNC_MAX_STEPS];
-  void *weight, *bias, *rm0, *rv0;                     /* param dtype */
-  void *rm[SYNC_MAX_STEPS], *rv[SYNC_MAX_STEPS];       /* after each step */
-  void *dw[SYNC_MAX_STEPS], *db[SYNC_MAX_STEPS];       /* whole-batch gradients */
+  void *weight, *bias, *rm0, *rv0;               /* param dtype */
+  void *rm[SYNC_MAX_STEPS], *rv[SYNC_MAX_STEPS]; /* after each step */
+  void *dw[SYNC_MAX_STEPS], *db[SYNC_MAX_STEPS]; /* whole-batch gradients */
 } sync_data;
 
 /* Generate the data and run the oracle (FBN_CPU_BACKEND=reference while

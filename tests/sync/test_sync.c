@@ -102,8 +102,7 @@ typedef struct case_job {
 
 static void *case_thread(void *arg) {
   case_job *j = arg;
-  j->rc = sync_rank_run(j->d, j->op, j->t->rank, &j->t->comm, j->dw, j->db, j->why,
-                        sizeof j->why);
+  j->rc = sync_rank_run(j->d, j->op, j->t->rank, &j->t->comm, j->dw, j->db, j->why, sizeof j->why);
   return NULL;
 }
 
@@ -235,27 +234,161 @@ static void test_sync_matches_whole_batch_larger(void **state) {
 
 /* W = 1 on the reference backend gives what the plain op gives on the same
  * batch, value for value (statistics, running update, y, dx, daddend and
- * gradients use the same arithmetic in the same order). */
+ * gradients use the same arithmetic in the same order); on the fast
+ * backend, whose plain forward takes shifted sums, within the tolerances. */
 static void test_sync_one_rank_equals_plain_op(void **state) {
   (void)state;
-  for (int dt = 0; dt < 2; dt++)
-    for (int lay = 0; lay < 2; lay++)
-      for (int opn = 0; opn < 3; opn++) {
-        sync_case k = {.dtype = dt ? FBN_DTYPE_FLOAT32 : FBN_DTYPE_FLOAT64,
-                       .layout = lay ? FBN_LAYOUT_NHWC : FBN_LAYOUT_NCHW,
-                       .operation = (fbn_operation)opn,
-                       .affine = true,
-                       .world = 1,
-                       .shard_n = {6},
-                       .c = 7,
-                       .h = 5,
-                       .w = 3,
-                       .steps = 2,
-                       .scope = FBN_SYNC_GRAD_GLOBAL,
-                       .exact = true};
-        k.seed = case_seed(case_name(&k, "reference"));
-        run_case(&k, "reference");
+  for (int be = 0; be < 2; be++)
+    for (int dt = 0; dt < 2; dt++)
+      for (int lay = 0; lay < 2; lay++)
+        for (int opn = 0; opn < 3; opn++) {
+          sync_case k = {.dtype = dt ? FBN_DTYPE_FLOAT32 : FBN_DTYPE_FLOAT64,
+                         .layout = lay ? FBN_LAYOUT_NHWC : FBN_LAYOUT_NCHW,
+                         .operation = (fbn_operation)opn,
+                         .affine = true,
+                         .world = 1,
+                         .shard_n = {6},
+                         .c = 7,
+                         .h = 5,
+                         .w = 3,
+                         .steps = 2,
+                         .scope = FBN_SYNC_GRAD_GLOBAL,
+                         .exact = be == 0};
+          const char *backend = be == 0 ? "reference" : "fast";
+          k.seed = case_seed(case_name(&k, backend));
+          run_case(&k, backend);
+        }
+}
+
+/* The split phases called directly, the W ranks one after the other (the
+ * all-gather is a copy, the all-reduce a sum in rank order): y, dx,
+ * daddend, running statistics, the local dweight/dbias of
+ * fbn_sync_backward_reduce() summed and the global ones of
+ * fbn_sync_backward_apply(). */
+static void test_sync_split_phases_sequential(void **state) {
+  (void)state;
+  for (int dt = 0; dt < 2; dt++) {
+    sync_case k = {.dtype = dt ? FBN_DTYPE_FLOAT32 : FBN_DTYPE_FLOAT64,
+                   .layout = dt ? FBN_LAYOUT_NHWC : FBN_LAYOUT_NCHW,
+                   .operation = FBN_OPERATION_BN_ADD_RELU,
+                   .affine = true,
+                   .world = 3,
+                   .shard_n = {2, 0, 1},
+                   .c = 4,
+                   .h = 3,
+                   .w = 5,
+                   .steps = 1};
+    k.seed = case_seed(case_name(&k, "split"));
+    sync_data d;
+    char why[512] = "";
+    if (sync_data_make(&d, &k, why, sizeof why) != 0)
+      fail_msg("%s", why);
+    fbn_op *op = sync_case_op(&k, "fast", k.c);
+    assert_non_null(op);
+    const fbn_dtype pt = k.dtype;
+    const double tol = sync_tolerance(k.dtype);
+    size_t rb = 0, gb = 0;
+    assert_int_equal(fbn_sync_stats_record_size(op, &rb), FBN_STATUS_SUCCESS);
+    assert_int_equal(fbn_sync_grad_record_size(op, &gb), FBN_STATUS_SUCCESS);
+    char *records = aligned_alloc(64, (3 * rb + 63) / 64 * 64);
+    double *grads = calloc(3, gb), *sum = calloc(1, gb);
+    const size_t per_n = (size_t)(k.c * k.h * k.w), pb = (size_t)k.c * d.pelem;
+    void *saved[3], *ws[3];
+    size_t sb[3], wb[3];
+    fbn_tensor_desc sd[3];
+    size_t off[3];
+    size_t o = 0;
+    for (int r = 0; r < 3; r++) {
+      sd[r] = fbn_tensor_desc_make(k.shard_n[r], k.c, k.h, k.w, k.dtype, k.layout);
+      off[r] = o;
+      o += (size_t)k.shard_n[r] * per_n * d.elem;
+      assert_int_equal(fbn_sync_saved_size(op, &sd[r], &sb[r]), FBN_STATUS_SUCCESS);
+      assert_int_equal(fbn_sync_workspace_size(op, &sd[r], &wb[r]), FBN_STATUS_SUCCESS);
+      saved[r] = aligned_alloc(64, (sb[r] + 63) / 64 * 64);
+      ws[r] = aligned_alloc(64, (wb[r] + 63) / 64 * 64);
+      assert_int_equal(fbn_sync_stats(op, &sd[r], (char *)d.x[0] + off[r], records + r * rb, rb),
+                       FBN_STATUS_SUCCESS);
+    }
+    char *y = aligned_alloc(64, (d.numel * d.elem + 63) / 64 * 64);
+    char *dx = aligned_alloc(64, (d.numel * d.elem + 63) / 64 * 64);
+    char *dz = aligned_alloc(64, (d.numel * d.elem + 63) / 64 * 64);
+    memset(y, 0xff, d.numel * d.elem);
+    memset(dx, 0xff, d.numel * d.elem);
+    memset(dz, 0xff, d.numel * d.elem);
+    double local_w[4] = {0}, local_b[4] = {0};
+    for (int r = 0; r < 3; r++) {
+      double mean[4], var[4];
+      char rm[32], rv[32];
+      memcpy(rm, d.rm0, pb);
+      memcpy(rv, d.rv0, pb);
+      int64_t total = 0;
+      assert_int_equal(fbn_sync_combine(op, records, 3, rb, mean, var, rm, rv, 0.1, &total),
+                       FBN_STATUS_SUCCESS);
+      assert_int_equal(total, 3 * k.h * k.w);
+      for (int64_t c = 0; c < k.c; c++) {
+        const double em = sync_load(d.rm[0], pt, (size_t)c), ev = sync_load(d.rv[0], pt, (size_t)c);
+        assert_true(fabs(sync_load(rm, pt, (size_t)c) - em) <= tol * fmax(1.0, fabs(em)));
+        assert_true(fabs(sync_load(rv, pt, (size_t)c) - ev) <= tol * fmax(1.0, fabs(ev)));
       }
+      assert_int_equal(fbn_sync_apply(op, &sd[r], (char *)d.x[0] + off[r], (char *)d.z[0] + off[r],
+                                      y + off[r], d.weight, d.bias, mean, var, saved[r], sb[r],
+                                      ws[r], wb[r]),
+                       FBN_STATUS_SUCCESS);
+      char lw[32], lb[32];
+      assert_int_equal(fbn_sync_backward_reduce(op, &sd[r], (char *)d.x[0] + off[r], y + off[r],
+                                                (char *)d.dy[0] + off[r], saved[r], sb[r], d.weight,
+                                                d.bias, grads + r * (gb / 8), gb, lw, lb,
+                                                FBN_PARAM_GRAD_OVERWRITE, ws[r], wb[r]),
+                       FBN_STATUS_SUCCESS);
+      for (int64_t c = 0; c < k.c; c++) {
+        local_w[c] += sync_load(lw, pt, (size_t)c);
+        local_b[c] += sync_load(lb, pt, (size_t)c);
+      }
+    }
+    for (size_t i = 0; i < gb / 8; i++)
+      for (int r = 0; r < 3; r++)
+        sum[i] += grads[r * (gb / 8) + i];
+    for (int r = 0; r < 3; r++) {
+      char gw[32], gbias[32];
+      memset(gw, 0, sizeof gw);
+      memset(gbias, 0, sizeof gbias);
+      assert_int_equal(fbn_sync_backward_apply(op, &sd[r], (char *)d.x[0] + off[r], y + off[r],
+                                               (char *)d.dy[0] + off[r], saved[r], sb[r], d.weight,
+                                               d.bias, sum, gb, dx + off[r], dz + off[r], gw, gbias,
+                                               FBN_PARAM_GRAD_ACCUMULATE, ws[r], wb[r]),
+                       FBN_STATUS_SUCCESS);
+      for (int64_t c = 0; c < k.c; c++) {
+        const double ew = sync_load(d.dw[0], pt, (size_t)c), eb = sync_load(d.db[0], pt, (size_t)c);
+        assert_true(fabs(sync_load(gw, pt, (size_t)c) - ew) <= tol * fmax(1.0, fabs(ew)));
+        assert_true(fabs(sync_load(gbias, pt, (size_t)c) - eb) <= tol * fmax(1.0, fabs(eb)));
+        assert_true(fabs(local_w[c] - ew) <= 4 * tol * fmax(1.0, fabs(ew)));
+        assert_true(fabs(local_b[c] - eb) <= 4 * tol * fmax(1.0, fabs(eb)));
+      }
+    }
+    const struct {
+      const char *name;
+      const void *got, *want;
+    } outs[] = {{"y", y, d.y[0]}, {"dx", dx, d.dx[0]}, {"daddend", dz, d.dz[0]}};
+    for (size_t t = 0; t < 3; t++)
+      for (size_t i = 0; i < d.numel; i++) {
+        const double g = sync_load(outs[t].got, k.dtype, i),
+                     w = sync_load(outs[t].want, k.dtype, i);
+        if (!(fabs(g - w) <= tol * fmax(1.0, fabs(w))))
+          fail_msg("%s[%zu] = %.17g, whole batch %.17g", outs[t].name, i, g, w);
+      }
+    for (int r = 0; r < 3; r++) {
+      free(saved[r]);
+      free(ws[r]);
+    }
+    free(records);
+    free(grads);
+    free(sum);
+    free(y);
+    free(dx);
+    free(dz);
+    fbn_op_destroy(op);
+    sync_data_free(&d);
+  }
 }
 
 /* ---- failures on every rank --------------------------------------------- */
@@ -314,9 +447,9 @@ static void *fail_thread(void *arg) {
       ok = ok && isnan(y[i]);
   if (j->backward_too && j->fwd == FBN_STATUS_SUCCESS) {
     ok = true; /* the forward succeeded: what the backward must leave */
-    j->bwd = fbn_sync_backward(op, &j->t->comm, &j->d, x, y, dy, saved, saved_bytes, wt, bs, dx,
-                               NULL, dw, db, FBN_PARAM_GRAD_ACCUMULATE, FBN_SYNC_GRAD_LOCAL, ws,
-                               ws_bytes);
+    j->bwd =
+        fbn_sync_backward(op, &j->t->comm, &j->d, x, y, dy, saved, saved_bytes, wt, bs, dx, NULL,
+                          dw, db, FBN_PARAM_GRAD_ACCUMULATE, FBN_SYNC_GRAD_LOCAL, ws, ws_bytes);
     snprintf(j->bwd_msg, sizeof j->bwd_msg, "%s", fbn_last_error_message());
     for (size_t i = 0; i < numel; i++)
       ok = ok && isnan(dx[i]);
@@ -336,8 +469,10 @@ static void *fail_thread(void *arg) {
 }
 
 static fbn_op *f32_op(int64_t c) {
-  sync_case k = {.dtype = FBN_DTYPE_FLOAT32, .layout = FBN_LAYOUT_NCHW,
-                 .operation = FBN_OPERATION_BN_ADD_RELU, .affine = true};
+  sync_case k = {.dtype = FBN_DTYPE_FLOAT32,
+                 .layout = FBN_LAYOUT_NCHW,
+                 .operation = FBN_OPERATION_BN_ADD_RELU,
+                 .affine = true};
   return sync_case_op(&k, "fast", c);
 }
 
@@ -354,9 +489,11 @@ static void run_fail(int world, const int64_t *cs, const int64_t *ns, int64_t hw
   for (int r = 0; r < world; r++) {
     ops[r] = f32_op(cs[r]);
     assert_non_null(ops[r]);
-    jobs[r] = (fail_job){.t = &ranks[r], .op = ops[r], .backward_too = backward_too,
-                         .d = fbn_tensor_desc_make(ns[r], cs[r], hw, 1, FBN_DTYPE_FLOAT32,
-                                                   FBN_LAYOUT_NCHW)};
+    jobs[r] = (fail_job){
+        .t = &ranks[r],
+        .op = ops[r],
+        .backward_too = backward_too,
+        .d = fbn_tensor_desc_make(ns[r], cs[r], hw, 1, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW)};
     assert_int_equal(pthread_create(&th[r], NULL, fail_thread, &jobs[r]), 0);
   }
   for (int r = 0; r < world; r++) {
@@ -403,7 +540,8 @@ static void test_sync_failing_callback(void **state) {
       const fbn_status st = at < 2 ? jobs[r].fwd : jobs[r].bwd;
       const char *msg = at < 2 ? jobs[r].fwd_msg : jobs[r].bwd_msg;
       assert_int_equal(st, FBN_STATUS_IO_ERROR);
-      assert_non_null(strstr(msg, at < 2 ? "allgather callback failed" : "allreduce_sum callback failed"));
+      assert_non_null(
+          strstr(msg, at < 2 ? "allgather callback failed" : "allreduce_sum callback failed"));
       assert_non_null(strstr(msg, "injected failure"));
       if (!jobs[r].untouched)
         fail_msg("collective %d failing: rank %d wrote outputs or state", at, r);
@@ -485,7 +623,8 @@ static void test_sync_split_phase_errors(void **state) {
   size_t sb = 0, wb = 0;
   assert_int_equal(fbn_sync_saved_size(op, &d, &sb), FBN_STATUS_SUCCESS);
   assert_int_equal(fbn_sync_workspace_size(op, &d, &wb), FBN_STATUS_SUCCESS);
-  void *saved = aligned_alloc(64, (sb + 63) / 64 * 64), *ws = aligned_alloc(64, (wb + 63) / 64 * 64);
+  void *saved = aligned_alloc(64, (sb + 63) / 64 * 64),
+       *ws = aligned_alloc(64, (wb + 63) / 64 * 64);
   float z[24] = {0}, y[24], wt[3] = {1, 1, 1}, bs[3] = {0, 0, 0};
   memset(y, 0xff, sizeof y);
   assert_int_equal(fbn_sync_apply(op, &d, x, NULL, y, wt, bs, mean, var, saved, sb, ws, wb),
@@ -504,8 +643,8 @@ static void test_sync_split_phase_errors(void **state) {
   float dy[24], dx[24];
   for (int i = 0; i < 24; i++)
     dy[i] = (float)fbnt_rng_normal(&rng);
-  assert_int_equal(fbn_sync_backward_reduce(op, &d, x, y, dy, saved, sb, wt, bs, grad, gb - 8,
-                                            NULL, NULL, FBN_PARAM_GRAD_OVERWRITE, ws, wb),
+  assert_int_equal(fbn_sync_backward_reduce(op, &d, x, y, dy, saved, sb, wt, bs, grad, gb - 8, NULL,
+                                            NULL, FBN_PARAM_GRAD_OVERWRITE, ws, wb),
                    FBN_STATUS_INSUFFICIENT_WORKSPACE);
   assert_int_equal(fbn_sync_backward_reduce(op, &d, x, y, dy, saved, sb, wt, bs, grad, gb, NULL,
                                             NULL, (fbn_param_grad)7, ws, wb),
@@ -519,20 +658,20 @@ static void test_sync_split_phase_errors(void **state) {
   grad2[1] = 2.0;
   grad2[2] = 7.0;
   memset(dx, 0xff, sizeof dx);
-  assert_int_equal(fbn_sync_backward_apply(op, &d, x, y, dy, saved, sb, wt, bs, grad2, gb, dx,
-                                           NULL, NULL, NULL, FBN_PARAM_GRAD_OVERWRITE, ws, wb),
+  assert_int_equal(fbn_sync_backward_apply(op, &d, x, y, dy, saved, sb, wt, bs, grad2, gb, dx, NULL,
+                                           NULL, NULL, FBN_PARAM_GRAD_OVERWRITE, ws, wb),
                    FBN_STATUS_SHAPE_MISMATCH);
   grad2[2] = 6.0;
   grad2[0] = 3.0; /* fewer than this shard's 8 values */
-  assert_int_equal(fbn_sync_backward_apply(op, &d, x, y, dy, saved, sb, wt, bs, grad2, gb, dx,
-                                           NULL, NULL, NULL, FBN_PARAM_GRAD_OVERWRITE, ws, wb),
+  assert_int_equal(fbn_sync_backward_apply(op, &d, x, y, dy, saved, sb, wt, bs, grad2, gb, dx, NULL,
+                                           NULL, NULL, FBN_PARAM_GRAD_OVERWRITE, ws, wb),
                    FBN_STATUS_INVALID_VALUE);
   /* saved memory no apply filled */
   char junk[4096] __attribute__((aligned(64)));
   memset(junk, 0, sizeof junk);
   assert_true(sb <= sizeof junk);
-  assert_int_equal(fbn_sync_backward_apply(op, &d, x, y, dy, junk, sb, wt, bs, grad, gb, dx,
-                                           NULL, NULL, NULL, FBN_PARAM_GRAD_OVERWRITE, ws, wb),
+  assert_int_equal(fbn_sync_backward_apply(op, &d, x, y, dy, junk, sb, wt, bs, grad, gb, dx, NULL,
+                                           NULL, NULL, FBN_PARAM_GRAD_OVERWRITE, ws, wb),
                    FBN_STATUS_INVALID_STATE);
   for (int i = 0; i < 24; i++)
     assert_true(isnan(dx[i]));
@@ -559,17 +698,17 @@ static void test_sync_split_phase_errors(void **state) {
   fbn_sync_comm comm = {.world_size = 2, .rank = 2};
   size_t cw = 0;
   assert_int_equal(fbn_sync_comm_workspace_size(op, &d, 0, &cw), FBN_STATUS_INVALID_VALUE);
-  assert_int_equal(fbn_sync_forward(op, &comm, &d, x, z, y, wt, bs, NULL, NULL, 0.0, NULL, 0, ws,
-                                    wb),
-                   FBN_STATUS_INVALID_VALUE);
+  assert_int_equal(
+      fbn_sync_forward(op, &comm, &d, x, z, y, wt, bs, NULL, NULL, 0.0, NULL, 0, ws, wb),
+      FBN_STATUS_INVALID_VALUE);
   assert_non_null(strstr(fbn_last_error_message(), "comm->rank = 2"));
   comm.rank = 0;
-  assert_int_equal(fbn_sync_forward(op, &comm, &d, x, z, y, wt, bs, NULL, NULL, 0.0, NULL, 0, ws,
-                                    wb),
-                   FBN_STATUS_NULL_POINTER);
-  assert_int_equal(fbn_sync_forward(op, NULL, &d, x, z, y, wt, bs, NULL, NULL, 0.0, NULL, 0, ws,
-                                    wb),
-                   FBN_STATUS_NULL_POINTER);
+  assert_int_equal(
+      fbn_sync_forward(op, &comm, &d, x, z, y, wt, bs, NULL, NULL, 0.0, NULL, 0, ws, wb),
+      FBN_STATUS_NULL_POINTER);
+  assert_int_equal(
+      fbn_sync_forward(op, NULL, &d, x, z, y, wt, bs, NULL, NULL, 0.0, NULL, 0, ws, wb),
+      FBN_STATUS_NULL_POINTER);
   assert_int_equal(fbn_sync_backward(op, &comm, &d, x, y, dy, saved, sb, wt, bs, dx, NULL, NULL,
                                      NULL, FBN_PARAM_GRAD_OVERWRITE, (fbn_sync_grad_scope)5, ws,
                                      wb),
@@ -586,6 +725,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_sync_matches_whole_batch),
       cmocka_unit_test(test_sync_matches_whole_batch_larger),
       cmocka_unit_test(test_sync_one_rank_equals_plain_op),
+      cmocka_unit_test(test_sync_split_phases_sequential),
       cmocka_unit_test(test_sync_disagreeing_channels),
       cmocka_unit_test(test_sync_total_count_one),
       cmocka_unit_test(test_sync_failing_callback),

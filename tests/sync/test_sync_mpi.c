@@ -65,8 +65,10 @@ int main(int argc, char **argv) {
               const double wb = sync_load(d.db[i / 6], pt, (size_t)(i % 6));
               if (!(fabs(sw[i] - ww) <= tol * fmax(1.0, fabs(ww))) ||
                   !(fabs(sb[i] - wb) <= tol * fmax(1.0, fabs(wb)))) {
-                snprintf(why, sizeof why, "step %d channel %d: summed dweight %.17g dbias %.17g, "
-                         "whole batch %.17g %.17g", i / 6, i % 6, sw[i], sb[i], ww, wb);
+                snprintf(why, sizeof why,
+                         "step %d channel %d: summed dweight %.17g dbias %.17g, "
+                         "whole batch %.17g %.17g",
+                         i / 6, i % 6, sw[i], sb[i], ww, wb);
                 rc = 1;
               }
             }
