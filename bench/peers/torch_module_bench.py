@@ -3,6 +3,7 @@
 
     FUSEDBN_LIBRARY=<build>/src/libfusedbn.so PYTHONPATH=python \\
         /usr/bin/python3 bench/peers/torch_module_bench.py [--quick] [--threads N]
+        [--device cpu|cuda]
 
 Three parts:
   step      a training step (forward + backward) of fusedbn.torch's
@@ -11,23 +12,32 @@ Three parts:
             median milliseconds of each and their ratio (torch / fusedbn:
             above 1 where fusedbn is faster).
   overhead  OneFlow's example shape (4, 2, 8, 3): the module's forward (training,
-            no autograd graph) against fbn_op_forward called straight
-            through ctypes on preallocated buffers; the difference is the
-            per-call cost of the Python layer (checks, op lookup, output
-            allocation).  torch's BatchNorm2d + add + relu on the same shape
-            for scale.
+            no autograd graph) against the library's forward called straight
+            through ctypes on preallocated buffers (fbn_op_forward on the
+            CPU; on CUDA the entry point the module uses, fbn_cuda_op_forward
+            on torch's current stream when the library has it); the
+            difference is the per-call cost of the Python layer (checks, op
+            lookup, output allocation).  torch's BatchNorm2d + add + relu on
+            the same shape for scale.
   resnet50  a training step (forward, cross-entropy, backward, SGD) of
             torchvision's resnet50 against fusedbn.torch.convert(resnet50),
             batch 8 of 3x224x224 (--image to change).
 Timings are wall-clock medians of --reps calls after --warmup calls; float32
-unless --dtype float64.  Nothing is compared for correctness here (the test
-suite does that); the machine should be otherwise idle for figures.
+unless --dtype float64.  --device cuda runs every part on the GPU (fusedbn
+through the library's CUDA entry points, as the module does) and times each
+call between two torch.cuda.synchronize(), so a median is the call's queued
+work finished, not its launch.  Nothing is compared for correctness here (the
+test suite does that); the machine should be otherwise idle for figures.
+--quick runs every part on tiny shapes with few repetitions (a check that it
+runs: tests/python/meson.build runs it).  Exit status 77 when torch or
+torchvision is missing, 2 for --device cuda without a CUDA device.
 """
 import argparse
 import copy
 import ctypes as C
 import os
 import statistics
+import sys
 import time
 
 
@@ -47,6 +57,7 @@ def parse_args():
     ap.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW",
                     help="memory format of the resnet50 part")
     ap.add_argument("--resnet-reps", type=int, default=5)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     return ap.parse_args()
 
 
@@ -55,8 +66,14 @@ THREADS = (ARGS and ARGS.threads) or int(os.environ.get("OMP_NUM_THREADS") or 0)
 # OpenMP reads OMP_NUM_THREADS when it starts, before torch or libfusedbn run.
 os.environ["OMP_NUM_THREADS"] = str(THREADS)
 
-import torch  # noqa: E402
-import torchvision  # noqa: E402
+try:
+    import torch  # noqa: E402
+    import torchvision  # noqa: E402
+except ImportError as e:
+    if __name__ == "__main__":
+        print("SKIP: %s (Debian: apt-get install python3-torch python3-torchvision)" % e)
+        sys.exit(77)
+    raise
 
 import fusedbn.torch as fbt  # noqa: E402
 from fusedbn import _lib  # noqa: E402
@@ -68,31 +85,42 @@ QUICK = [(2, c, 8, 8) for (_, c, _, _) in RESNET50]
 FORMATS = {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
 
 
+DEVICE = torch.device(ARGS.device if ARGS else "cpu")
+
+
+def sync():
+    """Wait for the device's queued work (nothing to wait for on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def median_ms(fn, warmup, reps):
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
 
 def bn_step_part(args, dtype):
     shapes = QUICK if args.quick else RESNET50
-    print("# step: forward + backward, median ms of %d (float%d)"
-          % (args.reps, torch.finfo(dtype).bits))
+    print("# step: forward + backward on %s, median ms of %d (float%d)"
+          % (DEVICE, args.reps, torch.finfo(dtype).bits))
     print("%-22s %-6s %10s %10s %9s" % ("shape", "layout", "fusedbn", "torch", "torch/fbn"))
     g = torch.Generator().manual_seed(1)
     for shape in shapes:
         for layout, fmt in FORMATS.items():
             def t():
-                return torch.empty(shape).uniform_(-1, 1, generator=g).to(dtype).contiguous(
+                return torch.empty(shape).uniform_(-1, 1, generator=g).to(DEVICE, dtype).contiguous(
                     memory_format=fmt)
             x, z, dy = t().requires_grad_(), t().requires_grad_(), t()
-            ours = fbt.FusedBatchNorm2d(shape[1]).to(dtype)
-            ref = torch.nn.BatchNorm2d(shape[1]).to(dtype)
+            ours = fbt.FusedBatchNorm2d(shape[1]).to(DEVICE, dtype)
+            ref = torch.nn.BatchNorm2d(shape[1]).to(DEVICE, dtype)
 
             def step_ours():
                 ours(x, z).backward(dy)
@@ -109,10 +137,10 @@ def bn_step_part(args, dtype):
 def overhead_part(args, dtype):
     shape = (4, 2, 8, 3)
     reps = args.reps * 100
-    x = torch.randn(shape, dtype=dtype)
-    z = torch.randn(shape, dtype=dtype)
-    m = fbt.FusedBatchNorm2d(shape[1]).to(dtype)
-    ref = torch.nn.BatchNorm2d(shape[1]).to(dtype)
+    x = torch.randn(shape, dtype=dtype).to(DEVICE)
+    z = torch.randn(shape, dtype=dtype).to(DEVICE)
+    m = fbt.FusedBatchNorm2d(shape[1]).to(DEVICE, dtype)
+    ref = torch.nn.BatchNorm2d(shape[1]).to(DEVICE, dtype)
     # The same op the module uses, called straight, on preallocated memory.
     op = _ops.get_op(dtype, _lib.LAYOUT_NCHW, x.device, _lib.STATISTICS_BATCH,
                      _lib.OPERATION_BN_ADD_RELU, True, shape[1], m.eps)
@@ -120,13 +148,26 @@ def overhead_part(args, dtype):
     _, ws_bytes, _ = op.sizes(desc)
     y = torch.empty_like(x)
     ws, ws_ptr = _ops.new_buffer(ws_bytes, x.device)
-    fwd = op.library.lib.fbn_op_forward
     ptrs = [t.data_ptr() for t in (x, z, y, m.weight, m.bias, m.running_mean, m.running_var)]
     desc_ref = C.byref(desc)
+    # The module's entry point: fbn_cuda_op_forward on the current stream
+    # for CUDA tensors with a CUDA-built library, else fbn_op_forward.
+    stream = _ops.stream_of("torch_module_bench", x.device)
+    lib = op.library.lib
+    if stream is None:
+        entry = "fbn_op_forward"
 
-    def raw():
-        fwd(op.handle, desc_ref, ptrs[0], ptrs[1], ptrs[2], ptrs[3], ptrs[4], ptrs[5], ptrs[6],
-            0.1, None, 0, ws_ptr, ws_bytes)
+        def raw():
+            lib.fbn_op_forward(op.handle, desc_ref, *ptrs, 0.1, None, 0, ws_ptr, ws_bytes)
+    else:
+        entry = "fbn_cuda_op_forward"
+        exec_ref = C.byref(_lib.CudaExec(stream, None))
+
+        def raw():
+            lib.fbn_cuda_op_forward(op.handle, exec_ref, desc_ref, *ptrs, 0.1, None, 0, ws_ptr,
+                                    ws_bytes)
+    raw()
+    sync()
 
     def module():
         m(x, z)
@@ -141,9 +182,9 @@ def overhead_part(args, dtype):
     x.requires_grad_()
     t_step = median_ms(lambda: m(x, z).sum().backward(), args.warmup, reps)
     t_ref_step = median_ms(lambda: torch.relu(ref(x) + z).sum().backward(), args.warmup, reps)
-    print("# overhead: OneFlow's example shape %s, median us of %d (float%d)"
-          % (shape, reps, torch.finfo(dtype).bits))
-    print("fbn_op_forward through ctypes      %8.1f" % (t_raw * 1e3))
+    print("# overhead: OneFlow's example shape %s on %s, median us of %d (float%d)"
+          % (shape, DEVICE, reps, torch.finfo(dtype).bits))
+    print("%-34s %8.1f" % (entry + " through ctypes", t_raw * 1e3))
     print("FusedBatchNorm2d forward (no grad) %8.1f  (Python layer: %.1f)"
           % (t_mod * 1e3, (t_mod - t_raw) * 1e3))
     print("torch BatchNorm2d + add + relu     %8.1f" % (t_ref * 1e3))
@@ -153,10 +194,10 @@ def overhead_part(args, dtype):
 
 def resnet_part(args, dtype):
     torch.manual_seed(0)
-    ref = torchvision.models.resnet50().to(dtype)
+    ref = torchvision.models.resnet50().to(DEVICE, dtype)
     ours = fbt.convert(copy.deepcopy(ref))
-    x = torch.randn(args.batch, 3, args.image, args.image, dtype=dtype)
-    labels = torch.randint(0, 1000, (args.batch,))
+    x = torch.randn(args.batch, 3, args.image, args.image, dtype=dtype).to(DEVICE)
+    labels = torch.randint(0, 1000, (args.batch,)).to(DEVICE)
     if args.layout == "NHWC":
         ref = ref.to(memory_format=torch.channels_last)
         ours = ours.to(memory_format=torch.channels_last)
@@ -171,8 +212,8 @@ def resnet_part(args, dtype):
             opt.step()
 
         times[name] = median_ms(step, 1, args.resnet_reps)
-    print("# resnet50: training step, batch %d of 3x%dx%d %s, median ms of %d (float%d)"
-          % (args.batch, args.image, args.image, args.layout, args.resnet_reps,
+    print("# resnet50: training step on %s, batch %d of 3x%dx%d %s, median ms of %d (float%d)"
+          % (DEVICE, args.batch, args.image, args.image, args.layout, args.resnet_reps,
              torch.finfo(dtype).bits))
     print("torch %.1f  convert(): %.1f  torch/convert() %.3f"
           % (times["torch"], times["fusedbn"], times["torch"] / times["fusedbn"]), flush=True)
@@ -181,8 +222,12 @@ def resnet_part(args, dtype):
 def main():
     args = ARGS
     if args.quick:
-        args.reps, args.warmup, args.resnet_reps = 3, 1, 2
-        args.batch, args.image = 2, 64
+        args.reps, args.warmup, args.resnet_reps = 2, 1, 1
+        args.batch, args.image = 2, 32
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        print("torch_module_bench: --device cuda: torch %s sees no CUDA device"
+              % torch.__version__, file=sys.stderr)
+        return 2
     torch.set_num_threads(THREADS)
     dtype = getattr(torch, args.dtype)
     print("# torch %s, %d threads (torch and OMP_NUM_THREADS), libfusedbn %s (%s)"
@@ -191,7 +236,8 @@ def main():
     parts = {"step": bn_step_part, "overhead": overhead_part, "resnet50": resnet_part}
     for name in args.parts.split(","):
         parts[name](args, dtype)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
