@@ -4,8 +4,9 @@
  * MPI_Comm in place of the callback table, on host memory.  Collective:
  * every rank of comm calls them in the same order.
  *
- * Link with `pkg-config --libs fusedbn` plus libfusedbn_mpi and the MPI
- * library (the Meson dependency fusedbn_mpi_dep has all three).
+ * Link with libfusedbn_mpi, libfusedbn and the MPI library: the Meson
+ * dependency fusedbn_mpi_dep has all three (libfusedbn_mpi is built in the
+ * tree, not installed).
  *
  * MPI errors: the calls set no error handler.  With comm's handler
  * MPI_ERRORS_RETURN a failed collective is FBN_STATUS_DEVICE_ERROR with
