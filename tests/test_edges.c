@@ -7,9 +7,10 @@
  * result rounded once to its dtype. The oracle checks the reference backend
  * as much as the fast one.
  *
- * Cases (the op API, BN + add + ReLU, batch statistics, affine; each with an
- * ordinary channel beside the edge ones; NCHW with long rows, NCHW with
- * short rows and NHWC, so that every driver of the fast backend runs):
+ * Cases (the op API, BN + add + ReLU, affine, batch statistics but in
+ * "running_var 0"; each with an ordinary channel beside the edge ones; NCHW
+ * with long rows, NCHW with short rows and NHWC, so that every driver of
+ * the fast backend runs):
  *   huge spread      float32 channels of 1e19 * randn and of random-sign
  *                    values of magnitude FLT_MAX/1e3 * [0.5, 1]: the
  *                    x̂·mean(g·x̂) term of dx has a coefficient ~ invstd^2
@@ -25,6 +26,8 @@
  *                    ReLU(bias + addend), dx = 0, dweight = 0 (PyTorch's
  *                    InvStd rule), checked exactly as well; and the CUDA
  *                    kernels' invstd from src/cuda/bn_math.h (host-compiled)
+ *   running_var 0    eval with running_var = 0 and eps = 0: invstd = +inf as
+ *                    in ATen's eval path (y = +inf or 0, NaN where 0 * inf)
  *
  * Tolerances, per element, |got - want| <= rtol * |want| + atol, NaN and
  * infinities exactly where the oracle has them:
@@ -61,6 +64,7 @@ typedef struct edge_case {
   const char *name;
   fbn_tensor_desc d;
   double eps;
+  bool eval; /* running statistics (FBN_STATISTICS_RUNNING) */
   /* logical NCHW, the values as stored in the dtype */
   double *x, *z, *dy;
   /* C each, the values as stored in the param dtype */
@@ -123,6 +127,7 @@ static void case_init(edge_case *k, const char *name, fbn_dtype dtype, fbn_layou
   k->name = name;
   k->d = fbn_tensor_desc_make(n, c, h, w, dtype, layout);
   k->eps = eps;
+  k->eval = false;
   const size_t count = numel(k);
   k->x = malloc(count * sizeof(double));
   k->z = malloc(count * sizeof(double));
@@ -189,26 +194,30 @@ static void oracle(const edge_case *k, const double *y_gate, results *o) {
         sum += chan_x(k, n, c)[s];
         sum_abs += fabsl((long double)chan_x(k, n, c)[s]);
       }
-    const long double mean = sum / (long double)count;
+    const long double batch_mean = sum / (long double)count;
     o->rm_mag[c] = (double)(sum_abs / (long double)count);
     for (int64_t n = 0; n < n_; n++)
       for (int64_t s = 0; s < hw; s++) {
-        const long double v = (long double)chan_x(k, n, c)[s] - mean;
+        const long double v = (long double)chan_x(k, n, c)[s] - batch_mean;
         sq += v * v;
       }
     const long double var = sq / (long double)count;
+    /* eval: the running statistics, 1/sqrt(running_var + eps) (+inf for 0) */
     const long double invstd =
-        var == 0.0L && k->eps == 0.0 ? 0.0L : 1.0L / sqrtl(var + (long double)k->eps);
+        k->eval ? 1.0L / sqrtl((long double)k->rvar[c] + (long double)k->eps)
+        : var == 0.0L && k->eps == 0.0 ? 0.0L
+                                       : 1.0L / sqrtl(var + (long double)k->eps);
     const long double w = k->weight[c], b = k->bias[c];
-    o->rm[c] = round_to(pt, mean);
-    o->rv[c] = round_to(pt, sq / (long double)(count - 1));
+    const long double mean = k->eval ? (long double)k->rmean[c] : batch_mean;
+    o->rm[c] = k->eval ? k->rmean[c] : round_to(pt, mean);
+    o->rv[c] = k->eval ? k->rvar[c] : round_to(pt, sq / (long double)(count - 1));
     long double sg = 0.0L, sgx = 0.0L, mg = 0.0L, mgx = 0.0L;
     for (int64_t n = 0; n < n_; n++)
       for (int64_t s = 0; s < hw; s++) {
         const size_t i = (size_t)((n * c_ + c) * hw + s);
         const long double xhat = ((long double)k->x[i] - mean) * invstd;
         const long double v = xhat * w + b + (long double)k->z[i];
-        o->y[i] = round_to(t, v > 0.0L ? v : 0.0L);
+        o->y[i] = round_to(t, v > 0.0L || isnan(v) ? v : 0.0L);
         const long double g = y_gate[i] <= 0.0 ? 0.0L : (long double)k->dy[i];
         sg += g;
         sgx += g * xhat;
@@ -226,7 +235,8 @@ static void oracle(const edge_case *k, const double *y_gate, results *o) {
         const long double xhat = ((long double)k->x[i] - mean) * invstd;
         const long double g = y_gate[i] <= 0.0 ? 0.0L : (long double)k->dy[i];
         o->dz[i] = round_to(t, g);
-        o->dx[i] = round_to(t, w * invstd * (g - mean_g - xhat * mean_gx));
+        o->dx[i] = round_to(t, k->eval ? w * invstd * g
+                                       : w * invstd * (g - mean_g - xhat * mean_gx));
       }
   }
 }
@@ -261,6 +271,7 @@ static void run_backend(const edge_case *k, const char *backend, results *r) {
   od.param_dtype = pt;
   od.layout = d->layout;
   od.operation = FBN_OPERATION_BN_ADD_RELU;
+  od.statistics = k->eval ? FBN_STATISTICS_RUNNING : FBN_STATISTICS_BATCH;
   fbn_op *op = NULL;
   const fbn_status created = fbn_op_create(&od, &op);
   assert_int_equal(unsetenv("FBN_CPU_BACKEND"), 0);
@@ -530,6 +541,29 @@ static void test_edges_constant_channel_eps_zero(void **state) {
   fbnt_tally_end(&t, "cases");
 }
 
+/* Running statistics keep invstd = 1/sqrt(running_var + eps) (ATen's eval
+ * path): running_var = 0 with eps = 0 gives +inf, so y = +inf or 0, dx and
+ * dweight NaN where 0 * inf meets, on both backends as in the oracle. */
+static void test_edges_running_var_zero_eps_zero(void **state) {
+  (void)state;
+  fbnt_tally t;
+  fbnt_tally_begin(&t, __func__);
+  static const fbn_dtype dtypes[] = {FBN_DTYPE_FLOAT32, FBN_DTYPE_FLOAT64};
+  for (size_t dt = 0; dt < 2; dt++)
+    FOR_SHAPES(s) {
+      const shape *sh = &small_shapes[s];
+      edge_case k;
+      case_init(&k, "running_var 0, eps = 0", dtypes[dt], sh->layout, sh->n, 2, sh->h, sh->w,
+                0.0, &t.rng);
+      k.eval = true;
+      k.rvar[0] = 0.0;
+      case_round(&k);
+      fbnt_tally_add(&t, case_check(&k));
+      case_free(&k);
+    }
+  fbnt_tally_end(&t, "cases");
+}
+
 /* The CUDA training kernels' invstd (src/cuda/bn_math.h, host-compiled):
  * the same rule, from the sums stats_finalize_kernel gets for a constant
  * channel (shifted by its first value: both sums 0). */
@@ -551,6 +585,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_edges_near_flt_max),
       cmocka_unit_test(test_edges_outlying_first_value_float64),
       cmocka_unit_test(test_edges_constant_channel_eps_zero),
+      cmocka_unit_test(test_edges_running_var_zero_eps_zero),
       cmocka_unit_test(test_edges_cuda_kernels_invstd),
   };
   return cmocka_run_group_tests_name("edges", tests, NULL, NULL);
