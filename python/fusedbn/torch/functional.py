@@ -168,9 +168,12 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     training=True normalizes with the batch statistics and, when running_mean
     and running_var are given (both or neither), updates them in place with
     factor momentum; training=False normalizes with running_mean/running_var
-    (both required).  Bad arguments raise fusedbn.InvalidArgumentError (a
+    (both required).  float16/bfloat16 per-channel tensors are accepted
+    for x other than float64 (run as float32 copies, running statistics
+    written back).  Bad arguments raise fusedbn.InvalidArgumentError (a
     ValueError) or fusedbn.UnsupportedError (a NotImplementedError) with the
-    library's message; nothing is changed then.
+    library's message after "fusedbn.torch.functional.batch_norm: "; nothing
+    is changed then.
     """
     fn = "fusedbn.torch.functional.batch_norm"
     if operation not in _ops.OPERATIONS:

@@ -58,13 +58,15 @@ class FusedBatchNorm2d(_FusedBatchNorm):
     track_running_stats=True): the arguments, buffers and parameters of
     torch.nn.BatchNorm2d (momentum=None: the cumulative average).
     forward(x, addend=None): x is a 4-D (N, C, H, W) float32 or float64 tensor
-    (and any other dtype the library's backend for x's device accepts: others
-    raise fusedbn.UnsupportedError), contiguous NCHW or channels_last (other
-    strides are copied into the nearer of the two); addend None gives
-    ReLU(BN(x)), otherwise addend must have x's shape, dtype and device.
+    (and any other dtype the library's backend for x's device accepts, such
+    as float16 on CUDA: others raise fusedbn.UnsupportedError), contiguous
+    NCHW or channels_last (other strides are copied into the nearer of the
+    two); addend None gives ReLU(BN(x)), otherwise addend must have x's
+    shape, dtype and device.  After .half() or .bfloat16() the parameters
+    and running statistics run as float32 copies (x not float64).
     Bad input raises fusedbn.InvalidArgumentError (a ValueError) carrying
-    the library's message, with the running statistics and
-    num_batches_tracked unchanged.
+    the library's message after the name of this forward, with the running
+    statistics and num_batches_tracked unchanged.
     """
 
 
