@@ -27,7 +27,7 @@ SEED = _seed()
 
 
 def pytest_report_header(config):
-    return "FUSEDBN_TEST_SEED=%d, libfusedbn %s (%s)" % (
+    return "FUSEDBN_TEST_SEED=%d (or FBN_TEST_SEED), libfusedbn %s (%s)" % (
         SEED, fusedbn.library_version(), fusedbn.library_path())
 
 
