@@ -100,8 +100,8 @@ fbn_status fbn_sync_comm_workspace_size(const fbn_op *op, const fbn_tensor_desc 
     return fbn_error(FBN_STATUS_INVALID_VALUE, "%s: world_size = %d: must be >= 1", fn, world_size);
   if (bytes == NULL)
     return fbn_error(FBN_STATUS_NULL_POINTER, "%s: bytes is NULL", fn);
-  sync_fwd_layout f;
-  sync_bwd_layout b;
+  sync_fwd_layout f = {0};
+  sync_bwd_layout b = {0};
   st = sync_fwd_layout_of(fn, op, x_desc, world_size, &f);
   if (st == FBN_STATUS_SUCCESS)
     st = sync_bwd_layout_of(fn, op, x_desc, &b);
@@ -142,7 +142,7 @@ fbn_status fbn_sync_forward(const fbn_op *op, const fbn_sync_comm *comm,
     st = fbn_sync_check_x_desc(fn, op, x_desc);
   if (st != FBN_STATUS_SUCCESS)
     return st;
-  sync_fwd_layout l;
+  sync_fwd_layout l = {0};
   st = sync_fwd_layout_of(fn, op, x_desc, comm->world_size, &l);
   if (st == FBN_STATUS_SUCCESS)
     st = sync_check_ws(fn, workspace, workspace_bytes, l.total);
@@ -246,7 +246,7 @@ fbn_status fbn_sync_backward(const fbn_op *op, const fbn_sync_comm *comm,
     return fbn_error(FBN_STATUS_INVALID_VALUE,
                      "%s: scope = %d: must be FBN_SYNC_GRAD_LOCAL or FBN_SYNC_GRAD_GLOBAL", fn,
                      (int)scope);
-  sync_bwd_layout l;
+  sync_bwd_layout l = {0};
   st = sync_bwd_layout_of(fn, op, x_desc, &l);
   if (st == FBN_STATUS_SUCCESS)
     st = sync_check_ws(fn, workspace, workspace_bytes, l.total);

@@ -101,7 +101,7 @@ fbn_status fbn_sync_check_headers(const char *fn, const fbn_op *op, const void *
                        "same dtype",
                        fn, r, fbn_dtype_name((fbn_dtype)h.dtype), fbn_dtype_name(o->dtype));
     if (h.param_dtype != (int32_t)o->param_dtype || h.operation != (int32_t)o->operation ||
-        h.affine != (o->affine ? 1 : 0) || memcmp(&h.eps, &o->eps, sizeof h.eps) != 0)
+        h.affine != (o->affine ? 1 : 0) || h.eps != o->eps)
       return fbn_error(FBN_STATUS_INVALID_VALUE,
                        "%s: rank %d has param_dtype %s, operation %s, affine %d, eps %g; this "
                        "rank's op %s, %s, %d, %g: every rank must run the same op",
@@ -264,13 +264,15 @@ fbn_status fbn_sync_apply_run(const char *fn, const fbn_op *op, const fbn_tensor
     return FBN_STATUS_SUCCESS;
   const fbn_op_desc ad = fbn_sync_apply_desc(op);
   const int64_t c_ = op->desc.num_features;
-  double *w64 = workspace, *b64 = w64 + c_, *v64 = b64 + c_;
+  double *w64 = workspace, *b64 = w64 + c_, *v64 = b64 + c_, *m64 = v64 + c_;
   fbn_sync_params64(op, weight, bias, w64, b64);
   /* the running path's invstd is 1/sqrt(var + eps); batch statistics give
    * a constant channel with eps = 0 invstd 0 (PyTorch's rule), which
    * 1/sqrt(+inf) is */
-  for (int64_t c = 0; c < c_; c++)
+  for (int64_t c = 0; c < c_; c++) {
+    m64[c] = mean[c];
     v64[c] = var[c] == 0.0 && op->desc.eps == 0.0 ? INFINITY : var[c];
+  }
   const size_t off = fbn_sync_param_bytes(op);
   const size_t rest = workspace_bytes - off;
   const fbn_bk_forward_args args = {
@@ -283,7 +285,7 @@ fbn_status fbn_sync_apply_run(const char *fn, const fbn_op *op, const fbn_tensor
       .weight = w64,
       .bias = b64,
       /* only read in running-statistics mode */
-      .running_mean = (void *)(uintptr_t)mean,
+      .running_mean = m64,
       .running_var = v64,
       .update_running = false,
       .factor = 0.0,

@@ -60,10 +60,10 @@ static inline size_t fbn_sync_grad_count(const fbn_op *op) {
   return FBN_SYNC_GRAD_HEAD + 2 * (size_t)op->desc.num_features;
 }
 
-/* Bytes of the float64 weight, bias and variance at the start of the
+/* Bytes of the float64 weight, bias, variance and mean at the start of the
  * workspace of the apply phases. */
 static inline size_t fbn_sync_param_bytes(const fbn_op *op) {
-  return fbn_sync_align(3 * (size_t)op->desc.num_features * sizeof(double));
+  return fbn_sync_align(4 * (size_t)op->desc.num_features * sizeof(double));
 }
 
 static inline size_t fbn_sync_pbytes(const fbn_op *op) {
