@@ -219,7 +219,8 @@ static void test_sync_matches_whole_batch(void **state) {
 }
 
 /* Shapes the fast backend runs with its vectorized loops (long NCHW rows,
- * NHWC blocks), float32 and float64. */
+ * NHWC blocks), float32 and float64; the shard of N = 5 is large enough for
+ * the statistics and dx hooks to split their channels over OpenMP threads. */
 static void test_sync_matches_whole_batch_larger(void **state) {
   (void)state;
   for (int dt = 0; dt < 2; dt++)
@@ -229,10 +230,10 @@ static void test_sync_matches_whole_batch_larger(void **state) {
                      .operation = FBN_OPERATION_BN_ADD_RELU,
                      .affine = true,
                      .world = 2,
-                     .shard_n = {1, 3},
+                     .shard_n = {1, 5},
                      .c = 24,
-                     .h = 17,
-                     .w = 19,
+                     .h = 23,
+                     .w = 29,
                      .steps = 2,
                      .scope = FBN_SYNC_GRAD_LOCAL};
       k.seed = case_seed(case_name(&k, "fast"));
