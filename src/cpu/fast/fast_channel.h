@@ -41,6 +41,21 @@ static void fbn_fast_exact_stats(const fbn_tensor_desc *d, const void *x, int64_
 }
 
 /*
+ * The shift k of channel c's shifted sums: the median of three of its
+ * values, the first, one in the middle and the last (n-major order), so
+ * that a single outlying value is never the shift; what an unlucky sample
+ * leaves (two outliers among the three) FBN_FAST_SHIFT_MAX_R below catches.
+ */
+static double fbn_fast_shift_of(const fbn_tensor_desc *d, const void *x, int64_t c) {
+  const int64_t hw = d->h * d->w;
+  const double a = fbn_fast_load(x, d->dtype, fbn_fast_index(d, hw, 0, c, 0));
+  const double b = fbn_fast_load(x, d->dtype, fbn_fast_index(d, hw, d->n / 2, c, hw / 2));
+  const double e = fbn_fast_load(x, d->dtype, fbn_fast_index(d, hw, d->n - 1, c, hw - 1));
+  const double lo = a < b ? a : b, hi = a < b ? b : a;
+  return e < lo ? lo : e > hi ? hi : e;
+}
+
+/*
  * Shifted sums give the sum of squared deviations as s2 - s1^2/count, whose
  * rounding grows with R = (k - mean)^2 / var, the squared distance of the
  * shift k from the mean in standard deviations (the error is about

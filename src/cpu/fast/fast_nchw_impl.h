@@ -32,7 +32,7 @@ static void FBN_K(forward_nchw_group)(fbn_fast_call *m, const fbn_bk_forward_arg
     if (fbn_fast_full(a)) {
       for (int64_t j = 0; j < gc; j++) {
         acc[j][0] = acc[j][1] = 0.0;
-        shift[j] = (double)x[(c0 + j) * hw];
+        shift[j] = fbn_fast_shift_of(d, x, c0 + j);
       }
       for (int64_t n = 0; n < n_; n++)
         FBN_K(stats_rows)(x + (n * c_ + c0) * hw, gc, hw, shift, acc);
@@ -165,7 +165,7 @@ static void FBN_K(forward_nchw_vec_group)(fbn_fast_call *m, const fbn_bk_forward
     FBN_T *cm = v.coef[0], *ca = v.coef[1], *cb = v.coef[2];
     if (fbn_fast_full(a)) {
       for (int64_t j = 0; j < gc; j++) {
-        const double k = (double)x[(c0 + j) * hw];
+        const double k = fbn_fast_shift_of(d, x, c0 + j);
         for (int64_t s = 0; s < hw; s++) {
           v.shift[j * hw + s] = k;
           v.s1[j * hw + s] = v.s2[j * hw + s] = 0.0;

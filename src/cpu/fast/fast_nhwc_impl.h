@@ -217,7 +217,7 @@ static void FBN_K(forward_nhwc)(fbn_fast_call *m, const fbn_bk_forward_args *a, 
   const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
   if (fbn_fast_full(a)) {
     for (int64_t c = 0; c < c_; c++)
-      plan->shift[c] = (double)x[c];
+      plan->shift[c] = fbn_fast_shift_of(d, x, c);
     fbn_fast_repeat(plan->shift, sizeof(double), c_, p_);
   }
   if (nt > 1) {

@@ -69,13 +69,13 @@ typedef struct fbn_fast_pipe_group {
   double shift[FBN_FAST_MAX_GROUP], acc[FBN_FAST_MAX_GROUP][2];
 } fbn_fast_pipe_group;
 
-static void fbn_fast_pipe_group_init(fbn_fast_pipe_group *g, const float *x, int64_t c0,
-                                     int64_t gc, int64_t hw) {
+static void fbn_fast_pipe_group_init(fbn_fast_pipe_group *g, const fbn_tensor_desc *d,
+                                     const float *x, int64_t c0, int64_t gc) {
   g->c0 = c0;
   g->gc = gc;
   for (int64_t j = 0; j < gc; j++) {
     g->acc[j][0] = g->acc[j][1] = 0.0;
-    g->shift[j] = (double)x[(c0 + j) * hw];
+    g->shift[j] = fbn_fast_shift_of(d, x, c0 + j);
   }
 }
 
@@ -100,7 +100,7 @@ static void fbn_fast_pipe_unit(fbn_fast_call *m, const fbn_bk_forward_args *a,
 
   fbn_fast_pipe_group *cur = &grp[0], *next = &grp[1];
   const int64_t first = gi0 * g_;
-  fbn_fast_pipe_group_init(cur, x, first, c_ - first < g_ ? c_ - first : g_, hw);
+  fbn_fast_pipe_group_init(cur, d, x, first, c_ - first < g_ ? c_ - first : g_);
   for (int64_t n = 0; n < n_; n++)
     stats_rows_f32(x + (n * c_ + cur->c0) * hw, cur->gc, hw, cur->shift, cur->acc);
   for (int64_t gi = gi0; gi < gi1; gi++) {
@@ -114,7 +114,7 @@ static void fbn_fast_pipe_unit(fbn_fast_call *m, const fbn_bk_forward_args *a,
     const bool more = gi + 1 < gi1;
     const int64_t c1 = c0 + gc, gc1 = !more ? 0 : c_ - c1 < g_ ? c_ - c1 : g_;
     if (more)
-      fbn_fast_pipe_group_init(next, x, c1, gc1, hw);
+      fbn_fast_pipe_group_init(next, d, x, c1, gc1);
     /* the rows of n and n + half in one loop (two sets of streams in
      * flight, see forward_nhwc_run in fast_nhwc_impl.h), then the last n of
      * an odd N alone */
