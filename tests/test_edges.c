@@ -21,7 +21,10 @@
  *                    (its coefficient weight * invstd stays normal), dy
  *                    scaled by 1e20 (dx stays normal)
  *   outlying first   float64, 262144 values per channel of 3 + randn whose
- *                    first value is 3 + 1e4 (a shift by it cancels)
+ *                    first value is 3 + 1e4 (a shift by it cancels); in the
+ *                    second channel the middle value (n = N/2, h*W + w =
+ *                    H*W/2) too, so that the median of the first, middle
+ *                    and last values is an outlier as well
  *   constant, eps 0  a channel of 0.75 with eps = 0: invstd = 0, so y =
  *                    ReLU(bias + addend), dx = 0, dweight = 0 (PyTorch's
  *                    InvStd rule), checked exactly as well; and the CUDA
@@ -481,10 +484,14 @@ static void test_edges_outlying_first_value_float64(void **state) {
     case_init(&k, "outlying first value", FBN_DTYPE_FLOAT64, layouts[l], 16, 2, 128, 128, 1e-5,
               &t.rng);
     const int64_t hw = 128 * 128;
-    for (int64_t n = 0; n < 16; n++)
-      for (int64_t i = 0; i < hw; i++)
-        chan_x(&k, n, 0)[i] = 3.0 + fbnt_rng_normal(&t.rng);
+    for (int64_t c = 0; c < 2; c++)
+      for (int64_t n = 0; n < 16; n++)
+        for (int64_t i = 0; i < hw; i++)
+          chan_x(&k, n, c)[i] = 3.0 + fbnt_rng_normal(&t.rng);
+    /* channel 0: the first value; channel 1: also the middle one, the
+     * fast backend's median-of-three shift then is an outlier too */
     chan_x(&k, 0, 0)[0] = 3.0 + 1e4;
+    chan_x(&k, 0, 1)[0] = chan_x(&k, 8, 1)[hw / 2] = 3.0 + 1e4;
     case_round(&k);
     fbnt_tally_add(&t, case_check(&k));
     case_free(&k);
