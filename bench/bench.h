@@ -38,9 +38,9 @@ typedef struct bench_shape {
 } bench_shape;
 
 typedef enum bench_pass {
-  BENCH_PASS_TRAIN_FWD = 0, /* training forward with addend (batch stats) */
-  BENCH_PASS_EVAL_FWD = 1,  /* eval forward with addend (running stats) */
-  BENCH_PASS_TRAIN_BWD = 2, /* backward of a training forward: dx, daddend */
+  BENCH_PASS_TRAIN_FWD = 0, /* training forward (batch stats; addend: BN + add + ReLU) */
+  BENCH_PASS_EVAL_FWD = 1,  /* eval forward (running stats) */
+  BENCH_PASS_TRAIN_BWD = 2, /* backward of a training forward: dx (daddend: BN + add + ReLU) */
   BENCH_PASS_COUNT = 3,
 } bench_pass;
 
