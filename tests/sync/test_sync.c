@@ -422,9 +422,10 @@ static void *fail_thread(void *arg) {
   assert_int_equal(fbn_sync_saved_size(op, &j->d, &saved_bytes), FBN_STATUS_SUCCESS);
   assert_int_equal(fbn_sync_comm_workspace_size(op, &j->d, j->t->comm.world_size, &ws_bytes),
                    FBN_STATUS_SUCCESS);
-  float *x = calloc(numel + 1, 4), *z = calloc(numel + 1, 4), *y = calloc(numel + 1, 4);
-  float *dy = calloc(numel + 1, 4), *dx = calloc(numel + 1, 4);
-  float wt[64], bs[64], rm[64], rv[64], dw[64], db[64];
+  /* room for float64 elements too (a rank whose op disagrees on dtype) */
+  float *x = calloc(2 * numel + 2, 4), *z = calloc(2 * numel + 2, 4), *y = calloc(2 * numel + 2, 4);
+  float *dy = calloc(2 * numel + 2, 4), *dx = calloc(2 * numel + 2, 4);
+  float wt[128], bs[128], rm[128], rv[128], dw[128], db[128];
   void *saved = aligned_alloc(64, (saved_bytes + 63) / 64 * 64);
   void *ws = aligned_alloc(64, (ws_bytes + 63) / 64 * 64);
   fbnt_rng rng;
@@ -442,7 +443,7 @@ static void *fail_thread(void *arg) {
     dw[i] = 7.0f;
     db[i] = -3.0f;
   }
-  float rm0[64], rv0[64];
+  float rm0[128], rv0[128];
   memcpy(rm0, rm, sizeof rm);
   memcpy(rv0, rv, sizeof rv);
   memset(y, 0xff, (numel + 1) * 4);
@@ -477,17 +478,20 @@ static void *fail_thread(void *arg) {
   return NULL;
 }
 
-static fbn_op *f32_op(int64_t c) {
-  sync_case k = {.dtype = FBN_DTYPE_FLOAT32,
+static fbn_op *dtype_op(fbn_dtype dtype, int64_t c) {
+  sync_case k = {.dtype = dtype,
                  .layout = FBN_LAYOUT_NCHW,
                  .operation = FBN_OPERATION_BN_ADD_RELU,
                  .affine = true};
   return sync_case_op(&k, "fast", c);
 }
 
-/* Run fail_thread on `world` ranks; rank r has channels cs[r], N ns[r]. */
-static void run_fail(int world, const int64_t *cs, const int64_t *ns, int64_t hw, int fail_at,
-                     bool backward_too, fail_job *jobs) {
+static fbn_op *f32_op(int64_t c) { return dtype_op(FBN_DTYPE_FLOAT32, c); }
+
+/* Run fail_thread on `world` ranks; rank r has channels cs[r], N ns[r] and
+ * dtype dts[r] (dts NULL: float32). */
+static void run_fail(int world, const int64_t *cs, const int64_t *ns, const fbn_dtype *dts,
+                     int64_t hw, int fail_at, bool backward_too, fail_job *jobs) {
   thread_world w;
   thread_rank ranks[SYNC_MAX_RANKS];
   world_init(&w, ranks, world);
@@ -496,13 +500,14 @@ static void run_fail(int world, const int64_t *cs, const int64_t *ns, int64_t hw
   fbn_op *ops[SYNC_MAX_RANKS];
   pthread_t th[SYNC_MAX_RANKS];
   for (int r = 0; r < world; r++) {
-    ops[r] = f32_op(cs[r]);
+    const fbn_dtype dt = dts != NULL ? dts[r] : FBN_DTYPE_FLOAT32;
+    ops[r] = dtype_op(dt, cs[r]);
     assert_non_null(ops[r]);
     jobs[r] = (fail_job){
         .t = &ranks[r],
         .op = ops[r],
         .backward_too = backward_too,
-        .d = fbn_tensor_desc_make(ns[r], cs[r], hw, 1, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW)};
+        .d = fbn_tensor_desc_make(ns[r], cs[r], hw, 1, dt, FBN_LAYOUT_NCHW)};
     assert_int_equal(pthread_create(&th[r], NULL, fail_thread, &jobs[r]), 0);
   }
   for (int r = 0; r < world; r++) {
@@ -516,7 +521,7 @@ static void test_sync_disagreeing_channels(void **state) {
   (void)state;
   const int64_t cs[] = {5, 6, 5}, ns[] = {2, 3, 1};
   fail_job jobs[3];
-  run_fail(3, cs, ns, 4, -1, false, jobs);
+  run_fail(3, cs, ns, NULL, 4, -1, false, jobs);
   for (int r = 0; r < 3; r++) {
     assert_int_equal(jobs[r].fwd, FBN_STATUS_SHAPE_MISMATCH);
     /* rank 1 sees rank 0 disagree with it, the others see rank 1 */
@@ -525,11 +530,25 @@ static void test_sync_disagreeing_channels(void **state) {
   }
 }
 
+static void test_sync_disagreeing_dtype(void **state) {
+  (void)state;
+  const int64_t cs[] = {4, 4}, ns[] = {3, 2};
+  const fbn_dtype dts[] = {FBN_DTYPE_FLOAT32, FBN_DTYPE_FLOAT64};
+  fail_job jobs[2];
+  run_fail(2, cs, ns, dts, 3, -1, false, jobs);
+  for (int r = 0; r < 2; r++) {
+    assert_int_equal(jobs[r].fwd, FBN_STATUS_SHAPE_MISMATCH);
+    assert_non_null(
+        strstr(jobs[r].fwd_msg, r == 1 ? "rank 0 has dtype float32" : "rank 1 has dtype float64"));
+    assert_true(jobs[r].untouched);
+  }
+}
+
 static void test_sync_total_count_one(void **state) {
   (void)state;
   const int64_t cs[] = {4, 4}, ns[] = {1, 0};
   fail_job jobs[2];
-  run_fail(2, cs, ns, 1, -1, false, jobs);
+  run_fail(2, cs, ns, NULL, 1, -1, false, jobs);
   for (int r = 0; r < 2; r++) {
     assert_int_equal(jobs[r].fwd, FBN_STATUS_INVALID_SHAPE);
     assert_non_null(strstr(jobs[r].fwd_msg, "1 value(s) per channel over the 2 ranks"));
@@ -544,7 +563,7 @@ static void test_sync_failing_callback(void **state) {
    * allreduce */
   for (int at = 0; at < 3; at++) {
     fail_job jobs[2];
-    run_fail(2, cs, ns, 5, at, true, jobs);
+    run_fail(2, cs, ns, NULL, 5, at, true, jobs);
     for (int r = 0; r < 2; r++) {
       const fbn_status st = at < 2 ? jobs[r].fwd : jobs[r].bwd;
       const char *msg = at < 2 ? jobs[r].fwd_msg : jobs[r].bwd_msg;
@@ -736,6 +755,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_sync_one_rank_equals_plain_op),
       cmocka_unit_test(test_sync_split_phases_sequential),
       cmocka_unit_test(test_sync_disagreeing_channels),
+      cmocka_unit_test(test_sync_disagreeing_dtype),
       cmocka_unit_test(test_sync_total_count_one),
       cmocka_unit_test(test_sync_failing_callback),
       cmocka_unit_test(test_sync_split_phase_errors),
