@@ -24,8 +24,8 @@
 extern "C" {
 #endif
 
-/** fbn_sync_comm_workspace_size() for comm's size.  A failing MPI_Comm_size:
- *  FBN_STATUS_DEVICE_ERROR. */
+/** fbn_sync_comm_workspace_size() for comm's size (a failing MPI_Comm_size
+ *  counts as size 0: FBN_STATUS_INVALID_VALUE, "world_size = 0"). */
 FBN_API fbn_status fbn_mpi_sync_workspace_size(const fbn_op *op, MPI_Comm comm,
                                                const fbn_tensor_desc *x_desc, size_t *bytes);
 
