@@ -283,6 +283,9 @@ fbn_fast_bwd_pipe_body(const bool APPLY, const bool REDUCE, const bool MASK, con
     if (REDUCE) {
       __m256 g = _mm256_loadu_ps(dys + i);
       if (MASK) {
+        /* bs is NULL only in the MASK = false instances (the callers below);
+         * cppcheck does not tie the two. */
+        // cppcheck-suppress nullPointer
         const __m256i bv = _mm256_and_si256(_mm256_set1_epi32(bs[i / 8]), sel);
         g = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(bv, sel)), g);
       }
@@ -299,6 +302,8 @@ fbn_fast_bwd_pipe_body(const bool APPLY, const bool REDUCE, const bool MASK, con
     if (APPLY) {
       __m256 g = _mm256_loadu_ps(dy + i);
       if (MASK) {
+        /* likewise bits */
+        // cppcheck-suppress nullPointer
         const __m256i bv = _mm256_and_si256(_mm256_set1_epi32(bits[i / 8]), sel);
         g = _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(bv, sel)), g);
       }
