@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/half.h"
 #include "fbn_testutil.h"
 
 size_t fbnt_desc_numel(const fbn_tensor_desc *desc) {
@@ -48,12 +49,10 @@ void fbnt_store(fbn_dtype dtype, void *data, size_t index, double value) {
     ((double *)data)[index] = value;
     return;
   case FBN_DTYPE_FLOAT16:
-    /* double -> float -> half can double-round; test data is generated in
-     * float first, so this is exact for values that came from a half. */
-    ((uint16_t *)data)[index] = fbnt_float_to_half((float)value);
+    ((uint16_t *)data)[index] = fbn_double_to_half(value); /* rounded once */
     return;
   case FBN_DTYPE_BFLOAT16:
-    ((uint16_t *)data)[index] = fbnt_float_to_bfloat16((float)value);
+    ((uint16_t *)data)[index] = fbn_double_to_bfloat16(value);
     return;
   }
   fprintf(stderr, "fbnt_store: unknown dtype %d\n", (int)dtype);
