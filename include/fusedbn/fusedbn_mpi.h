@@ -4,9 +4,12 @@
  * MPI_Comm in place of the callback table, on host memory.  Collective:
  * every rank of comm calls them in the same order.
  *
- * Link with libfusedbn_mpi, libfusedbn and the MPI library: the Meson
- * dependency fusedbn_mpi_dep has all three (libfusedbn_mpi is built in the
- * tree, not installed).
+ * Build with `pkg-config --cflags --libs fusedbn-mpi` (libfusedbn_mpi,
+ * libfusedbn and the MPI's own pkg-config module: ompi-c, mpich), or the
+ * Meson dependency fusedbn_mpi_dep ('fusedbn-mpi') of a subproject; with an
+ * MPI that has no pkg-config module, with its compiler wrapper (mpicc) and
+ * -lfusedbn_mpi -lfusedbn.  C++ clients of this C API skip MPI's deprecated
+ * C++ bindings as usual (-DOMPI_SKIP_MPICXX, -DMPICH_SKIP_MPICXX).
  *
  * MPI errors: the calls set no error handler.  With comm's handler
  * MPI_ERRORS_RETURN a failed collective is FBN_STATUS_DEVICE_ERROR with

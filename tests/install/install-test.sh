@@ -2,10 +2,14 @@
 # Install test: `meson install` the build into a temporary DESTDIR, then
 # build and run a client that sees only the installed headers and library.
 #
-#   install-test.sh BUILDDIR CLIENT.c pkg-config|cmake
+#   install-test.sh BUILDDIR CLIENT.c pkg-config|cmake [MPI_CLIENT.c]
 #
 #   pkg-config  every installed header compiles on its own (C11, C++11), and
-#               CLIENT.c is built with `pkg-config --cflags --libs fusedbn`
+#               CLIENT.c is built with `pkg-config --cflags --libs fusedbn`;
+#               with MPI (feature mpi), <fusedbn/fusedbn_mpi.h> with the flags
+#               of `pkg-config --cflags fusedbn-mpi`, and MPI_CLIENT.c built
+#               with `pkg-config --cflags --libs fusedbn-mpi` and run under
+#               FBN_MPIRUN with 2 processes
 #   cmake       CLIENT.c is built by tests/install/cmake/CMakeLists.txt with
 #               find_package(fusedbn X.Y REQUIRED COMPONENTS <the build's
 #               features>) and fusedbn::fusedbn; a newer or (for 0.x) older
@@ -17,7 +21,9 @@
 #   FBN_CXX         a C++ compiler for the header check (optional)
 #   FBN_SANITIZE    b_sanitize of the build ("none" or e.g. "address,undefined"):
 #                   the client is built the same way so it can load the library
-#   FBN_FEATURES    comma-separated: cuda, state_io (what the build has)
+#   FBN_FEATURES    comma-separated: cuda, state_io, mpi (what the build has)
+#   FBN_MPIRUN      mpirun of the MPI the build found (empty: the MPI client
+#                   is built, not run)
 #   FBN_LIBRARY     default_library of the build: shared, static or both
 #   FBN_VERSION     the project's version
 #   FBN_CUDA_CFLAGS the CUDA toolkit's -I flags: what a client of
@@ -33,6 +39,8 @@ set -euo pipefail
 build=$(cd "$1" && pwd)
 client_src=$(cd "$(dirname "$2")" && pwd)/$(basename "$2")
 kind=$3
+mpi_client_src=""
+[ -n "${4:-}" ] && mpi_client_src=$(cd "$(dirname "$4")" && pwd)/$(basename "$4")
 : "${FBN_CC:?}" "${FBN_PREFIX:?}" "${FBN_LIBDIR:?}" "${FBN_INCLUDEDIR:?}"
 meson_cmd=${MESON:-meson}
 
@@ -91,6 +99,19 @@ if has_feature state_io; then
 else
   [ ! -e "$incdir/fusedbn/fusedbn_state.h" ] || fail "fusedbn_state.h installed without state_io"
 fi
+if has_feature mpi; then
+  [ -f "$incdir/fusedbn/fusedbn_mpi.h" ] || fail "MPI build without fusedbn_mpi.h"
+  [ -f "$libdir/pkgconfig/fusedbn-mpi.pc" ] || fail "fusedbn-mpi.pc not installed in $libdir/pkgconfig"
+  if $static; then
+    [ -f "$libdir/libfusedbn_mpi.a" ] || fail "libfusedbn_mpi.a not installed in $libdir"
+  else
+    [ -e "$libdir/libfusedbn_mpi.so" ] || fail "libfusedbn_mpi.so not installed in $libdir"
+  fi
+else
+  for f in "$incdir/fusedbn/fusedbn_mpi.h" "$libdir/pkgconfig/fusedbn-mpi.pc"; do
+    [ ! -e "$f" ] || fail "$f installed without MPI"
+  done
+fi
 if find "$dest" -name 'internal.h' -o -name 'fbn_config.h' -o -name '*.cuh' | grep -q .; then
   fail "an internal header was installed"
 fi
@@ -144,6 +165,21 @@ pkg_config_client() {
 
   cuda_cflags=""
   has_feature cuda && cuda_cflags=${FBN_CUDA_CFLAGS:-}
+  mpi_cflags=""
+  if has_feature mpi; then
+    # fusedbn-mpi Requires the MPI's own module (ompi-c, mpich), whose prefix
+    # is the system's: the DESTDIR prefix goes into copies of the two fusedbn
+    # files instead of --define-variable, which would move the MPI's too.
+    mpi_pc=$dest/pkgconfig-mpi
+    mkdir -p "$mpi_pc"
+    for f in fusedbn fusedbn-mpi; do
+      sed "s|^prefix=.*|prefix=$root|" "$libdir/pkgconfig/$f.pc" >"$mpi_pc/$f.pc"
+    done
+    pcm() { PKG_CONFIG_LIBDIR=$mpi_pc${system_pc:+:$system_pc} pkg-config "$@" fusedbn-mpi; }
+    pcm --exists --print-errors || fail "pkg-config cannot resolve fusedbn-mpi (its Requires)"
+    mpi_cflags=$(pcm --cflags)
+    echo "  fusedbn-mpi cflags: $mpi_cflags"
+  fi
   cxx=()
   [ -n "${FBN_CXX:-}" ] && read -r -a cxx <<<"$FBN_CXX"
 
@@ -151,7 +187,14 @@ pkg_config_client() {
   for h in "$incdir"/fusedbn/*.h; do
     name=fusedbn/$(basename "$h")
     extra=""
+    cxx_extra=""
     [ "$name" = fusedbn/fusedbn_cuda.h ] && extra=$cuda_cflags
+    # Open MPI's and MPICH's <mpi.h> pull in their deprecated C++ bindings
+    # (which warn under -Wextra) unless a C++ client of the C API skips them.
+    if [ "$name" = fusedbn/fusedbn_mpi.h ]; then
+      extra=$mpi_cflags
+      cxx_extra="-DOMPI_SKIP_MPICXX=1 -DMPICH_SKIP_MPICXX=1"
+    fi
     # shellcheck disable=SC2086 # word splitting of pkg-config output is intended
     printf '#include <%s>\n#include <%s>\nint fbn_header_check;\n' "$name" "$name" |
       "${cc[@]}" -std=c11 -pedantic -Wall -Wextra -Werror $cflags $extra -fsyntax-only -x c - ||
@@ -159,7 +202,7 @@ pkg_config_client() {
     if [ ${#cxx[@]} -gt 0 ]; then
       # shellcheck disable=SC2086
       printf '#include <%s>\nint fbn_header_check;\n' "$name" |
-        "${cxx[@]}" -std=c++11 -pedantic -Wall -Wextra -Werror $cflags $extra -fsyntax-only -x c++ - ||
+        "${cxx[@]}" -std=c++11 -pedantic -Wall -Wextra -Werror $cflags $extra $cxx_extra -fsyntax-only -x c++ - ||
         fail "$name does not compile on its own as C++11"
     fi
     echo "  $name"
@@ -172,6 +215,42 @@ pkg_config_client() {
 
   echo "== run it against the installed library"
   run_client "$dest/client"
+
+  if has_feature mpi && [ -n "$mpi_client_src" ]; then
+    mpi_client
+  fi
+}
+
+# The MPI adapter's client: built with fusedbn-mpi.pc alone, run by mpirun.
+mpi_client() {
+  echo "== build the MPI client (pkg-config fusedbn-mpi)"
+  local mpi_libs
+  if $static; then mpi_libs=$(pcm --libs --static); else mpi_libs=$(pcm --libs); fi
+  echo "  libs:    $mpi_libs"
+  # shellcheck disable=SC2086
+  "${cc[@]}" -std=c11 -pedantic -Wall -Wextra -Werror "${san[@]}" $mpi_cflags \
+    -o "$dest/mpi_client" "$mpi_client_src" $mpi_libs -lm
+  if ! $static; then
+    resolved=$(LD_LIBRARY_PATH=$libdir ldd "$dest/mpi_client" | awk '/libfusedbn_mpi\.so/ { print $3 }')
+    echo "  libfusedbn_mpi resolves to $resolved"
+    case $resolved in
+      "$dest"/*) ;;
+      *) fail "the MPI client does not load the installed libfusedbn_mpi (got '$resolved')" ;;
+    esac
+  fi
+  if [ -z "${FBN_MPIRUN:-}" ]; then
+    echo "  not run: no mpirun found"
+    return 0
+  fi
+  echo "== run it under $FBN_MPIRUN -np 2"
+  # Open MPI: root in CI containers, 2 ranks on any core count, one host
+  # (no rsh agent), shared memory; its own allocations kept until exit are
+  # no leaks of ours (the sync suite's mpirun tests do the same).
+  LD_LIBRARY_PATH=$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} OMPI_MCA_plm_rsh_agent= \
+    OMPI_MCA_btl=self,vader OMP_NUM_THREADS=1 \
+    ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0 \
+    "$FBN_MPIRUN" --allow-run-as-root --oversubscribe -np 2 "$dest/mpi_client" ||
+    fail "the MPI client failed under mpirun"
 }
 
 cmake_client() {
