@@ -4,7 +4,10 @@ Only what the Python package calls: the op description and its lifecycle, the
 size queries, forward, backward, the running-average factor, the status names,
 the thread-local error message and the version; in a library built with CUDA
 also fbn_cuda_op_forward / fbn_cuda_op_backward (fusedbn_cuda.h), which take
-the stream.  The structures mirror the C headers field by field.
+the stream; and synchronized batch norm's split phases (fusedbn_sync.h:
+fbn_sync_stats, fbn_sync_combine, fbn_sync_apply, fbn_sync_backward_reduce,
+fbn_sync_backward_apply and their sizes).  The structures mirror the C
+headers field by field.
 
 The library is looked up, in this order, at
   1. the path in the FUSEDBN_LIBRARY environment variable (nothing else is
@@ -99,6 +102,7 @@ _STATUS_NAMES = {
     SUCCESS: "FBN_STATUS_SUCCESS", NULL_POINTER: "FBN_STATUS_NULL_POINTER",
     INVALID_VALUE: "FBN_STATUS_INVALID_VALUE", INVALID_SHAPE: "FBN_STATUS_INVALID_SHAPE",
     SHAPE_MISMATCH: "FBN_STATUS_SHAPE_MISMATCH", UNSUPPORTED: "FBN_STATUS_UNSUPPORTED",
+    INVALID_STATE: "FBN_STATUS_INVALID_STATE", DEVICE_ERROR: "FBN_STATUS_DEVICE_ERROR",
 }
 
 
@@ -165,6 +169,38 @@ _CUDA_SIGNATURES = {
 }
 
 
+# Synchronized batch norm's split phases (fusedbn_sync.h), used by
+# fusedbn.torch.SyncFusedBatchNorm2d; optional so that an older library still
+# loads for the other modules.
+_PD = C.POINTER(C.c_double)
+_SYNC_SIGNATURES = {
+    "fbn_sync_stats_record_size": (C.c_int, [_vp, _PSIZE]),
+    "fbn_sync_grad_record_size": (C.c_int, [_vp, _PSIZE]),
+    "fbn_sync_saved_size": (C.c_int, [_vp, C.POINTER(TensorDesc), _PSIZE]),
+    "fbn_sync_workspace_size": (C.c_int, [_vp, C.POINTER(TensorDesc), _PSIZE]),
+    # op, x_desc, x, record, record_bytes
+    "fbn_sync_stats": (C.c_int, [_vp, C.POINTER(TensorDesc), _vp, _vp, _sz]),
+    # op, records, world_size, record_bytes, mean, var, running_mean,
+    # running_var, factor, total_count
+    "fbn_sync_combine": (C.c_int, [_vp, _vp, C.c_int, _sz, _vp, _vp, _vp, _vp, C.c_double,
+                                   C.POINTER(C.c_int64)]),
+    # op, x_desc, x, addend, y, weight, bias, mean, var, saved, saved_bytes,
+    # workspace, workspace_bytes
+    "fbn_sync_apply": (C.c_int, [_vp, C.POINTER(TensorDesc), _vp, _vp, _vp, _vp, _vp, _vp, _vp,
+                                 _vp, _sz, _vp, _sz]),
+    # op, x_desc, x, y, dy, saved, saved_bytes, weight, bias, grad_record,
+    # grad_record_bytes, dweight, dbias, param_grad, workspace, workspace_bytes
+    "fbn_sync_backward_reduce": (C.c_int, [_vp, C.POINTER(TensorDesc), _vp, _vp, _vp, _vp, _sz,
+                                           _vp, _vp, _vp, _sz, _vp, _vp, C.c_int, _vp, _sz]),
+    # op, x_desc, x, y, dy, saved, saved_bytes, weight, bias, grad_record,
+    # grad_record_bytes, dx, daddend, dweight, dbias, param_grad, workspace,
+    # workspace_bytes
+    "fbn_sync_backward_apply": (C.c_int, [_vp, C.POINTER(TensorDesc), _vp, _vp, _vp, _vp, _sz,
+                                          _vp, _vp, _vp, _sz, _vp, _vp, _vp, _vp, C.c_int, _vp,
+                                          _sz]),
+}
+
+
 def _version_string(v):
     return "%d.%d.%d" % (v // 10000, v // 100 % 100, v % 100)
 
@@ -193,7 +229,8 @@ def _open(path):
                            "API" % (_version_string(version),
                                     ", lacks " + ", ".join(missing) if missing else "",
                                     _version_string(REQUIRED_VERSION)))
-    for name, (restype, argtypes) in list(_SIGNATURES.items()) + list(_CUDA_SIGNATURES.items()):
+    for name, (restype, argtypes) in (list(_SIGNATURES.items()) + list(_CUDA_SIGNATURES.items())
+                                      + list(_SYNC_SIGNATURES.items())):
         if hasattr(lib, name):
             fn = getattr(lib, name)
             fn.restype = restype
@@ -211,6 +248,8 @@ class Library:
         self.version_string = _version_string(self.version)
         # Stream-taking op entry points: only in a library built with CUDA.
         self.has_cuda_streams = all(hasattr(lib, name) for name in _CUDA_SIGNATURES)
+        # Synchronized batch norm's split phases (fusedbn_sync.h).
+        self.has_sync = all(hasattr(lib, name) for name in _SYNC_SIGNATURES)
 
     def error(self, status):
         """The exception for a failed call: the status name and the thread's message."""
@@ -321,3 +360,73 @@ def new_op_desc(library):
     desc = OpDesc()
     library.lib.fbn_op_desc_init(C.byref(desc))
     return desc
+
+
+class SyncOp:
+    """The synchronized batch norm phases (fusedbn_sync.h) of one Op of
+    statistics STATISTICS_BATCH: sizes, the local statistics record, the
+    combine of the all-gathered records, the apply, and the backward's
+    reduce and apply.  Pointers are integers (None for NULL); every failing
+    call raises the library's Error."""
+
+    def __init__(self, op):
+        self.op = op
+        self.library = op.library
+        if not self.library.has_sync:
+            raise make_error(UNSUPPORTED, "libfusedbn %s at %s has no synchronized batch norm "
+                             "(fbn_sync_*)" % (self.library.version_string, self.library.path))
+        self._lib = self.library.lib
+
+    def _size(self, fn, *args):
+        out = C.c_size_t()
+        self.library.check(fn(self.op.handle, *args, C.byref(out)))
+        return out.value
+
+    def record_bytes(self):
+        """fbn_sync_stats_record_size(): bytes of one rank's statistics record."""
+        return self._size(self._lib.fbn_sync_stats_record_size)
+
+    def grad_record_bytes(self):
+        """fbn_sync_grad_record_size(): bytes of the backward's gradient record."""
+        return self._size(self._lib.fbn_sync_grad_record_size)
+
+    def sizes(self, x_desc):
+        """(saved bytes, workspace bytes) of the apply / backward phases for x_desc."""
+        ref = C.byref(x_desc)
+        return (self._size(self._lib.fbn_sync_saved_size, ref),
+                self._size(self._lib.fbn_sync_workspace_size, ref))
+
+    def stats(self, x_desc, x, record, record_bytes):
+        self.library.check(self._lib.fbn_sync_stats(self.op.handle, C.byref(x_desc), x, record,
+                                                     record_bytes))
+
+    def combine(self, records, world_size, record_bytes, mean, var, running_mean, running_var,
+                factor):
+        """fbn_sync_combine(); returns the total count per channel."""
+        total = C.c_int64()
+        self.library.check(self._lib.fbn_sync_combine(
+            self.op.handle, records, int(world_size), record_bytes, mean, var, running_mean,
+            running_var, float(factor), C.byref(total)))
+        return total.value
+
+    def apply(self, x_desc, x, addend, y, weight, bias, mean, var, saved, saved_bytes, workspace,
+              workspace_bytes):
+        self.library.check(self._lib.fbn_sync_apply(
+            self.op.handle, C.byref(x_desc), x, addend, y, weight, bias, mean, var, saved,
+            saved_bytes, workspace, workspace_bytes))
+
+    def backward_reduce(self, x_desc, x, y, dy, saved, saved_bytes, weight, bias, grad_record,
+                        grad_record_bytes, dweight, dbias, workspace, workspace_bytes):
+        """fbn_sync_backward_reduce(), dweight/dbias (this shard's) overwritten."""
+        self.library.check(self._lib.fbn_sync_backward_reduce(
+            self.op.handle, C.byref(x_desc), x, y, dy, saved, saved_bytes, weight, bias,
+            grad_record, grad_record_bytes, dweight, dbias, PARAM_GRAD_OVERWRITE, workspace,
+            workspace_bytes))
+
+    def backward_apply(self, x_desc, x, y, dy, saved, saved_bytes, weight, bias, grad_record,
+                       grad_record_bytes, dx, daddend, workspace, workspace_bytes):
+        """fbn_sync_backward_apply(): dx and daddend (global dweight/dbias not asked for)."""
+        self.library.check(self._lib.fbn_sync_backward_apply(
+            self.op.handle, C.byref(x_desc), x, y, dy, saved, saved_bytes, weight, bias,
+            grad_record, grad_record_bytes, dx, daddend, None, None, PARAM_GRAD_OVERWRITE,
+            workspace, workspace_bytes))

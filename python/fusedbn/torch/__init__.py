@@ -1,6 +1,8 @@
 """fusedbn for PyTorch: FusedBatchNorm2d (y = ReLU(BN(x) + addend)),
 BatchNorm2dReLU (ReLU(BN(x))), BatchNorm2d (BN(x)), their functional form
-(fusedbn.torch.functional.batch_norm) and convert() for torchvision ResNets.
+(fusedbn.torch.functional.batch_norm), their synchronized forms over
+torch.distributed (SyncFusedBatchNorm2d, SyncBatchNorm2dReLU,
+SyncBatchNorm2d: fusedbn.torch.sync) and convert() for torchvision ResNets.
 
     from fusedbn.torch import FusedBatchNorm2d
     m = FusedBatchNorm2d(num_features=2, eps=1e-5, momentum=0.1)
@@ -14,7 +16,9 @@ from .. import _lib
 _lib.load_library()
 
 from .modules import BatchNorm2d, BatchNorm2dReLU, FusedBatchNorm2d  # noqa: E402
+from .sync import SyncBatchNorm2d, SyncBatchNorm2dReLU, SyncFusedBatchNorm2d  # noqa: E402
 from .convert import convert  # noqa: E402
 from . import functional  # noqa: E402
 
-__all__ = ["FusedBatchNorm2d", "BatchNorm2dReLU", "BatchNorm2d", "convert", "functional"]
+__all__ = ["FusedBatchNorm2d", "BatchNorm2dReLU", "BatchNorm2d", "SyncFusedBatchNorm2d",
+           "SyncBatchNorm2dReLU", "SyncBatchNorm2d", "convert", "functional"]
