@@ -23,9 +23,31 @@ FBN_HD double fbn_bn_running_update(double running, double batch, double factor)
   return (1.0 - factor) * running + factor * batch;
 }
 
+/* The shift of a channel's shifted sums: the median of three of its
+ * values, the first, one in the middle and the last in (n, h*w) order, so
+ * that a single outlying value is never the shift (the CPU fast backend's
+ * rule).  The rounding of the one-pass variance grows with the squared
+ * distance of the shift from the mean in standard deviations; a channel
+ * where two of the three samples are outliers keeps that error (the
+ * kernels have no two-pass fallback). */
+FBN_HD double fbn_bn_median3(double a, double b, double e) {
+  const double lo = a < b ? a : b, hi = a < b ? b : a;
+  return e < lo ? lo : e > hi ? hi : e;
+}
+
+/* Element offsets of the three shift samples of channel c of an (n, C, hw)
+ * tensor, channels last (nhwc) or not. */
+FBN_HD void fbn_bn_shift_samples(int64_t n, int64_t c, int64_t C, int64_t hw, int nhwc,
+                                 int64_t at[3]) {
+  const int64_t nn[3] = {0, n / 2, n - 1}, ss[3] = {0, hw / 2, hw - 1};
+  for (int k = 0; k < 3; k++)
+    at[k] = nhwc ? (nn[k] * hw + ss[k]) * C + c : (nn[k] * C + c) * hw + ss[k];
+}
+
 /* Batch statistics of one channel from the sums of (x - shift) and
- * (x - shift)^2 over count values (count >= 1).  Shifting by a value of the
- * channel keeps the one-pass variance accurate when |mean| >> std. */
+ * (x - shift)^2 over count values (count >= 1).  Shifting by a value near
+ * the channel's mean keeps the one-pass variance accurate when
+ * |mean| >> std. */
 typedef struct fbn_bn_stats {
   double mean;
   double var;          /* biased: divides by count (normalization) */

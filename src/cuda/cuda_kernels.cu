@@ -162,18 +162,35 @@ __device__ __forceinline__ void block_sum2(double &a, double &b) {
   }
 }
 
+// The channel's shift (bn_math.h: median of three of its values).
+template <typename T>
+__device__ __forceinline__ double channel_shift(const T *x, int64_t n, int64_t c, int64_t C,
+                                                int64_t hw, bool nhwc) {
+  int64_t at[3];
+  fbn_bn_shift_samples(n, c, C, hw, nhwc ? 1 : 0, at);
+  return fbn_bn_median3((double)to_acc(x[at[0]]), (double)to_acc(x[at[1]]),
+                        (double)to_acc(x[at[2]]));
+}
+
 // Per-element contributions of the statistics reduction: x - shift and
-// (x - shift)^2, shift the channel's first value.
+// (x - shift)^2, shift from channel_shift().
 // The vector kernels split add() into load() of V elements at i (i % V ==
 // 0) and elem() of element j of that fragment, so that several fragments'
 // loads are in flight before their sums.
 template <typename T, typename I> struct StatsOp {
   typedef T Elem;
   const T *x;
+  I n;
+  I C;
+  I hw;
+  bool nhwc;
   struct Chan {
     double shift;
   };
-  __device__ Chan chan(I first) const { return Chan{(double)to_acc(x[first])}; }
+  __device__ Chan chan(I first) const {
+    const I c = nhwc ? first : first / hw;
+    return Chan{channel_shift(x, (int64_t)n, (int64_t)c, (int64_t)C, (int64_t)hw, nhwc)};
+  }
   __device__ __forceinline__ void add(const Chan &ch, I i, double &a, double &b) const {
     const double v = (double)to_acc(x[i]) - ch.shift;
     a += v;
@@ -458,7 +475,7 @@ __global__ void stats_finalize_kernel(int64_t C, int64_t count, bool nhwc, int64
   warp_sum_slices(partials, C, c, slices, sum, sumsq);
   if ((threadIdx.x & 31) != 0)
     return;
-  const double shift = (double)to_acc(x[nhwc ? c : c * hw]);
+  const double shift = channel_shift(x, count / hw, c, C, hw, nhwc);
   const fbn_bn_stats st = fbn_bn_stats_from_sums(shift, sum, sumsq, count);
   const double invstd = fbn_bn_stats_invstd(st.var, eps);
   if (running_mean != nullptr) {
@@ -825,9 +842,14 @@ extern "C" cudaError_t fbn_k_stats(const fbn_k_shape *s, const void *x, double *
     typedef decltype(tag) T;
     if (small_index(s))
       return launch_reduce<StatsOp<T, uint32_t>, uint32_t>(
-          s, StatsOp<T, uint32_t>{(const T *)x}, partials, stream);
-    return launch_reduce<StatsOp<T, uint64_t>, uint64_t>(s, StatsOp<T, uint64_t>{(const T *)x},
-                                                         partials, stream);
+          s, StatsOp<T, uint32_t>{(const T *)x, (uint32_t)s->n, (uint32_t)s->c, (uint32_t)s->hw,
+                                  s->nhwc != 0},
+          partials, stream);
+    return launch_reduce<StatsOp<T, uint64_t>, uint64_t>(
+        s,
+        StatsOp<T, uint64_t>{(const T *)x, (uint64_t)s->n, (uint64_t)s->c, (uint64_t)s->hw,
+                             s->nhwc != 0},
+        partials, stream);
   });
 }
 

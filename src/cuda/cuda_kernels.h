@@ -50,8 +50,8 @@ fbn_k_fill(void *dst, int param_double, int64_t count, double value, cudaStream_
 
 /* ---- forward ------------------------------------------------------------- */
 
-/* Partial sums of (x - x_c0) and (x - x_c0)^2 per channel and slice, x_c0
- * the channel's first value. */
+/* Partial sums of (x - k) and (x - k)^2 per channel and slice, k the
+ * channel's shift (bn_math.h: fbn_bn_median3 of fbn_bn_shift_samples). */
 __attribute__((visibility("hidden"))) cudaError_t
 fbn_k_stats(const fbn_k_shape *s, const void *x, double *partials, cudaStream_t stream);
 

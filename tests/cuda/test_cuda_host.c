@@ -635,6 +635,68 @@ static void test_cuda_host_shifted_statistics(void **state) {
   assert_true(isnan(st.mean) && isnan(st.var));
 }
 
+/* The kernels' shift rule on a channel whose first value is ~1e4 standard
+ * deviations out (262144 values): the median of three samples is never that
+ * value, and the one-pass float64 variance then matches a two-pass one to
+ * 1e-13 relative, in both layouts (the sample offsets differ). With the
+ * first value as the shift the same sums lose ~1e-11 (the case the rule
+ * exists for; asserted too, so that the test shows the difference). */
+static void test_cuda_host_shift_outlier(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  assert_true(fbn_bn_median3(1.0, 2.0, 3.0) == 2.0 && fbn_bn_median3(3.0, 1.0, 2.0) == 2.0 &&
+              fbn_bn_median3(2.0, 3.0, 1.0) == 2.0 && fbn_bn_median3(5.0, 5.0, 1.0) == 5.0);
+  const int64_t N = 64, C = 3, HW = 4096, count = N * HW;
+  double *x = malloc(sizeof(double) * (size_t)(N * C * HW));
+  assert_non_null(x);
+  for (int nhwc = 0; nhwc <= 1; nhwc++) {
+    for (int64_t i = 0; i < N * C * HW; i++)
+      x[i] = 3.0 + fbnt_rng_normal(&rng);
+    const int64_t c = 1;
+    int64_t at[3];
+    fbn_bn_shift_samples(N, c, C, HW, nhwc, at);
+    /* the samples are the channel's (0,0), (N/2, HW/2), (N-1, HW-1) */
+    const int64_t want0 = nhwc ? c : c * HW;
+    const int64_t want1 = nhwc ? ((N / 2) * HW + HW / 2) * C + c : ((N / 2) * C + c) * HW + HW / 2;
+    const int64_t want2 = nhwc ? ((N - 1) * HW + HW - 1) * C + c : ((N - 1) * C + c) * HW + HW - 1;
+    assert_true(at[0] == want0 && at[1] == want1 && at[2] == want2);
+    x[at[0]] = 1.0e4; /* the outlier */
+    double mean = 0.0;
+    for (int64_t n = 0; n < N; n++)
+      for (int64_t p = 0; p < HW; p++)
+        mean += x[nhwc ? (n * HW + p) * C + c : (n * C + c) * HW + p];
+    mean /= (double)count;
+    double m2 = 0.0;
+    for (int64_t n = 0; n < N; n++)
+      for (int64_t p = 0; p < HW; p++) {
+        const double v = x[nhwc ? (n * HW + p) * C + c : (n * C + c) * HW + p] - mean;
+        m2 += v * v;
+      }
+    const double var2 = m2 / (double)count;
+    double err[2];
+    for (int rule = 0; rule < 2; rule++) {
+      const double k = rule == 0 ? fbn_bn_median3(x[at[0]], x[at[1]], x[at[2]]) : x[at[0]];
+      double sum = 0.0, sumsq = 0.0;
+      for (int64_t n = 0; n < N; n++)
+        for (int64_t p = 0; p < HW; p++) {
+          const double v = x[nhwc ? (n * HW + p) * C + c : (n * C + c) * HW + p] - k;
+          sum += v;
+          sumsq += v * v;
+        }
+      const fbn_bn_stats st = fbn_bn_stats_from_sums(k, sum, sumsq, count);
+      err[rule] = fabs(st.var - var2) / var2;
+      if (rule == 0) /* the plain sum of `mean` itself rounds to ~1e-13 */
+        assert_true(fabs(st.mean - mean) <= 1e-12 * fabs(mean));
+    }
+    printf("# shift outlier (%s): variance error %.3g (median of three), %.3g (first value)\n",
+           nhwc ? "NHWC" : "NCHW", err[0], err[1]);
+    assert_true(err[0] <= 1e-13);
+    assert_true(err[1] > 1e-12); /* the first value as the shift loses digits */
+  }
+  free(x);
+}
+
 static void test_cuda_host_grad_coefficients(void **state) {
   (void)state;
   fbnt_rng rng;
@@ -1080,14 +1142,14 @@ static void test_cuda_host_forward_backward_bad_arguments(void **state) {
   fbn_tensor_desc bad[6];
   const fbn_status want[6] = {FBN_STATUS_SHAPE_MISMATCH, FBN_STATUS_INVALID_SHAPE,
                               FBN_STATUS_INVALID_VALUE,  FBN_STATUS_INVALID_VALUE,
-                              FBN_STATUS_UNSUPPORTED,    FBN_STATUS_UNSUPPORTED};
+                              FBN_STATUS_INVALID_SHAPE,  FBN_STATUS_UNSUPPORTED};
   for (int i = 0; i < 6; i++)
     bad[i] = ctx.d;
   bad[0].c = 5;
   bad[1].h = 0;
   bad[2].dtype = (fbn_dtype)42;
   bad[3].layout = (fbn_layout)-1;
-  bad[4].dtype = FBN_DTYPE_FLOAT16;  /* CPU backend */
+  bad[4].w = -3;
   bad[5].dtype = FBN_DTYPE_FLOAT64;  /* float32 parameters */
 
   BAD(fbn_cuda_module_forward,
@@ -1539,6 +1601,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_cuda_host_factor_sequence_momentum),
       cmocka_unit_test(test_cuda_host_factor_sequence_cumulative),
       cmocka_unit_test(test_cuda_host_shifted_statistics),
+      cmocka_unit_test(test_cuda_host_shift_outlier),
       cmocka_unit_test(test_cuda_host_grad_coefficients),
       cmocka_unit_test(test_cuda_host_no_device),
       cmocka_unit_test(test_cuda_host_force_path_checked_at_op_creation),
