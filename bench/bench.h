@@ -112,12 +112,7 @@ int64_t bench_shape_numel(const bench_shape *s);
 void bench_fill_random(void *dst, const bench_shape *s, fbn_dtype dtype, fbn_layout layout,
                        double offset_per_channel, double scale, bench_rng *rng);
 
-/* IEEE binary16 / bfloat16 bits of a double (round to nearest even). */
-uint16_t bench_float_to_half(double v);
-uint16_t bench_float_to_bfloat16(double v);
-
-double bench_half_to_double(uint16_t h);
-double bench_bfloat16_to_double(uint16_t b);
+/* float16 / bfloat16 conversions: bench_common.h. */
 /* Element i of p (numel elements of dtype) as a double. */
 double bench_load(const void *p, fbn_dtype dtype, int64_t i);
 /* Largest |a - b| / (1 + |b|) over host arrays; NaN if any is NaN. */
@@ -192,7 +187,11 @@ int bench_run_cpu(const bench_config *cfg);
 bool bench_cuda_available(char *why, size_t why_size);
 int bench_run_cuda(const bench_config *cfg);
 
-/* Print "fusedbn-bench: <call> failed: <status>: <message>" and return 1. */
+/* Print "fusedbn-bench: <call> failed: <status>: <message>" and return 1,
+ * or BENCH_EXIT_UNSUPPORTED for FBN_STATUS_UNSUPPORTED. */
 int bench_fail_status(const char *call, fbn_status status);
+/* Exit status when the backend refuses what was asked (a dtype the CPU
+ * backend does not take): the status test harnesses read as "skipped". */
+#define BENCH_EXIT_UNSUPPORTED 77
 
 #endif /* FUSEDBN_BENCH_BENCH_H */

@@ -44,6 +44,14 @@ typedef struct cpu_case {
   void *y_ref, *dx_ref, *daddend_ref;
   void *fwd_ws, *bwd_ws;
   size_t fwd_ws_bytes, bwd_ws_bytes;
+  /* float16 and bfloat16 on the fast backend: the same module on the
+   * float64 reference backend, whose outputs (*_chk) the agreement check
+   * also compares with fusedbn's. NULL otherwise. */
+  fbn_module *ref_module;
+  fbn_saved *ref_saved;
+  void *ref_ws;
+  size_t ref_ws_bytes;
+  void *y_chk, *dx_chk, *daddend_chk;
 } cpu_case;
 
 typedef fbn_status (*cpu_op)(cpu_case *k);
@@ -195,16 +203,65 @@ static int measure_row(const bench_config *cfg, cpu_case *k, const char *what, c
 
 static void poison(void *p, fbn_dtype dtype, int64_t numel) {
   for (int64_t i = 0; i < numel; i++) {
-    if (dtype == FBN_DTYPE_FLOAT32) {
+    switch (dtype) {
+    case FBN_DTYPE_FLOAT32:
       ((float *)p)[i] = NAN;
-    } else {
+      break;
+    case FBN_DTYPE_FLOAT64:
       ((double *)p)[i] = NAN;
+      break;
+    case FBN_DTYPE_FLOAT16:
+      ((uint16_t *)p)[i] = 0x7e00u; /* quiet NaN */
+      break;
+    case FBN_DTYPE_BFLOAT16:
+      ((uint16_t *)p)[i] = 0x7fc0u;
+      break;
     }
   }
 }
 
+/* The reference module's outputs of the pass checked (after the fused
+ * module's: its backward gates with the fused forward's y), compared with
+ * the fused module's in the row's note ("reference ..."). */
+static int check_reference(cpu_case *k, bench_row *row) {
+  const int64_t numel = bench_shape_numel(&k->shape);
+  const fbn_dtype dt = k->desc.dtype;
+  const bool train = row->pass != BENCH_PASS_EVAL_FWD;
+  fbn_status status = fbn_module_set_training(k->ref_module, train);
+  if (status != FBN_STATUS_SUCCESS) {
+    return bench_fail_status("fbn_module_set_training (reference)", status);
+  }
+  const void *addend = has_addend(k) ? k->addend : NULL;
+  poison(k->y_chk, dt, numel);
+  status = fbn_module_forward(k->ref_module, &k->desc, k->x, addend, k->y_chk,
+                              train ? k->ref_saved : NULL, k->ref_ws, k->ref_ws_bytes);
+  if (status != FBN_STATUS_SUCCESS) {
+    return bench_fail_status("fbn_module_forward (reference)", status);
+  }
+  if (row->pass != BENCH_PASS_TRAIN_BWD) {
+    (void)bench_note_agreement(row, "reference ", bench_max_rel_diff(k->y, k->y_chk, dt, numel));
+    return 0;
+  }
+  poison(k->dx_chk, dt, numel);
+  poison(k->daddend_chk, dt, numel);
+  status = fbn_module_backward(k->ref_module, k->ref_saved, &k->desc, k->x,
+                               k->op == FBN_OPERATION_BN ? NULL : k->y, k->dy, k->dx_chk,
+                               has_addend(k) ? k->daddend_chk : NULL, k->ref_ws, k->ref_ws_bytes);
+  if (status != FBN_STATUS_SUCCESS) {
+    return bench_fail_status("fbn_module_backward (reference)", status);
+  }
+  const double d_dx = bench_max_rel_diff(k->dx, k->dx_chk, dt, numel);
+  const double d_da =
+      has_addend(k) ? bench_max_rel_diff(k->daddend, k->daddend_chk, dt, numel) : 0.0;
+  (void)bench_note_agreement(row, "reference ",
+                             isnan(d_dx) || isnan(d_da) ? NAN : fmax(d_dx, d_da));
+  return 0;
+}
+
 /* Run one fused and one unfused pass on fresh (poisoned) outputs and
- * compare. For the backward, both first run their own training forward. */
+ * compare. For the backward, both first run their own training forward.
+ * With a reference module, its outputs are compared with the fused ones
+ * too. */
 static int check_pass(cpu_case *k, bench_row *row) {
   const int64_t numel = bench_shape_numel(&k->shape);
   const fbn_dtype dt = k->desc.dtype;
@@ -223,7 +280,7 @@ static int check_pass(cpu_case *k, bench_row *row) {
       return bench_fail_status("fbn_op_forward (the baseline's BN alone)", status);
     }
     (void)bench_note_agreement(row, "", bench_max_rel_diff(k->y, k->y_ref, dt, numel));
-    return 0;
+    return k->ref_module != NULL ? check_reference(k, row) : 0;
   }
   case BENCH_PASS_TRAIN_BWD: {
     if ((status = fused_forward_train(k)) != FBN_STATUS_SUCCESS) {
@@ -249,7 +306,7 @@ static int check_pass(cpu_case *k, bench_row *row) {
     const double d_da =
         has_addend(k) ? bench_max_rel_diff(k->daddend, k->daddend_ref, dt, numel) : 0.0;
     (void)bench_note_agreement(row, "", isnan(d_dx) || isnan(d_da) ? NAN : fmax(d_dx, d_da));
-    return 0;
+    return k->ref_module != NULL ? check_reference(k, row) : 0;
   }
   case BENCH_PASS_COUNT:
     break;
@@ -261,13 +318,71 @@ static int check_pass(cpu_case *k, bench_row *row) {
 
 static void *tensor(const cpu_case *k) { return bench_alloc_touched(k->tensor_bytes); }
 
+/* Whether the fused module runs on the reference backend (FBN_CPU_BACKEND,
+ * which --cpu-backend sets). */
+static bool on_reference_backend(void) {
+  const char *backend = getenv("FBN_CPU_BACKEND");
+  return backend != NULL && strcmp(backend, "reference") == 0;
+}
+
+/* A CPU module of k's operation with default parameters on the reference
+ * backend: FBN_CPU_BACKEND=reference while it is created (the library reads
+ * it then), restored after. */
+static int create_reference_module(cpu_case *k, const fbn_module_options *opts) {
+  const char *was = getenv("FBN_CPU_BACKEND");
+  char saved_value[64] = "";
+  const bool had = was != NULL && strlen(was) < sizeof saved_value;
+  if (had) {
+    strcpy(saved_value, was);
+  }
+  fbn_status status = FBN_STATUS_SUCCESS;
+  if (setenv("FBN_CPU_BACKEND", "reference", 1) != 0) {
+    perror("fusedbn-bench: setenv");
+    return 1;
+  }
+  status = fbn_module_create(opts, &k->ref_module);
+  if (had ? setenv("FBN_CPU_BACKEND", saved_value, 1) != 0
+          : unsetenv("FBN_CPU_BACKEND") != 0) {
+    perror("fusedbn-bench: setenv");
+    return 1;
+  }
+  if (status != FBN_STATUS_SUCCESS) {
+    return bench_fail_status("fbn_module_create (reference)", status);
+  }
+  if ((status = fbn_saved_create(&k->ref_saved)) != FBN_STATUS_SUCCESS) {
+    return bench_fail_status("fbn_saved_create", status);
+  }
+  size_t fwd = 0, bwd = 0;
+  if ((status = fbn_module_forward_workspace_size(k->ref_module, &k->desc, true, &fwd)) !=
+          FBN_STATUS_SUCCESS ||
+      (status = fbn_module_backward_workspace_size(k->ref_module, &k->desc, true, &bwd)) !=
+          FBN_STATUS_SUCCESS) {
+    return bench_fail_status("fbn_module_*_workspace_size (reference)", status);
+  }
+  k->ref_ws_bytes = fwd > bwd ? fwd : bwd;
+  k->ref_ws = k->ref_ws_bytes > 0 ? bench_alloc_touched(k->ref_ws_bytes) : NULL;
+  return 0;
+}
+
+static void destroy_reference_module(cpu_case *k) {
+  fbn_saved_destroy(k->ref_saved);
+  fbn_module_destroy(k->ref_module);
+  bench_free(k->ref_ws);
+  k->ref_saved = NULL;
+  k->ref_module = NULL;
+  k->ref_ws = NULL;
+  k->ref_ws_bytes = 0;
+}
+
 /* The fused module of operation op (replacing the previous one), its saved
- * object and workspaces. */
+ * object and workspaces; for float16 and bfloat16 on the fast backend, the
+ * reference module the agreement check compares it with. */
 static int case_set_op(cpu_case *k, fbn_operation op) {
   fbn_saved_destroy(k->saved);
   fbn_module_destroy(k->module);
   bench_free(k->fwd_ws);
   bench_free(k->bwd_ws);
+  destroy_reference_module(k);
   k->saved = NULL;
   k->module = NULL;
   k->fwd_ws = k->bwd_ws = NULL;
@@ -281,6 +396,12 @@ static int case_set_op(cpu_case *k, fbn_operation op) {
   fbn_status status = fbn_module_create(&opts, &k->module);
   if (status != FBN_STATUS_SUCCESS) {
     return bench_fail_status("fbn_module_create", status);
+  }
+  if (k->y_chk != NULL) {
+    const int rc = create_reference_module(k, &opts);
+    if (rc != 0) {
+      return rc;
+    }
   }
   if ((status = fbn_saved_create(&k->saved)) != FBN_STATUS_SUCCESS) {
     return bench_fail_status("fbn_saved_create", status);
@@ -323,6 +444,11 @@ static int case_init(cpu_case *k, const bench_shape *shape, const bench_variant 
   k->y_ref = tensor(k);
   k->dx_ref = tensor(k);
   k->daddend_ref = tensor(k);
+  if (fbn_dtype_size(v->dtype) == 2 && !on_reference_backend()) {
+    k->y_chk = tensor(k);
+    k->dx_chk = tensor(k);
+    k->daddend_chk = tensor(k);
+  }
 
   bench_rng rng;
   bench_rng_seed(&rng, (uint64_t)(shape->n * 1000003 + shape->c * 1009 + shape->h * 31 + shape->w));
@@ -333,8 +459,9 @@ static int case_init(cpu_case *k, const bench_shape *shape, const bench_variant 
 }
 
 static void case_fini(cpu_case *k) {
-  void *buffers[] = {k->x,     k->addend, k->dy,          k->y,         k->dx,
-                     k->daddend, k->y_ref, k->dx_ref, k->daddend_ref, k->fwd_ws, k->bwd_ws};
+  void *buffers[] = {k->x,      k->addend,      k->dy,     k->y,     k->dx,
+                     k->daddend, k->y_ref,       k->dx_ref, k->daddend_ref,
+                     k->fwd_ws,  k->bwd_ws,      k->y_chk,  k->dx_chk, k->daddend_chk};
   for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; i++) {
     bench_free(buffers[i]);
   }
@@ -344,12 +471,13 @@ static void case_fini(cpu_case *k) {
   if (k->copy.src != NULL) {
     bench_copy_fini(&k->copy);
   }
+  destroy_reference_module(k);
   fbn_saved_destroy(k->saved);
   fbn_module_destroy(k->module);
 }
 
-/* Give the baseline the module's running statistics so that both eval
- * forwards normalize with the same values. */
+/* Give the baseline (and the reference module) the module's running
+ * statistics so that the eval forwards normalize with the same values. */
 static int sync_running_stats(cpu_case *k) {
   const size_t c = (size_t)k->shape.c;
   const fbn_dtype pt = k->unfused.param_dtype;
@@ -359,7 +487,21 @@ static int sync_running_stats(cpu_case *k) {
     status = fbn_module_read_buffer(k->module, FBN_BUFFER_RUNNING_VAR, pt,
                                     k->unfused.running_var, c);
   }
-  return status == FBN_STATUS_SUCCESS ? 0 : bench_fail_status("fbn_module_read_buffer", status);
+  if (status != FBN_STATUS_SUCCESS) {
+    return bench_fail_status("fbn_module_read_buffer", status);
+  }
+  if (k->ref_module != NULL) {
+    status = fbn_module_write_buffer(k->ref_module, FBN_BUFFER_RUNNING_MEAN, pt,
+                                     k->unfused.running_mean, c);
+    if (status == FBN_STATUS_SUCCESS) {
+      status = fbn_module_write_buffer(k->ref_module, FBN_BUFFER_RUNNING_VAR, pt,
+                                       k->unfused.running_var, c);
+    }
+    if (status != FBN_STATUS_SUCCESS) {
+      return bench_fail_status("fbn_module_write_buffer (reference)", status);
+    }
+  }
+  return 0;
 }
 
 /* The rows of one operation (k's module set to it). */
@@ -430,19 +572,44 @@ static int run_case(const bench_config *cfg, const bench_report_info *info,
   return rc;
 }
 
-int bench_run_cpu(const bench_config *cfg) {
-  for (int v = 0; v < cfg->num_variants; v++) {
-    const fbn_dtype dt = cfg->variants[v].dtype;
-    if (dt != FBN_DTYPE_FLOAT32 && dt != FBN_DTYPE_FLOAT64) {
-      fprintf(stderr,
-              "fusedbn-bench: --dtype %s: the CPU backend supports float32 and float64 only\n",
-              bench_dtype_name(dt));
-      return 2;
-    }
+/* Whether the CPU backend takes tensors of v's dtype and layout: an op of
+ * BN + add + ReLU with batch statistics created on one channel. A refusal
+ * (FBN_STATUS_UNSUPPORTED) is reported before the table, with the library's
+ * message, and ends the run with BENCH_EXIT_UNSUPPORTED. */
+static int check_variant(const bench_variant *v, const char *backend_name) {
+  fbn_op_desc od;
+  fbn_op_desc_init(&od);
+  od.num_features = 1;
+  od.dtype = v->dtype;
+  od.param_dtype = v->dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
+  od.layout = v->layout;
+  od.device = FBN_DEVICE_CPU;
+  od.operation = FBN_OPERATION_BN_ADD_RELU;
+  od.statistics = FBN_STATISTICS_BATCH;
+  fbn_op *op = NULL;
+  const fbn_status status = fbn_op_create(&od, &op);
+  fbn_op_destroy(op);
+  if (status == FBN_STATUS_UNSUPPORTED) {
+    fprintf(stderr,
+            "fusedbn-bench: --dtype %s --layout %s: the %s CPU backend refuses it (%s: %s); "
+            "nothing timed\n",
+            bench_dtype_name(v->dtype), bench_layout_name(v->layout), backend_name,
+            fbn_status_string(status), fbn_last_error_message());
+    return BENCH_EXIT_UNSUPPORTED;
   }
+  return status == FBN_STATUS_SUCCESS ? 0 : bench_fail_status("fbn_op_create", status);
+}
+
+int bench_run_cpu(const bench_config *cfg) {
   char copy_desc[256], device_desc[512], baseline_desc[1024], machine[320];
   const char *backend = getenv("FBN_CPU_BACKEND");
   const bool reference = backend != NULL && strcmp(backend, "reference") == 0;
+  for (int v = 0; v < cfg->num_variants; v++) {
+    const int rc = check_variant(&cfg->variants[v], reference ? "reference" : "fast");
+    if (rc != 0) {
+      return rc;
+    }
+  }
   const int threads = bench_threads();
   bench_machine_line(machine, sizeof machine);
   if (reference) {

@@ -55,6 +55,94 @@ BENCH_ELEMENTWISE(float, f32)
 BENCH_ELEMENTWISE(double, f64)
 #undef BENCH_ELEMENTWISE
 
+/* float16 and bfloat16 tensors, their bits in uint16_t. The add converts
+ * both operands to float, adds and rounds the sum once to the tensor's type
+ * (nearest even), as a framework's half-precision add. The ReLU and the
+ * ReLU backward's gate work on the bits: a value is kept unless it is a
+ * zero, or negative and not NaN, which is !(v <= 0) exactly. */
+static BENCH_ALWAYS_INLINE float bf16_to_float(uint16_t b) {
+  const uint32_t u = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+static BENCH_ALWAYS_INLINE uint16_t bf16_from_float(float f) {
+  uint32_t u;
+  memcpy(&u, &f, sizeof u);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet = (u >> 16) | 0x40u;
+  return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
+}
+
+/* GCC's _Float16 converts with F16C instructions in the x86-64-v3 clones;
+ * elsewhere the harness's scalar conversions. */
+static BENCH_ALWAYS_INLINE float f16_to_float(uint16_t b) {
+#ifdef __FLT16_MAX__
+  _Float16 h;
+  memcpy(&h, &b, sizeof h);
+  return (float)h;
+#else
+  return (float)bench_half_to_double(b);
+#endif
+}
+
+static BENCH_ALWAYS_INLINE uint16_t f16_from_float(float f) {
+#ifdef __FLT16_MAX__
+  const _Float16 h = (_Float16)f;
+  uint16_t b;
+  memcpy(&b, &h, sizeof b);
+  return b;
+#else
+  return bench_float_to_half(f);
+#endif
+}
+
+/* Whether !(v <= 0) for the bits b of a 2-byte float whose infinity is
+ * inf_bits: b in (0, +inf] or a NaN of either sign. */
+#define BENCH_HALF_KEEP(b, inf_bits)                                                            \
+  ((uint16_t)((b) - 1u) <= (uint16_t)((inf_bits) - 1u) || ((b) & 0x7fffu) > (inf_bits))
+
+#define BENCH_ELEMENTWISE_HALF(S, INF)                                                           \
+  BENCH_CLONES static void add_range_##S(uint16_t *restrict y, const uint16_t *restrict addend,\
+                                         int64_t begin, int64_t end) {                         \
+    BENCH_OMP(simd)                                                                            \
+    for (int64_t i = begin; i < end; i++)                                                      \
+      y[i] = S##_from_float(S##_to_float(y[i]) + S##_to_float(addend[i]));                     \
+  }                                                                                            \
+  BENCH_CLONES static void relu_range_##S(uint16_t *restrict y, int64_t begin, int64_t end) {  \
+    BENCH_OMP(simd)                                                                            \
+    for (int64_t i = begin; i < end; i++) {                                                    \
+      const uint16_t v = y[i];                                                                 \
+      y[i] = BENCH_HALF_KEEP(v, INF) ? v : (uint16_t)0;                                        \
+    }                                                                                          \
+  }                                                                                            \
+  static BENCH_ALWAYS_INLINE void relu_backward_run_##S(                                       \
+      const uint16_t *restrict y, const uint16_t *restrict dy, uint16_t *restrict g, int64_t n) { \
+    BENCH_OMP(simd)                                                                            \
+    for (int64_t i = 0; i < n; i++)                                                            \
+      g[i] = BENCH_HALF_KEEP(y[i], INF) ? dy[i] : (uint16_t)0;                                 \
+  }                                                                                            \
+  BENCH_CLONES static void relu_backward_range_##S(const uint16_t *restrict y,                 \
+                                                   const uint16_t *restrict dy,                \
+                                                   uint16_t *restrict g, int64_t begin,        \
+                                                   int64_t end, bool stream) {                 \
+    if (!stream) {                                                                             \
+      relu_backward_run_##S(y + begin, dy + begin, g + begin, end - begin);                   \
+      return;                                                                                  \
+    }                                                                                          \
+    uint16_t stage[BENCH_STAGE_ELEMS];                                                         \
+    for (int64_t i = begin; i < end; i += BENCH_STAGE_ELEMS) {                                 \
+      const int64_t n = end - i < BENCH_STAGE_ELEMS ? end - i : BENCH_STAGE_ELEMS;             \
+      relu_backward_run_##S(y + i, dy + i, stage, n);                                          \
+      bench_stream_store(g + i, stage, (size_t)n * sizeof(uint16_t));                          \
+    }                                                                                          \
+  }
+
+BENCH_ELEMENTWISE_HALF(f16, 0x7c00u)
+BENCH_ELEMENTWISE_HALF(bf16, 0x7f80u)
+#undef BENCH_ELEMENTWISE_HALF
+
 static void *alloc_channels(const bench_unfused_cpu *u, double value) {
   const int64_t c = u->shape.c;
   void *p = bench_alloc_touched((size_t)c * fbn_dtype_size(u->param_dtype));
@@ -162,16 +250,31 @@ fbn_status bench_unfused_cpu_forward(bench_unfused_cpu *u, fbn_operation op, boo
   const int64_t numel = bench_shape_numel(&u->shape);
   const int nt = bench_parallel_threads(numel);
   const bool add = op == FBN_OPERATION_BN_ADD_RELU;
-  if (u->desc.dtype == FBN_DTYPE_FLOAT32) {
+  switch (u->desc.dtype) {
+  case FBN_DTYPE_FLOAT32:
     if (add) {
       BENCH_PARALLEL_RANGE(nt, numel, add_range_f32(y, addend, begin, end));
     }
     BENCH_PARALLEL_RANGE(nt, numel, relu_range_f32(y, begin, end));
-  } else {
+    break;
+  case FBN_DTYPE_FLOAT64:
     if (add) {
       BENCH_PARALLEL_RANGE(nt, numel, add_range_f64(y, addend, begin, end));
     }
     BENCH_PARALLEL_RANGE(nt, numel, relu_range_f64(y, begin, end));
+    break;
+  case FBN_DTYPE_FLOAT16:
+    if (add) {
+      BENCH_PARALLEL_RANGE(nt, numel, add_range_f16(y, addend, begin, end));
+    }
+    BENCH_PARALLEL_RANGE(nt, numel, relu_range_f16(y, begin, end));
+    break;
+  case FBN_DTYPE_BFLOAT16:
+    if (add) {
+      BENCH_PARALLEL_RANGE(nt, numel, add_range_bf16(y, addend, begin, end));
+    }
+    BENCH_PARALLEL_RANGE(nt, numel, relu_range_bf16(y, begin, end));
+    break;
   }
   return FBN_STATUS_SUCCESS;
 }
@@ -181,10 +284,19 @@ fbn_status bench_unfused_cpu_backward(bench_unfused_cpu *u, const void *x, const
   const int64_t numel = bench_shape_numel(&u->shape);
   const int nt = bench_parallel_threads(numel);
   const bool stream = (size_t)numel * fbn_dtype_size(u->desc.dtype) >= BENCH_STREAM_MIN;
-  if (u->desc.dtype == FBN_DTYPE_FLOAT32) {
+  switch (u->desc.dtype) {
+  case FBN_DTYPE_FLOAT32:
     BENCH_PARALLEL_RANGE(nt, numel, relu_backward_range_f32(y, dy, g, begin, end, stream));
-  } else {
+    break;
+  case FBN_DTYPE_FLOAT64:
     BENCH_PARALLEL_RANGE(nt, numel, relu_backward_range_f64(y, dy, g, begin, end, stream));
+    break;
+  case FBN_DTYPE_FLOAT16:
+    BENCH_PARALLEL_RANGE(nt, numel, relu_backward_range_f16(y, dy, g, begin, end, stream));
+    break;
+  case FBN_DTYPE_BFLOAT16:
+    BENCH_PARALLEL_RANGE(nt, numel, relu_backward_range_bf16(y, dy, g, begin, end, stream));
+    break;
   }
   return bench_unfused_cpu_bn_backward(u, x, g, dx);
 }

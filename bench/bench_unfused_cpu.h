@@ -27,7 +27,7 @@
 
 typedef struct bench_unfused_cpu {
   bench_shape shape;
-  fbn_tensor_desc desc; /* FLOAT32 or FLOAT64 */
+  fbn_tensor_desc desc; /* any dtype; parameters float64 for float64 tensors, else float32 */
   fbn_dtype param_dtype;
   double momentum;
   /* fusedbn BN alone: batch statistics (training) and running statistics
@@ -41,7 +41,7 @@ typedef struct bench_unfused_cpu {
 } bench_unfused_cpu;
 
 /* Weight 1, bias 0, running mean 0, running var 1, every buffer touched.
- * dtype must be FLOAT32 or FLOAT64. Returns a process exit status (0, or 1
+ * Any dtype the CPU backend takes. Returns a process exit status (0, or 1
  * with the failing call printed). */
 int bench_unfused_cpu_init(bench_unfused_cpu *u, const bench_shape *shape, fbn_dtype dtype,
                            fbn_layout layout);

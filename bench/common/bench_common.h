@@ -7,6 +7,7 @@
  *
  *   timing.c    clock, medians, quartiles
  *   rng.c       xorshift64* generator, uniform fills
+ *   half.c      float16 / bfloat16 conversions and fills (untimed)
  *   memory.c    page-touched buffers, cache eviction
  *   copy.c      the copy floor (non-temporal stores, the harness's threads)
  *   machine.c   threads, CPU model, the library's instruction-set path
@@ -43,6 +44,19 @@ void bench_rng_seed(bench_rng *rng, uint64_t seed);
 double bench_rng_uniform(bench_rng *rng);
 /* p[i] = offset + scale * uniform, i in [0, count). */
 void bench_fill_float(float *p, size_t count, double offset, double scale, bench_rng *rng);
+
+/* ---- float16 and bfloat16 (half.c) -------------------------------------- */
+
+/* IEEE binary16 / bfloat16 bits of a double (through float, then rounded to
+ * nearest even; NaN stays NaN), and back. */
+uint16_t bench_float_to_half(double v);
+uint16_t bench_float_to_bfloat16(double v);
+double bench_half_to_double(uint16_t h);
+double bench_bfloat16_to_double(uint16_t b);
+/* p[i] = offset + scale * uniform, rounded to float16 (bfloat16 false) or
+ * bfloat16. */
+void bench_fill_half(uint16_t *p, size_t count, bool bfloat16, double offset, double scale,
+                     bench_rng *rng);
 
 /* ---- buffers and cache eviction (memory.c) ------------------------------ */
 

@@ -15,10 +15,11 @@
  *   memcpy-floor     per pass, shape and layout: the copy floor of the
  *                    shared harness (bench/common: non-temporal stores, the
  *                    same threads as the library) moving the pass's minimal
- *                    traffic (16 bytes per element for a training forward:
- *                    x read twice, addend once, y written; 12 for eval, 20
- *                    for backward), timed interleaved with the
- *                    implementations: the memory floor
+ *                    traffic (4 tensor passes for a training forward: x read
+ *                    twice, addend once, y written; 3 for eval, 5 for
+ *                    backward; 16, 12 and 20 bytes per float32 element, half
+ *                    that in float16 and bfloat16), timed interleaved with
+ *                    the implementations: the memory floor
  *   copy             the same copy over 512 MiB at the start and the end:
  *                    the machine's copy bandwidth
  *
@@ -33,9 +34,13 @@
  * Before timing, the peers' outputs are checked against fusedbn's, so that a
  * peer that computes something else cannot be benchmarked.
  *
+ * --dtype float16|bfloat16: fusedbn's tensors in that type (parameters
+ * float32) and the floor moving 2 bytes per element and tensor pass; oneDNN
+ * is timed in float32 only (not in such a run).
+ *
  * Output: CSV on stdout, "# ..." lines are comments.
- *   pass,n,c,h,w,layout,impl,median_ms,min_ms,reps
- *   copy,0,0,0,0,-,memcpy,median_ms,min_ms,reps      (plus "# copy_gbs=...")
+ *   pass,n,c,h,w,layout,impl,median_ms,min_ms,reps,dtype
+ *   copy,0,0,0,0,-,memcpy,median_ms,min_ms,reps,-   (plus "# copy_gbs=...")
  */
 #include <math.h>
 #include <stdbool.h>
@@ -70,11 +75,12 @@ static const peers_shape quick_shapes[] = {
 
 enum { PASS_TRAIN_FWD, PASS_EVAL_FWD, PASS_BWD, PASS_COUNT };
 static const char *const pass_names[PASS_COUNT] = {"train_fwd", "eval_fwd", "bwd"};
-/* Minimal traffic of each pass, float32 bytes per element (read + written):
- * the memory floor. */
-static const int floor_bytes[PASS_COUNT] = {16, 12, 20};
+/* Minimal traffic of each pass in tensor passes (each read or written
+ * once): the memory floor moves these times the tensor's bytes. */
+static const int floor_tensors[PASS_COUNT] = {4, 3, 5};
 
 typedef struct peers_config {
+  fbn_dtype dtype; /* of the tensors: float32, float16 or bfloat16 */
   int reps;
   int warmup;
   bool quick;
@@ -95,6 +101,10 @@ static void die(const char *what, const char *detail) {
 
 static bench_evict evict;
 static bench_rng rng;
+
+static const char *dtype_name(fbn_dtype dtype) {
+  return dtype == FBN_DTYPE_FLOAT16 ? "float16" : dtype == FBN_DTYPE_BFLOAT16 ? "bfloat16" : "float32";
+}
 
 static void fill_random(float *p, size_t count, double offset, double scale) {
   bench_fill_float(p, count, offset, scale, &rng);
@@ -155,8 +165,8 @@ static void check_fbn(fbn_status st, const char *what) {
   }
 }
 
-static void ours_init(ours *o, const peers_shape *s, fbn_layout layout, const float *weight,
-                      const float *bias) {
+static void ours_init(ours *o, const peers_shape *s, fbn_layout layout, fbn_dtype dtype,
+                      const float *weight, const float *bias) {
   fbn_module_options opt;
   fbn_module_options_init(&opt);
   opt.num_features = s->c;
@@ -167,7 +177,7 @@ static void ours_init(ours *o, const peers_shape *s, fbn_layout layout, const fl
             "write weight");
   check_fbn(fbn_module_write_buffer(o->m, FBN_BUFFER_BIAS, FBN_DTYPE_FLOAT32, bias, (size_t)s->c),
             "write bias");
-  o->d = fbn_tensor_desc_make(s->n, s->c, s->h, s->w, FBN_DTYPE_FLOAT32, layout);
+  o->d = fbn_tensor_desc_make(s->n, s->c, s->h, s->w, dtype, layout);
 }
 
 static void ours_fini(ours *o) {
@@ -373,9 +383,9 @@ static bool impl_applies(const peers_config *cfg, int i, int pass) {
 
 typedef struct shape_bufs {
   size_t numel;
-  float *x, *z, *dy;
-  float *y_ours, *dx_ours, *dz_ours;
-  float *y_dnnl, *dx_dnnl, *dz_dnnl;
+  void *x, *z, *dy; /* of cfg->dtype */
+  void *y_ours, *dx_ours, *dz_ours;
+  float *y_dnnl, *dx_dnnl, *dz_dnnl; /* float32 runs only */
   float *weight, *bias, *mean, *var, *dscale, *dshift;
   bench_copy copy; /* the floor's buffers: 10 bytes per element each */
 } shape_bufs;
@@ -383,8 +393,8 @@ typedef struct shape_bufs {
 static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout layout) {
   shape_bufs b;
   b.numel = (size_t)(s->n * s->c * s->h * s->w);
-  const size_t bytes = b.numel * sizeof(float), cbytes = (size_t)s->c * sizeof(float);
-  float **big[] = {&b.x, &b.z, &b.dy, &b.y_ours, &b.dx_ours, &b.dz_ours};
+  const size_t bytes = b.numel * fbn_dtype_size(cfg->dtype), cbytes = (size_t)s->c * sizeof(float);
+  void **big[] = {&b.x, &b.z, &b.dy, &b.y_ours, &b.dx_ours, &b.dz_ours};
   for (size_t i = 0; i < sizeof big / sizeof big[0]; i++)
     *big[i] = bench_alloc_touched(bytes);
   b.y_dnnl = b.dx_dnnl = b.dz_dnnl = NULL;
@@ -396,16 +406,22 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
   float **small[] = {&b.weight, &b.bias, &b.mean, &b.var, &b.dscale, &b.dshift};
   for (size_t i = 0; i < sizeof small / sizeof small[0]; i++)
     *small[i] = bench_alloc_touched(cbytes);
-  bench_copy_init(&b.copy, b.numel * (size_t)floor_bytes[PASS_BWD] / 2);
+  bench_copy_init(&b.copy, bytes * (size_t)floor_tensors[PASS_BWD] / 2);
   bench_rng_seed(&rng, (uint64_t)(s->n * 1000003 + s->c * 1009 + s->h * 31 + s->w));
-  fill_random(b.x, b.numel, 0.5, 2.0);
-  fill_random(b.z, b.numel, 0.0, 1.0);
-  fill_random(b.dy, b.numel, 0.0, 1.0);
+  void *data[3] = {b.x, b.z, b.dy};
+  const double offset[3] = {0.5, 0.0, 0.0}, scale[3] = {2.0, 1.0, 1.0};
+  for (int i = 0; i < 3; i++) {
+    if (cfg->dtype == FBN_DTYPE_FLOAT32)
+      fill_random(data[i], b.numel, offset[i], scale[i]);
+    else
+      bench_fill_half(data[i], b.numel, cfg->dtype == FBN_DTYPE_BFLOAT16, offset[i], scale[i],
+                      &rng);
+  }
   fill_random(b.weight, (size_t)s->c, 1.0, 0.5);
   fill_random(b.bias, (size_t)s->c, 0.0, 0.5);
 
   ours o;
-  ours_init(&o, s, layout, b.weight, b.bias);
+  ours_init(&o, s, layout, cfg->dtype, b.weight, b.bias);
   const char *lname = layout == FBN_LAYOUT_NCHW ? "NCHW" : "NHWC";
 
 #ifdef FBN_PEERS_HAVE_ONEDNN
@@ -457,7 +473,7 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
         dnnl_train_fwd(&dp, false);
 #endif
     }
-    const size_t floor_copy = b.numel * (size_t)floor_bytes[pass] / 2;
+    const size_t floor_copy = bytes * (size_t)floor_tensors[pass] / 2;
     for (int r = 0; r < total; r++)
       for (int i = 0; i < IMPL_COUNT; i++) {
         if (!impl_applies(cfg, i, pass))
@@ -492,10 +508,10 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
         continue;
       double *timed = times[i] + cfg->warmup;
       const double med = bench_median(timed, cfg->reps);
-      printf("%s,%lld,%lld,%lld,%lld,%s,%s,%.4f,%.4f,%d\n", pass_names[pass], (long long)s->n,
-             (long long)s->c, (long long)s->h, (long long)s->w, lname,
+      printf("%s,%lld,%lld,%lld,%lld,%s,%s,%.4f,%.4f,%d,%s\n", pass_names[pass],
+             (long long)s->n, (long long)s->c, (long long)s->h, (long long)s->w, lname,
              pass == PASS_BWD && i == IMPL_DNNL ? "onednn" : impl_names[i], 1e3 * med,
-             1e3 * timed[0], cfg->reps);
+             1e3 * bench_min(timed, cfg->reps), cfg->reps, dtype_name(cfg->dtype));
     }
     fflush(stdout);
   }
@@ -522,15 +538,16 @@ static void run_shape(const peers_config *cfg, const peers_shape *s, fbn_layout 
 static void usage(void) {
   printf("usage: fbn-peers-bench [--reps N] [--warmup N] [--quick | --shape N,C,H,W]\n"
          "                       [--layout nchw|nhwc|both] [--no-onednn] [--copy-mib N]\n"
-         "                       [--evict-mib N]\n"
-         "Times fusedbn's CPU module, oneDNN (if built with it) and the copy floor on\n"
-         "ResNet-50's batch-32 batch-norm shapes, float32. CSV on stdout.\n"
+         "                       [--evict-mib N] [--dtype float32|float16|bfloat16]\n"
+         "Times fusedbn's CPU module, oneDNN (if built with it; float32 only) and the copy\n"
+         "floor on ResNet-50's batch-32 batch-norm shapes. CSV on stdout.\n"
+         "--dtype: the tensors' type (default float32; parameters are float32).\n"
          "--evict-mib: buffer read before every timed call (default: 64 or twice the\n"
          "last-level cache, whichever is larger; 0: none).\n");
 }
 
 int main(int argc, char **argv) {
-  peers_config cfg = {.reps = 25, .warmup = 3, .quick = false, .layouts = {true, true},
+  peers_config cfg = {.dtype = FBN_DTYPE_FLOAT32, .reps = 25, .warmup = 3, .quick = false, .layouts = {true, true},
                       .onednn = true, .copy_bytes = (size_t)512 << 20,
                       .evict_bytes = bench_evict_default_bytes()};
 #ifndef FBN_PEERS_HAVE_ONEDNN
@@ -563,6 +580,16 @@ int main(int argc, char **argv) {
       cfg.one_shape = (peers_shape){n, c, h, w};
       cfg.have_one_shape = true;
       i++;
+    } else if (strcmp(a, "--dtype") == 0 && v) {
+      if (strcmp(v, "float32") == 0)
+        cfg.dtype = FBN_DTYPE_FLOAT32;
+      else if (strcmp(v, "float16") == 0)
+        cfg.dtype = FBN_DTYPE_FLOAT16;
+      else if (strcmp(v, "bfloat16") == 0)
+        cfg.dtype = FBN_DTYPE_BFLOAT16;
+      else
+        die("--dtype wants float32, float16 or bfloat16", v);
+      i++;
     } else if (strcmp(a, "--quick") == 0) {
       cfg.quick = true;
     } else if (strcmp(a, "--no-onednn") == 0) {
@@ -577,6 +604,9 @@ int main(int argc, char **argv) {
   }
   if (cfg.reps < 1 || cfg.warmup < 0 || cfg.copy_bytes < ((size_t)1 << 20))
     die("--reps must be >= 1, --warmup >= 0, --copy-mib >= 1", NULL);
+  const bool onednn_asked = cfg.onednn;
+  if (cfg.dtype != FBN_DTYPE_FLOAT32)
+    cfg.onednn = false;
 
   bench_evict_init(&evict, cfg.evict_bytes);
   const char *backend = getenv("FBN_CPU_BACKEND");
@@ -585,21 +615,26 @@ int main(int argc, char **argv) {
   printf("# fbn-peers-bench: machine: %s\n", machine);
   printf("# fbn-peers-bench: evict_mib=%zu (read before every timed call); floor: %s\n",
          (evict.words * sizeof(uint64_t)) >> 20, bench_copy_method());
-  printf("# fbn-peers-bench: fusedbn %d, FBN_CPU_BACKEND=%s, threads=%d, reps=%d, warmup=%d\n",
+  printf("# fbn-peers-bench: fusedbn %d, FBN_CPU_BACKEND=%s, threads=%d, reps=%d, warmup=%d, "
+         "dtype=%s\n",
          fbn_version(), backend ? backend : "(unset: fast)", bench_threads(), cfg.reps,
-         cfg.warmup);
+         cfg.warmup, dtype_name(cfg.dtype));
 #ifdef FBN_PEERS_HAVE_ONEDNN
   const dnnl_version_t *dv = dnnl_version();
   printf("# onednn %d.%d.%d (%s), cpu_runtime %u%s\n", dv->major, dv->minor, dv->patch, dv->hash,
-         dv->cpu_runtime, cfg.onednn ? "" : " (disabled by --no-onednn)");
+         dv->cpu_runtime,
+         cfg.onednn        ? ""
+         : onednn_asked    ? " (not timed: this benchmark runs oneDNN in float32 only)"
+                           : " (disabled by --no-onednn)");
 #else
+  (void)onednn_asked;
   printf("# onednn: not built (bench/peers without oneDNN)\n");
 #endif
-  printf("pass,n,c,h,w,layout,impl,median_ms,min_ms,reps\n");
+  printf("pass,n,c,h,w,layout,impl,median_ms,min_ms,reps,dtype\n");
 
   double best_ms;
   double copy_s = measure_copy(&cfg, &best_ms);
-  printf("copy,0,0,0,0,-,memcpy,%.4f,%.4f,%d\n", 1e3 * copy_s, best_ms, cfg.reps);
+  printf("copy,0,0,0,0,-,memcpy,%.4f,%.4f,%d,-\n", 1e3 * copy_s, best_ms, cfg.reps);
   printf("# copy_bytes=%zu copy_gbs=%.3f (bytes read + written per second, median)\n",
          cfg.copy_bytes, 2.0 * (double)cfg.copy_bytes / copy_s / 1e9);
   fflush(stdout);
@@ -614,7 +649,7 @@ int main(int argc, char **argv) {
         run_shape(&cfg, &shapes[s], l == 0 ? FBN_LAYOUT_NCHW : FBN_LAYOUT_NHWC);
 
   copy_s = measure_copy(&cfg, &best_ms);
-  printf("copy,0,0,0,0,-,memcpy,%.4f,%.4f,%d\n", 1e3 * copy_s, best_ms, cfg.reps);
+  printf("copy,0,0,0,0,-,memcpy,%.4f,%.4f,%d,-\n", 1e3 * copy_s, best_ms, cfg.reps);
   printf("# copy_bytes=%zu copy_gbs=%.3f (at the end)\n", cfg.copy_bytes,
          2.0 * (double)cfg.copy_bytes / copy_s / 1e9);
   bench_evict_fini(&evict);
