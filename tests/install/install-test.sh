@@ -188,7 +188,9 @@ pkg_config_client() {
     name=fusedbn/$(basename "$h")
     extra=""
     cxx_extra=""
-    [ "$name" = fusedbn/fusedbn_cuda.h ] && extra=$cuda_cflags
+    case $name in
+      fusedbn/fusedbn_cuda.h | fusedbn/fusedbn_cuda_sync.h) extra=$cuda_cflags ;;
+    esac
     # Open MPI's and MPICH's <mpi.h> pull in their deprecated C++ bindings
     # (which warn under -Wextra) unless a C++ client of the C API skips them.
     if [ "$name" = fusedbn/fusedbn_mpi.h ]; then
