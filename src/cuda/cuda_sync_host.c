@@ -18,6 +18,18 @@ static size_t param_size(const fbn_tensor_desc *d) {
   return d->dtype == FBN_DTYPE_FLOAT64 ? sizeof(double) : sizeof(float);
 }
 
+/* fbn_dtype_name's words (core/desc.c is not in the host-only library;
+ * the host test compares these messages with the CPU's). */
+static const char *dtype_name(int32_t dtype) {
+  switch (dtype) {
+  case FBN_DTYPE_FLOAT32: return "float32";
+  case FBN_DTYPE_FLOAT64: return "float64";
+  case FBN_DTYPE_FLOAT16: return "float16";
+  case FBN_DTYPE_BFLOAT16: return "bfloat16";
+  default: return "unknown dtype";
+  }
+}
+
 static int64_t values_per_channel(const fbn_tensor_desc *d) { return d->n * d->h * d->w; }
 
 fbn_cuda_sync_saved_parts fbn_cuda_sync_saved_layout(const fbn_op_desc *op,
@@ -86,8 +98,9 @@ void fbn_cuda_sync_describe(const fbn_cs_status *s, char *text, size_t size) {
   case FBN_CS_BAD_RECORD:
     snprintf(text, size,
              "the record of rank %d (magic %#llx, version %u) is not a statistics record of "
-             "version %u",
-             (int)s->rank, (unsigned long long)s->value, (unsigned)s->value2, FBN_CS_VERSION);
+             "fbn_sync_stats version %u",
+             (int)s->rank, (unsigned long long)s->have_magic, (unsigned)s->value2,
+             FBN_CS_VERSION);
     break;
   case FBN_CS_C:
     snprintf(text, size,
@@ -98,16 +111,16 @@ void fbn_cuda_sync_describe(const fbn_cs_status *s, char *text, size_t size) {
   case FBN_CS_DTYPE:
     snprintf(text, size,
              "rank %d has dtype %s, this rank's op %s: every rank must have the same dtype",
-             (int)s->rank, fbn_dtype_name((fbn_dtype)s->have_dtype),
-             fbn_dtype_name((fbn_dtype)s->want_dtype));
+             (int)s->rank, dtype_name(s->have_dtype),
+             dtype_name(s->want_dtype));
     break;
   case FBN_CS_OP:
     snprintf(text, size,
              "rank %d has param_dtype %s, operation %s, affine %d, eps %g; this rank's op %s, "
              "%s, %d, %g: every rank must run the same op",
-             (int)s->rank, fbn_dtype_name((fbn_dtype)s->have_param_dtype),
+             (int)s->rank, dtype_name(s->have_param_dtype),
              fbn_operation_name((fbn_operation)s->have_operation), (int)s->have_affine,
-             s->have_eps, fbn_dtype_name((fbn_dtype)s->want_param_dtype),
+             s->have_eps, dtype_name(s->want_param_dtype),
              fbn_operation_name((fbn_operation)s->want_operation), (int)s->want_affine,
              s->want_eps);
     break;

@@ -68,6 +68,7 @@ typedef struct fbn_cs_status {
   int32_t have_operation, want_operation;
   int32_t have_affine, want_affine;
   double have_eps, want_eps;
+  uint64_t have_magic; /* the record's magic (FBN_CS_BAD_RECORD) */
   double value; /* the count / total / grad-record entry that failed */
   double value2;
   int64_t total; /* values per channel over the ranks (success) */
@@ -121,7 +122,7 @@ FBN_HD int32_t fbn_cs_check_headers(const unsigned char *records, int world_size
     if (h->magic != FBN_CS_MAGIC || h->version != FBN_CS_VERSION) {
       what = FBN_CS_BAD_RECORD;
       code = FBN_STATUS_INVALID_STATE;
-      s->value = (double)h->magic;
+      s->have_magic = h->magic;
       s->value2 = (double)h->version;
     } else if (h->c != self->c) {
       what = FBN_CS_C;
