@@ -7,8 +7,8 @@ has the same parameters, buffers and state_dict names, and in training
 normalizes every rank's shard with the statistics of the whole batch, as one
 process on the concatenated batch would; in eval (running statistics) it is
 the unsynchronized module and runs no collective.  CPU tensors, over any
-process group whose backend moves CPU tensors (gloo); NCCL groups get the
-exchanged records on the current CUDA device.
+process group: gloo (or MPI) moves the exchanged records as CPU tensors, an
+NCCL group gets them copied to the current CUDA device.
 
 One training forward, on every rank of the group, with libfusedbn's split
 phases (fusedbn_sync.h):
@@ -38,10 +38,11 @@ rank in eval mode, or one that never calls forward/backward, leaves the
 others waiting in a collective until the process group's timeout (which
 then raises there).
 
-CUDA tensors raise fusedbn.UnsupportedError: libfusedbn's synchronized batch
-norm runs on host memory only (the library says so in its status).
+CUDA tensors raise fusedbn.UnsupportedError (on every rank that has them):
+the modules bind the host-memory phases of fusedbn_sync.h; libfusedbn's CUDA
+synchronized batch norm (fusedbn_cuda_sync.h, stream-ordered collectives
+such as its NCCL adapter) has no Python binding.
 """
-import ctypes
 
 import torch
 
@@ -207,6 +208,11 @@ def _forward(call, x, addend, weight, bias):
     try:
         _ops.check_x(fn, x)
         channels, dtype_code = int(x.shape[1]), _ops._DTYPES[x.dtype]
+        if x.device.type != "cpu":
+            raise _lib.make_error(_lib.UNSUPPORTED, "%s: x on %s: fusedbn.torch's synchronized "
+                                  "modules run on CPU tensors (libfusedbn's CUDA synchronized "
+                                  "batch norm, fusedbn_cuda_sync.h, has no Python binding)"
+                                  % (fn, x.device))
         if addend is not None:
             _ops.check_like_x(fn, "addend", addend, x)
         for name, t in (("weight", weight), ("bias", bias), ("running_mean", call.running_mean),
