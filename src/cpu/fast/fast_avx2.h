@@ -717,5 +717,12 @@ static bool fbn_fast_bwd_apply2_f32(const float *x, const uint8_t *bits, int64_t
 #define fbn_fast_norm_nt2_f64(...) fbn_fast_no_loop(0, __VA_ARGS__)
 #define fbn_fast_bwd_reduce2_f64(...) fbn_fast_no_loop(0, __VA_ARGS__)
 #define fbn_fast_bwd_apply2_f64(...) fbn_fast_no_loop(0, __VA_ARGS__)
+/* Half tensors: the staged loops of fast_half_impl.h only. */
+#define fbn_fast_norm_nt2_f16(...) fbn_fast_no_loop(0, __VA_ARGS__)
+#define fbn_fast_bwd_reduce2_f16(...) fbn_fast_no_loop(0, __VA_ARGS__)
+#define fbn_fast_bwd_apply2_f16(...) fbn_fast_no_loop(0, __VA_ARGS__)
+#define fbn_fast_norm_nt2_bf16(...) fbn_fast_no_loop(0, __VA_ARGS__)
+#define fbn_fast_bwd_reduce2_bf16(...) fbn_fast_no_loop(0, __VA_ARGS__)
+#define fbn_fast_bwd_apply2_bf16(...) fbn_fast_no_loop(0, __VA_ARGS__)
 
 #endif /* FUSEDBN_SRC_CPU_FAST_FAST_AVX2_H */

@@ -46,11 +46,18 @@
  * that its arithmetic is BN + ReLU's up to the gate: BN + ReLU == ReLU(BN)
  * bit for bit.
  *
+ * dtypes: float32 and float64 tensors run loops of their own type;
+ * float16 and bfloat16 tensors (float32 parameters) run the same drivers
+ * with the block functions of fast_half_impl.h: chunks widened into
+ * L1-resident float32 buffers by the run-time chosen conversions
+ * (src/cpu/half), the float32 loops on them, outputs rounded once, so that
+ * the tensors move 2 bytes per element per pass.
+ *
  * Saved state: the CPU header and two arrays of C doubles (mean and inverse
  * standard deviation that normalized x, as the reference backend's,
- * cpu_common.h), then for float32 tensors of the ReLU operations the ReLU
- * bitmask of the forward's y: one bit per element, !(y <= 0) (NaN sets it),
- * each tensor row on a byte.
+ * cpu_common.h), then for float32 and half tensors of the ReLU operations
+ * the ReLU bitmask of the forward's y (half: the rounded y): one bit per
+ * element, !(y <= 0) (NaN sets it), each tensor row on a byte.
  * Backward takes the mask from it instead of reading y (the API requires y
  * unchanged since the forward), which saves a quarter of its first pass's
  * reads.
@@ -65,6 +72,7 @@
  *   fast_kernels.h     the kernel table, filled once from the CPU's features
  *   fast_avx2.h        the AVX2 intrinsics loops
  *   fast_loops_impl.h  masks, statistics, normalize and backward loops (per dtype)
+ *   fast_half_impl.h   the block functions for float16 / bfloat16 tensors
  *   fast_nchw_impl.h   NCHW drivers (per dtype)
  *   fast_nhwc_impl.h   NHWC drivers (per dtype)
  *   fast_pipe.h        the pipelined NCHW path (float32)
@@ -78,6 +86,7 @@
 #include "cpu/fast/fast_avx2.h"
 #include "cpu/fast/fast_channel.h"
 #include "cpu/fast/fast_plan.h"
+#include "cpu/half/half_convert.h"
 
 /* ---- the loops, for float and double ------------------------------------ */
 
@@ -107,10 +116,43 @@
 #undef FBN_MASK_T
 #undef FBN_T_MIN
 
+/* ---- the drivers for float16 and bfloat16 (float32 arithmetic) ---------- */
+
+#define FBN_T uint16_t
+#define FBN_SFX f16
+#define FBN_HALF_BF16 0
+#include "cpu/fast/fast_half_impl.h"
+#include "cpu/fast/fast_nchw_impl.h"
+#include "cpu/fast/fast_nhwc_impl.h"
+#undef FBN_T
+#undef FBN_SFX
+#undef FBN_HALF_BF16
+
+#define FBN_T uint16_t
+#define FBN_SFX bf16
+#define FBN_HALF_BF16 1
+#include "cpu/fast/fast_half_impl.h"
+#include "cpu/fast/fast_nchw_impl.h"
+#include "cpu/fast/fast_nhwc_impl.h"
+#undef FBN_T
+#undef FBN_SFX
+#undef FBN_HALF_BF16
+
+/* fn's instance for d's dtype, called with the arguments that follow. */
+#define FBN_FAST_BY_DTYPE(d, fn, ...)                                                            \
+  do {                                                                                         \
+    switch ((d)->dtype) {                                                                      \
+    case FBN_DTYPE_FLOAT32: fn##_f32(__VA_ARGS__); break;                                      \
+    case FBN_DTYPE_FLOAT64: fn##_f64(__VA_ARGS__); break;                                      \
+    case FBN_DTYPE_FLOAT16: fn##_f16(__VA_ARGS__); break;                                      \
+    case FBN_DTYPE_BFLOAT16: fn##_bf16(__VA_ARGS__); break;                                    \
+    }                                                                                          \
+  } while (0)
+
 /* ---- backend entry points ----------------------------------------------- */
 
-/* The ReLU mask saved after the statistics: float32 tensors of the ReLU
- * operations. */
+/* The ReLU mask saved after the statistics: float32 and half tensors of the
+ * ReLU operations. */
 static size_t fbn_fast_saved_mask_bytes(const fbn_op_desc *op, const fbn_tensor_desc *d) {
   return fbn_operation_has_relu(op->operation) ? fbn_fast_mask_bytes(d) : 0;
 }
@@ -162,7 +204,7 @@ static size_t fbn_fast_scratch_bytes(const fbn_op_desc *op, const fbn_tensor_des
   case FBN_FAST_ROUTE_NCHW_EVAL: {
     /* 2 C doubles (mean, invstd), 3 C coefficients, C flags */
     const size_t c = (size_t)d->c;
-    return 2 * c * sizeof(double) + 3 * c * fbn_dtype_size(d->dtype) + c;
+    return 2 * c * sizeof(double) + 3 * c * fbn_fast_coef_size(d->dtype) + c;
   }
   case FBN_FAST_ROUTE_NCHW_VEC: {
     fbn_fast_nchw_plan plan;
@@ -172,7 +214,7 @@ static size_t fbn_fast_scratch_bytes(const fbn_op_desc *op, const fbn_tensor_des
   }
   case FBN_FAST_ROUTE_NHWC: {
     fbn_fast_nhwc_plan plan;
-    fbn_fast_nhwc_plan_make(NULL, d->n * d->h * d->w, d->c, nt, fbn_dtype_size(d->dtype), &plan,
+    fbn_fast_nhwc_plan_make(NULL, d->n * d->h * d->w, d->c, nt, fbn_fast_coef_size(d->dtype), &plan,
                             &bytes);
     return bytes;
   }
@@ -221,7 +263,6 @@ static fbn_status fbn_fast_no_room(const fbn_tensor_desc *d, size_t need, size_t
 
 static fbn_status fast_forward(const fbn_bk_forward_args *a) {
   const fbn_tensor_desc *d = a->desc;
-  const bool f32 = d->dtype == FBN_DTYPE_FLOAT32;
   const int nt = fbn_fast_call_threads(a->op, d, false, a->workspace_bytes);
   if (nt == 0)
     return fbn_fast_no_room(d, fbn_fast_scratch_bytes(a->op, d, false, 1), a->workspace_bytes);
@@ -241,26 +282,21 @@ static fbn_status fast_forward(const fbn_bk_forward_args *a) {
   switch (fbn_fast_route_of(a->op, d, false)) {
   case FBN_FAST_ROUTE_NCHW_EVAL: {
     const size_t c = (size_t)d->c, stat_bytes = 2 * c * sizeof(double);
-    const size_t coef_bytes = 3 * c * fbn_dtype_size(d->dtype);
+    const size_t coef_bytes = 3 * c * fbn_fast_coef_size(d->dtype);
     char *sc = fbn_fast_scratch(m, stat_bytes + coef_bytes + c);
     if (sc == NULL)
       return fbn_fast_no_room(d, stat_bytes + coef_bytes + c, a->workspace_bytes);
     double *stat = (double *)sc;
     void *coef = sc + stat_bytes;
     bool *fast = (bool *)(sc + stat_bytes + coef_bytes);
-    if (f32)
-      forward_nchw_eval_f32(m, a, nt, bits, bpr, coef, stat, fast);
-    else
-      forward_nchw_eval_f64(m, a, nt, bits, bpr, coef, stat, fast);
+    FBN_FAST_BY_DTYPE(d, forward_nchw_eval, m, a, nt, bits, bpr, coef, stat, fast);
     break;
   }
   case FBN_FAST_ROUTE_NCHW:
     if (fbn_fast_pipe_usable(a, bits, bpr))
       fbn_fast_forward_nchw_pipe(m, a, nt, bits, bpr);
-    else if (f32)
-      forward_nchw_f32(m, a, nt, bits, bpr);
     else
-      forward_nchw_f64(m, a, nt, bits, bpr);
+      FBN_FAST_BY_DTYPE(d, forward_nchw, m, a, nt, bits, bpr);
     break;
   case FBN_FAST_ROUTE_NCHW_VEC: {
     fbn_fast_nchw_plan plan;
@@ -268,22 +304,16 @@ static fbn_status fast_forward(const fbn_bk_forward_args *a) {
     if (fbn_fast_nchw_plan_make(m, d, nt, fbn_fast_vec_channel_bytes(a->op, d, false), &plan,
                                 &bytes) != FBN_STATUS_SUCCESS)
       return fbn_fast_no_room(d, bytes, a->workspace_bytes);
-    if (f32)
-      forward_nchw_vec_f32(m, a, nt, &plan, bits, bpr);
-    else
-      forward_nchw_vec_f64(m, a, nt, &plan, bits, bpr);
+    FBN_FAST_BY_DTYPE(d, forward_nchw_vec, m, a, nt, &plan, bits, bpr);
     break;
   }
   case FBN_FAST_ROUTE_NHWC: {
     fbn_fast_nhwc_plan plan;
     size_t bytes;
-    if (fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt, fbn_dtype_size(d->dtype), &plan,
+    if (fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt, fbn_fast_coef_size(d->dtype), &plan,
                                 &bytes) != FBN_STATUS_SUCCESS)
       return fbn_fast_no_room(d, bytes, a->workspace_bytes);
-    if (f32)
-      forward_nhwc_f32(m, a, nt, &plan, bits, bpr);
-    else
-      forward_nhwc_f64(m, a, nt, &plan, bits, bpr);
+    FBN_FAST_BY_DTYPE(d, forward_nhwc, m, a, nt, &plan, bits, bpr);
     break;
   }
   }
@@ -297,7 +327,6 @@ static fbn_status fast_backward(const fbn_bk_backward_args *a) {
   fbn_status st = fbn_cpu_saved_check(a->saved, fbn_backend_cpu_fast(), a->op, d);
   if (st != FBN_STATUS_SUCCESS)
     return st;
-  const bool f32 = d->dtype == FBN_DTYPE_FLOAT32;
   const int nt = fbn_fast_call_threads(a->op, d, true, a->workspace_bytes);
   if (nt == 0)
     return fbn_fast_no_room(d, fbn_fast_scratch_bytes(a->op, d, true, 1), a->workspace_bytes);
@@ -313,7 +342,7 @@ static fbn_status fast_backward(const fbn_bk_backward_args *a) {
       .scratch_bytes = a->workspace_bytes,
   };
   fbn_fast_call *m = &call;
-  /* the mask the forward saved (float32, ReLU operations) */
+  /* the mask the forward saved (float32 and half, ReLU operations) */
   const uint8_t *bits =
       fbn_fast_saved_mask_bytes(a->op, d) > 0 ? fbn_cpu_saved_extra_const(a->saved, d->c) : NULL;
   const int64_t bpr = fbn_fast_mask_bpr(d);
@@ -322,10 +351,8 @@ static fbn_status fast_backward(const fbn_bk_backward_args *a) {
   case FBN_FAST_ROUTE_NCHW:
     if (fbn_fast_bwd_pipe_usable(a, bits, bpr))
       fbn_fast_backward_nchw_pipe(m, a, nt, bits, bpr);
-    else if (f32)
-      backward_nchw_f32(m, a, nt, bits, bpr);
     else
-      backward_nchw_f64(m, a, nt, bits, bpr);
+      FBN_FAST_BY_DTYPE(d, backward_nchw, m, a, nt, bits, bpr);
     break;
   case FBN_FAST_ROUTE_NCHW_VEC: {
     fbn_fast_nchw_plan plan;
@@ -333,32 +360,33 @@ static fbn_status fast_backward(const fbn_bk_backward_args *a) {
     if (fbn_fast_nchw_plan_make(m, d, nt, fbn_fast_vec_channel_bytes(a->op, d, true), &plan,
                                 &bytes) != FBN_STATUS_SUCCESS)
       return fbn_fast_no_room(d, bytes, a->workspace_bytes);
-    if (f32)
-      backward_nchw_vec_f32(m, a, nt, &plan, bits, bpr);
-    else
-      backward_nchw_vec_f64(m, a, nt, &plan, bits, bpr);
+    FBN_FAST_BY_DTYPE(d, backward_nchw_vec, m, a, nt, &plan, bits, bpr);
     break;
   }
   case FBN_FAST_ROUTE_NHWC: {
     fbn_fast_nhwc_plan plan;
     size_t bytes;
-    if (fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt, fbn_dtype_size(d->dtype), &plan,
+    if (fbn_fast_nhwc_plan_make(m, d->n * d->h * d->w, d->c, nt, fbn_fast_coef_size(d->dtype), &plan,
                                 &bytes) != FBN_STATUS_SUCCESS)
       return fbn_fast_no_room(d, bytes, a->workspace_bytes);
-    if (f32)
-      backward_nhwc_f32(m, a, nt, &plan, bits, bpr);
-    else
-      backward_nhwc_f64(m, a, nt, &plan, bits, bpr);
+    FBN_FAST_BY_DTYPE(d, backward_nhwc, m, a, nt, &plan, bits, bpr);
     break;
   }
   }
   return FBN_STATUS_SUCCESS;
 }
 
+/* Every dtype: float32, float64, float16 and bfloat16 tensors. No state. */
+static fbn_status fast_op_init(const fbn_op_desc *op, void **state) {
+  (void)op;
+  *state = NULL;
+  return FBN_STATUS_SUCCESS;
+}
+
 static const fbn_backend fast_backend = {
     .name = "cpu-fast",
     .device = FBN_DEVICE_CPU,
-    .op_init = fbn_cpu_op_init,
+    .op_init = fast_op_init,
     .op_fini = fbn_cpu_op_fini,
     .check_shape = NULL,
     .saved_size = fast_saved_size,

@@ -143,7 +143,8 @@ FBN_FAST_INLINE void fbn_fast_expand8_f64(uint8_t b, int64_t *out) {
     out[k] = (b >> k) & 1 ? -1 : 0;
 }
 
-/* The saved ReLU bitmask (float32 tensors): one bit per element, !(y <= 0),
+/* The saved ReLU bitmask (float32 and half tensors): one bit per element,
+ * !(y <= 0),
  * each row of the tensor (NCHW: the H*W of one (n, c); NHWC: the C of one
  * (n, h, w)) starting on a byte. Backward reads it instead of y. */
 static int64_t fbn_fast_mask_row_len(const fbn_tensor_desc *d) {
@@ -153,7 +154,7 @@ static int64_t fbn_fast_mask_bpr(const fbn_tensor_desc *d) {
   return (fbn_fast_mask_row_len(d) + 7) / 8;
 }
 static size_t fbn_fast_mask_bytes(const fbn_tensor_desc *d) {
-  if (d->dtype != FBN_DTYPE_FLOAT32)
+  if (d->dtype == FBN_DTYPE_FLOAT64)
     return 0;
   return (size_t)(fbn_desc_numel(d) / fbn_fast_mask_row_len(d) * fbn_fast_mask_bpr(d));
 }

@@ -2,8 +2,13 @@
  * Fast CPU backend: the NCHW drivers, forward and backward, long rows
  * (channel groups) and short rows (groups as channels-last blocks), written
  * once for an element type: included by fast_backend.c after
- * fast_loops_impl.h for FBN_T = float and for FBN_T = double.
+ * fast_loops_impl.h for FBN_T = float and for FBN_T = double, and after
+ * fast_half_impl.h for the half types (FBN_T = uint16_t storage; FBN_C, the
+ * type of the coefficients and of the arithmetic, = float).
  */
+#ifndef FBN_C
+#define FBN_C FBN_T
+#endif
 
 /* ======================================================================== */
 /* Forward drivers                                                          */
@@ -26,7 +31,7 @@ static void FBN_K(forward_nchw_group)(fbn_fast_call *m, const fbn_bk_forward_arg
     const int64_t gc = c_ - c0 < g_ ? c_ - c0 : g_;
     double acc[FBN_FAST_MAX_GROUP][2], shift[FBN_FAST_MAX_GROUP];
     double mean[FBN_FAST_MAX_GROUP], invstd[FBN_FAST_MAX_GROUP];
-    FBN_T cm[FBN_FAST_MAX_GROUP], ca[FBN_FAST_MAX_GROUP], cb[FBN_FAST_MAX_GROUP];
+    FBN_C cm[FBN_FAST_MAX_GROUP], ca[FBN_FAST_MAX_GROUP], cb[FBN_FAST_MAX_GROUP];
     bool fast[FBN_FAST_MAX_GROUP];
 
     if (fbn_fast_full(a)) {
@@ -86,14 +91,14 @@ static void FBN_K(forward_nchw)(fbn_fast_call *m, const fbn_bk_forward_args *a, 
  * (scratch).
  */
 static void FBN_K(forward_nchw_eval)(fbn_fast_call *m, const fbn_bk_forward_args *a, int nt,
-                                     uint8_t *bits, int64_t bpr, FBN_T *coef, double *stat,
+                                     uint8_t *bits, int64_t bpr, FBN_C *coef, double *stat,
                                      bool *fast) {
   const fbn_tensor_desc *d = a->desc;
   const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w;
   const FBN_T *x = a->x, *z = a->addend;
   FBN_T *y = a->y;
   const bool stream = fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(FBN_T));
-  FBN_T *cm = coef, *ca = coef + c_, *cb = coef + 2 * c_;
+  FBN_C *cm = coef, *ca = coef + c_, *cb = coef + 2 * c_;
   const bool relu = fbn_fast_relu(a);
   for (int64_t c = 0; c < c_; c++) {
     fbn_fast_running_stats(m, a, c, &stat[c], &stat[c_ + c]);
@@ -162,7 +167,7 @@ static void FBN_K(forward_nchw_vec_group)(fbn_fast_call *m, const fbn_bk_forward
     const int64_t gc = c_ - c0 < g_ ? c_ - c0 : g_, len = gc * hw;
     fbn_fast_nchw_view v;
     fbn_fast_nchw_view_of(plan, fbn_fast_thread_num(), &v);
-    FBN_T *cm = v.coef[0], *ca = v.coef[1], *cb = v.coef[2];
+    FBN_C *cm = v.coef[0], *ca = v.coef[1], *cb = v.coef[2];
     if (fbn_fast_full(a)) {
       for (int64_t j = 0; j < gc; j++) {
         const double k = fbn_fast_shift_of(d, x, c0 + j);
@@ -259,7 +264,7 @@ static void FBN_K(backward_nchw_group)(fbn_fast_call *m, const fbn_bk_backward_a
     const int64_t gc = c_ - c0 < g_ ? c_ - c0 : g_;
     double acc[FBN_FAST_MAX_GROUP][2], shift[FBN_FAST_MAX_GROUP];
     fbn_fast_bwd_chan ch[FBN_FAST_MAX_GROUP];
-    FBN_T cm[FBN_FAST_MAX_GROUP], ck[FBN_FAST_MAX_GROUP], cc1[FBN_FAST_MAX_GROUP],
+    FBN_C cm[FBN_FAST_MAX_GROUP], ck[FBN_FAST_MAX_GROUP], cc1[FBN_FAST_MAX_GROUP],
         cc0[FBN_FAST_MAX_GROUP];
     bool fast[FBN_FAST_MAX_GROUP];
 
@@ -280,7 +285,7 @@ static void FBN_K(backward_nchw_group)(fbn_fast_call *m, const fbn_bk_backward_a
     for (int64_t j = 0; j < gc; j++) {
       if (reduce)
         fast[j] = fbn_fast_bwd_chan_sums(m, a, c0 + j, fast[j], acc[j][0], acc[j][1], &ch[j]);
-      cm[j] = ck[j] = cc1[j] = cc0[j] = (FBN_T)0;
+      cm[j] = ck[j] = cc1[j] = cc0[j] = (FBN_C)0;
       if (fast[j])
         fast[j] = FBN_K(backward_coef)(&ch[j], full, count, &cm[j], &ck[j], &cc1[j], &cc0[j]);
     }
@@ -332,7 +337,7 @@ static void FBN_K(backward_nchw_vec_group)(fbn_fast_call *m, const fbn_bk_backwa
     const int64_t gc = c_ - c0 < g_ ? c_ - c0 : g_;
     fbn_fast_nchw_view v;
     fbn_fast_nchw_view_of(plan, fbn_fast_thread_num(), &v);
-    FBN_T *cm = v.coef[0], *ck = v.coef[1], *cc1 = v.coef[2], *cc0 = v.coef[3];
+    FBN_C *cm = v.coef[0], *ck = v.coef[1], *cc1 = v.coef[2], *cc0 = v.coef[3];
     for (int64_t j = 0; j < gc; j++) {
       fbn_fast_bwd_chan_init(m, a, c0 + j, &v.chan[j]);
       v.fast[j] = v.chan[j].finite;
@@ -357,7 +362,7 @@ static void FBN_K(backward_nchw_vec_group)(fbn_fast_call *m, const fbn_bk_backwa
         }
         v.fast[j] = fbn_fast_bwd_chan_sums(m, a, c0 + j, v.fast[j], t1, t2, &v.chan[j]);
       }
-      cm[j * hw] = ck[j * hw] = cc1[j * hw] = cc0[j * hw] = (FBN_T)0;
+      cm[j * hw] = ck[j * hw] = cc1[j * hw] = cc0[j * hw] = (FBN_C)0;
       if (v.fast[j])
         v.fast[j] = FBN_K(backward_coef)(&v.chan[j], full, count, &cm[j * hw], &ck[j * hw],
                                          &cc1[j * hw], &cc0[j * hw]);

@@ -2,8 +2,12 @@
  * Fast CPU backend: the NHWC drivers, forward and backward (chunks of rows,
  * per-thread partial sums merged by one thread), written once for an
  * element type: included by fast_backend.c after fast_loops_impl.h for
- * FBN_T = float and for FBN_T = double.
+ * FBN_T = float and for FBN_T = double, and for the half types (FBN_C:
+ * fast_nchw_impl.h).
  */
+#ifndef FBN_C
+#define FBN_C FBN_T
+#endif
 /*
  * NHWC: threads over chunks of rows (n, h, w), each row the C channels,
  * handed out dynamically (a thread that is descheduled on a busy machine
@@ -78,7 +82,7 @@ static void FBN_K(forward_nhwc_coef)(fbn_fast_call *m, const fbn_bk_forward_args
                                      const fbn_fast_nhwc_plan *plan, int nthreads) {
   const int64_t c_ = a->desc->c, p_ = plan->rows_per_block;
   double *mean = plan->mean, *invstd = plan->invstd;
-  FBN_T *cm = plan->coef[0], *ca = plan->coef[1], *cb = plan->coef[2];
+  FBN_C *cm = plan->coef[0], *ca = plan->coef[1], *cb = plan->coef[2];
   if (fbn_fast_full(a))
     FBN_K(merge_partials)(plan, nthreads, c_, mean, invstd); /* the sums, until replaced */
   for (int64_t c = 0; c < c_; c++) {
@@ -90,9 +94,9 @@ static void FBN_K(forward_nhwc_coef)(fbn_fast_call *m, const fbn_bk_forward_args
     plan->fast[c] = FBN_K(forward_coef)(mean[c], invstd[c], fbn_fast_weight(m, c),
                                         fbn_fast_bias(m, c), &cm[c], &ca[c], &cb[c]);
   }
-  fbn_fast_repeat(cm, sizeof(FBN_T), c_, p_);
-  fbn_fast_repeat(ca, sizeof(FBN_T), c_, p_);
-  fbn_fast_repeat(cb, sizeof(FBN_T), c_, p_);
+  fbn_fast_repeat(cm, sizeof(FBN_C), c_, p_);
+  fbn_fast_repeat(ca, sizeof(FBN_C), c_, p_);
+  fbn_fast_repeat(cb, sizeof(FBN_C), c_, p_);
 }
 
 /* Normalization of rows [r0, r1), r0 a multiple of P. */
@@ -275,7 +279,7 @@ static void FBN_K(backward_nhwc_coef)(const FBN_K(fbn_fast_bwd_nhwc) *b, int nth
   const fbn_fast_nhwc_plan *plan = b->plan;
   const int64_t c_ = b->a->desc->c, p_ = plan->rows_per_block;
   fbn_fast_bwd_chan *ch = plan->chan;
-  FBN_T *cm = plan->coef[0], *ck = plan->coef[1], *cc1 = plan->coef[2], *cc0 = plan->coef[3];
+  FBN_C *cm = plan->coef[0], *ck = plan->coef[1], *cc1 = plan->coef[2], *cc0 = plan->coef[3];
   bool *fast = plan->fast;
   double *t1 = plan->mean, *t2 = plan->invstd; /* unused by backward otherwise */
   if (b->reduce)
@@ -283,14 +287,14 @@ static void FBN_K(backward_nhwc_coef)(const FBN_K(fbn_fast_bwd_nhwc) *b, int nth
   for (int64_t c = 0; c < c_; c++) {
     if (b->reduce)
       fast[c] = fbn_fast_bwd_chan_sums(b->m, b->a, c, fast[c], t1[c], t2[c], &ch[c]);
-    cm[c] = ck[c] = cc1[c] = cc0[c] = (FBN_T)0;
+    cm[c] = ck[c] = cc1[c] = cc0[c] = (FBN_C)0;
     if (fast[c])
       fast[c] = FBN_K(backward_coef)(&ch[c], b->full, b->rows, &cm[c], &ck[c], &cc1[c], &cc0[c]);
   }
-  fbn_fast_repeat(cm, sizeof(FBN_T), c_, p_);
-  fbn_fast_repeat(ck, sizeof(FBN_T), c_, p_);
-  fbn_fast_repeat(cc1, sizeof(FBN_T), c_, p_);
-  fbn_fast_repeat(cc0, sizeof(FBN_T), c_, p_);
+  fbn_fast_repeat(cm, sizeof(FBN_C), c_, p_);
+  fbn_fast_repeat(ck, sizeof(FBN_C), c_, p_);
+  fbn_fast_repeat(cc1, sizeof(FBN_C), c_, p_);
+  fbn_fast_repeat(cc0, sizeof(FBN_C), c_, p_);
 }
 
 /* dx (and dz) of rows [r0, r1), r0 a multiple of P. */
@@ -447,6 +451,7 @@ static void FBN_K(backward_nhwc)(fbn_fast_call *m, const fbn_bk_backward_args *a
         fbn_fast_exact_backward_apply(m, a, c, &ch[c]);
 }
 
+#undef FBN_C
 #undef FBN_CHUNK
 #undef FBN_ANALYZER_INIT
 #undef FBN_GATE

@@ -22,7 +22,7 @@ static void *fbn_fast_scratch(fbn_fast_call *m, size_t bytes) {
 }
 
 /* Carve an NHWC plan for a tensor of `rows` rows of C channels, nt
- * threads, elements of elem bytes, from m's workspace; *bytes = the scratch
+ * threads, coefficients of elem bytes (fbn_fast_coef_size), from m's workspace; *bytes = the scratch
  * it needs. m NULL: only *bytes. INSUFFICIENT_WORKSPACE (no message) when
  * the workspace is smaller. */
 static fbn_status fbn_fast_nhwc_plan_make(fbn_fast_call *m, int64_t rows, int64_t c, int nt,
@@ -122,7 +122,7 @@ static fbn_status fbn_fast_nchw_plan_make(fbn_fast_call *m, const fbn_tensor_des
     g = 1;
   plan->group = g;
   plan->len = g * hw;
-  plan->elem = fbn_dtype_size(d->dtype);
+  plan->elem = fbn_fast_coef_size(d->dtype);
   fbn_fast_nchw_view v;
   plan->per_thread = fbn_fast_nchw_carve(plan, NULL, &v);
   *bytes = plan->per_thread * (size_t)nt;

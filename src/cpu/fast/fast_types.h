@@ -6,6 +6,7 @@
 #ifndef FUSEDBN_SRC_CPU_FAST_FAST_TYPES_H
 #define FUSEDBN_SRC_CPU_FAST_FAST_TYPES_H
 
+#include "core/half.h"
 #include "cpu/cpu_common.h"
 #include "cpu/fast/fast_config.h"
 
@@ -35,7 +36,7 @@ typedef struct fbn_fast_nhwc_plan {
   double *shift;           /* block: per-element shift (forward) / mean (backward) */
   double *mean, *invstd;   /* C each (forward) */
   fbn_fast_bwd_chan *chan; /* C (backward) */
-  void *coef[4];           /* 4 arrays of `block` elements of the tensor's dtype */
+  void *coef[4];           /* 4 arrays of `block` coefficients (fbn_fast_coef_size) */
   bool *fast;              /* C */
 } fbn_fast_nhwc_plan;
 
@@ -48,7 +49,7 @@ typedef struct fbn_fast_nhwc_plan {
 typedef struct fbn_fast_nchw_plan {
   int64_t group;      /* channels per group */
   int64_t len;        /* group * H * W */
-  size_t elem;        /* bytes of one tensor element */
+  size_t elem;        /* bytes of one coefficient (fbn_fast_coef_size) */
   size_t per_thread;  /* bytes of one thread's arrays */
   char *base;
 } fbn_fast_nchw_plan;
@@ -57,7 +58,7 @@ typedef struct fbn_fast_nchw_view {
   double *s1, *s2, *shift; /* len each */
   double *mean, *invstd;   /* group each */
   fbn_fast_bwd_chan *chan; /* group */
-  void *coef[4];           /* len elements each */
+  void *coef[4];           /* len coefficients each */
   bool *fast;              /* group */
 } fbn_fast_nchw_view;
 
@@ -121,15 +122,32 @@ static int fbn_fast_threads(int64_t numel) {
 #endif
 }
 
+/* Element i widened to double (exact), and v stored rounded once to the
+ * dtype (half types: src/core/half.h). */
 static inline double fbn_fast_load(const void *p, fbn_dtype dtype, int64_t i) {
-  return dtype == FBN_DTYPE_FLOAT64 ? ((const double *)p)[i] : (double)((const float *)p)[i];
+  switch (dtype) {
+  case FBN_DTYPE_FLOAT64: return ((const double *)p)[i];
+  case FBN_DTYPE_FLOAT16: return fbn_half_to_double(((const uint16_t *)p)[i]);
+  case FBN_DTYPE_BFLOAT16: return fbn_bfloat16_to_double(((const uint16_t *)p)[i]);
+  case FBN_DTYPE_FLOAT32: break;
+  }
+  return (double)((const float *)p)[i];
 }
 
 static inline void fbn_fast_store(void *p, fbn_dtype dtype, int64_t i, double v) {
-  if (dtype == FBN_DTYPE_FLOAT64)
-    ((double *)p)[i] = v;
-  else
-    ((float *)p)[i] = (float)v;
+  switch (dtype) {
+  case FBN_DTYPE_FLOAT64: ((double *)p)[i] = v; return;
+  case FBN_DTYPE_FLOAT16: ((uint16_t *)p)[i] = fbn_double_to_half(v); return;
+  case FBN_DTYPE_BFLOAT16: ((uint16_t *)p)[i] = fbn_double_to_bfloat16(v); return;
+  case FBN_DTYPE_FLOAT32: break;
+  }
+  ((float *)p)[i] = (float)v;
+}
+
+/* Bytes of one coefficient of the vectorized loops (their arithmetic's
+ * type): float64 tensors double, the others float. */
+static inline size_t fbn_fast_coef_size(fbn_dtype dtype) {
+  return dtype == FBN_DTYPE_FLOAT64 ? sizeof(double) : sizeof(float);
 }
 
 static inline double fbn_fast_param(const fbn_fast_call *m, const void *p, int64_t c) {

@@ -1,0 +1,233 @@
+/*
+ * The fast backend's loops for half tensors (float16, bfloat16): the
+ * block functions the NCHW and NHWC drivers call (fast_nchw_impl.h,
+ * fast_nhwc_impl.h), written once for a half type. Included by
+ * fast_backend.c with FBN_T = uint16_t (the storage), FBN_C = float (the
+ * coefficients and the arithmetic), FBN_SFX f16 or bf16, FBN_HALF_BF16 0
+ * or 1, after the float32 loops (fast_loops_impl.h), which do the work.
+ *
+ * Each block is cut into chunks of FBN_HALF_CHUNK elements (whole rows, or
+ * a piece of one row: fbn_fast_chunk_next) that are widened into
+ * L1-resident float32 buffers by the process's conversion runs
+ * (src/cpu/half: portable, F16C + AVX2 or AVX-512, chosen once); the
+ * float32 block function of the same job runs on those buffers, and its
+ * float32 outputs are rounded once into the half tensor. The tensors are
+ * read and written as half values only: 2 bytes per element per pass, no
+ * widened copy of a tensor.
+ *
+ * Numerics:
+ *   statistics   float64 sums of the widened values shifted by a value of
+ *                the channel (stats_rows_f32 / stats_blocks_f32), as for
+ *                float32 tensors;
+ *   forward      y = round(ReLU((x - m) * a + b + z)) in float32, rounded
+ *                once to the half type (the float32 value is itself within
+ *                2^-24 relative of the exact one). ReLU before or after the
+ *                rounding gives the same y (rounding keeps signs and
+ *                maps no value <= 0 above 0), but not the same mask: a
+ *                positive v below half of the smallest half subnormal
+ *                rounds to +0, so the saved mask is packed from the
+ *                rounded y (widened back, exactly): !(y <= 0), NaN sets it,
+ *                as the reference computes it from y in backward;
+ *   backward     g = mask ? dy : 0, sums in float64, dx in float32 and
+ *                rounded once; daddend = g, exact.
+ * The coefficients are the float32 loops' (forward_coef_f32,
+ * backward_coef_f32): channels whose coefficients do not fit float32 take
+ * the exact path (fast_channel.h), which computes in float64 and rounds
+ * once to the half type.
+ */
+#ifndef FBN_T
+#error "define FBN_T, FBN_SFX and FBN_HALF_BF16 before including fast_half_impl.h"
+#endif
+
+#define FBN_C float
+#define FBN_CAT2(a, b) a##_##b
+#define FBN_CAT(a, b) FBN_CAT2(a, b)
+#define FBN_K(name) FBN_CAT(name, FBN_SFX)
+/* the float32 loops' chunk: their mask helpers' buffers hold one */
+#define FBN_HALF_CHUNK (FBN_FAST_CHUNK_BYTES / (int64_t)sizeof(float))
+#define FBN_CHUNK FBN_HALF_CHUNK
+#ifdef __clang_analyzer__
+#define FBN_ANALYZER_INIT(a) memset((a), 0, sizeof(a))
+#else
+#define FBN_ANALYZER_INIT(a) ((void)0)
+#endif
+
+/* This type's widening and narrowing runs. */
+static inline fbn_half_widen_fn FBN_K(half_widen)(void) {
+  const fbn_half_convert *cv = fbn_half_convert_get();
+  return FBN_HALF_BF16 ? cv->bf16_to_f32 : cv->f16_to_f32;
+}
+static inline fbn_half_narrow_fn FBN_K(half_narrow)(void) {
+  const fbn_half_convert *cv = fbn_half_convert_get();
+  return FBN_HALF_BF16 ? cv->f32_to_bf16 : cv->f32_to_f16;
+}
+
+/* The rows and length the float32 function sees for chunk ck: its whole
+ * rows, or the piece of one row as one row. */
+static inline int64_t FBN_K(half_rows)(const fbn_fast_chunk *ck) { return ck->nrows; }
+static inline int64_t FBN_K(half_len)(const fbn_fast_chunk *ck, int64_t len) {
+  return ck->nrows > 1 ? len : ck->n;
+}
+/* The chunk's first mask byte (bits of the block's first row). */
+static inline const uint8_t *FBN_K(half_bits)(const uint8_t *bits, const fbn_fast_chunk *ck,
+                                              int64_t bpr) {
+  return bits != NULL ? bits + ck->row * bpr + ck->seg / 8 : NULL;
+}
+
+/* ---- statistics --------------------------------------------------------- */
+
+/* stats_rows_f32 on the widened rows. */
+static void FBN_K(stats_rows)(const FBN_T *x, int64_t rows, int64_t len, const double *k,
+                              double (*acc)[2]) {
+  float xt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
+  const fbn_half_widen_fn widen = FBN_K(half_widen)();
+  fbn_fast_chunk ck;
+  fbn_fast_chunk_start(&ck, rows, len, FBN_HALF_CHUNK);
+  while (fbn_fast_chunk_next(&ck)) {
+    widen(x + ck.off, xt, ck.n);
+    stats_rows_f32(xt, FBN_K(half_rows)(&ck), FBN_K(half_len)(&ck, len), k + ck.row,
+                   acc + ck.row);
+  }
+}
+
+/* stats_blocks_f32 on the widened blocks, four blocks' pieces at a time. */
+static void FBN_K(stats_blocks)(const FBN_T *x, int64_t nblocks, int64_t stride, int64_t n,
+                                const double *k, double *s1, double *s2) {
+  float xt[4][FBN_HALF_CHUNK] __attribute__((aligned(64)));
+  const fbn_half_widen_fn widen = FBN_K(half_widen)();
+  for (int64_t j = 0; j < nblocks; j += 4) {
+    const int64_t nb = nblocks - j < 4 ? nblocks - j : 4;
+    for (int64_t i0 = 0; i0 < n; i0 += FBN_HALF_CHUNK) {
+      const int64_t len = n - i0 < FBN_HALF_CHUNK ? n - i0 : FBN_HALF_CHUNK;
+      for (int64_t b = 0; b < nb; b++)
+        widen(x + (j + b) * stride + i0, xt[b], len);
+      stats_blocks_f32(&xt[0][0], nb, FBN_HALF_CHUNK, len, k + i0, s1 + i0, s2 + i0);
+    }
+  }
+}
+
+/* ---- forward ------------------------------------------------------------ */
+
+/* norm_block for half tensors (same arguments; coefficients in float32;
+ * stream: outputs go through the rounding either way). */
+static void FBN_K(norm_block)(bool relu, const FBN_T *x, const FBN_T *z, FBN_T *y, int64_t rows,
+                              int64_t len, bool per_row, const float *m, const float *a,
+                              const float *b, uint8_t *bits, int64_t bpr, bool stream) {
+  (void)stream;
+  float xt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
+  float zt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
+  float yt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
+  FBN_ANALYZER_INIT(zt);
+  FBN_ANALYZER_INIT(yt);
+  const fbn_half_widen_fn widen = FBN_K(half_widen)();
+  const fbn_half_narrow_fn narrow = FBN_K(half_narrow)();
+  fbn_fast_chunk ck;
+  fbn_fast_chunk_start(&ck, rows, len, FBN_HALF_CHUNK);
+  while (fbn_fast_chunk_next(&ck)) {
+    widen(x + ck.off, xt, ck.n);
+    if (z != NULL)
+      widen(z + ck.off, zt, ck.n);
+    const int64_t r = per_row ? ck.row : ck.off;
+    norm_block_f32(relu, xt, z != NULL ? zt : NULL, yt, FBN_K(half_rows)(&ck),
+                   FBN_K(half_len)(&ck, len), per_row, m + r, a + r, b + r, NULL, 0, false);
+    narrow(yt, y + ck.off, ck.n);
+    if (relu && bits != NULL) {
+      /* the mask of the rounded y */
+      widen(y + ck.off, yt, ck.n);
+      mask_pack_f32(yt, &ck, len, bits, bpr);
+    }
+  }
+}
+
+/* ---- backward ----------------------------------------------------------- */
+
+/* bwd_reduce_block for half tensors (gout: g, exact). */
+static void FBN_K(bwd_reduce_block)(bool relu, const FBN_T *x, const FBN_T *y,
+                                    const uint8_t *bits, int64_t bpr, const FBN_T *dy,
+                                    FBN_T *gout, int64_t rows, int64_t len, bool per_row,
+                                    const double *mean, double (*acc)[2], double *sg,
+                                    double *sgx, bool stream) {
+  (void)stream;
+  float xt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
+  float yt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
+  float dyt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
+  float gt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
+  FBN_ANALYZER_INIT(yt);
+  FBN_ANALYZER_INIT(gt);
+  const fbn_half_widen_fn widen = FBN_K(half_widen)();
+  const fbn_half_narrow_fn narrow = FBN_K(half_narrow)();
+  const bool from_y = relu && bits == NULL;
+  fbn_fast_chunk ck;
+  fbn_fast_chunk_start(&ck, rows, len, FBN_HALF_CHUNK);
+  while (fbn_fast_chunk_next(&ck)) {
+    widen(x + ck.off, xt, ck.n);
+    widen(dy + ck.off, dyt, ck.n);
+    if (from_y)
+      widen(y + ck.off, yt, ck.n);
+    const int64_t nr = FBN_K(half_rows)(&ck), nl = FBN_K(half_len)(&ck, len);
+    const uint8_t *bc = relu ? FBN_K(half_bits)(bits, &ck, bpr) : NULL;
+    if (per_row)
+      bwd_reduce_block_f32(relu, xt, from_y ? yt : NULL, bc, bpr, dyt,
+                           gout != NULL ? gt : NULL, nr, nl, true, mean + ck.row, acc + ck.row,
+                           NULL, NULL, false);
+    else
+      bwd_reduce_block_f32(relu, xt, from_y ? yt : NULL, bc, bpr, dyt,
+                           gout != NULL ? gt : NULL, nr, nl, false, mean + ck.off, NULL,
+                           sg + ck.off, sgx + ck.off, false);
+    if (gout != NULL)
+      narrow(gt, gout + ck.off, ck.n);
+  }
+}
+
+/* bwd_apply_block for half tensors. */
+static void FBN_K(bwd_apply_block)(const FBN_T *x, const FBN_T *y, const uint8_t *bits,
+                                   int64_t bpr, const FBN_T *dy, FBN_T *dx, FBN_T *dz,
+                                   int64_t rows, int64_t len, bool full, bool g_given,
+                                   bool per_row, const float *m, const float *k, const float *c1,
+                                   const float *c0, bool stream) {
+  (void)stream;
+  float xt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
+  float yt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
+  float dyt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
+  float dxt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
+  float dzt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
+  FBN_ANALYZER_INIT(xt);
+  FBN_ANALYZER_INIT(yt);
+  FBN_ANALYZER_INIT(dxt);
+  FBN_ANALYZER_INIT(dzt);
+  const fbn_half_widen_fn widen = FBN_K(half_widen)();
+  const fbn_half_narrow_fn narrow = FBN_K(half_narrow)();
+  const bool from_y = !g_given && bits == NULL;
+  fbn_fast_chunk ck;
+  fbn_fast_chunk_start(&ck, rows, len, FBN_HALF_CHUNK);
+  while (fbn_fast_chunk_next(&ck)) {
+    if (full && dx != NULL)
+      widen(x + ck.off, xt, ck.n);
+    widen(dy + ck.off, dyt, ck.n);
+    if (from_y)
+      widen(y + ck.off, yt, ck.n);
+    const int64_t r = per_row ? ck.row : ck.off;
+    bwd_apply_block_f32(xt, from_y ? yt : NULL, g_given ? NULL : FBN_K(half_bits)(bits, &ck, bpr),
+                        bpr, dyt, dx != NULL ? dxt : NULL, dz != NULL ? dzt : NULL,
+                        FBN_K(half_rows)(&ck), FBN_K(half_len)(&ck, len), full, g_given, per_row,
+                        m + r, k + r, c1 + r, c0 + r, false);
+    if (dx != NULL)
+      narrow(dxt, dx + ck.off, ck.n);
+    if (dz != NULL)
+      narrow(dzt, dz + ck.off, ck.n);
+  }
+}
+
+/* ---- per-channel coefficients: the float32 loops' ----------------------- */
+
+static bool FBN_K(forward_coef)(double mean, double invstd, double w, double b, float *cm,
+                                float *ca, float *cb) {
+  return forward_coef_f32(mean, invstd, w, b, cm, ca, cb);
+}
+
+static bool FBN_K(backward_coef)(const fbn_fast_bwd_chan *ch, bool full, int64_t count, float *cm,
+                                 float *ck, float *cc1, float *cc0) {
+  return backward_coef_f32(ch, full, count, cm, ck, cc1, cc0);
+}
+
+static void FBN_K(expand)(float *e, int64_t gc, int64_t hw) { expand_f32(e, gc, hw); }
