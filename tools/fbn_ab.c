@@ -22,9 +22,12 @@
  * library read from the environment at call time; LIB_B may then be LIB_A),
  * --align N (buffers from aligned_alloc(N); default 0: malloc, which glibc
  * answers for large blocks with an address 16 bytes past a page).
- * Threads: OMP_NUM_THREADS. float32; x, addend and dy random (the
- * benchmarks' generator, a fixed seed per shape); every buffer written
- * before timing.
+ * --dtype-a / --dtype-b float32|float16|bfloat16 (default float32): the
+ * tensors' dtype of A / B (float32 parameters; LIB_B may then be LIB_A:
+ * half against float32 on one library).
+ * Threads: OMP_NUM_THREADS. x, addend and dy random (the benchmarks'
+ * generator, a fixed seed per shape, rounded to the dtype); every buffer
+ * written before timing.
  */
 #include <dlfcn.h>
 #include <stdbool.h>
@@ -50,6 +53,7 @@ typedef struct lib {
   fbn_status (*backward)(fbn_module *, const fbn_saved *, const fbn_tensor_desc *, const void *,
                          const void *, const void *, void *, void *, void *, size_t);
   const char *env; /* NAME=VALUE or NULL */
+  fbn_dtype dtype;  /* of the tensors */
   fbn_module *m;
   fbn_saved *s;
 } lib;
@@ -97,7 +101,7 @@ static void check(fbn_status st, const char *what) {
 }
 
 /* bufs: x, addend, y, dy, dx, daddend */
-static void run(lib *l, int pass, const fbn_tensor_desc *d, float **bufs) {
+static void run(lib *l, int pass, const fbn_tensor_desc *d, void **bufs) {
   apply_env(l);
   if (pass == PASS_BWD)
     check(l->backward(l->m, l->s, d, bufs[0], bufs[2], bufs[3], bufs[4], bufs[5], NULL, 0),
@@ -112,7 +116,7 @@ int main(int argc, char **argv) {
   if (argc < 4) {
     fprintf(stderr, "usage: fbn-ab LIB_A LIB_B [--reps N] [--layout nchw|nhwc] "
                     "[--pass train|eval|bwd|train-saved] [--evict-mib N] [--align N] [--env-a N=V] "
-                    "[--env-b N=V] "
+                    "[--env-b N=V] [--dtype-a T] [--dtype-b T] "
                     "N,C,H,W...\n");
     return 2;
   }
@@ -148,10 +152,21 @@ int main(int argc, char **argv) {
       if (strchr(v, '=') == NULL)
         die("--env-a/--env-b want NAME=VALUE", v);
       libs[a[6] == 'b'].env = v;
+    } else if (strcmp(a, "--dtype-a") == 0 || strcmp(a, "--dtype-b") == 0) {
+      fbn_dtype *t = &libs[a[8] == 'b'].dtype;
+      if (strcmp(v, "float32") == 0)
+        *t = FBN_DTYPE_FLOAT32;
+      else if (strcmp(v, "float16") == 0)
+        *t = FBN_DTYPE_FLOAT16;
+      else if (strcmp(v, "bfloat16") == 0)
+        *t = FBN_DTYPE_BFLOAT16;
+      else
+        die("--dtype-a/--dtype-b want float32, float16 or bfloat16", v);
     } else
       die("unknown option", a);
   }
-  if (libs[0].forward == libs[1].forward && libs[0].env == NULL && libs[1].env == NULL)
+  if (libs[0].forward == libs[1].forward && libs[0].env == NULL && libs[1].env == NULL &&
+      libs[0].dtype == libs[1].dtype)
     die("LIB_A and LIB_B are the same library", "copy one of them to another file");
   if (reps < 2)
     die("--reps must be >= 2", NULL);
@@ -161,28 +176,39 @@ int main(int argc, char **argv) {
   bench_evict_init(&ev, evict_bytes);
   char machine[320];
   bench_machine_line(machine, sizeof machine);
-  printf("# fbn-ab: %s; eviction %zu MiB before every call\n", machine,
-         (ev.words * sizeof(uint64_t)) >> 20);
+  static const char *const dtype_names[] = {"float32", "float64", "float16", "bfloat16"};
+  printf("# fbn-ab: %s; eviction %zu MiB before every call; A %s, B %s\n", machine,
+         (ev.words * sizeof(uint64_t)) >> 20, dtype_names[libs[0].dtype],
+         dtype_names[libs[1].dtype]);
   static const char *const pass_names[] = {"train", "eval", "bwd", "train-saved"};
   for (int a = first_shape; a < argc; a++) {
     long long n, c, h, w;
     if (sscanf(argv[a], "%lld,%lld,%lld,%lld", &n, &c, &h, &w) != 4 || n < 1 || c < 1 ||
         h < 1 || w < 1)
       die("a shape is N,C,H,W", argv[a]);
-    const fbn_tensor_desc d = {n, c, h, w, FBN_DTYPE_FLOAT32, layout};
     const size_t numel = (size_t)(n * c * h * w);
-    float *bufs[6];
-    bench_rng rng;
-    bench_rng_seed(&rng, (uint64_t)(n * 1000003 + c * 1009 + h * 31 + w));
-    for (int i = 0; i < 6; i++) {
-      const size_t bytes = numel * sizeof(float);
-      bufs[i] = align > 0 ? aligned_alloc(align, (bytes + align - 1) / align * align)
-                          : malloc(bytes);
-      if (bufs[i] == NULL)
-        die("out of memory", NULL);
-      bench_fill_float(bufs[i], numel, i == 0 ? 0.5 : 0.0, i == 0 ? 2.0 : 1.0, &rng);
+    fbn_tensor_desc ds[2];
+    void *bufs[2][6];
+    for (int l = 0; l < 2; l++) {
+      const fbn_dtype t = libs[l].dtype;
+      ds[l] = (fbn_tensor_desc){n, c, h, w, t, layout};
+      bench_rng rng;
+      bench_rng_seed(&rng, (uint64_t)(n * 1000003 + c * 1009 + h * 31 + w));
+      for (int i = 0; i < 6; i++) {
+        const size_t bytes = numel * (t == FBN_DTYPE_FLOAT32 ? sizeof(float) : sizeof(uint16_t));
+        bufs[l][i] = align > 0 ? aligned_alloc(align, (bytes + align - 1) / align * align)
+                               : malloc(bytes);
+        if (bufs[l][i] == NULL)
+          die("out of memory", NULL);
+        const double off = i == 0 ? 0.5 : 0.0, scale = i == 0 ? 2.0 : 1.0;
+        if (t == FBN_DTYPE_FLOAT32)
+          bench_fill_float(bufs[l][i], numel, off, scale, &rng);
+        else
+          bench_fill_half(bufs[l][i], numel, t == FBN_DTYPE_BFLOAT16, off, scale, &rng);
+      }
     }
     for (int l = 0; l < 2; l++) {
+      const fbn_tensor_desc d = ds[l];
       apply_env(&libs[l]);
       fbn_module_options o;
       libs[l].options_init(&o);
@@ -190,9 +216,10 @@ int main(int argc, char **argv) {
       check(libs[l].create(&o, &libs[l].m), "create");
       check(libs[l].saved_create(&libs[l].s), "saved_create");
       check(libs[l].set_training(libs[l].m, pass != PASS_EVAL), "set_training");
-      check(libs[l].forward(libs[l].m, &d, bufs[0], bufs[1], bufs[2], libs[l].s, NULL, 0),
+      check(libs[l].forward(libs[l].m, &d, bufs[l][0], bufs[l][1], bufs[l][2], libs[l].s, NULL,
+                            0),
             "forward");
-      run(&libs[l], pass, &d, bufs); /* warm-up */
+      run(&libs[l], pass, &d, bufs[l]); /* warm-up */
     }
     double *t[2] = {malloc((size_t)reps * sizeof(double)), malloc((size_t)reps * sizeof(double))};
     double *ratio = malloc((size_t)reps * sizeof(double));
@@ -203,7 +230,7 @@ int main(int argc, char **argv) {
         const int l = (k & 1) ? 1 - j : j; /* A B, B A, ... */
         bench_evict_run(&ev);
         const double t0 = bench_now_s();
-        run(&libs[l], pass, &d, bufs);
+        run(&libs[l], pass, &ds[l], bufs[l]);
         t[l][k] = bench_now_s() - t0;
       }
     for (int k = 0; k < reps; k++)
@@ -224,8 +251,9 @@ int main(int argc, char **argv) {
       libs[l].saved_destroy(libs[l].s);
       libs[l].destroy(libs[l].m);
     }
-    for (int i = 0; i < 6; i++)
-      free(bufs[i]);
+    for (int l = 0; l < 2; l++)
+      for (int i = 0; i < 6; i++)
+        free(bufs[l][i]);
   }
   bench_evict_fini(&ev);
   return 0;
