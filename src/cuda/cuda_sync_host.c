@@ -155,6 +155,11 @@ void fbn_cuda_sync_describe(const fbn_cs_status *s, char *text, size_t size) {
     snprintf(text, size, "the forward that filled saved failed its check: %s", inner);
     break;
   }
+  case FBN_CS_NO_FORWARD:
+    snprintf(text, size,
+             "saved holds no status block of fbn_cuda_sync_forward (pass the saved state that "
+             "forward filled)");
+    break;
   default:
     snprintf(text, size, "status block of unknown kind %d (status %d)", (int)s->what,
              (int)s->code);

@@ -151,7 +151,7 @@ __global__ void combine_kernel(const unsigned char *records, int world_size, siz
 __global__ void grad_record_kernel(int64_t C, int64_t count, const double *partials, int slices,
                                    const fbn_cs_status *forward, double *rec, double *rec_local) {
   const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  const bool ok = forward->code == FBN_STATUS_SUCCESS;
+  const bool ok = forward->magic == FBN_CS_STATUS_MAGIC && forward->code == FBN_STATUS_SUCCESS;
   if (c < FBN_CS_GRAD_HEAD) {
     const double head[FBN_CS_GRAD_HEAD] = {(double)count, 1.0, (double)C, 0.0};
     rec[c] = head[c];
@@ -182,7 +182,11 @@ __global__ void grad_coef_kernel(int64_t C, int64_t local, const double *rec,
                                  P *dbias, bool accumulate, P *coef, fbn_cs_status *status) {
   const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   fbn_cs_status s;
-  if (forward->code != FBN_STATUS_SUCCESS) {
+  if (forward->magic != FBN_CS_STATUS_MAGIC) {
+    fbn_cs_status_clear(&s);
+    s.code = FBN_STATUS_INVALID_STATE;
+    s.what = FBN_CS_NO_FORWARD;
+  } else if (forward->code != FBN_STATUS_SUCCESS) {
     s = *forward;
     s.cause = forward->what;
     s.what = FBN_CS_FORWARD;

@@ -53,6 +53,7 @@ enum {
   FBN_CS_GRAD_RECORD = 7,  /* the summed gradient record's rank/C entries */
   FBN_CS_GRAD_COUNT = 8,   /* its count below this shard's or not an integer */
   FBN_CS_FORWARD = 9,      /* the backward of a forward that failed */
+  FBN_CS_NO_FORWARD = 10,  /* the backward's saved state has no status block */
 };
 
 typedef struct fbn_cs_status {
