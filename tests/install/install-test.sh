@@ -14,7 +14,9 @@
 #               find_package(fusedbn X.Y REQUIRED COMPONENTS <the build's
 #               features>) and fusedbn::fusedbn; a newer or (for 0.x) older
 #               series, an unknown component and a component the build lacks
-#               are refused, a version range is accepted
+#               are refused, a version range is accepted; with MPI, the
+#               component mpi and MPI_CLIENT.c on fusedbn::fusedbn_mpi, run
+#               under FBN_MPIRUN with 2 processes
 #
 # Environment (set by tests/install/meson.build):
 #   FBN_CC          the C compiler command of the build
@@ -232,8 +234,15 @@ mpi_client() {
   # shellcheck disable=SC2086
   "${cc[@]}" -std=c11 -pedantic -Wall -Wextra -Werror "${san[@]}" $mpi_cflags \
     -o "$dest/mpi_client" "$mpi_client_src" $mpi_libs -lm
+  run_mpi_client "$dest/mpi_client"
+}
+
+# Run the MPI client at $1 (it must load the installed libfusedbn_mpi) under
+# FBN_MPIRUN with 2 processes.
+run_mpi_client() {
   if ! $static; then
-    resolved=$(LD_LIBRARY_PATH=$libdir ldd "$dest/mpi_client" | awk '/libfusedbn_mpi\.so/ { print $3 }')
+    local resolved
+    resolved=$(LD_LIBRARY_PATH=$libdir ldd "$1" | awk '/libfusedbn_mpi\.so/ { print $3 }')
     echo "  libfusedbn_mpi resolves to $resolved"
     case $resolved in
       "$dest"/*) ;;
@@ -246,12 +255,13 @@ mpi_client() {
   fi
   echo "== run it under $FBN_MPIRUN -np 2"
   # Open MPI: root in CI containers, 2 ranks on any core count, one host
-  # (no rsh agent), shared memory; its own allocations kept until exit are
-  # no leaks of ours (the sync suite's mpirun tests do the same).
+  # (no rsh agent), shared memory, waiting ranks yielding their core; its
+  # own allocations kept until exit are no leaks of ours (the sync suite's
+  # mpirun tests do the same).
   LD_LIBRARY_PATH=$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} OMPI_MCA_plm_rsh_agent= \
-    OMPI_MCA_btl=self,vader OMP_NUM_THREADS=1 \
+    OMPI_MCA_btl=self,vader OMPI_MCA_mpi_yield_when_idle=1 OMP_NUM_THREADS=1 \
     ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0 \
-    "$FBN_MPIRUN" --allow-run-as-root --oversubscribe -np 2 "$dest/mpi_client" ||
+    "$FBN_MPIRUN" --allow-run-as-root --oversubscribe -np 2 "$1" ||
     fail "the MPI client failed under mpirun"
 }
 
@@ -273,9 +283,11 @@ cmake_client() {
   components=()
   has_feature state_io && components+=(state_io)
   has_feature cuda && components+=(cuda)
+  has_feature mpi && components+=(mpi)
   missing=""
   has_feature state_io || missing=state_io
   has_feature cuda || missing=${missing:-cuda}
+  has_feature mpi || missing=${missing:-mpi}
 
   gen=()
   command -v ninja >/dev/null && gen=(-G Ninja)
@@ -286,6 +298,7 @@ cmake_client() {
         -DCMAKE_FIND_USE_SYSTEM_PACKAGE_REGISTRY=OFF
         -DCMAKE_BUILD_TYPE=Debug
         -DCLIENT_SOURCE="$client_src")
+  [ -n "$mpi_client_src" ] && args+=(-DMPI_CLIENT_SOURCE="$mpi_client_src")
   [ ${#launcher[@]} -gt 0 ] && args+=(-DCMAKE_C_COMPILER_LAUNCHER="$(IFS=';'; echo "${launcher[*]}")")
   if [ ${#san[@]} -gt 0 ]; then
     args+=(-DCMAKE_C_FLAGS="${san[*]}" -DCMAKE_EXE_LINKER_FLAGS="${san[*]}")
@@ -330,6 +343,11 @@ cmake_client() {
 
   echo "== run it against the installed library"
   run_client "$bdir/client"
+
+  if has_feature mpi && [ -n "$mpi_client_src" ]; then
+    echo "== the MPI client (fusedbn::fusedbn_mpi)"
+    run_mpi_client "$bdir/mpi_client"
+  fi
 }
 
 case $kind in
