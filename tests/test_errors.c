@@ -449,10 +449,25 @@ static void test_desc_rejects_unknown_dtype_and_layout(void **state) {
   DESC_FAILS(layout = (fbn_layout)-1, FBN_STATUS_INVALID_VALUE);
 }
 
-static void test_desc_rejects_half_precision_on_cpu(void **state) {
+/* float16/bfloat16 tensors need float32 parameters: a float64 module
+ * refuses them with a message naming both dtypes. */
+static void test_desc_rejects_half_precision_with_float64_params(void **state) {
   FX;
-  DESC_FAILS(dtype = FBN_DTYPE_FLOAT16, FBN_STATUS_UNSUPPORTED);
-  DESC_FAILS(dtype = FBN_DTYPE_BFLOAT16, FBN_STATUS_UNSUPPORTED);
+  fbn_module *m64 = fx_module(&f->rng, FBN_DTYPE_FLOAT64, true, true);
+  fx_retarget(f, m64);
+  const fbn_dtype halves[2] = {FBN_DTYPE_FLOAT16, FBN_DTYPE_BFLOAT16};
+  const char *want[2] = {"dtype = float16 with param_dtype = float64",
+                         "dtype = bfloat16 with param_dtype = float64"};
+  for (int i = 0; i < 2; i++) {
+    fbn_tensor_desc h = f->d;
+    h.dtype = halves[i];
+    fbn_status st = fbn_module_forward(m64, &h, f->x, f->a, f->y, NULL, NULL, 0);
+    if (strstr(fbn_last_error_message(), want[i]) == NULL)
+      fail_msg("message \"%s\" does not say \"%s\"", fbn_last_error_message(), want[i]);
+    FAILS(st, FBN_STATUS_UNSUPPORTED);
+  }
+  fx_retarget(f, f->m);
+  fbn_module_destroy(m64);
 }
 
 static void test_desc_rejects_dtype_param_mismatch(void **state) {
@@ -815,7 +830,7 @@ int main(int argc, char **argv) {
       T(test_desc_rejects_nonpositive_dims),
       T(test_desc_rejects_overflowing_counts),
       T(test_desc_rejects_unknown_dtype_and_layout),
-      T(test_desc_rejects_half_precision_on_cpu),
+      T(test_desc_rejects_half_precision_with_float64_params),
       T(test_desc_rejects_dtype_param_mismatch),
       T(test_forward_training_rejects_one_value_per_channel),
       T(test_forward_rejects_aliasing),

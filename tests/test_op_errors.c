@@ -232,7 +232,22 @@ static void test_op_create_rejects_bad_desc(void **state) {
   create_fails(edit_bn_mode, FBN_STATUS_INVALID_VALUE, "bn_mode = 3", __LINE__);
   create_fails(edit_pair, FBN_STATUS_UNSUPPORTED, "dtype = float64 with param_dtype = float32",
                __LINE__);
-  create_fails(edit_half, FBN_STATUS_UNSUPPORTED, "dtype = float16: the CPU backend", __LINE__);
+  /* Half tensors (float32 parameters) are no error: both CPU backends take them. */
+  {
+    static const char *backends[2] = {"reference", "fast"};
+    for (int i = 0; i < 2; i++) {
+      fbn_op_desc od;
+      fbn_op_desc_init(&od);
+      od.num_features = C;
+      edit_half(&od);
+      fbn_op *op = NULL;
+      assert_int_equal(setenv("FBN_CPU_BACKEND", backends[i], 1), 0);
+      assert_int_equal(fbn_op_create(&od, &op), FBN_STATUS_SUCCESS);
+      assert_non_null(op);
+      fbn_op_destroy(op);
+    }
+    assert_int_equal(unsetenv("FBN_CPU_BACKEND"), 0);
+  }
 #if !FBN_HAVE_CUDA
   create_fails(edit_cuda, FBN_STATUS_NO_DEVICE, "FBN_DEVICE_CUDA", __LINE__);
 #else

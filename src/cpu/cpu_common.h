@@ -1,6 +1,7 @@
 /*
- * What both CPU backends (cpu_ref.c, fast/) share: host memory hooks,
- * float32/float64 tensors only, and the layout of their saved state:
+ * What both CPU backends (cpu_ref.c, fast/) share: host memory hooks, the
+ * reference backend's op_init, element access in float64 for every dtype,
+ * and the layout of their saved state:
  *
  *   | header (64 bytes) | mean[C] | invstd[C] | backend's extra (ReLU mask) |
  *
@@ -14,6 +15,7 @@
 #define FUSEDBN_SRC_CPU_CPU_COMMON_H
 
 #include "backend.h"
+#include "core/half.h"
 
 #define FBN_CPU_SAVED_HEADER_BYTES 64
 
@@ -25,9 +27,45 @@ FBN_INTERNAL fbn_status fbn_cpu_mem_copy(int device_index, void *dst, const void
 FBN_INTERNAL fbn_status fbn_cpu_mem_fill(int device_index, void *ptr, fbn_dtype dtype,
                                          size_t count, double value);
 
-/* op_init of both CPU backends: float32 and float64 tensors only; no state. */
+/* op_init of the reference backend: every dtype (float32, float64, float16
+ * and bfloat16 tensors); no state. */
 FBN_INTERNAL fbn_status fbn_cpu_op_init(const fbn_op_desc *op, void **state);
 FBN_INTERNAL void fbn_cpu_op_fini(const fbn_op_desc *op, void *state);
+
+/* Element i of a tensor of dtype, widened to double (exact). */
+static inline double fbn_cpu_load(const void *p, fbn_dtype dtype, int64_t i) {
+  switch (dtype) {
+  case FBN_DTYPE_FLOAT64:
+    return ((const double *)p)[i];
+  case FBN_DTYPE_FLOAT16:
+    return fbn_half_to_double(((const uint16_t *)p)[i]);
+  case FBN_DTYPE_BFLOAT16:
+    return fbn_bfloat16_to_double(((const uint16_t *)p)[i]);
+  case FBN_DTYPE_FLOAT32:
+  default:
+    return (double)((const float *)p)[i];
+  }
+}
+
+/* Store v as element i of a tensor of dtype, rounded once to nearest even
+ * (src/core/half.h for the half dtypes). */
+static inline void fbn_cpu_store(void *p, fbn_dtype dtype, int64_t i, double v) {
+  switch (dtype) {
+  case FBN_DTYPE_FLOAT64:
+    ((double *)p)[i] = v;
+    return;
+  case FBN_DTYPE_FLOAT16:
+    ((uint16_t *)p)[i] = fbn_double_to_half(v);
+    return;
+  case FBN_DTYPE_BFLOAT16:
+    ((uint16_t *)p)[i] = fbn_double_to_bfloat16(v);
+    return;
+  case FBN_DTYPE_FLOAT32:
+  default:
+    ((float *)p)[i] = (float)v;
+    return;
+  }
+}
 
 /* Bytes of saved state with extra bytes after the statistics. */
 FBN_INTERNAL size_t fbn_cpu_saved_bytes(const fbn_tensor_desc *d, size_t extra);

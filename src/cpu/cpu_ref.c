@@ -1,8 +1,14 @@
 /*
- * CPU reference backend: host memory, float32/float64 tensors, every
- * reduction and every intermediate in float64. It is the oracle of the GPU
- * tests, so it is written to match docs/semantics.md line by line rather
- * than to be fast.
+ * CPU reference backend: host memory, float32/float64/float16/bfloat16
+ * tensors (float32 parameters and statistics with the last three), every
+ * reduction and every intermediate in float64, each output rounded once from
+ * double to its dtype (fbn_cpu_store; src/core/half.h for the half dtypes).
+ * It is the oracle of the GPU tests, so it is written to match
+ * docs/semantics.md line by line rather than to be fast.
+ *
+ * The ReLU gate of backward reads the stored y: with a half y, a small
+ * positive pre-activation that rounded to +0 gates its gradient off (as
+ * PyTorch's threshold_backward on a half output).
  *
  * Saved state: the CPU header, then mean[C] and invstd[C] (cpu_common.h);
  * nothing else (backward reads y for the ReLU gate).
@@ -15,17 +21,6 @@
 #include "cpu/cpu_common.h"
 
 /* ---- element access ----------------------------------------------------- */
-
-static inline double load(const void *p, fbn_dtype dtype, int64_t i) {
-  return dtype == FBN_DTYPE_FLOAT64 ? ((const double *)p)[i] : (double)((const float *)p)[i];
-}
-
-static inline void store(void *p, fbn_dtype dtype, int64_t i, double v) {
-  if (dtype == FBN_DTYPE_FLOAT64)
-    ((double *)p)[i] = v;
-  else
-    ((float *)p)[i] = (float)v;
-}
 
 /* Index of (n, c, s) where s = h*W + w is the spatial position. */
 static inline int64_t index_of(const fbn_tensor_desc *d, int64_t hw, int64_t n, int64_t c,
@@ -63,37 +58,37 @@ static fbn_status ref_forward(const fbn_bk_forward_args *a) {
       double sum = 0.0;
       for (int64_t n = 0; n < d->n; n++)
         for (int64_t s = 0; s < hw; s++)
-          sum += load(a->x, dt, index_of(d, hw, n, c, s));
+          sum += fbn_cpu_load(a->x, dt, index_of(d, hw, n, c, s));
       mean = sum / (double)count;
       double sq = 0.0;
       for (int64_t n = 0; n < d->n; n++)
         for (int64_t s = 0; s < hw; s++) {
-          double v = load(a->x, dt, index_of(d, hw, n, c, s)) - mean;
+          double v = fbn_cpu_load(a->x, dt, index_of(d, hw, n, c, s)) - mean;
           sq += v * v;
         }
       var = sq / (double)count; /* biased: normalizes */
       if (a->update_running) {
         double unbiased = sq / (double)(count - 1);
-        store(a->running_mean, pt, c,
-              fbn_bn_running_update(load(a->running_mean, pt, c), a->factor, mean));
-        store(a->running_var, pt, c,
-              fbn_bn_running_update(load(a->running_var, pt, c), a->factor, unbiased));
+        fbn_cpu_store(a->running_mean, pt, c,
+              fbn_bn_running_update(fbn_cpu_load(a->running_mean, pt, c), a->factor, mean));
+        fbn_cpu_store(a->running_var, pt, c,
+              fbn_bn_running_update(fbn_cpu_load(a->running_var, pt, c), a->factor, unbiased));
       }
     } else {
-      mean = load(a->running_mean, pt, c);
-      var = load(a->running_var, pt, c);
+      mean = fbn_cpu_load(a->running_mean, pt, c);
+      var = fbn_cpu_load(a->running_var, pt, c);
     }
     const double invstd = o->statistics == FBN_STATISTICS_BATCH ? fbn_bn_batch_invstd(var, o->eps)
                                                                 : fbn_bn_invstd(var, o->eps);
-    const double weight = o->affine ? load(a->weight, pt, c) : 1.0;
-    const double bias = o->affine ? load(a->bias, pt, c) : 0.0;
+    const double weight = o->affine ? fbn_cpu_load(a->weight, pt, c) : 1.0;
+    const double bias = o->affine ? fbn_cpu_load(a->bias, pt, c) : 0.0;
     for (int64_t n = 0; n < d->n; n++)
       for (int64_t s = 0; s < hw; s++) {
         const int64_t i = index_of(d, hw, n, c, s);
-        double v = (load(a->x, dt, i) - mean) * invstd * weight + bias;
+        double v = (fbn_cpu_load(a->x, dt, i) - mean) * invstd * weight + bias;
         if (a->addend != NULL)
-          v += load(a->addend, dt, i);
-        store(a->y, dt, i, relu ? fbn_bn_relu(v) : v);
+          v += fbn_cpu_load(a->addend, dt, i);
+        fbn_cpu_store(a->y, dt, i, relu ? fbn_bn_relu(v) : v);
       }
     if (saved_stats != NULL) {
       saved_stats[c] = mean;
@@ -106,6 +101,13 @@ static fbn_status ref_forward(const fbn_bk_forward_args *a) {
 }
 
 /* ---- backward ----------------------------------------------------------- */
+
+/* g = dL/d(pre-activation) = dy * !(y <= 0) with a ReLU (on the stored y; a
+ * NaN y passes dy, as in PyTorch), else dy: the gradient reaching both the
+ * addend and BN's output. */
+static inline double gated_dy(const fbn_bk_backward_args *a, fbn_dtype dt, bool relu, int64_t i) {
+  return relu && fbn_cpu_load(a->y, dt, i) <= 0.0 ? 0.0 : fbn_cpu_load(a->dy, dt, i);
+}
 
 static fbn_status ref_backward(const fbn_bk_backward_args *a) {
   const fbn_tensor_desc *d = a->desc;
@@ -122,33 +124,32 @@ static fbn_status ref_backward(const fbn_bk_backward_args *a) {
 
   for (int64_t c = 0; c < d->c; c++) {
     const double mean = saved_mean[c], invstd = saved_invstd[c];
-    /* g = dL/d(pre-activation) = dy * !(y <= 0) (a NaN y passes dy, as in
-     * PyTorch) with a ReLU, else dy: the gradient reaching both the addend
-     * and BN's output. */
     double sum_g = 0.0, sum_g_xhat = 0.0;
     for (int64_t n = 0; n < d->n; n++)
       for (int64_t s = 0; s < hw; s++) {
         const int64_t i = index_of(d, hw, n, c, s);
-        const double g = relu && load(a->y, dt, i) <= 0.0 ? 0.0 : load(a->dy, dt, i);
+        const double g = gated_dy(a, dt, relu, i);
         sum_g += g;
-        sum_g_xhat += g * (load(a->x, dt, i) - mean) * invstd;
+        sum_g_xhat += g * (fbn_cpu_load(a->x, dt, i) - mean) * invstd;
       }
     if (a->dweight != NULL)
-      store(a->dweight, pt, c, a->accumulate ? load(a->dweight, pt, c) + sum_g_xhat : sum_g_xhat);
+      fbn_cpu_store(a->dweight, pt, c,
+                    a->accumulate ? fbn_cpu_load(a->dweight, pt, c) + sum_g_xhat : sum_g_xhat);
     if (a->dbias != NULL)
-      store(a->dbias, pt, c, a->accumulate ? load(a->dbias, pt, c) + sum_g : sum_g);
-    const double weight = o->affine ? load(a->weight, pt, c) : 1.0;
+      fbn_cpu_store(a->dbias, pt, c,
+                    a->accumulate ? fbn_cpu_load(a->dbias, pt, c) + sum_g : sum_g);
+    const double weight = o->affine ? fbn_cpu_load(a->weight, pt, c) : 1.0;
     const double k = weight * invstd;
     const double mean_g = sum_g / (double)count, mean_g_xhat = sum_g_xhat / (double)count;
     for (int64_t n = 0; n < d->n; n++)
       for (int64_t s = 0; s < hw; s++) {
         const int64_t i = index_of(d, hw, n, c, s);
-        const double g = relu && load(a->y, dt, i) <= 0.0 ? 0.0 : load(a->dy, dt, i);
+        const double g = gated_dy(a, dt, relu, i);
         if (a->daddend != NULL)
-          store(a->daddend, dt, i, g);
+          fbn_cpu_store(a->daddend, dt, i, g);
         if (a->dx != NULL) {
-          const double xhat = (load(a->x, dt, i) - mean) * invstd;
-          store(a->dx, dt, i, fbn_bn_dx(k, g, xhat, mean_g, mean_g_xhat, batch_stats));
+          const double xhat = (fbn_cpu_load(a->x, dt, i) - mean) * invstd;
+          fbn_cpu_store(a->dx, dt, i, fbn_bn_dx(k, g, xhat, mean_g, mean_g_xhat, batch_stats));
         }
       }
   }

@@ -3,17 +3,6 @@
 
 #include "core/bn_formulas.h"
 
-static inline double load(const void *p, fbn_dtype dtype, int64_t i) {
-  return dtype == FBN_DTYPE_FLOAT64 ? ((const double *)p)[i] : (double)((const float *)p)[i];
-}
-
-static inline void store(void *p, fbn_dtype dtype, int64_t i, double v) {
-  if (dtype == FBN_DTYPE_FLOAT64)
-    ((double *)p)[i] = v;
-  else
-    ((float *)p)[i] = (float)v;
-}
-
 static inline int64_t index_of(const fbn_tensor_desc *d, int64_t hw, int64_t n, int64_t c,
                                int64_t s) {
   return d->layout == FBN_LAYOUT_NCHW ? (n * d->c + c) * hw + s : (n * hw + s) * d->c + c;
@@ -40,12 +29,12 @@ static fbn_status cpu_sync_stats(const fbn_op_desc *op, void *state, const fbn_t
     double sum = 0.0;
     for (int64_t n = 0; n < d->n; n++)
       for (int64_t s = 0; s < hw; s++)
-        sum += load(x, dt, index_of(d, hw, n, c, s));
+        sum += fbn_cpu_load(x, dt, index_of(d, hw, n, c, s));
     const double mean = count > 0 ? sum / (double)count : 0.0;
     double sq = 0.0;
     for (int64_t n = 0; n < d->n; n++)
       for (int64_t s = 0; s < hw; s++) {
-        const double v = load(x, dt, index_of(d, hw, n, c, s)) - mean;
+        const double v = fbn_cpu_load(x, dt, index_of(d, hw, n, c, s)) - mean;
         sq += v * v;
       }
     mean_out[c] = mean;
@@ -73,18 +62,19 @@ static fbn_status sync_backward_apply(const fbn_bk_backward_args *a, const doubl
 #endif
   for (int64_t c = 0; c < c_; c++) {
     const double mean = saved_mean[c], invstd = saved_invstd[c];
-    const double weight = o->affine ? load(a->weight, pt, c) : 1.0;
+    const double weight = o->affine ? fbn_cpu_load(a->weight, pt, c) : 1.0;
     const double k = weight * invstd;
     const double mean_g = sum_g[c] / (double)total, mean_g_xhat = sum_gxhat[c] / (double)total;
     for (int64_t n = 0; n < d->n; n++)
       for (int64_t s = 0; s < hw; s++) {
         const int64_t i = index_of(d, hw, n, c, s);
-        const double g = relu && load(a->y, dt, i) <= 0.0 ? 0.0 : load(a->dy, dt, i);
+        const double g =
+            relu && fbn_cpu_load(a->y, dt, i) <= 0.0 ? 0.0 : fbn_cpu_load(a->dy, dt, i);
         if (a->daddend != NULL)
-          store(a->daddend, dt, i, g);
+          fbn_cpu_store(a->daddend, dt, i, g);
         if (a->dx != NULL) {
-          const double xhat = (load(a->x, dt, i) - mean) * invstd;
-          store(a->dx, dt, i, fbn_bn_dx(k, g, xhat, mean_g, mean_g_xhat, true));
+          const double xhat = (fbn_cpu_load(a->x, dt, i) - mean) * invstd;
+          fbn_cpu_store(a->dx, dt, i, fbn_bn_dx(k, g, xhat, mean_g, mean_g_xhat, true));
         }
       }
   }
