@@ -112,7 +112,8 @@ FBN_API fbn_status fbn_cuda_sync_forward(const fbn_op *op, const fbn_cuda_exec *
 /** The synchronized backward of the fbn_cuda_sync_forward() that filled
  *  saved: the gradient record, all-reduced (SUM) through comm, dx and
  *  daddend with the total count; dweight/dbias (each may be NULL) as scope
- *  says.  y may be NULL (the ReLU gate is the saved mask). */
+ *  says.  y may be NULL (the ReLU gate is the saved mask); saved is
+ *  required, also for an empty shard (it holds the forward's status). */
 FBN_API fbn_status fbn_cuda_sync_backward(const fbn_op *op, const fbn_cuda_exec *exec,
                                           const fbn_cuda_sync_comm *comm,
                                           const fbn_tensor_desc *x_desc, const void *x,

@@ -24,7 +24,8 @@
  *              small workspace: FBN_STATUS_INSUFFICIENT_WORKSPACE
  *   nccl       (with libfusedbn_nccl) one rank through ncclCommInitAll on
  *              device 0 against the oracle, and against the single-process
- *              CUDA op (fbn_cuda_op_forward/backward)
+ *              CUDA op (fbn_cuda_op_forward/backward); forward and backward
+ *              captured into a CUDA graph give the eager results bit for bit
  *
  * Every test skips visibly (cmocka skip, exit status 77) without a device.
  */
@@ -761,7 +762,8 @@ static void test_nccl_one_rank(void **state) {
   ncclCommDestroy(comm);
 }
 
-/* One NCCL rank against the single-process CUDA op on the same data. */
+/* One NCCL rank against the single-process CUDA op on the same data, and
+ * the same step captured into a CUDA graph against the eager one. */
 static void test_nccl_against_cuda_op(void **state) {
   (void)state;
   REQUIRE_GPU();
@@ -838,6 +840,47 @@ static void test_nccl_against_cuda_op(void **state) {
       fail_msg("NCCL against fbn_cuda_op: %s", why);
     free(want);
   }
+  /* The same step captured into a CUDA graph on a stream of its own (fresh
+   * running statistics), launched: the eager NCCL step's results, bit for
+   * bit. */
+  cudaStream_t cs;
+  CUDA_OK(cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking));
+  void *gy = dev_alloc(cnt * 4), *gdx = dev_alloc(cnt * 4), *gdz = dev_alloc(cnt * 4);
+  void *gdw = dev_alloc(24), *gdb = dev_alloc(24), *grm = dev_copy(hb, 24), *grv = dev_copy(hp, 24);
+  cudaGraph_t graph;
+  CUDA_OK(cudaStreamBeginCapture(cs, cudaStreamCaptureModeThreadLocal));
+  const fbn_status fst = fbn_nccl_sync_forward(op, comm, cs, &td, x, z, gy, wt, bs, grm, grv, 0.1,
+                                               saved, sb, ws, wb);
+  const fbn_status bst = fbn_nccl_sync_backward(op, comm, cs, &td, x, gy, dy, saved, sb, wt, bs,
+                                                gdx, gdz, gdw, gdb, FBN_PARAM_GRAD_OVERWRITE,
+                                                FBN_SYNC_GRAD_LOCAL, ws, wb);
+  CUDA_OK(cudaStreamEndCapture(cs, &graph));
+  assert_int_equal(fst, FBN_STATUS_SUCCESS);
+  assert_int_equal(bst, FBN_STATUS_SUCCESS);
+  cudaGraphExec_t exec_graph;
+  CUDA_OK(cudaGraphInstantiate(&exec_graph, graph, 0));
+  CUDA_OK(cudaGraphLaunch(exec_graph, cs));
+  CUDA_OK(cudaStreamSynchronize(cs));
+  const fbn_cuda_exec gexec = {cs, NULL};
+  result = FBN_STATUS_DEVICE_ERROR;
+  assert_int_equal(fbn_cuda_sync_read_status(op, &gexec, ws, &result), FBN_STATUS_SUCCESS);
+  assert_int_equal(result, FBN_STATUS_SUCCESS);
+  void *const eager[] = {y[0], dx[0], dz[0], dw[0], db[0], rm[0], rv[0]};
+  void *const graphed[] = {gy, gdx, gdz, gdw, gdb, grm, grv};
+  for (int k = 0; k < 7; k++) {
+    void *e = host_copy(eager[k], counts[k] * 4), *g = host_copy(graphed[k], counts[k] * 4);
+    if (memcmp(e, g, counts[k] * 4) != 0)
+      fail_msg("the graph-captured step's %s differs from the eager one", names[k]);
+    free(e);
+    free(g);
+  }
+  CUDA_OK(cudaGraphExecDestroy(exec_graph));
+  CUDA_OK(cudaGraphDestroy(graph));
+  CUDA_OK(cudaStreamDestroy(cs));
+  void *gbufs[] = {gy, gdx, gdz, gdw, gdb, grm, grv};
+  for (size_t i = 0; i < sizeof gbufs / sizeof gbufs[0]; i++)
+    cudaFree(gbufs[i]);
+
   void *bufs[] = {x, z, dy, wt, bs, saved, ws, osaved, ows};
   for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
     cudaFree(bufs[i]);
