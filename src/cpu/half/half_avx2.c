@@ -77,7 +77,7 @@ static const fbn_half_convert avx2 = {
 };
 
 const fbn_half_convert *fbn_half_convert_avx2(void) {
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") ? &avx2 : NULL;
+  return __builtin_cpu_supports("avx2") && fbn_half_cpu_has_f16c() ? &avx2 : NULL;
 }
 #else
 const fbn_half_convert *fbn_half_convert_avx2(void) { return NULL; }

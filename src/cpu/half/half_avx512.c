@@ -109,10 +109,10 @@ static const fbn_half_convert avx512_bf16 = {
 
 const fbn_half_convert *fbn_half_convert_avx512(void) {
   if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx2") ||
-      !__builtin_cpu_supports("f16c"))
+      !fbn_half_cpu_has_f16c())
     return NULL;
 #if FBN_HALF_AVX512BF16
-  if (__builtin_cpu_supports("avx512bf16"))
+  if (fbn_half_cpu_has_avx512bf16())
     return &avx512_bf16;
 #endif
   return &avx512;

@@ -47,6 +47,22 @@
 #define FBN_HALF_AVX512BF16 0
 #endif
 
+#if FBN_HALF_X86
+#include <cpuid.h>
+/* CPUID bits that not every compiler's __builtin_cpu_supports knows (clang
+ * 14 has no "f16c"): F16C (leaf 1, ECX bit 29), AVX512-BF16 (leaf 7
+ * subleaf 1, EAX bit 5). The AVX state's OS support comes with the
+ * "avx2" / "avx512f" checks they are paired with. */
+static inline int fbn_half_cpu_has_f16c(void) {
+  unsigned a, b, c, d;
+  return __get_cpuid(1, &a, &b, &c, &d) && (c >> 29 & 1u);
+}
+static inline int fbn_half_cpu_has_avx512bf16(void) {
+  unsigned a, b, c, d;
+  return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1u);
+}
+#endif
+
 typedef enum fbn_half_path {
   FBN_HALF_PATH_PORTABLE = 0,
   FBN_HALF_PATH_AVX2 = 1,
