@@ -710,20 +710,21 @@ static void test_create_rejects_more_bad_options(void **state) {
   CREATE_FAILS(bn_mode = (fbn_bn_mode)-1, FBN_STATUS_INVALID_VALUE);
 }
 
-/* Host copies in half precision are documented as UNSUPPORTED (not
- * INVALID_VALUE); the host array is left untouched. */
-static void test_buffer_rejects_half_host_dtypes(void **state) {
+/* Host copies in half precision (accepted, tests/test_half_ref.c) with a
+ * count other than num_features: SHAPE_MISMATCH, the host array and the
+ * module untouched. */
+static void test_buffer_half_host_copies_reject_bad_count(void **state) {
   FX;
   const fbn_dtype half[2] = {FBN_DTYPE_FLOAT16, FBN_DTYPE_BFLOAT16};
   for (int i = 0; i < 2; i++) {
-    uint16_t v[C] = {0x3c00, 0x4000, 0x4200};
+    uint16_t v[C + 1] = {0x3c00, 0x4000, 0x4200, 0x4400};
     FAILS_NAMED(fbn_module_read_buffer,
-                fbn_module_read_buffer(f->m, FBN_BUFFER_RUNNING_VAR, half[i], v, C),
-                FBN_STATUS_UNSUPPORTED);
-    assert_true(v[0] == 0x3c00 && v[1] == 0x4000 && v[2] == 0x4200);
+                fbn_module_read_buffer(f->m, FBN_BUFFER_RUNNING_VAR, half[i], v, C + 1),
+                FBN_STATUS_SHAPE_MISMATCH);
+    assert_true(v[0] == 0x3c00 && v[1] == 0x4000 && v[2] == 0x4200 && v[3] == 0x4400);
     FAILS_NAMED(fbn_module_write_buffer,
-                fbn_module_write_buffer(f->m, FBN_BUFFER_BIAS, half[i], v, C),
-                FBN_STATUS_UNSUPPORTED);
+                fbn_module_write_buffer(f->m, FBN_BUFFER_BIAS, half[i], v, C - 1),
+                FBN_STATUS_SHAPE_MISMATCH);
   }
 }
 
@@ -842,7 +843,7 @@ int main(int argc, char **argv) {
       T(test_forward_rejects_misaligned_workspace),
       T(test_messages_name_the_call),
       cmocka_unit_test(test_create_rejects_more_bad_options),
-      T(test_buffer_rejects_half_host_dtypes),
+      T(test_buffer_half_host_copies_reject_bad_count),
       T(test_absent_buffers_fail_cleanly),
       T(test_null_reported_first),
       cmocka_unit_test(test_helpers_with_bad_input),

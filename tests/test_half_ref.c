@@ -570,6 +570,75 @@ static void test_half_ref_rejects_bad_input(void **state) {
   }
 }
 
+/* fbn_module_read_buffer / write_buffer with float16/bfloat16 host copies:
+ * written values widen exactly into float32 and float64 parameters and read
+ * back bit for bit; a float32 parameter read as half is rounded once
+ * (to nearest even, not through another format). */
+static void test_half_ref_module_half_host_copies(void **state) {
+  (void)state;
+  const fbn_dtype halves[2] = {FBN_DTYPE_FLOAT16, FBN_DTYPE_BFLOAT16};
+  const fbn_dtype params[2] = {FBN_DTYPE_FLOAT32, FBN_DTYPE_FLOAT64};
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, "test_half_ref_module_half_host_copies");
+  enum { NC = 64 };
+  for (int p = 0; p < 2; p++) {
+    fbn_module_options opt;
+    fbn_module_options_init(&opt);
+    opt.num_features = NC;
+    opt.param_dtype = params[p];
+    fbn_module *m = NULL;
+    assert_int_equal(fbn_module_create(&opt, &m), FBN_STATUS_SUCCESS);
+    for (int i = 0; i < 2; i++) {
+      const fbn_dtype dt = halves[i];
+      uint16_t src[NC], back[NC];
+      for (int k = 0; k < NC; k++) {
+        src[k] = (uint16_t)fbnt_rng_u32(&rng);
+        if ((src[k] & 0x7fffu) >= (dt == FBN_DTYPE_FLOAT16 ? 0x7c00u : 0x7f80u))
+          src[k] &= 0xbfffu; /* finite values (NaNs come back quiet) */
+      }
+      src[0] = 0x0001; /* the smallest subnormal */
+      src[1] = 0x8000; /* -0 */
+      assert_int_equal(fbn_module_write_buffer(m, FBN_BUFFER_WEIGHT, dt, src, NC),
+                       FBN_STATUS_SUCCESS);
+      double wide[NC];
+      assert_int_equal(fbn_module_read_buffer(m, FBN_BUFFER_WEIGHT, FBN_DTYPE_FLOAT64, wide, NC),
+                       FBN_STATUS_SUCCESS);
+      memset(back, 0xff, sizeof back);
+      assert_int_equal(fbn_module_read_buffer(m, FBN_BUFFER_WEIGHT, dt, back, NC),
+                       FBN_STATUS_SUCCESS);
+      for (int k = 0; k < NC; k++) {
+        if (memcmp(&wide[k], &(double){widen_half(dt, src[k])}, sizeof(double)) != 0)
+          fail_msg("%s: 0x%04x widened to %a", fbnt_dtype_str(dt), src[k], wide[k]);
+        assert_int_equal(back[k], src[k]);
+      }
+    }
+    /* rounded once when read as half: float32 just above a float16
+     * midpoint (1 + 2^-11 + 2^-20: up), on one (1 + 2^-11: to even, down),
+     * and a bfloat16 one (1 + 2^-8 + 2^-20: up) */
+    float v[NC];
+    for (int k = 0; k < NC; k++)
+      v[k] = 1.0f;
+    v[0] = 1.0f + 0x1p-11f + 0x1p-20f;
+    v[1] = 1.0f + 0x1p-11f;
+    v[2] = 1.0f + 0x1p-8f + 0x1p-20f;
+    v[3] = 70000.0f; /* beyond float16: +Inf */
+    assert_int_equal(fbn_module_write_buffer(m, FBN_BUFFER_BIAS, FBN_DTYPE_FLOAT32, v, NC),
+                     FBN_STATUS_SUCCESS);
+    uint16_t h[NC], b[NC];
+    assert_int_equal(fbn_module_read_buffer(m, FBN_BUFFER_BIAS, FBN_DTYPE_FLOAT16, h, NC),
+                     FBN_STATUS_SUCCESS);
+    assert_int_equal(fbn_module_read_buffer(m, FBN_BUFFER_BIAS, FBN_DTYPE_BFLOAT16, b, NC),
+                     FBN_STATUS_SUCCESS);
+    assert_int_equal(h[0], 0x3c01);
+    assert_int_equal(h[1], 0x3c00);
+    assert_int_equal(h[3], 0x7c00);
+    assert_int_equal(b[2], 0x3f81);
+    assert_int_equal(h[4], 0x3c00);
+    assert_int_equal(b[4], 0x3f80);
+    fbn_module_destroy(m);
+  }
+}
+
 int main(int argc, char **argv) {
   fbnt_parse_args(argc, argv);
   const struct CMUnitTest tests[] = {
@@ -581,6 +650,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_half_ref_bfloat16_edges),
       cmocka_unit_test(test_half_ref_module_float16),
       cmocka_unit_test(test_half_ref_module_bfloat16),
+      cmocka_unit_test(test_half_ref_module_half_host_copies),
       cmocka_unit_test(test_half_ref_rejects_bad_input),
   };
   return cmocka_run_group_tests_name("half_ref", tests, NULL, NULL);

@@ -138,6 +138,11 @@ FBN_API const char *fbn_last_error_message(void);
 /* Tensors                                                                  */
 /* ------------------------------------------------------------------------ */
 
+/** Element types. float16 (IEEE binary16) and bfloat16 tensors take float32
+ *  parameters and statistics, float64 tensors float64 ones, float32 tensors
+ *  float32 ones. Every backend runs all four: the CPU reference in float64,
+ *  the fast CPU backend and CUDA in float32 for the half dtypes; each output
+ *  is rounded once to its dtype, to nearest even (docs/semantics.md). */
 typedef enum fbn_dtype {
   FBN_DTYPE_FLOAT32 = 0,
   FBN_DTYPE_FLOAT64 = 1,
@@ -297,8 +302,9 @@ typedef enum fbn_buffer {
  *  an unknown buffer. */
 FBN_API bool fbn_module_has_buffer(const fbn_module *module, fbn_buffer which);
 
-/** Copy a buffer to host memory, converting to dtype (FLOAT32 or FLOAT64;
- *  FLOAT16/BFLOAT16 are FBN_STATUS_UNSUPPORTED, other values
+/** Copy a buffer to host memory, converting to dtype (FLOAT32, FLOAT64,
+ *  FLOAT16 or BFLOAT16: rounded once to nearest even, NaN kept, values
+ *  beyond float16's range +-Inf, as docs/semantics.md says; another value:
  *  FBN_STATUS_INVALID_VALUE). count must equal num_features
  *  (FBN_STATUS_SHAPE_MISMATCH). FBN_STATUS_ABSENT if the module has no such
  *  buffer. Synchronous.  dst is the caller's host memory of count elements
@@ -307,11 +313,11 @@ FBN_API bool fbn_module_has_buffer(const fbn_module *module, fbn_buffer which);
 FBN_API fbn_status fbn_module_read_buffer(const fbn_module *module, fbn_buffer which,
                                           fbn_dtype dtype, void *dst, size_t count);
 
-/** Copy host memory into a buffer, converting from dtype (FLOAT32 or
- *  FLOAT64) to the module's param_dtype. count must equal num_features.
- *  Synchronous.  src is only read, during the call.  Statuses as for
- *  fbn_module_read_buffer() (NULL module or src: FBN_STATUS_NULL_POINTER;
- *  FLOAT16/BFLOAT16: FBN_STATUS_UNSUPPORTED; unknown buffer or dtype:
+/** Copy host memory into a buffer, converting from dtype (FLOAT32,
+ *  FLOAT64, FLOAT16 or BFLOAT16; half values widen exactly) to the module's
+ *  param_dtype. count must equal num_features.  Synchronous.  src is only
+ *  read, during the call.  Statuses as for fbn_module_read_buffer() (NULL
+ *  module or src: FBN_STATUS_NULL_POINTER; unknown buffer or dtype:
  *  FBN_STATUS_INVALID_VALUE; wrong count: FBN_STATUS_SHAPE_MISMATCH; no such
  *  buffer: FBN_STATUS_ABSENT); the buffer is unchanged on failure. */
 FBN_API fbn_status fbn_module_write_buffer(fbn_module *module, fbn_buffer which,

@@ -12,6 +12,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/half.h"
 #include "internal.h"
 
 static _Atomic uint64_t fbn_next_module_id = 1;
@@ -290,10 +291,11 @@ static fbn_status fbn_check_buffer(const char *fn, const fbn_module *module, fbn
 
 static fbn_status fbn_check_host_copy(const char *fn, const fbn_module *module, fbn_dtype dtype,
                                       size_t count) {
-  if (dtype != FBN_DTYPE_FLOAT32 && dtype != FBN_DTYPE_FLOAT64)
-    return fbn_error(fbn_dtype_size(dtype) ? FBN_STATUS_UNSUPPORTED : FBN_STATUS_INVALID_VALUE,
-                     "%s: dtype = %d (%s): host copies are float32 or float64", fn, (int)dtype,
-                     fbn_dtype_name(dtype));
+  if (fbn_dtype_size(dtype) == 0)
+    return fbn_error(FBN_STATUS_INVALID_VALUE,
+                     "%s: dtype = %d: not an fbn_dtype value (host copies are float32, float64, "
+                     "float16 or bfloat16)",
+                     fn, (int)dtype);
   if (count != (size_t)module->options.num_features)
     return fbn_error(FBN_STATUS_SHAPE_MISMATCH,
                      "%s: count = %zu: must equal num_features = %lld", fn, count,
@@ -301,16 +303,44 @@ static fbn_status fbn_check_host_copy(const char *fn, const fbn_module *module, 
   return FBN_STATUS_SUCCESS;
 }
 
-/* dst[0..count) (dtype dt) = src[0..count) (dtype st), both host memory. */
-static void fbn_convert(void *dst, fbn_dtype dt, const void *src, fbn_dtype sdt, size_t count) {
-  for (size_t i = 0; i < count; i++) {
-    const double v =
-        sdt == FBN_DTYPE_FLOAT64 ? ((const double *)src)[i] : (double)((const float *)src)[i];
-    if (dt == FBN_DTYPE_FLOAT64)
-      ((double *)dst)[i] = v;
-    else
-      ((float *)dst)[i] = (float)v;
+static double fbn_host_load(const void *p, fbn_dtype dt, size_t i) {
+  switch (dt) {
+  case FBN_DTYPE_FLOAT64:
+    return ((const double *)p)[i];
+  case FBN_DTYPE_FLOAT16:
+    return fbn_half_to_double(((const uint16_t *)p)[i]);
+  case FBN_DTYPE_BFLOAT16:
+    return fbn_bfloat16_to_double(((const uint16_t *)p)[i]);
+  case FBN_DTYPE_FLOAT32:
+  default:
+    return ((const float *)p)[i];
   }
+}
+
+static void fbn_host_store(void *p, fbn_dtype dt, size_t i, double v) {
+  switch (dt) {
+  case FBN_DTYPE_FLOAT64:
+    ((double *)p)[i] = v;
+    return;
+  case FBN_DTYPE_FLOAT16:
+    ((uint16_t *)p)[i] = fbn_double_to_half(v);
+    return;
+  case FBN_DTYPE_BFLOAT16:
+    ((uint16_t *)p)[i] = fbn_double_to_bfloat16(v);
+    return;
+  case FBN_DTYPE_FLOAT32:
+  default:
+    ((float *)p)[i] = (float)v;
+    return;
+  }
+}
+
+/* dst[0..count) (dtype dt) = src[0..count) (dtype sdt), both host memory:
+ * widened exactly, rounded once to nearest even (the core rule,
+ * src/core/half.h, for float16/bfloat16). */
+static void fbn_convert(void *dst, fbn_dtype dt, const void *src, fbn_dtype sdt, size_t count) {
+  for (size_t i = 0; i < count; i++)
+    fbn_host_store(dst, dt, i, fbn_host_load(src, sdt, i));
 }
 
 fbn_status fbn_module_read_buffer(const fbn_module *module, fbn_buffer which, fbn_dtype dtype,
