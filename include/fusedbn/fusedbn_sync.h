@@ -3,7 +3,8 @@
  * W ranks (processes, threads) of a data-parallel job, each holding a shard
  * of the batch (shards of any size, including empty ones), with the fused
  * add + ReLU kept.  Host memory (CPU ops) only.  No CUDA or MPI types:
- * <fusedbn/fusedbn_mpi.h> has the MPI adapter.
+ * <fusedbn/fusedbn_mpi.h> has the MPI adapter, <fusedbn/fusedbn_cuda_sync.h>
+ * the synchronized forward/backward of CUDA ops (device memory, a stream).
  *
  * Split phases on an fbn_op of statistics FBN_STATISTICS_BATCH (the caller
  * moves the records between the ranks):

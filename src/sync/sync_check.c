@@ -18,8 +18,9 @@ fbn_status fbn_sync_check_op(const char *fn, const fbn_op *op) {
                      fn);
   if (fbn_backend_sync_hooks(op->backend) == NULL)
     return fbn_error(FBN_STATUS_UNSUPPORTED,
-                     "%s: the %s backend has no synchronized batch norm (CPU ops only)", fn,
-                     op->backend->name);
+                     "%s: the %s backend has no host-memory synchronized batch norm (CPU ops "
+                     "only; CUDA ops: fbn_cuda_sync_forward/backward of fusedbn_cuda_sync.h)",
+                     fn, op->backend->name);
   return FBN_STATUS_SUCCESS;
 }
 
