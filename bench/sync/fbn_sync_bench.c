@@ -33,6 +33,10 @@
  *   allgather_bytes,allreduce_bytes
  * (kind local or sync; n is the whole batch, shard_n rank 0's shard; the
  * byte columns are 0 for local.)
+ *
+ * --phases: the synchronized step as its split phases instead (where its
+ * time goes), each the median over repetitions of its max over the ranks:
+ *   world,layout,n,c,h,w,shard_n,phase,ms,reps
  */
 #include <stdarg.h>
 #include <stdbool.h>
@@ -70,6 +74,7 @@ typedef struct sync_config {
   int shape_count;
   bool nchw, nhwc;
   int reps, warmup;
+  bool phases;
   size_t evict_bytes;
 } sync_config;
 
@@ -98,11 +103,14 @@ static void check(fbn_status st, const char *call) {
 static void usage(FILE *f) {
   fprintf(f,
           "usage: mpirun -np W fbn-sync-bench [--shape N,C,H,W]... [--layout nchw|nhwc|both]\n"
-          "                [--reps R] [--warmup K] [--evict-mib M] [--quick]\n"
+          "                [--reps R] [--warmup K] [--evict-mib M] [--quick] [--phases]\n"
           "Synchronized (fbn_mpi_sync_forward/backward) against local (fbn_op_forward/backward)\n"
           "training steps on each rank's shard of the batch N. Default: ResNet-50's batch-32\n"
           "batch-norm shapes, both layouts, 15 repetitions after 2 warm-up steps, 64 MiB\n"
-          "evicted before every step. CSV on stdout (rank 0).\n");
+          "evicted before every step. CSV on stdout (rank 0).\n"
+          "--phases: instead, the synchronized step's split phases (fbn_sync_stats, the\n"
+          "all-gather, fbn_sync_combine, fbn_sync_apply, fbn_sync_backward_reduce, the\n"
+          "all-reduce, fbn_sync_backward_apply), each timed on every rank.\n");
 }
 
 static void parse_args(int argc, char **argv, sync_config *cfg) {
@@ -122,6 +130,8 @@ static void parse_args(int argc, char **argv, sync_config *cfg) {
       exit(0);
     } else if (strcmp(a, "--quick") == 0) {
       quick = true;
+    } else if (strcmp(a, "--phases") == 0) {
+      cfg->phases = true;
     } else if (v == NULL) {
       if (rank_id == 0)
         usage(stderr);
@@ -186,6 +196,8 @@ typedef struct sync_case {
   float *weight, *bias, *rm, *rv, *dw, *db;
   void *local_saved, *local_ws, *sync_saved, *sync_ws;
   size_t local_saved_bytes, local_fws, local_bws, sync_saved_bytes, sync_ws_bytes;
+  void *phase_ws;
+  size_t sync_phase_ws_bytes; /* fbn_sync_workspace_size: the split phases' */
 } sync_case;
 
 static void case_init(sync_case *k, const sync_shape *s, fbn_layout layout, int64_t shard_n,
@@ -229,11 +241,14 @@ static void case_init(sync_case *k, const sync_shape *s, fbn_layout layout, int6
   k->local_ws = alloc_touched(k->local_fws > k->local_bws ? k->local_fws : k->local_bws);
   k->sync_saved = alloc_touched(k->sync_saved_bytes);
   k->sync_ws = alloc_touched(k->sync_ws_bytes);
+  check(fbn_sync_workspace_size(k->op, &k->d, &k->sync_phase_ws_bytes), "fbn_sync_workspace_size");
+  k->phase_ws = alloc_touched(k->sync_phase_ws_bytes);
 }
 
 static void case_fini(sync_case *k) {
   void *p[] = {k->x,  k->z,  k->dy, k->y,  k->dx, k->dz, k->weight, k->bias, k->rm, k->rv,
-               k->dw, k->db, k->local_saved, k->local_ws, k->sync_saved, k->sync_ws};
+               k->dw, k->db, k->local_saved, k->local_ws, k->sync_saved, k->sync_ws,
+               k->phase_ws};
   for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)
     bench_free(p[i]);
   fbn_op_destroy(k->op);
@@ -276,12 +291,107 @@ static int64_t shard_of(int64_t n, int r) {
   return n / world_size + (r < n % world_size ? 1 : 0);
 }
 
+enum { PHASES = 7 };
+static const char *const phase_names[PHASES] = {
+    "stats", "allgather", "combine", "apply", "backward_reduce", "allreduce", "backward_apply"};
+
+/* The synchronized step as its split phases, each timed (t[PHASES]); the
+ * collectives are MPI's own on the records (the adapter also all-gathers the
+ * 64-byte check headers first). */
+static void phase_step(sync_case *k, double factor, void *records, size_t rec_bytes,
+                       double *mean, double *var, double *grad, size_t grad_bytes,
+                       double t[PHASES]) {
+  const int64_t n = k->d.n;
+  const void *x = n > 0 ? k->x : NULL, *z = n > 0 ? k->z : NULL, *dy = n > 0 ? k->dy : NULL;
+  void *y = n > 0 ? k->y : NULL, *dx = n > 0 ? k->dx : NULL, *dz = n > 0 ? k->dz : NULL;
+  char *mine = (char *)records + (size_t)rank_id * rec_bytes;
+  double c[PHASES + 1];
+  c[0] = bench_now_s();
+  check(fbn_sync_stats(k->op, &k->d, x, mine, rec_bytes), "fbn_sync_stats");
+  c[1] = bench_now_s();
+  if (MPI_Allgather(MPI_IN_PLACE, 0, MPI_BYTE, records, (int)rec_bytes, MPI_BYTE,
+                    MPI_COMM_WORLD) != MPI_SUCCESS)
+    die("%s failed", "MPI_Allgather");
+  c[2] = bench_now_s();
+  check(fbn_sync_combine(k->op, records, world_size, rec_bytes, mean, var, k->rm, k->rv, factor,
+                         NULL),
+        "fbn_sync_combine");
+  c[3] = bench_now_s();
+  check(fbn_sync_apply(k->op, &k->d, x, z, y, k->weight, k->bias, mean, var, k->sync_saved,
+                       k->sync_saved_bytes, k->phase_ws, k->sync_phase_ws_bytes),
+        "fbn_sync_apply");
+  c[4] = bench_now_s();
+  check(fbn_sync_backward_reduce(k->op, &k->d, x, y, dy, k->sync_saved, k->sync_saved_bytes,
+                                 k->weight, k->bias, grad, grad_bytes, k->dw, k->db,
+                                 FBN_PARAM_GRAD_OVERWRITE, k->phase_ws, k->sync_phase_ws_bytes),
+        "fbn_sync_backward_reduce");
+  c[5] = bench_now_s();
+  if (MPI_Allreduce(MPI_IN_PLACE, grad, (int)(grad_bytes / sizeof(double)), MPI_DOUBLE, MPI_SUM,
+                    MPI_COMM_WORLD) != MPI_SUCCESS)
+    die("%s failed", "MPI_Allreduce");
+  c[6] = bench_now_s();
+  check(fbn_sync_backward_apply(k->op, &k->d, x, y, dy, k->sync_saved, k->sync_saved_bytes,
+                                k->weight, k->bias, grad, grad_bytes, dx, dz, NULL, NULL,
+                                FBN_PARAM_GRAD_OVERWRITE, k->phase_ws, k->sync_phase_ws_bytes),
+        "fbn_sync_backward_apply");
+  c[7] = bench_now_s();
+  for (int p = 0; p < PHASES; p++)
+    t[p] = c[p + 1] - c[p];
+}
+
+static void run_phases(const sync_config *cfg, sync_case *k, const sync_shape *s,
+                       fbn_layout layout, double factor, const bench_evict *evict) {
+  size_t rec = 0, grad_bytes = 0;
+  check(fbn_sync_stats_record_size(k->op, &rec), "fbn_sync_stats_record_size");
+  check(fbn_sync_grad_record_size(k->op, &grad_bytes), "fbn_sync_grad_record_size");
+  void *records = alloc_touched((size_t)world_size * rec);
+  double *grad = alloc_touched(grad_bytes), *mean = alloc_touched((size_t)s->c * sizeof(double));
+  double *var = alloc_touched((size_t)s->c * sizeof(double));
+  const int reps = cfg->reps;
+  double *mine = calloc((size_t)reps * PHASES, sizeof *mine);
+  double *worst = calloc((size_t)reps * PHASES, sizeof *worst);
+  double *col = malloc((size_t)reps * sizeof *col);
+  if (mine == NULL || worst == NULL || col == NULL)
+    die("%s", "out of memory");
+  for (int i = -cfg->warmup; i < reps; i++) {
+    bench_evict_run(evict);
+    MPI_Barrier(MPI_COMM_WORLD);
+    double t[PHASES];
+    phase_step(k, factor, records, rec, mean, var, grad, grad_bytes, t);
+    if (i >= 0)
+      memcpy(mine + (size_t)i * PHASES, t, sizeof t);
+  }
+  MPI_Reduce(mine, worst, reps * PHASES, MPI_DOUBLE, MPI_MAX, 0, MPI_COMM_WORLD);
+  if (rank_id == 0)
+    for (int p = 0; p < PHASES; p++) {
+      for (int i = 0; i < reps; i++)
+        col[i] = worst[(size_t)i * PHASES + (size_t)p];
+      printf("%d,%s,%lld,%lld,%lld,%lld,%lld,%s,%.4f,%d\n", world_size,
+             layout == FBN_LAYOUT_NCHW ? "nchw" : "nhwc", (long long)s->n, (long long)s->c,
+             (long long)s->h, (long long)s->w, (long long)shard_of(s->n, 0), phase_names[p],
+             1e3 * bench_median(col, reps), reps);
+    }
+  fflush(stdout);
+  free(mine);
+  free(worst);
+  free(col);
+  bench_free(records);
+  bench_free(grad);
+  bench_free(mean);
+  bench_free(var);
+}
+
 static void run_case(const sync_config *cfg, const sync_shape *s, fbn_layout layout,
                      const bench_evict *evict) {
   sync_case k;
   case_init(&k, s, layout, shard_of(s->n, rank_id), 0x5eed0000u + (uint64_t)rank_id);
   double factor = 0.0;
   check(fbn_running_average_factor(0.1, false, 1, &factor), "fbn_running_average_factor");
+  if (cfg->phases) {
+    run_phases(cfg, &k, s, layout, factor, evict);
+    case_fini(&k);
+    return;
+  }
 
   /* times[rep][kind][pass]: kind 0 local, 1 sync; pass 0 forward, 1 backward, 2 step */
   const int reps = cfg->reps;
@@ -354,8 +464,11 @@ int main(int argc, char **argv) {
     printf("# reps=%d warmup=%d evict_mib=%zu per rank; median over repetitions of the max over "
            "ranks\n",
            cfg.reps, cfg.warmup, cfg.evict_bytes >> 20);
-    printf("world,layout,n,c,h,w,shard_n,kind,fwd_ms,bwd_ms,step_ms,reps,allgather_bytes,"
-           "allreduce_bytes\n");
+    if (cfg.phases)
+      printf("world,layout,n,c,h,w,shard_n,phase,ms,reps\n");
+    else
+      printf("world,layout,n,c,h,w,shard_n,kind,fwd_ms,bwd_ms,step_ms,reps,allgather_bytes,"
+             "allreduce_bytes\n");
     fflush(stdout);
   }
   bench_evict evict;
