@@ -25,9 +25,8 @@
  * FBN_STATUS_DEVICE_ERROR with ncclGetErrorString() and ncclGetLastError()
  * in fbn_last_error_message(); nothing is queued after it.
  *
- * Link with libfusedbn_nccl, libfusedbn and NCCL: the Meson dependency
- * fusedbn_nccl_dep has all three (libfusedbn_nccl is built in the tree,
- * not installed).
+ * Link with libfusedbn_nccl, libfusedbn and NCCL: pkg-config fusedbn-nccl,
+ * or the Meson dependency fusedbn_nccl_dep in the tree.
  */
 #ifndef FUSEDBN_FUSEDBN_NCCL_H
 #define FUSEDBN_FUSEDBN_NCCL_H

@@ -191,7 +191,8 @@ pkg_config_client() {
     extra=""
     cxx_extra=""
     case $name in
-      fusedbn/fusedbn_cuda.h | fusedbn/fusedbn_cuda_sync.h) extra=$cuda_cflags ;;
+      fusedbn/fusedbn_cuda.h | fusedbn/fusedbn_cuda_sync.h | fusedbn/fusedbn_nccl.h)
+        extra=$cuda_cflags ;;
     esac
     # Open MPI's and MPICH's <mpi.h> pull in their deprecated C++ bindings
     # (which warn under -Wextra) unless a C++ client of the C API skips them.
