@@ -5,8 +5,9 @@ Each takes the arguments of its unsynchronized module (FusedBatchNorm2d,
 BatchNorm2dReLU, BatchNorm2d) plus process_group=None (the default group),
 has the same parameters, buffers and state_dict names, and in training
 normalizes every rank's shard with the statistics of the whole batch, as one
-process on the concatenated batch would; in eval (running statistics) it is
-the unsynchronized module and runs no collective.  CPU tensors, over any
+process on the concatenated batch would; in eval it is the unsynchronized
+module and runs no collective (without running statistics that is the
+shard's own batch statistics, as with torch's SyncBatchNorm).  CPU tensors, over any
 process group: gloo (or MPI) moves the exchanged records as CPU tensors, an
 NCCL group gets them copied to the current CUDA device.
 
@@ -144,16 +145,16 @@ def _dtype_name(code):
     return "(none)"
 
 
-def _check_preambles(fn, preambles, rank, local_error):
+def _check_preambles(fn, preambles, local_error):
     """Raise on every rank when a rank's local phase failed or the ranks
     disagree on C or dtype; the failing rank raises its own exception."""
     world_size = preambles.shape[0]
     words = preambles[:, :8 * _PREAMBLE_WORDS].contiguous().view(torch.int64).tolist()
+    if local_error is not None:
+        raise (_lib.in_call(fn, local_error) if isinstance(local_error, _lib.Error)
+               else local_error)
     for r, (status, _, _, _) in enumerate(words):
         if status != _lib.SUCCESS:
-            if r == rank and local_error is not None:
-                raise _lib.in_call(fn, local_error) if isinstance(local_error, _lib.Error) \
-                    else local_error
             raw = bytes(preambles[r, 8 * _PREAMBLE_WORDS:].tolist()).split(b"\0", 1)[0]
             raise _lib.make_error(status, "%s: rank %d of %d failed before the exchange: %s"
                                   % (fn, r, world_size, raw.decode("utf-8", "replace")),
@@ -240,7 +241,7 @@ def _forward(call, x, addend, weight, bias):
     preambles = _all_gather(fn, "the all_gather of the check preambles", call.group,
                             call.world_size,
                             _preamble(status, message, channels, dtype_code, record_bytes))
-    _check_preambles(fn, preambles, call.rank, local_error)
+    _check_preambles(fn, preambles, local_error)
 
     records = _all_gather(fn, "the all_gather of the statistics records", call.group,
                           call.world_size, record).contiguous()
