@@ -80,7 +80,7 @@ typedef struct sync_config {
 
 static int rank_id, world_size;
 
-__attribute__((format(printf, 1, 2))) static void die(const char *fmt, ...) {
+__attribute__((format(printf, 1, 2), noreturn)) static void die(const char *fmt, ...) {
   fprintf(stderr, "fbn-sync-bench: rank %d: ", rank_id);
   va_list ap;
   va_start(ap, fmt);
@@ -137,16 +137,19 @@ static void parse_args(int argc, char **argv, sync_config *cfg) {
         usage(stderr);
       die("%s: needs a value", a);
     } else if (strcmp(a, "--shape") == 0) {
-      sync_shape s;
-      long long n, c, h, w;
-      char tail;
-      if (sscanf(v, "%lld,%lld,%lld,%lld%c", &n, &c, &h, &w, &tail) != 4 || n < 1 || c < 1 ||
-          h < 1 || w < 1)
-        die("--shape %s: want N,C,H,W, each >= 1", v);
+      int64_t dims[4];
+      const char *p = v;
+      for (int d = 0; d < 4; d++) {
+        char *end = NULL;
+        const long long x = strtoll(p, &end, 10);
+        if (end == p || x < 1 || x > (1LL << 31) || *end != (d < 3 ? ',' : '\0'))
+          die("--shape %s: want N,C,H,W, each in [1, 2^31]", v);
+        dims[d] = x;
+        p = end + 1;
+      }
       if (cfg->shape_count == MAX_SHAPES)
         die("--shape %s: at most 16 shapes", v);
-      s = (sync_shape){n, c, h, w};
-      cfg->shapes[cfg->shape_count++] = s;
+      cfg->shapes[cfg->shape_count++] = (sync_shape){dims[0], dims[1], dims[2], dims[3]};
       i++;
     } else if (strcmp(a, "--layout") == 0) {
       cfg->nchw = strcmp(v, "nchw") == 0 || strcmp(v, "both") == 0;
