@@ -38,7 +38,7 @@ LAUNCH_DEADLINE_S = 240
 
 # (world size, shards of the case sweep): unequal shards, N = 1 and N = 0.
 SHARDS = {2: (1, 5), 3: (1, 5, 0)}
-SECTIONS = {2: ("cases", "eval", "errors", "resnet18", "peer_exit"),
+SECTIONS = {2: ("cases", "eval", "errors", "ddp", "resnet18", "peer_exit"),
             3: ("cases", "eval", "errors")}
 
 
@@ -373,6 +373,38 @@ def _section_resnet18(rank, world_size, gen):
     return "after 5 steps: largest error %.2g of a tensor's largest magnitude" % worst
 
 
+def _section_ddp(rank, world_size, gen):
+    """DistributedDataParallel over a conv and a SyncFusedBatchNorm2d, float64,
+    shards (1, 3): DDP's averaged gradients (each rank's loss scaled by W) are
+    the whole batch's, as the local dweight/dbias summed are; 2 SGD steps."""
+    shards = (1, 3)
+    n = sum(shards)
+    lo, hi = sum(shards[:rank]), sum(shards[:rank + 1])
+    torch.manual_seed(_rank_seed)
+    conv = torch.nn.Conv2d(3, 4, 3).double()
+    ref = torch.nn.Sequential(conv, fbt.FusedBatchNorm2d(4).double())
+    ours = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3).double(),
+                               fbt.SyncFusedBatchNorm2d(4).double())
+    ours.load_state_dict(ref.state_dict())
+    ddp = torch.nn.parallel.DistributedDataParallel(ours)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for step in range(2):
+        x = helpers.rand_x(gen, (n, 3, 6, 5))
+        dy = helpers.rand(gen, (n, 4, 4, 3))
+        opt.zero_grad()
+        (ddp(x[lo:hi]) * dy[lo:hi]).sum().mul(world_size / n).backward()
+        opt_ref.zero_grad()
+        (ref(x) * dy).sum().div(n).backward()
+        for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+            _close("ddp step %d %s grad" % (step, name), p.grad, q.grad, 1e-12)
+        opt.step()
+        opt_ref.step()
+    for k, v in ours.state_dict().items():
+        _close("ddp " + k, v.double(), ref.state_dict()[k].double(), 1e-12)
+    return "DDP gradients and state match the whole batch"
+
+
 def _section_peer_exit(rank, world_size, gen):
     """The last rank exits: the others' next forward raises with gloo's text."""
     if rank == world_size - 1:
@@ -386,7 +418,8 @@ def _section_peer_exit(rank, world_size, gen):
 
 
 _SECTIONS = {"cases": _section_cases, "eval": _section_eval, "errors": _section_errors,
-             "resnet18": _section_resnet18, "peer_exit": _section_peer_exit}
+             "ddp": _section_ddp, "resnet18": _section_resnet18,
+             "peer_exit": _section_peer_exit}
 
 
 # The launch's seed in a rank (conftest.SEED is drawn afresh in each process
@@ -513,6 +546,10 @@ def test_cuda_tensors_unsupported():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device: CUDA tensors' UnsupportedError not checked")
     _check(2, "errors")
+
+
+def test_distributed_data_parallel():
+    _check(2, "ddp")
 
 
 def test_converted_resnet18_on_two_ranks_matches_one_process():
