@@ -12,7 +12,7 @@
 #include "cuda_sync.h"
 #include "cuda_sync_kernels.h"
 
-static fbn_cuda_state *state_of(const void *state) { return (fbn_cuda_state *)(uintptr_t)state; }
+static fbn_cuda_state *state_of(void *state) { return state; }
 
 static char *at(void *base, size_t off) { return (char *)base + off; }
 
@@ -20,12 +20,12 @@ static int param_double(const fbn_tensor_desc *d) { return d->dtype == FBN_DTYPE
 
 static int64_t count_of(const fbn_tensor_desc *d) { return d->n * d->h * d->w; }
 
-fbn_status fbn_cuda_sync_check_memory(const void *state, const char *name, const void *ptr,
+fbn_status fbn_cuda_sync_check_memory(void *state, const char *name, const void *ptr,
                                       size_t align) {
   return fbn_cuda_check_memory(state_of(state), name, ptr, align);
 }
 
-fbn_status fbn_cuda_sync_stats(const void *state, const fbn_cuda_exec *exec,
+fbn_status fbn_cuda_sync_stats(void *state, const fbn_cuda_exec *exec,
                                const fbn_tensor_desc *d, int world_size, const void *x,
                                void *workspace) {
   fbn_cuda_call cx;
@@ -41,7 +41,7 @@ fbn_status fbn_cuda_sync_stats(const void *state, const fbn_cuda_exec *exec,
   return fbn_cuda_call_end(&cx, s);
 }
 
-fbn_status fbn_cuda_sync_header_only(const void *state, const fbn_cuda_exec *exec,
+fbn_status fbn_cuda_sync_header_only(void *state, const fbn_cuda_exec *exec,
                                      int world_size, void *workspace) {
   const fbn_op_desc *o = &state_of(state)->op;
   fbn_tensor_desc d = {.n = 0, .c = o->num_features, .h = 1, .w = 1, .dtype = o->dtype,
@@ -49,7 +49,7 @@ fbn_status fbn_cuda_sync_header_only(const void *state, const fbn_cuda_exec *exe
   return fbn_cuda_sync_stats(state, exec, &d, world_size, NULL, workspace);
 }
 
-fbn_status fbn_cuda_sync_apply(const void *state, const fbn_cuda_exec *exec,
+fbn_status fbn_cuda_sync_apply(void *state, const fbn_cuda_exec *exec,
                                const fbn_tensor_desc *d, int world_size, const void *x,
                                const void *addend, void *y, const void *weight, const void *bias,
                                void *running_mean, void *running_var, double factor, void *saved,
@@ -81,7 +81,7 @@ fbn_status fbn_cuda_sync_apply(const void *state, const fbn_cuda_exec *exec,
   return fbn_cuda_call_end(&cx, s);
 }
 
-fbn_status fbn_cuda_sync_grad_reduce(const void *state, const fbn_cuda_exec *exec,
+fbn_status fbn_cuda_sync_grad_reduce(void *state, const fbn_cuda_exec *exec,
                                      const fbn_tensor_desc *d, int world_size, const void *x,
                                      const void *dy, const void *saved, void *workspace) {
   fbn_cuda_state *st = state_of(state);
@@ -115,7 +115,7 @@ fbn_status fbn_cuda_sync_grad_reduce(const void *state, const fbn_cuda_exec *exe
   return fbn_cuda_call_end(&cx, s);
 }
 
-fbn_status fbn_cuda_sync_grad_apply(const void *state, const fbn_cuda_exec *exec,
+fbn_status fbn_cuda_sync_grad_apply(void *state, const fbn_cuda_exec *exec,
                                     const fbn_tensor_desc *d, int world_size, const void *x,
                                     const void *dy,
                                     const void *saved, const void *weight, void *dx, void *daddend,
@@ -148,7 +148,7 @@ fbn_status fbn_cuda_sync_grad_apply(const void *state, const fbn_cuda_exec *exec
   return fbn_cuda_call_end(&cx, s);
 }
 
-fbn_status fbn_cuda_sync_fetch(const void *state, const fbn_cuda_exec *exec, const void *src,
+fbn_status fbn_cuda_sync_fetch(void *state, const fbn_cuda_exec *exec, const void *src,
                                void *dst, size_t bytes) {
   fbn_cuda_call cx;
   fbn_status s = fbn_cuda_call_begin(&cx, state_of(state), exec);
@@ -162,7 +162,7 @@ fbn_status fbn_cuda_sync_fetch(const void *state, const fbn_cuda_exec *exec, con
   return fbn_cuda_call_end(&cx, s);
 }
 
-fbn_status fbn_cuda_sync_read(const void *state, const fbn_cuda_exec *exec, const void *block,
+fbn_status fbn_cuda_sync_read(void *state, const fbn_cuda_exec *exec, const void *block,
                               fbn_cs_status *out) {
   return fbn_cuda_sync_fetch(state, exec, block, out, sizeof *out);
 }

@@ -51,23 +51,23 @@ FBN_INTERNAL void fbn_cuda_sync_describe(const fbn_cs_status *s, char *text, siz
 /* ---- phases (cuda_sync.c) ----------------------------------------------- */
 
 /* NULL, or device memory of the op's device aligned to align. */
-FBN_INTERNAL fbn_status fbn_cuda_sync_check_memory(const void *state, const char *name,
+FBN_INTERNAL fbn_status fbn_cuda_sync_check_memory(void *state, const char *name,
                                                    const void *ptr, size_t align);
 
 /* The statistics record of x into the workspace's own-record slot (an
  * empty shard: count 0). */
-FBN_INTERNAL fbn_status fbn_cuda_sync_stats(const void *state, const fbn_cuda_exec *exec,
+FBN_INTERNAL fbn_status fbn_cuda_sync_stats(void *state, const fbn_cuda_exec *exec,
                                             const fbn_tensor_desc *d, int world_size,
                                             const void *x, void *workspace);
 
 /* This op's check header alone into the own-record slot (the check). */
-FBN_INTERNAL fbn_status fbn_cuda_sync_header_only(const void *state, const fbn_cuda_exec *exec,
+FBN_INTERNAL fbn_status fbn_cuda_sync_header_only(void *state, const fbn_cuda_exec *exec,
                                                   int world_size, void *workspace);
 
 /* Combine the world_size gathered records and (shard not empty) apply:
  * y, the saved state (saved may be NULL), running statistics (may be
  * NULL), the status blocks of the workspace and the saved state. */
-FBN_INTERNAL fbn_status fbn_cuda_sync_apply(const void *state, const fbn_cuda_exec *exec,
+FBN_INTERNAL fbn_status fbn_cuda_sync_apply(void *state, const fbn_cuda_exec *exec,
                                             const fbn_tensor_desc *d, int world_size,
                                             const void *x, const void *addend, void *y,
                                             const void *weight, const void *bias,
@@ -75,14 +75,14 @@ FBN_INTERNAL fbn_status fbn_cuda_sync_apply(const void *state, const fbn_cuda_ex
                                             void *saved, void *workspace);
 
 /* The gradient record (and its local copy) in the workspace. */
-FBN_INTERNAL fbn_status fbn_cuda_sync_grad_reduce(const void *state, const fbn_cuda_exec *exec,
+FBN_INTERNAL fbn_status fbn_cuda_sync_grad_reduce(void *state, const fbn_cuda_exec *exec,
                                                   const fbn_tensor_desc *d, int world_size,
                                                   const void *x, const void *dy,
                                                   const void *saved, void *workspace);
 
 /* dx, daddend (each may be NULL) from the summed gradient record;
  * dweight/dbias (each may be NULL) the local (global false) or global sums. */
-FBN_INTERNAL fbn_status fbn_cuda_sync_grad_apply(const void *state, const fbn_cuda_exec *exec,
+FBN_INTERNAL fbn_status fbn_cuda_sync_grad_apply(void *state, const fbn_cuda_exec *exec,
                                                  const fbn_tensor_desc *d, int world_size,
                                                  const void *x, const void *dy,
                                                  const void *saved,
@@ -91,11 +91,11 @@ FBN_INTERNAL fbn_status fbn_cuda_sync_grad_apply(const void *state, const fbn_cu
                                                  bool global, void *workspace);
 
 /* Wait for exec's stream and copy the status block at block to *out. */
-FBN_INTERNAL fbn_status fbn_cuda_sync_read(const void *state, const fbn_cuda_exec *exec,
+FBN_INTERNAL fbn_status fbn_cuda_sync_read(void *state, const fbn_cuda_exec *exec,
                                            const void *block, fbn_cs_status *out);
 
 /* Wait for exec's stream and copy bytes of device memory to host. */
-FBN_INTERNAL fbn_status fbn_cuda_sync_fetch(const void *state, const fbn_cuda_exec *exec,
+FBN_INTERNAL fbn_status fbn_cuda_sync_fetch(void *state, const fbn_cuda_exec *exec,
                                             const void *src, void *dst, size_t bytes);
 
 #endif /* FUSEDBN_SRC_CUDA_CUDA_SYNC_H */

@@ -12,6 +12,9 @@
 
 #define ALIGN 256u
 
+_Static_assert(sizeof(fbn_cs_status) <= FBN_CS_STATUS_BYTES, "the status block must fit its slot");
+_Static_assert(sizeof(fbn_cs_header) <= FBN_CS_HEADER_BYTES, "the check header must fit its slot");
+
 static size_t up(size_t v) { return (v + ALIGN - 1) / ALIGN * ALIGN; }
 
 static size_t param_size(const fbn_tensor_desc *d) {

@@ -288,7 +288,7 @@ static void test_layout(void **state) {
               const size_t ps = dtypes[a] == FBN_DTYPE_FLOAT64 ? 8 : 4;
               const size_t numel = (size_t)(ns[i] * cs[j] * 15);
               const fbn_cuda_sync_saved_parts sp = fbn_cuda_sync_saved_layout(&od, &d);
-              assert_true(sp.mean >= sizeof(fbn_cs_status) && sp.mean == FBN_CS_STATUS_BYTES);
+              assert_int_equal(sp.mean, FBN_CS_STATUS_BYTES);
               assert_true(sp.invstd >= sp.mean + (size_t)cs[j] * ps);
               assert_int_equal(sp.mean % 256, 0);
               assert_int_equal(sp.invstd % 256, 0);
@@ -304,7 +304,7 @@ static void test_layout(void **state) {
               const size_t rb = 64 + 16 * (size_t)cs[j];
               const size_t grad = (4 + 2 * (size_t)cs[j]) * 8;
               assert_int_equal(wp.record_bytes, rb);
-              assert_true(wp.record >= sizeof(fbn_cs_status));
+              assert_int_equal(wp.record, FBN_CS_STATUS_BYTES);
               assert_true(wp.records >= wp.record + rb);
               assert_true(wp.coef >= wp.records + (size_t)w * rb);
               assert_true(wp.partials >= wp.coef + 4 * (size_t)cs[j] * ps);
