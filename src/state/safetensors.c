@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "core/half.h"
+
 static const struct {
   const char *name;
   unsigned bits;
@@ -321,29 +323,11 @@ error:
 
 /* ---- element codecs ----------------------------------------------------- */
 
-static double fbn_st_half_to_double(uint16_t h) {
-  int sign = h >> 15;
-  int exponent = (h >> 10) & 0x1f;
-  int mantissa = h & 0x3ff;
-  double v;
-  if (exponent == 0)
-    v = ldexp((double)mantissa, -24); /* zero and subnormals */
-  else if (exponent == 31)
-    v = mantissa ? NAN : INFINITY;
-  else
-    v = ldexp((double)(mantissa | 0x400), exponent - 25);
-  return sign ? -v : v;
-}
-
 double fbn_st_load_float(fbn_st_dtype dtype, const unsigned char *data, size_t i) {
   switch (dtype) {
-  case FBN_ST_F16: return fbn_st_half_to_double(fbn_st_load_le16(data + 2 * i));
-  case FBN_ST_BF16: {
-    uint32_t bits = (uint32_t)fbn_st_load_le16(data + 2 * i) << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-  }
+  /* widened exactly with the library's half rule (src/core/half.h) */
+  case FBN_ST_F16: return fbn_half_to_double(fbn_st_load_le16(data + 2 * i));
+  case FBN_ST_BF16: return fbn_bfloat16_to_double(fbn_st_load_le16(data + 2 * i));
   case FBN_ST_F32: {
     uint32_t bits = fbn_st_load_le32(data + 4 * i);
     float f;

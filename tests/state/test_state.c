@@ -502,6 +502,112 @@ static void test_state_load_converts_dtypes(void **state) {
   free(blob);
 }
 
+/* A BN layer saved by PyTorch in half precision (model.half()): weight,
+ * bias, running_mean and running_var all F16 (or all BF16), an I64
+ * counter. Every value, subnormals, -0, the largest finite one, Inf and NaN
+ * included, widens exactly into both param dtypes and reads back as the
+ * same half pattern; saving the module writes its parameters in its param
+ * dtype (F32 here), which reloads to the same state. */
+static void test_state_load_half_model(void **state) {
+  (void)state;
+  fbnt_rng rng;
+  fbnt_rng_for_test(&rng, __func__);
+  static const char *names[2] = {"F16", "BF16"};
+  const fbn_dtype dtypes[2] = {FBN_DTYPE_FLOAT16, FBN_DTYPE_BFLOAT16};
+  for (int t = 0; t < 2; t++) {
+    const bool f16 = t == 0;
+    uint16_t v[4][C];
+    for (int k = 0; k < 4; k++)
+      for (int i = 0; i < C; i++) {
+        uint16_t h = (uint16_t)fbnt_rng_u32(&rng);
+        if ((h & 0x7fffu) >= (f16 ? 0x7c00u : 0x7f80u))
+          h &= 0xbfffu; /* finite; the specials come below */
+        v[k][i] = h;
+      }
+    v[0][0] = 0x0001;                  /* the smallest subnormal */
+    v[0][1] = 0x8000;                  /* -0 */
+    v[1][2] = f16 ? 0x7c00 : 0x7f80;   /* +Inf */
+    v[2][3] = f16 ? 0x7e00 : 0x7fc0;   /* a quiet NaN */
+    v[3][0] = f16 ? 0x7bff : 0x7f7f;   /* the largest finite value */
+    v[3][1] = f16 ? 0x03ff : 0x007f;   /* the largest subnormal */
+    unsigned char data[8 + 4 * 2 * C];
+    put_le(data, 777, 8); /* num_batches_tracked I64 first, as PyTorch aligns it */
+    for (int k = 0; k < 4; k++)
+      for (int i = 0; i < C; i++)
+        put_le(data + 8 + (size_t)(k * C + i) * 2, v[k][i], 2);
+    char header[1024];
+    snprintf(header, sizeof header,
+             "{\"__metadata__\":{\"format\":\"pt\"},"
+             "\"num_batches_tracked\":{\"dtype\":\"I64\",\"shape\":[],\"data_offsets\":[0,8]},"
+             "\"weight\":{\"dtype\":\"%s\",\"shape\":[%d],\"data_offsets\":[8,%d]},"
+             "\"bias\":{\"dtype\":\"%s\",\"shape\":[%d],\"data_offsets\":[%d,%d]},"
+             "\"running_mean\":{\"dtype\":\"%s\",\"shape\":[%d],\"data_offsets\":[%d,%d]},"
+             "\"running_var\":{\"dtype\":\"%s\",\"shape\":[%d],\"data_offsets\":[%d,%d]}}",
+             names[t], C, 8 + 2 * C, names[t], C, 8 + 2 * C, 8 + 4 * C, names[t], C, 8 + 4 * C,
+             8 + 6 * C, names[t], C, 8 + 6 * C, 8 + 8 * C);
+    size_t len;
+    unsigned char *blob = make_blob(header, data, sizeof data, &len);
+    for (int dt = 0; dt < 2; dt++) {
+      fbn_dtype pdt = dt ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
+      fbn_module *m = make_module(C, pdt, true, true);
+      fbn_status st = fbn_module_load_state_from_memory(m, blob, len, "");
+      if (st != FBN_STATUS_SUCCESS)
+        fail_msg("%s: load = %s: %s", names[t], fbn_status_string(st), fbn_last_error_message());
+      for (int k = 0; k < 4; k++) {
+        double got[C];
+        uint16_t back[C];
+        assert_int_equal(fbn_module_read_buffer(m, state_buffers[k], FBN_DTYPE_FLOAT64, got, C),
+                         FBN_STATUS_SUCCESS);
+        assert_int_equal(fbn_module_read_buffer(m, state_buffers[k], dtypes[t], back, C),
+                         FBN_STATUS_SUCCESS);
+        for (int i = 0; i < C; i++) {
+          double w = f16 ? fbnt_half_to_float(v[k][i]) : fbnt_bfloat16_to_float(v[k][i]);
+          if (memcmp(&got[i], &w, sizeof w) != 0)
+            fail_msg("%s into %s: buffer %d [%d] = 0x%04x: %a, want %a", names[t],
+                     fbnt_dtype_str(pdt), k, i, v[k][i], got[i], w);
+          assert_int_equal(back[i], v[k][i]);
+        }
+      }
+      int64_t nbt;
+      assert_int_equal(fbn_module_get_num_batches_tracked(m, &nbt), FBN_STATUS_SUCCESS);
+      assert_int_equal(nbt, 777);
+      /* saved in the param dtype; reloads to the same state */
+      const fbn_module *list[1] = {m};
+      void *saved = NULL;
+      size_t size = 0;
+      assert_int_equal(fbn_modules_save_state_to_memory(1, list, NULL, &saved, &size),
+                       FBN_STATUS_SUCCESS);
+      uint64_t hl = 0;
+      for (int b = 0; b < 8; b++)
+        hl |= (uint64_t)((const unsigned char *)saved)[b] << (8 * b);
+      char *text = calloc(1, (size_t)hl + 1);
+      assert_non_null(text);
+      memcpy(text, (const unsigned char *)saved + 8, (size_t)hl);
+      assert_non_null(strstr(text, dt ? "\"F64\"" : "\"F32\""));
+      assert_null(strstr(text, "F16"));
+      free(text);
+      fbn_module *again = make_module(C, pdt, true, true);
+      assert_int_equal(fbn_module_load_state_from_memory(again, saved, size, ""),
+                       FBN_STATUS_SUCCESS);
+      fbnt_state a, b;
+      fbnt_state_capture(m, &a);
+      fbnt_state_capture(again, &b);
+      bool same = true;
+      for (int k = 0; k < 4; k++)
+        same = same && memcmp(a.values[state_buffers[k]], b.values[state_buffers[k]],
+                              C * sizeof(double)) == 0;
+      assert_true(same);
+      assert_int_equal(a.num_batches_tracked, b.num_batches_tracked);
+      fbnt_state_free(&a);
+      fbnt_state_free(&b);
+      fbn_state_free(saved);
+      fbn_module_destroy(again);
+      fbn_module_destroy(m);
+    }
+    free(blob);
+  }
+}
+
 /* ---- fixtures written by PyTorch ---------------------------------------- */
 
 static void fixture_path(char *out, size_t size, const char *file) {
@@ -1194,6 +1300,7 @@ int main(int argc, char **argv) {
   ADD(test_state_roundtrip_cross_dtype);
   ADD(test_state_roundtrip_network);
   ADD(test_state_load_converts_dtypes);
+  ADD(test_state_load_half_model);
   ADD(test_state_fixtures_load_exact);
   ADD(test_state_fixtures_eval_forward_matches_torch);
   ADD(test_state_fixtures_config_mismatch);
