@@ -36,8 +36,24 @@ FBN_FAST_INLINE void fbn_fast_stream_f64(double *restrict dst, const double *res
   for (; i < n; i++)
     dst[i] = src[i];
 }
+/* The same for 16-bit elements (half tensors). */
+FBN_FAST_INLINE void fbn_fast_stream_u16(uint16_t *restrict dst, const uint16_t *restrict src,
+                                         int64_t n) {
+  int64_t i = 0;
+  for (; i < n && ((uintptr_t)(dst + i) & 15) != 0; i++)
+    dst[i] = src[i];
+  for (; i + 8 <= n; i += 8)
+    _mm_stream_si128((__m128i *)(void *)(dst + i),
+                     _mm_loadu_si128((const __m128i *)(const void *)(src + i)));
+  for (; i < n; i++)
+    dst[i] = src[i];
+}
 FBN_FAST_INLINE void fbn_fast_stream_fence(void) { _mm_sfence(); }
 #else
+FBN_FAST_INLINE void fbn_fast_stream_u16(uint16_t *restrict dst, const uint16_t *restrict src,
+                                         int64_t n) {
+  memcpy(dst, src, (size_t)n * sizeof *dst);
+}
 FBN_FAST_INLINE void fbn_fast_stream_f32(float *restrict dst, const float *restrict src,
                                          int64_t n) {
   memcpy(dst, src, (size_t)n * sizeof *dst);

@@ -11,7 +11,9 @@
  * L1-resident float32 buffers by the process's conversion runs
  * (src/cpu/half: portable, F16C + AVX2 or AVX-512, chosen once); the
  * float32 block function of the same job runs on those buffers, and its
- * float32 outputs are rounded once into the half tensor. The tensors are
+ * float32 outputs are rounded once into the half tensor (outputs larger
+ * than the caches: into an L1 tile copied out with non-temporal stores,
+ * as the float32 loops stream theirs). The tensors are
  * read and written as half values only: 2 bytes per element per pass, no
  * widened copy of a tensor.
  *
@@ -51,6 +53,19 @@
 #else
 #define FBN_ANALYZER_INIT(a) ((void)0)
 #endif
+
+/* dst[0..n) <- src[0..n) rounded; stream: through the L1 tile ht and
+ * non-temporal stores (outputs larger than the caches: no read for
+ * ownership of their lines; fbn_fast_stream_fence after the block). */
+static inline void FBN_K(half_out)(fbn_half_narrow_fn narrow, const float *src, FBN_T *dst,
+                                   int64_t n, bool stream, FBN_T *ht) {
+  if (!stream) {
+    narrow(src, dst, n);
+    return;
+  }
+  narrow(src, ht, n);
+  fbn_fast_stream_u16(dst, ht, n);
+}
 
 /* This type's widening and narrowing runs. */
 static inline fbn_half_widen_fn FBN_K(half_widen)(void) {
@@ -108,12 +123,11 @@ static void FBN_K(stats_blocks)(const FBN_T *x, int64_t nblocks, int64_t stride,
 
 /* ---- forward ------------------------------------------------------------ */
 
-/* norm_block for half tensors (same arguments; coefficients in float32;
- * stream: outputs go through the rounding either way). */
+/* norm_block for half tensors (same arguments; coefficients in float32). */
 static void FBN_K(norm_block)(bool relu, const FBN_T *x, const FBN_T *z, FBN_T *y, int64_t rows,
                               int64_t len, bool per_row, const float *m, const float *a,
                               const float *b, uint8_t *bits, int64_t bpr, bool stream) {
-  (void)stream;
+  FBN_T ht[FBN_HALF_CHUNK] __attribute__((aligned(64)));
   float xt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
   float zt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
   float yt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
@@ -130,13 +144,15 @@ static void FBN_K(norm_block)(bool relu, const FBN_T *x, const FBN_T *z, FBN_T *
     const int64_t r = per_row ? ck.row : ck.off;
     norm_block_f32(relu, xt, z != NULL ? zt : NULL, yt, FBN_K(half_rows)(&ck),
                    FBN_K(half_len)(&ck, len), per_row, m + r, a + r, b + r, NULL, 0, false);
-    narrow(yt, y + ck.off, ck.n);
+    FBN_K(half_out)(narrow, yt, y + ck.off, ck.n, stream, ht);
     if (relu && bits != NULL) {
       /* the mask of the rounded y */
-      widen(y + ck.off, yt, ck.n);
+      widen(stream ? ht : y + ck.off, yt, ck.n);
       mask_pack_f32(yt, &ck, len, bits, bpr);
     }
   }
+  if (stream)
+    fbn_fast_stream_fence();
 }
 
 /* ---- backward ----------------------------------------------------------- */
@@ -147,7 +163,7 @@ static void FBN_K(bwd_reduce_block)(bool relu, const FBN_T *x, const FBN_T *y,
                                     FBN_T *gout, int64_t rows, int64_t len, bool per_row,
                                     const double *mean, double (*acc)[2], double *sg,
                                     double *sgx, bool stream) {
-  (void)stream;
+  FBN_T ht[FBN_HALF_CHUNK] __attribute__((aligned(64)));
   float xt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
   float yt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
   float dyt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
@@ -175,8 +191,10 @@ static void FBN_K(bwd_reduce_block)(bool relu, const FBN_T *x, const FBN_T *y,
                            gout != NULL ? gt : NULL, nr, nl, false, mean + ck.off, NULL,
                            sg + ck.off, sgx + ck.off, false);
     if (gout != NULL)
-      narrow(gt, gout + ck.off, ck.n);
+      FBN_K(half_out)(narrow, gt, gout + ck.off, ck.n, stream, ht);
   }
+  if (gout != NULL && stream)
+    fbn_fast_stream_fence();
 }
 
 /* bwd_apply_block for half tensors. */
@@ -185,7 +203,7 @@ static void FBN_K(bwd_apply_block)(const FBN_T *x, const FBN_T *y, const uint8_t
                                    int64_t rows, int64_t len, bool full, bool g_given,
                                    bool per_row, const float *m, const float *k, const float *c1,
                                    const float *c0, bool stream) {
-  (void)stream;
+  FBN_T ht[FBN_HALF_CHUNK] __attribute__((aligned(64)));
   float xt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
   float yt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
   float dyt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
@@ -212,10 +230,12 @@ static void FBN_K(bwd_apply_block)(const FBN_T *x, const FBN_T *y, const uint8_t
                         FBN_K(half_rows)(&ck), FBN_K(half_len)(&ck, len), full, g_given, per_row,
                         m + r, k + r, c1 + r, c0 + r, false);
     if (dx != NULL)
-      narrow(dxt, dx + ck.off, ck.n);
+      FBN_K(half_out)(narrow, dxt, dx + ck.off, ck.n, stream, ht);
     if (dz != NULL)
-      narrow(dzt, dz + ck.off, ck.n);
+      FBN_K(half_out)(narrow, dzt, dz + ck.off, ck.n, stream, ht);
   }
+  if (stream)
+    fbn_fast_stream_fence();
 }
 
 /* ---- per-channel coefficients: the float32 loops' ----------------------- */
