@@ -60,11 +60,9 @@ static size_t grad_partials_bytes(const fbn_tensor_desc *d) {
   return (size_t)slices * (size_t)d->c * 2 * sizeof(double);
 }
 
-/* The slices of the statistics record's moments (fbn_ks_moment_slices). */
-static size_t moment_partials_bytes(const fbn_tensor_desc *d) {
-  const int slices = fbn_bn_reduce_slices(values_per_channel(d), d->c);
-  return (size_t)slices * (size_t)d->c * 2 * sizeof(double);
-}
+/* The slices of the statistics record's moments (fbn_ks_moment_slices):
+ * those of the gradient reduction. */
+static size_t moment_partials_bytes(const fbn_tensor_desc *d) { return grad_partials_bytes(d); }
 
 fbn_cuda_sync_ws_parts fbn_cuda_sync_ws_layout(const fbn_tensor_desc *d, int world_size) {
   fbn_cuda_sync_ws_parts p;

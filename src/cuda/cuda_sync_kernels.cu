@@ -40,10 +40,10 @@ __device__ void block_sum2(double &a, double &b) {
   b = sb[0];
 }
 
-// Block (kThreads) per (channel, slice): sums of d and d^2, d = x -
+// NCHW: block (kThreads) per (channel, slice): sums of d and d^2, d = x -
 // center[c] (center NULL: 0), over the slice's values in (n, hw) order.
 template <typename T>
-__global__ void moments_kernel(const T *x, int64_t C, int64_t hw, int64_t M, int64_t len, int nhwc,
+__global__ void moments_kernel(const T *x, int64_t C, int64_t hw, int64_t M, int64_t len,
                                const double *center, double *partials) {
   const int64_t c = blockIdx.x, sl = blockIdx.y;
   const int64_t lo = sl * len, hi = lo + len < M ? lo + len : M;
@@ -51,7 +51,7 @@ __global__ void moments_kernel(const T *x, int64_t C, int64_t hw, int64_t M, int
   double a = 0.0, b = 0.0;
   for (int64_t m = lo + threadIdx.x; m < hi; m += kThreads) {
     const int64_t n = m / hw, sp = m - n * hw;
-    const int64_t i = nhwc ? m * C + c : (n * C + c) * hw + sp;
+    const int64_t i = (n * C + c) * hw + sp;
     const double d = to_double(x[i]) - ctr;
     a += d;
     b += d * d;
@@ -61,6 +61,38 @@ __global__ void moments_kernel(const T *x, int64_t C, int64_t hw, int64_t M, int
     partials[((size_t)sl * C + c) * 2] = a;
     partials[((size_t)sl * C + c) * 2 + 1] = b;
   }
+}
+
+// NHWC: block (32 channels x 8 rows) per (channel group, slice): lane x
+// takes channel 32 * blockIdx.x + x (consecutive channels: coalesced rows),
+// row y the slice's rows y, y + 8, ...; the 8 row sums of a channel are
+// added in row order.
+template <typename T>
+__global__ void moments_nhwc_kernel(const T *x, int64_t C, int64_t M, int64_t len,
+                                    const double *center, double *partials) {
+  __shared__ double sa[8][33], sb[8][33];
+  const int64_t c = (int64_t)blockIdx.x * 32 + threadIdx.x, sl = blockIdx.y;
+  const int64_t lo = sl * len, hi = lo + len < M ? lo + len : M;
+  double a = 0.0, b = 0.0;
+  if (c < C) {
+    const double ctr = center != nullptr ? center[c] : 0.0;
+    for (int64_t m = lo + threadIdx.y; m < hi; m += 8) {
+      const double d = to_double(x[m * C + c]) - ctr;
+      a += d;
+      b += d * d;
+    }
+  }
+  sa[threadIdx.y][threadIdx.x] = a;
+  sb[threadIdx.y][threadIdx.x] = b;
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= C)
+    return;
+  for (int k = 1; k < 8; k++) {
+    a += sa[k][threadIdx.x];
+    b += sb[k][threadIdx.x];
+  }
+  partials[((size_t)sl * C + c) * 2] = a;
+  partials[((size_t)sl * C + c) * 2 + 1] = b;
 }
 
 // Pass 1: mean[c] = sum / count into the record's mean slot.  Pass 2:
@@ -242,6 +274,8 @@ unsigned channel_blocks(int64_t C) { return (unsigned)((C + kThreads - 1) / kThr
 } // namespace
 
 extern "C" int fbn_ks_moment_slices(const fbn_k_shape *s) {
+  if (s->nhwc)
+    return fbn_bn_reduce_slices_target(s->n * s->hw, (s->c + 31) / 32, FBN_BN_NHWC_SLICE_ROWS);
   return fbn_bn_reduce_slices(s->n * s->hw, s->c);
 }
 
@@ -263,13 +297,19 @@ extern "C" cudaError_t fbn_ks_record(const fbn_k_shape *s, const void *x, fbn_cs
   const double *mean = (const double *)(const void *)(rec + FBN_CS_HEADER_BYTES);
   return dispatch_dtype(s->dtype, [&](auto tag) {
     typedef decltype(tag) T;
-    const dim3 grid((unsigned)C, (unsigned)slices);
-    moments_kernel<T><<<grid, kThreads, 0, stream>>>((const T *)x, C, s->hw, M, len, s->nhwc,
-                                                     nullptr, partials);
-    record_finish_kernel<<<cblocks, kThreads, 0, stream>>>(C, M, partials, slices, 1, header,
-                                                           rec);
-    moments_kernel<T><<<grid, kThreads, 0, stream>>>((const T *)x, C, s->hw, M, len, s->nhwc,
-                                                     mean, partials);
+    const T *xt = (const T *)x;
+    for (int pass = 1; pass <= 2; pass++) {
+      const double *center = pass == 1 ? nullptr : mean;
+      if (s->nhwc)
+        moments_nhwc_kernel<T><<<dim3((unsigned)((C + 31) / 32), (unsigned)slices), dim3(32, 8), 0,
+                                 stream>>>(xt, C, M, len, center, partials);
+      else
+        moments_kernel<T><<<dim3((unsigned)C, (unsigned)slices), kThreads, 0, stream>>>(
+            xt, C, s->hw, M, len, center, partials);
+      if (pass == 1)
+        record_finish_kernel<<<cblocks, kThreads, 0, stream>>>(C, M, partials, slices, 1, header,
+                                                               rec);
+    }
     record_finish_kernel<<<cblocks, kThreads, 0, stream>>>(C, M, partials, slices, 2, header,
                                                            rec);
     return cudaGetLastError();
