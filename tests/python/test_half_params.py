@@ -2,9 +2,9 @@
 and running statistics run as float32 copies (the library's per-channel dtype
 for float32 and narrower x), weight/bias gradients reach .grad in the
 module's dtype through autograd and the updated running statistics are
-written back rounded to it.  On the CPU x must stay float32 (the CPU backends
-have no float16 x: test_errors.py pins that refusal), so these tests give the
-.half() module float32 input; on a GPU test_cuda.py runs float16 x as well.
+written back rounded to it.  These tests give the .half() module float32
+input; test_half_dtypes.py gives it x of its own dtype on the CPU, and on a
+GPU test_cuda.py runs float16 x as well.
 
 Against torch.nn.BatchNorm2d in float64 holding the same (rounded)
 parameters: y, dx and daddend to float32's tolerance, gradients and running

@@ -57,9 +57,9 @@ class FusedBatchNorm2d(_FusedBatchNorm):
     FusedBatchNorm2d(num_features, eps=1e-05, momentum=0.1, affine=True,
     track_running_stats=True): the arguments, buffers and parameters of
     torch.nn.BatchNorm2d (momentum=None: the cumulative average).
-    forward(x, addend=None): x is a 4-D (N, C, H, W) float32 or float64 tensor
-    (and any other dtype the library's backend for x's device accepts, such
-    as float16 on CUDA: others raise fusedbn.UnsupportedError), contiguous
+    forward(x, addend=None): x is a 4-D (N, C, H, W) float32, float64,
+    float16 or bfloat16 tensor (CPU and CUDA; float32 parameters and
+    statistics for the half dtypes, y rounded once to x's dtype), contiguous
     NCHW or channels_last (other strides are copied into the nearer of the
     two); addend None gives ReLU(BN(x)), otherwise addend must have x's
     shape, dtype and device.  After .half() or .bfloat16() the parameters
