@@ -21,7 +21,10 @@
  *              FBN_STATUS_INVALID_SHAPE in the status block
  *   errors     a failing allgather callback: its status and text returned,
  *              nothing written; host memory: FBN_STATUS_INVALID_VALUE; a
- *              small workspace: FBN_STATUS_INSUFFICIENT_WORKSPACE
+ *              small workspace: FBN_STATUS_INSUFFICIENT_WORKSPACE; every
+ *              argument check of the forward and backward (communicator,
+ *              shard, addend, running statistics, factor, sizes, saved,
+ *              param_grad, scope): its status and message, nothing written
  *   nccl       (with libfusedbn_nccl) one rank through ncclCommInitAll on
  *              device 0 against the oracle, and against the single-process
  *              CUDA op (fbn_cuda_op_forward/backward); forward and backward
@@ -714,6 +717,112 @@ static void test_bad_memory(void **state) {
   fbn_op_destroy(op);
 }
 
+/* Bad arguments of the forward and backward: the status, the message naming
+ * the call and the value, y / dx / running statistics untouched. */
+static void test_argument_checks(void **state) {
+  (void)state;
+  REQUIRE_GPU();
+  fbn_op *op = cuda_op(FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW, FBN_OPERATION_BN_RELU, true, 4);
+  assert_non_null(op);
+  const fbn_tensor_desc td = fbn_tensor_desc_make(2, 4, 3, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW);
+  size_t sb = 0, wb = 0;
+  assert_int_equal(fbn_cuda_sync_saved_size(op, &td, &sb), FBN_STATUS_SUCCESS);
+  assert_int_equal(fbn_cuda_sync_workspace_size(op, &td, 1, &wb), FBN_STATUS_SUCCESS);
+  gworld g;
+  memset(&g, 0, sizeof g);
+  g.world = 1;
+  pthread_barrier_init(&g.barrier, NULL, 1);
+  grank ctx = {&g, 0};
+  const fbn_cuda_sync_comm good = {1, 0, &ctx, g_allgather, g_allreduce};
+  fbn_cuda_sync_comm bad_w = good, bad_rank = good, no_gather = good, no_reduce = good;
+  bad_w.world_size = 0;
+  bad_rank.rank = 1;
+  no_gather.allgather = NULL;
+  no_reduce.allreduce_sum = NULL;
+  void *x = dev_alloc(72 * 4), *y = dev_alloc(72 * 4), *dy = dev_alloc(72 * 4);
+  void *dx = dev_alloc(72 * 4), *w = dev_alloc(16), *b = dev_alloc(16);
+  void *rm = dev_alloc(16), *rv = dev_alloc(16), *saved = dev_alloc(sb), *ws = dev_alloc(wb);
+  const fbn_tensor_desc neg = fbn_tensor_desc_make(-1, 4, 3, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW);
+  const fbn_tensor_desc other_c =
+      fbn_tensor_desc_make(2, 5, 3, 3, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW);
+  const fbn_tensor_desc other_dt =
+      fbn_tensor_desc_make(2, 4, 3, 3, FBN_DTYPE_FLOAT64, FBN_LAYOUT_NCHW);
+  struct fwd_case {
+    const fbn_cuda_sync_comm *comm;
+    const fbn_tensor_desc *td;
+    const void *z;
+    void *rm, *rv;
+    double factor;
+    size_t saved_bytes;
+    fbn_status want;
+    const char *text;
+  } fwd[] = {
+      {NULL, &td, NULL, rm, rv, 0.1, sb, FBN_STATUS_NULL_POINTER, "comm is NULL"},
+      {&bad_w, &td, NULL, rm, rv, 0.1, sb, FBN_STATUS_INVALID_VALUE, "comm->world_size = 0"},
+      {&bad_rank, &td, NULL, rm, rv, 0.1, sb, FBN_STATUS_INVALID_VALUE, "comm->rank = 1"},
+      {&no_gather, &td, NULL, rm, rv, 0.1, sb, FBN_STATUS_NULL_POINTER, "comm->allgather"},
+      {&no_reduce, &td, NULL, rm, rv, 0.1, sb, FBN_STATUS_NULL_POINTER, "comm->allreduce_sum"},
+      {&good, NULL, NULL, rm, rv, 0.1, sb, FBN_STATUS_NULL_POINTER, "x_desc is NULL"},
+      {&good, &neg, NULL, rm, rv, 0.1, sb, FBN_STATUS_INVALID_SHAPE, "N = -1"},
+      {&good, &other_c, NULL, rm, rv, 0.1, sb, FBN_STATUS_SHAPE_MISMATCH, "num_features"},
+      {&good, &other_dt, NULL, rm, rv, 0.1, sb, FBN_STATUS_SHAPE_MISMATCH, "dtype = float64"},
+      {&good, &td, dy, rm, rv, 0.1, sb, FBN_STATUS_INVALID_VALUE, "takes no addend"},
+      {&good, &td, NULL, rm, NULL, 0.1, sb, FBN_STATUS_INVALID_VALUE, "give both"},
+      {&good, &td, NULL, rm, rv, 1.5, sb, FBN_STATUS_INVALID_VALUE, "factor = 1.5"},
+      {&good, &td, NULL, rm, rv, 0.1, sb - 1, FBN_STATUS_INSUFFICIENT_WORKSPACE, "saved_bytes"},
+  };
+  const float poison_rm = 3.5f;
+  float host_p[4] = {poison_rm, poison_rm, poison_rm, poison_rm};
+  CUDA_OK(cudaMemcpy(rm, host_p, 16, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(rv, host_p, 16, cudaMemcpyHostToDevice));
+  for (size_t i = 0; i < sizeof fwd / sizeof fwd[0]; i++) {
+    const struct fwd_case *k = &fwd[i];
+    const fbn_status st = fbn_cuda_sync_forward(op, NULL, k->comm, k->td, x, k->z, y, w, b, k->rm,
+                                                k->rv, k->factor, saved, k->saved_bytes, ws, wb);
+    if (st != k->want || strstr(fbn_last_error_message(), k->text) == NULL ||
+        strstr(fbn_last_error_message(), "fbn_cuda_sync_forward: ") == NULL)
+      fail_msg("forward case %zu: %s, \"%s\" (wanted %s, \"%s\")", i, fbn_status_string(st),
+               fbn_last_error_message(), fbn_status_string(k->want), k->text);
+  }
+  assert_true(all_nan(y, 72, FBN_DTYPE_FLOAT32));
+  assert_true(equal_bytes(rm, host_p, 16) && equal_bytes(rv, host_p, 16));
+  struct bwd_case {
+    const void *saved;
+    void *daddend;
+    int param_grad, scope;
+    fbn_status want;
+    const char *text;
+  } bwd[] = {
+      {NULL, NULL, FBN_PARAM_GRAD_OVERWRITE, FBN_SYNC_GRAD_LOCAL, FBN_STATUS_NULL_POINTER,
+       "saved is NULL"},
+      {saved, dy, FBN_PARAM_GRAD_OVERWRITE, FBN_SYNC_GRAD_LOCAL, FBN_STATUS_INVALID_VALUE,
+       "has no addend"},
+      {saved, NULL, 7, FBN_SYNC_GRAD_LOCAL, FBN_STATUS_INVALID_VALUE, "param_grad = 7"},
+      {saved, NULL, FBN_PARAM_GRAD_OVERWRITE, 9, FBN_STATUS_INVALID_VALUE, "scope = 9"},
+  };
+  for (size_t i = 0; i < sizeof bwd / sizeof bwd[0]; i++) {
+    const struct bwd_case *k = &bwd[i];
+    const fbn_status st = fbn_cuda_sync_backward(
+        op, NULL, &good, &td, x, y, dy, k->saved, sb, w, b, dx, k->daddend, NULL, NULL,
+        (fbn_param_grad)k->param_grad, (fbn_sync_grad_scope)k->scope, ws, wb);
+    if (st != k->want || strstr(fbn_last_error_message(), k->text) == NULL ||
+        strstr(fbn_last_error_message(), "fbn_cuda_sync_backward: ") == NULL)
+      fail_msg("backward case %zu: %s, \"%s\" (wanted %s, \"%s\")", i, fbn_status_string(st),
+               fbn_last_error_message(), fbn_status_string(k->want), k->text);
+  }
+  assert_true(all_nan(dx, 72, FBN_DTYPE_FLOAT32));
+  size_t bytes = 77;
+  assert_int_equal(fbn_cuda_sync_workspace_size(op, &td, 0, &bytes), FBN_STATUS_INVALID_VALUE);
+  assert_non_null(strstr(fbn_last_error_message(), "world_size = 0"));
+  assert_int_equal(fbn_cuda_sync_saved_size(op, &td, NULL), FBN_STATUS_NULL_POINTER);
+  assert_int_equal(bytes, 77);
+  void *bufs[] = {x, y, dy, dx, w, b, rm, rv, saved, ws};
+  for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+    cudaFree(bufs[i]);
+  pthread_barrier_destroy(&g.barrier);
+  fbn_op_destroy(op);
+}
+
 /* ---- NCCL: one rank ------------------------------------------------------- */
 
 #ifdef FBN_TEST_NCCL
@@ -906,6 +1015,7 @@ int main(void) {
     cmocka_unit_test(test_total_count_one),
     cmocka_unit_test(test_failing_allgather),
     cmocka_unit_test(test_bad_memory),
+    cmocka_unit_test(test_argument_checks),
 #ifdef FBN_TEST_NCCL
     cmocka_unit_test(test_nccl_one_rank),
     cmocka_unit_test(test_nccl_against_cuda_op),
