@@ -376,17 +376,10 @@ static fbn_status fast_backward(const fbn_bk_backward_args *a) {
   return FBN_STATUS_SUCCESS;
 }
 
-/* Every dtype: float32, float64, float16 and bfloat16 tensors. No state. */
-static fbn_status fast_op_init(const fbn_op_desc *op, void **state) {
-  (void)op;
-  *state = NULL;
-  return FBN_STATUS_SUCCESS;
-}
-
 static const fbn_backend fast_backend = {
     .name = "cpu-fast",
     .device = FBN_DEVICE_CPU,
-    .op_init = fast_op_init,
+    .op_init = fbn_cpu_op_init, /* every dtype */
     .op_fini = fbn_cpu_op_fini,
     .check_shape = NULL,
     .saved_size = fast_saved_size,
