@@ -4,10 +4,10 @@
  * (cmocka skip, exit status 77) when no CUDA device is usable.
  *
  * Oracle: a CPU op of the float64 reference backend (FBN_CPU_BACKEND=
- * reference) with the same description. float16/bfloat16 data is generated
- * in its dtype and handed to the CPU op as the exactly equal float32
- * values. Backward gives the CPU op the GPU's y, so both use the same ReLU
- * gate even where a value sits on the kink.
+ * reference) with the same description, float16/bfloat16 tensors
+ * included (the reference computes in float64 and rounds each output once
+ * to the tensor's dtype). Backward gives the CPU op the GPU's y, so both use
+ * the same ReLU gate even where a value sits on the kink.
  *
  *   matrix    BN, BN + ReLU, BN + add + ReLU x float32/float64/float16/
  *             bfloat16 x NCHW/NHWC x (batch statistics updating the running
@@ -211,7 +211,7 @@ static fbn_op_desc ocase_desc(const ocase *o, bool gpu) {
   fbn_op_desc d;
   fbn_op_desc_init(&d);
   d.num_features = o->c;
-  d.dtype = gpu || o->dtype == FBN_DTYPE_FLOAT64 ? o->dtype : FBN_DTYPE_FLOAT32;
+  d.dtype = o->dtype;
   d.param_dtype = o->dtype == FBN_DTYPE_FLOAT64 ? FBN_DTYPE_FLOAT64 : FBN_DTYPE_FLOAT32;
   d.layout = o->layout;
   d.device = gpu ? FBN_DEVICE_CUDA : FBN_DEVICE_CPU;
