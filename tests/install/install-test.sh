@@ -259,7 +259,7 @@ run_mpi_client() {
   # (no rsh agent), shared memory, waiting ranks yielding their core; its
   # own allocations kept until exit are no leaks of ours (the sync suite's
   # mpirun tests do the same).
-  LD_LIBRARY_PATH=$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} OMPI_MCA_plm_rsh_agent= \
+  LD_LIBRARY_PATH=$libdir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} OMPI_MCA_plm_rsh_agent='' \
     OMPI_MCA_btl=self,vader OMPI_MCA_mpi_yield_when_idle=1 OMP_NUM_THREADS=1 \
     ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0 \
     "$FBN_MPIRUN" --allow-run-as-root --oversubscribe -np 2 "$1" ||
