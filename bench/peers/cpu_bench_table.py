@@ -388,7 +388,8 @@ def main_half(args):
     if args.load:
         g.append("Load average during the run: %s  " % args.load)
     shape_re = re.compile(r"\(\d+,\d+,\d+,\d+\)")
-    versions = sorted({n for r in rounds for n in r[3]
+    busy_re = re.compile(r"; BUSY: load average [0-9.]+")  # the load has its own line
+    versions = sorted({busy_re.sub("", n) for r in rounds for n in r[3]
                        if n.startswith(("pytorch", "fbn-peers-bench"))
                        and not n.startswith("pytorch-unsupported") and not shape_re.search(n)})
     for v in versions:
