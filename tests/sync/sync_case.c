@@ -12,18 +12,26 @@
 #include "fusedbn/fusedbn_mpi.h"
 #endif
 
-double sync_load(const void *p, fbn_dtype dtype, size_t i) {
-  return dtype == FBN_DTYPE_FLOAT64 ? ((const double *)p)[i] : (double)((const float *)p)[i];
-}
+double sync_load(const void *p, fbn_dtype dtype, size_t i) { return fbnt_load(dtype, p, i); }
 
+/* Rounded once to dtype (float16/bfloat16 with the library's rule). */
 static void sync_store(void *p, fbn_dtype dtype, size_t i, double v) {
-  if (dtype == FBN_DTYPE_FLOAT64)
-    ((double *)p)[i] = v;
-  else
-    ((float *)p)[i] = (float)v;
+  fbnt_store(dtype, p, i, v);
 }
 
-double sync_tolerance(fbn_dtype dtype) { return dtype == FBN_DTYPE_FLOAT64 ? 1e-12 : 2e-5; }
+double sync_tolerance(fbn_dtype dtype) {
+  switch (dtype) {
+  case FBN_DTYPE_FLOAT64:
+    return 1e-12;
+  case FBN_DTYPE_FLOAT16:
+    return 2e-3; /* four units of float16's rounding */
+  case FBN_DTYPE_BFLOAT16:
+    return 1.6e-2;
+  case FBN_DTYPE_FLOAT32:
+  default:
+    return 2e-5;
+  }
+}
 
 static void *alloc64(size_t bytes) {
   const size_t rounded = (bytes + 63) / 64 * 64;
@@ -33,7 +41,7 @@ static void *alloc64(size_t bytes) {
   return p;
 }
 
-static void poison(void *p, size_t bytes) { memset(p, 0xff, bytes); /* NaN in both dtypes */ }
+static void poison(void *p, size_t bytes) { memset(p, 0xff, bytes); /* NaN in every dtype */ }
 
 fbn_op *sync_case_op(const sync_case *k, const char *backend, int64_t c) {
   setenv("FBN_CPU_BACKEND", backend, 1);

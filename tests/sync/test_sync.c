@@ -121,7 +121,7 @@ static const char *case_name(const sync_case *k, const char *backend) {
     snprintf(shards + strlen(shards), sizeof shards - strlen(shards), "%s%lld", r ? "," : "",
              (long long)k->shard_n[r]);
   snprintf(name, sizeof name, "%s %s %s %s affine=%d %s shards=(%s) C=%lld HxW=%lldx%lld %s",
-           backend, k->dtype == FBN_DTYPE_FLOAT64 ? "float64" : "float32",
+           backend, fbnt_dtype_str(k->dtype),
            k->layout == FBN_LAYOUT_NCHW ? "NCHW" : "NHWC", fbn_operation_name(k->operation),
            k->affine, k->cumulative ? "cumulative" : "momentum=0.1", shards, (long long)k->c,
            (long long)k->h, (long long)k->w,
@@ -266,6 +266,41 @@ static void test_sync_one_rank_equals_plain_op(void **state) {
           const char *backend = be == 0 ? "reference" : "fast";
           k.seed = case_seed(case_name(&k, backend));
           run_case(&k, backend);
+        }
+}
+
+/* float16/bfloat16 tensors (float32 parameters) on both CPU backends: W
+ * ranks against the plain op on the whole batch within four units of the
+ * dtype's rounding, and one rank on the reference backend value for value
+ * (the same float64 arithmetic, each output rounded once). */
+static void test_sync_half_tensors(void **state) {
+  (void)state;
+  const fbn_dtype halves[2] = {FBN_DTYPE_FLOAT16, FBN_DTYPE_BFLOAT16};
+  const char *backends[] = {"reference", "fast"};
+  for (int dt = 0; dt < 2; dt++)
+    for (int lay = 0; lay < 2; lay++)
+      for (int opn = 0; opn < 3; opn++)
+        for (int be = 0; be < 2; be++) {
+          sync_case k = {.dtype = halves[dt],
+                         .layout = lay ? FBN_LAYOUT_NHWC : FBN_LAYOUT_NCHW,
+                         .operation = (fbn_operation)opn,
+                         .affine = true,
+                         .world = 3,
+                         .shard_n = {1, 5, 2},
+                         .c = 5,
+                         .h = 3,
+                         .w = 4,
+                         .steps = 2,
+                         .scope = (opn + be) % 2 ? FBN_SYNC_GRAD_GLOBAL : FBN_SYNC_GRAD_LOCAL};
+          k.seed = case_seed(case_name(&k, backends[be]));
+          run_case(&k, backends[be]);
+          sync_case one = k;
+          one.world = 1;
+          one.shard_n[0] = 6;
+          one.scope = FBN_SYNC_GRAD_GLOBAL;
+          one.exact = be == 0;
+          one.seed = case_seed(case_name(&one, backends[be]));
+          run_case(&one, backends[be]);
         }
 }
 
@@ -753,6 +788,7 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_sync_matches_whole_batch),
       cmocka_unit_test(test_sync_matches_whole_batch_larger),
       cmocka_unit_test(test_sync_one_rank_equals_plain_op),
+      cmocka_unit_test(test_sync_half_tensors),
       cmocka_unit_test(test_sync_split_phases_sequential),
       cmocka_unit_test(test_sync_disagreeing_channels),
       cmocka_unit_test(test_sync_disagreeing_dtype),
