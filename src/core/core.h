@@ -2,8 +2,8 @@
  * Core layer: what every other layer of fusedbn uses and which uses nothing
  * above it: the thread-local error message (status.c), names and sizes of
  * dtypes, layouts and operations, tensor-description validation with its
- * overflow checks (desc.c), and the per-channel formulas (bn_formulas.h).
- * Never installed.
+ * overflow checks (desc.c), the per-channel formulas (bn_formulas.h) and
+ * the float16/bfloat16 conversions (half.h). Never installed.
  *
  *   core (src/core/)  <-  backends (src/cpu/, src/cuda/)  <-  API layer
  *   (src/api/: op API, module API, CUDA interop entry points, backend
