@@ -73,6 +73,7 @@
  *   fast_avx2.h        the AVX2 intrinsics loops
  *   fast_loops_impl.h  masks, statistics, normalize and backward loops (per dtype)
  *   fast_half_impl.h   the block functions for float16 / bfloat16 tensors
+ *   fast_half_avx2.h   their AVX2 + F16C loops that convert in registers
  *   fast_nchw_impl.h   NCHW drivers (per dtype)
  *   fast_nhwc_impl.h   NHWC drivers (per dtype)
  *   fast_pipe.h        the pipelined NCHW path (float32)

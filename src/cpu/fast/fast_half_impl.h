@@ -15,7 +15,11 @@
  * than the caches: into an L1 tile copied out with non-temporal stores,
  * as the float32 loops stream theirs). The tensors are
  * read and written as half values only: 2 bytes per element per pass, no
- * widened copy of a tensor.
+ * widened copy of a tensor. Where the conversion path is a vector one
+ * (avx2, avx512), the statistics and the forward normalization take the
+ * loops of fast_half_avx2.h instead, which widen and round in registers
+ * (one sweep, no staging buffers) with the same arithmetic in the same
+ * order: their results are those of the staged loops, bit for bit.
  *
  * Numerics:
  *   statistics   float64 sums of the widened values shifted by a value of
@@ -40,6 +44,8 @@
 #ifndef FBN_T
 #error "define FBN_T, FBN_SFX and FBN_HALF_BF16 before including fast_half_impl.h"
 #endif
+
+#include "cpu/fast/fast_half_avx2.h"
 
 #define FBN_C float
 #define FBN_CAT2(a, b) a##_##b
@@ -98,6 +104,15 @@ static void FBN_K(stats_rows)(const FBN_T *x, int64_t rows, int64_t len, const d
   const fbn_half_widen_fn widen = FBN_K(half_widen)();
   fbn_fast_chunk ck;
   fbn_fast_chunk_start(&ck, rows, len, FBN_HALF_CHUNK);
+#if FBN_FAST_HALF_AVX2
+  if (fbn_fast_half_vec()) {
+    /* the same chunks, widened in registers (the same sums) */
+    while (fbn_fast_chunk_next(&ck))
+      fbn_fast_half_stats_rows_avx2(FBN_HALF_BF16, x + ck.off, FBN_K(half_rows)(&ck),
+                                    FBN_K(half_len)(&ck, len), k + ck.row, acc + ck.row);
+    return;
+  }
+#endif
   while (fbn_fast_chunk_next(&ck)) {
     widen(x + ck.off, xt, ck.n);
     stats_rows_f32(xt, FBN_K(half_rows)(&ck), FBN_K(half_len)(&ck, len), k + ck.row,
@@ -108,6 +123,12 @@ static void FBN_K(stats_rows)(const FBN_T *x, int64_t rows, int64_t len, const d
 /* stats_blocks_f32 on the widened blocks, four blocks' pieces at a time. */
 static void FBN_K(stats_blocks)(const FBN_T *x, int64_t nblocks, int64_t stride, int64_t n,
                                 const double *k, double *s1, double *s2) {
+#if FBN_FAST_HALF_AVX2
+  if (fbn_fast_half_vec()) {
+    fbn_fast_half_stats_blocks_avx2(FBN_HALF_BF16, x, nblocks, stride, n, k, s1, s2);
+    return;
+  }
+#endif
   float xt[4][FBN_HALF_CHUNK] __attribute__((aligned(64)));
   const fbn_half_widen_fn widen = FBN_K(half_widen)();
   for (int64_t j = 0; j < nblocks; j += 4) {
@@ -127,6 +148,13 @@ static void FBN_K(stats_blocks)(const FBN_T *x, int64_t nblocks, int64_t stride,
 static void FBN_K(norm_block)(bool relu, const FBN_T *x, const FBN_T *z, FBN_T *y, int64_t rows,
                               int64_t len, bool per_row, const float *m, const float *a,
                               const float *b, uint8_t *bits, int64_t bpr, bool stream) {
+#if FBN_FAST_HALF_AVX2
+  if (fbn_fast_half_vec() && (len >= 8 || rows == 1)) {
+    fbn_fast_half_norm_avx2(FBN_HALF_BF16, relu, x, z, y, rows, len, per_row, m, a, b, bits, bpr,
+                            stream);
+    return;
+  }
+#endif
   FBN_T ht[FBN_HALF_CHUNK] __attribute__((aligned(64)));
   float xt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
   float zt[FBN_HALF_CHUNK] __attribute__((aligned(64)));
