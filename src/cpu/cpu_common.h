@@ -1,6 +1,6 @@
 /*
  * What both CPU backends (cpu_ref.c, fast/) share: host memory hooks, the
- * reference backend's op_init, element access in float64 for every dtype,
+ * op_init of both (every dtype), element access in float64 for every dtype,
  * and the layout of their saved state:
  *
  *   | header (64 bytes) | mean[C] | invstd[C] | backend's extra (ReLU mask) |
@@ -27,8 +27,8 @@ FBN_INTERNAL fbn_status fbn_cpu_mem_copy(int device_index, void *dst, const void
 FBN_INTERNAL fbn_status fbn_cpu_mem_fill(int device_index, void *ptr, fbn_dtype dtype,
                                          size_t count, double value);
 
-/* op_init of the reference backend: every dtype (float32, float64, float16
- * and bfloat16 tensors); no state. */
+/* op_init of both CPU backends: every dtype (float32, float64, float16 and
+ * bfloat16 tensors); no state. */
 FBN_INTERNAL fbn_status fbn_cpu_op_init(const fbn_op_desc *op, void **state);
 FBN_INTERNAL void fbn_cpu_op_fini(const fbn_op_desc *op, void *state);
 
