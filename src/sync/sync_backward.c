@@ -69,12 +69,7 @@ fbn_status fbn_sync_backward_checks(const char *fn, const fbn_op *op, const fbn_
                                   {saved, saved_bytes, "saved"},
                                   {weight, pbytes, "weight"},
                                   {bias, pbytes, "bias"}};
-  for (size_t i = 0; i < 5; i++)
-    for (size_t j = 0; j < sizeof spans / sizeof spans[0]; j++)
-      if (i != j && fbn_overlap(spans[i].ptr, spans[i].bytes, spans[j].ptr, spans[j].bytes))
-        return fbn_error(FBN_STATUS_ALIASING, "%s: %s overlaps %s", fn, spans[i].name,
-                         spans[j].name);
-  return FBN_STATUS_SUCCESS;
+  return fbn_sync_check_spans(fn, spans, 5, sizeof spans / sizeof spans[0]);
 }
 
 void fbn_sync_store_param_grads(const fbn_op *op, const double *rec, void *dweight, void *dbias,
@@ -118,16 +113,19 @@ fbn_status fbn_sync_backward_reduce(const fbn_op *op, const fbn_tensor_desc *x_d
   const size_t rec_bytes = fbn_sync_grad_count(op) * sizeof(double);
   const size_t pbytes = fbn_sync_pbytes(op);
   const size_t bytes = x_desc->n > 0 ? fbn_desc_bytes(x_desc) : 0;
-  const fbn_span_check others[] = {{x, bytes, "x"},
-                                   {y, bytes, "y"},
-                                   {dy, bytes, "dy"},
-                                   {saved, saved_bytes, "saved"},
-                                   {dweight, pbytes, "dweight"},
-                                   {dbias, pbytes, "dbias"},
-                                   {workspace, workspace_bytes, "workspace"}};
-  for (size_t j = 0; j < sizeof others / sizeof others[0]; j++)
-    if (fbn_overlap(grad_record, rec_bytes, others[j].ptr, others[j].bytes))
-      return fbn_error(FBN_STATUS_ALIASING, "%s: grad_record overlaps %s", fn, others[j].name);
+  const fbn_span_check spans[] = {{grad_record, rec_bytes, "grad_record"},
+                                  {x, bytes, "x"},
+                                  {y, bytes, "y"},
+                                  {dy, bytes, "dy"},
+                                  {saved, saved_bytes, "saved"},
+                                  {dweight, pbytes, "dweight"},
+                                  {dbias, pbytes, "dbias"},
+                                  {workspace, workspace_bytes, "workspace"},
+                                  {weight, pbytes, "weight"},
+                                  {bias, pbytes, "bias"}};
+  st = fbn_sync_check_spans(fn, spans, 1, sizeof spans / sizeof spans[0]);
+  if (st != FBN_STATUS_SUCCESS)
+    return st;
 
   double *sum_g = grad_record + FBN_SYNC_GRAD_HEAD, *sum_gxhat = sum_g + c_;
   if (x_desc->n > 0) {
@@ -191,13 +189,14 @@ fbn_status fbn_sync_backward_apply(const fbn_op *op, const fbn_tensor_desc *x_de
   const size_t rec_bytes = fbn_sync_grad_count(op) * sizeof(double);
   const size_t bytes = x_desc->n > 0 ? fbn_desc_bytes(x_desc) : 0;
   const size_t pbytes = fbn_sync_pbytes(op);
-  const fbn_span_check outs[] = {{dx, bytes, "dx"},
-                                 {daddend, bytes, "daddend"},
-                                 {dweight, pbytes, "dweight"},
-                                 {dbias, pbytes, "dbias"}};
-  for (size_t j = 0; j < sizeof outs / sizeof outs[0]; j++)
-    if (fbn_overlap(grad_record, rec_bytes, outs[j].ptr, outs[j].bytes))
-      return fbn_error(FBN_STATUS_ALIASING, "%s: %s overlaps grad_record", fn, outs[j].name);
+  const fbn_span_check spans[] = {{dx, bytes, "dx"},
+                                  {daddend, bytes, "daddend"},
+                                  {dweight, pbytes, "dweight"},
+                                  {dbias, pbytes, "dbias"},
+                                  {grad_record, rec_bytes, "grad_record"}};
+  st = fbn_sync_check_spans(fn, spans, 4, sizeof spans / sizeof spans[0]);
+  if (st != FBN_STATUS_SUCCESS)
+    return st;
   const double total = grad_record[0], ranks = grad_record[1], cs = grad_record[2];
   const double local = (double)(x_desc->n * x_desc->h * x_desc->w);
   if (!(ranks >= 1.0) || cs != ranks * (double)c_)

@@ -1,7 +1,7 @@
 /*
  * Synchronized batch norm, split phases: the checks every phase shares (the
  * op, a shard's description, caller memory, weight/bias, tensors of an
- * empty shard) and the size queries.
+ * empty shard, overlaps) and the size queries.
  */
 #include <math.h>
 #include <string.h>
@@ -81,6 +81,17 @@ fbn_status fbn_sync_check_affine(const char *fn, const fbn_op *op, const void *w
   if (!affine && (weight != NULL || bias != NULL))
     return fbn_error(FBN_STATUS_INVALID_VALUE, "%s: %s = %p: the op has affine = false (pass NULL)",
                      fn, weight != NULL ? "weight" : "bias", weight != NULL ? weight : bias);
+  return FBN_STATUS_SUCCESS;
+}
+
+fbn_status fbn_sync_check_spans(const char *fn, const fbn_span_check *spans, size_t written,
+                                size_t n) {
+  for (size_t i = 0; i < written; i++)
+    for (size_t j = 0; j < n; j++)
+      if (i != j && spans[i].bytes > 0 && spans[j].bytes > 0 &&
+          fbn_overlap(spans[i].ptr, spans[i].bytes, spans[j].ptr, spans[j].bytes))
+        return fbn_error(FBN_STATUS_ALIASING, "%s: %s overlaps %s", fn, spans[i].name,
+                         spans[j].name);
   return FBN_STATUS_SUCCESS;
 }
 

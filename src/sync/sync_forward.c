@@ -12,20 +12,6 @@
 #include "core/bn_merge.h"
 #include "sync/sync_internal.h"
 
-#define FBN_SYNC_MAGIC 0x31434e5953626e66ull /* "fbnSYNC1" */
-
-typedef struct fbn_sync_header {
-  uint64_t magic;
-  uint32_t version;
-  int32_t dtype, param_dtype, operation, affine, reserved;
-  int64_t c;
-  int64_t count; /* values per channel in this rank's shard */
-  double eps;
-} fbn_sync_header;
-
-_Static_assert(sizeof(fbn_sync_header) <= FBN_SYNC_HEADER_BYTES,
-               "the check header must fit its slot");
-
 /* ---- statistics record -------------------------------------------------- */
 
 fbn_status fbn_sync_stats(const fbn_op *op, const fbn_tensor_desc *x_desc, const void *x,
@@ -45,9 +31,11 @@ fbn_status fbn_sync_stats(const fbn_op *op, const fbn_tensor_desc *x_desc, const
                              sizeof(double));
   if (st != FBN_STATUS_SUCCESS)
     return st;
-  if (x != NULL &&
-      fbn_overlap(record, fbn_sync_stats_bytes(op), x, x_desc->n > 0 ? fbn_desc_bytes(x_desc) : 0))
-    return fbn_error(FBN_STATUS_ALIASING, "%s: record overlaps x", fn);
+  const fbn_span_check spans[] = {{record, fbn_sync_stats_bytes(op), "record"},
+                                  {x, x_desc->n > 0 ? fbn_desc_bytes(x_desc) : 0, "x"}};
+  st = fbn_sync_check_spans(fn, spans, 1, 2);
+  if (st != FBN_STATUS_SUCCESS)
+    return st;
 
   const int64_t c_ = op->desc.num_features;
   double *mean = (double *)(void *)((char *)record + FBN_SYNC_HEADER_BYTES);
@@ -59,20 +47,27 @@ fbn_status fbn_sync_stats(const fbn_op *op, const fbn_tensor_desc *x_desc, const
   } else {
     memset(mean, 0, 2 * (size_t)c_ * sizeof(double));
   }
+  fbn_sync_make_header(op, x_desc->n * x_desc->h * x_desc->w, FBN_STATUS_SUCCESS, record);
+  return FBN_STATUS_SUCCESS;
+}
+
+void fbn_sync_make_header(const fbn_op *op, int64_t count, fbn_status status, void *out) {
   fbn_sync_header h;
   memset(&h, 0, sizeof h);
   h.magic = FBN_SYNC_MAGIC;
   h.version = FBN_SYNC_RECORD_VERSION;
-  h.dtype = (int32_t)op->desc.dtype;
-  h.param_dtype = (int32_t)op->desc.param_dtype;
-  h.operation = (int32_t)op->desc.operation;
-  h.affine = op->desc.affine ? 1 : 0;
-  h.c = c_;
-  h.count = x_desc->n * x_desc->h * x_desc->w;
-  h.eps = op->desc.eps;
-  memset(record, 0, FBN_SYNC_HEADER_BYTES);
-  memcpy(record, &h, sizeof h);
-  return FBN_STATUS_SUCCESS;
+  if (op != NULL) {
+    h.dtype = (int32_t)op->desc.dtype;
+    h.param_dtype = (int32_t)op->desc.param_dtype;
+    h.operation = (int32_t)op->desc.operation;
+    h.affine = op->desc.affine ? 1 : 0;
+    h.c = op->desc.num_features;
+    h.eps = op->desc.eps;
+  }
+  h.status = (int32_t)status;
+  h.count = count;
+  memset(out, 0, FBN_SYNC_HEADER_BYTES);
+  memcpy(out, &h, sizeof h);
 }
 
 /* ---- combine ------------------------------------------------------------ */
@@ -90,6 +85,21 @@ fbn_status fbn_sync_check_headers(const char *fn, const fbn_op *op, const void *
                        "record of fbn_sync_stats version %d",
                        fn, r, (unsigned long long)h.magic, (unsigned)h.version,
                        FBN_SYNC_RECORD_VERSION);
+    if (h.status != 0) {
+      /* a status outside the enum is not one of a rank of this library */
+      const fbn_status rs =
+          h.status > 0 && strcmp(fbn_status_string((fbn_status)h.status), "FBN_STATUS_UNKNOWN") != 0
+              ? (fbn_status)h.status
+              : FBN_STATUS_INVALID_STATE;
+      return fbn_error(rs,
+                       "%s: rank %d failed with %s (status %d) before the exchange (its own "
+                       "message names the cause): nothing written on any rank",
+                       fn, r, fbn_status_string(rs), (int)h.status);
+    }
+  }
+  for (int r = 0; r < world_size; r++) {
+    fbn_sync_header h;
+    memcpy(&h, (const char *)records + (size_t)r * stride, sizeof h);
     if (h.c != o->num_features)
       return fbn_error(FBN_STATUS_SHAPE_MISMATCH,
                        "%s: rank %d has C = %lld, this rank's op has num_features = %lld: every "
@@ -186,11 +196,9 @@ fbn_status fbn_sync_combine(const fbn_op *op, const void *records, int world_siz
                                   {running_mean, fbn_sync_pbytes(op), "running_mean"},
                                   {running_var, fbn_sync_pbytes(op), "running_var"},
                                   {records, all, "records"}};
-  for (size_t i = 0; i < 4; i++)
-    for (size_t j = 0; j < 5; j++)
-      if (i != j && fbn_overlap(spans[i].ptr, spans[i].bytes, spans[j].ptr, spans[j].bytes))
-        return fbn_error(FBN_STATUS_ALIASING, "%s: %s overlaps %s", fn, spans[i].name,
-                         spans[j].name);
+  st = fbn_sync_check_spans(fn, spans, 4, 5);
+  if (st != FBN_STATUS_SUCCESS)
+    return st;
   int64_t total = 0;
   st = fbn_sync_check_headers(fn, op, records, world_size, record_bytes, &total);
   if (st != FBN_STATUS_SUCCESS)
@@ -248,12 +256,7 @@ fbn_status fbn_sync_apply_checks(const char *fn, const fbn_op *op, const fbn_ten
                                   {addend, bytes, "addend"},
                                   {weight, pbytes, "weight"},
                                   {bias, pbytes, "bias"}};
-  for (size_t i = 0; i < 3; i++)
-    for (size_t j = 0; j < sizeof spans / sizeof spans[0]; j++)
-      if (i != j && fbn_overlap(spans[i].ptr, spans[i].bytes, spans[j].ptr, spans[j].bytes))
-        return fbn_error(FBN_STATUS_ALIASING, "%s: %s overlaps %s", fn, spans[i].name,
-                         spans[j].name);
-  return FBN_STATUS_SUCCESS;
+  return fbn_sync_check_spans(fn, spans, 3, sizeof spans / sizeof spans[0]);
 }
 
 fbn_status fbn_sync_apply_run(const char *fn, const fbn_op *op, const fbn_tensor_desc *x_desc,

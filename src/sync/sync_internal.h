@@ -15,12 +15,42 @@
 /* Doubles in front of the sums of a gradient record: count, ranks, C, 0. */
 #define FBN_SYNC_GRAD_HEAD 4
 
+/* The check header: the first FBN_SYNC_HEADER_BYTES of a statistics
+ * record, and what every rank sends in the check round of
+ * fbn_sync_forward() and fbn_sync_backward() (zeros after it). status is
+ * 0 on a rank that is ready for the collectives that follow, else the
+ * fbn_status that rank failed with (its op fields may then be 0). */
+#define FBN_SYNC_MAGIC 0x31434e5953626e66ull /* "fbnSYNC1" */
+
+typedef struct fbn_sync_header {
+  uint64_t magic;
+  uint32_t version;
+  int32_t dtype, param_dtype, operation, affine, status;
+  int64_t c;
+  int64_t count; /* values per channel in this rank's shard */
+  double eps;
+} fbn_sync_header;
+
+_Static_assert(sizeof(fbn_sync_header) <= FBN_SYNC_HEADER_BYTES,
+               "the check header must fit its slot");
+
 /* Memory of a call, for the overlap checks. */
 typedef struct fbn_span_check {
   const void *ptr;
   size_t bytes;
   const char *name;
 } fbn_span_check;
+
+/* The first `written` of the n spans (the memory the call writes) against
+ * every other span: FBN_STATUS_ALIASING naming both on an overlap. NULL
+ * and empty spans overlap nothing. */
+FBN_INTERNAL fbn_status fbn_sync_check_spans(const char *fn, const fbn_span_check *spans,
+                                             size_t written, size_t n);
+
+/* The check header (FBN_SYNC_HEADER_BYTES at out) of this rank: op's
+ * fields (zeros when op is NULL), count values per channel, status. */
+FBN_INTERNAL void fbn_sync_make_header(const fbn_op *op, int64_t count, fbn_status status,
+                                       void *out);
 
 /* x up to a multiple of FBN_OP_MEMORY_ALIGNMENT. */
 static inline size_t fbn_sync_align(size_t x) {
@@ -77,7 +107,9 @@ FBN_INTERNAL fbn_status fbn_sync_check_op(const char *fn, const fbn_op *op);
 FBN_INTERNAL fbn_status fbn_sync_check_x_desc(const char *fn, const fbn_op *op,
                                               const fbn_tensor_desc *x_desc);
 /* The check headers of world_size records, stride bytes apart, against
- * the op: the status of fbn_sync_combine(); *total the summed count. */
+ * the op: the status of fbn_sync_combine(); *total the summed count. A
+ * header that carries a failed rank's status (the check rounds) is that
+ * status, naming the rank, before any other check. */
 FBN_INTERNAL fbn_status fbn_sync_check_headers(const char *fn, const fbn_op *op,
                                                const void *records, int world_size, size_t stride,
                                                int64_t *total);

@@ -41,7 +41,14 @@ static void *alloc64(size_t bytes) {
   return p;
 }
 
-static void poison(void *p, size_t bytes) { memset(p, 0xff, bytes); /* NaN in every dtype */ }
+/* A finite sentinel, not NaN: an output left unwritten where the oracle is
+ * NaN must fail the comparison, not pass it. */
+#define SYNC_POISON -7777.25
+
+static void poison(void *p, fbn_dtype dtype, size_t count) {
+  for (size_t i = 0; i < count; i++)
+    sync_store(p, dtype, i, SYNC_POISON);
+}
 
 fbn_op *sync_case_op(const sync_case *k, const char *backend, int64_t c) {
   setenv("FBN_CPU_BACKEND", backend, 1);
@@ -235,11 +242,11 @@ int sync_rank_run(const sync_data *d, const fbn_op *op, int rank, const fbn_sync
   for (int s = 0; s < k->steps; s++) {
     const char *x = (const char *)d->x[s] + off, *z = (const char *)d->z[s] + off;
     const char *dy = (const char *)d->dy[s] + off;
-    poison(y, tb);
-    poison(dx, tb);
-    poison(dz, tb);
-    poison(dw, pb);
-    poison(db, pb);
+    poison(y, k->dtype, count);
+    poison(dx, k->dtype, count);
+    poison(dz, k->dtype, count);
+    poison(dw, pt, (size_t)k->c);
+    poison(db, pt, (size_t)k->c);
     fbn_status st =
         SYNC_FORWARD(op, comm, &sd, n > 0 ? x : NULL, add && n > 0 ? z : NULL, n > 0 ? y : NULL, w,
                      b, rm, rv, factor_of(k, s), saved, saved_bytes, ws, ws_bytes);

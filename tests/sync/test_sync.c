@@ -34,7 +34,8 @@ typedef struct thread_world {
   pthread_barrier_t barrier;
   const void *send[SYNC_MAX_RANKS];
   double *data[SYNC_MAX_RANKS];
-  int fail_at; /* index of the collective at which every rank's callback fails; -1: none */
+  int fail_at; /* index of the collective at which the callback fails; -1: none */
+  int fail_rank; /* the rank whose callback fails after the exchange; -1: every rank's, before */
   fbn_status fail_status;
 } thread_world;
 
@@ -45,30 +46,38 @@ typedef struct thread_rank {
   fbn_sync_comm comm;
 } thread_rank;
 
-static bool inject(thread_rank *t, char *error, size_t error_size) {
-  if (t->calls++ != t->w->fail_at)
+/* Whether this call fails (every rank's before the exchange, or one rank's
+ * after it: *after). */
+static bool inject(thread_rank *t, bool *after, char *error, size_t error_size) {
+  *after = false;
+  if (t->calls++ != t->w->fail_at || (t->w->fail_rank >= 0 && t->rank != t->w->fail_rank))
     return false;
   snprintf(error, error_size, "injected failure of collective %d", t->w->fail_at);
+  *after = t->w->fail_rank >= 0;
   return true;
 }
 
 static fbn_status thread_allgather(void *context, const void *send, void *recv, size_t bytes,
                                    char *error, size_t error_size) {
   thread_rank *t = context;
-  if (inject(t, error, error_size))
+  bool after = false;
+  const bool fails = inject(t, &after, error, error_size);
+  if (fails && !after)
     return t->w->fail_status;
   t->w->send[t->rank] = send;
   pthread_barrier_wait(&t->w->barrier);
   for (int r = 0; r < t->w->world; r++)
     memcpy((char *)recv + (size_t)r * bytes, t->w->send[r], bytes);
   pthread_barrier_wait(&t->w->barrier);
-  return FBN_STATUS_SUCCESS;
+  return fails ? t->w->fail_status : FBN_STATUS_SUCCESS;
 }
 
 static fbn_status thread_allreduce(void *context, double *data, size_t count, char *error,
                                    size_t error_size) {
   thread_rank *t = context;
-  if (inject(t, error, error_size))
+  bool after = false;
+  const bool fails = inject(t, &after, error, error_size);
+  if (fails && !after)
     return t->w->fail_status;
   t->w->data[t->rank] = data;
   pthread_barrier_wait(&t->w->barrier);
@@ -77,15 +86,17 @@ static fbn_status thread_allreduce(void *context, double *data, size_t count, ch
     for (int r = 0; r < t->w->world; r++) /* rank order on every rank */
       sum[i] += t->w->data[r][i];
   pthread_barrier_wait(&t->w->barrier);
-  memcpy(data, sum, count * sizeof *sum);
+  if (!fails)
+    memcpy(data, sum, count * sizeof *sum);
   free(sum);
-  return FBN_STATUS_SUCCESS;
+  return fails ? t->w->fail_status : FBN_STATUS_SUCCESS;
 }
 
 static void world_init(thread_world *w, thread_rank *ranks, int world) {
   memset(w, 0, sizeof *w);
   w->world = world;
   w->fail_at = -1;
+  w->fail_rank = -1;
   pthread_barrier_init(&w->barrier, NULL, (unsigned)world);
   for (int r = 0; r < world; r++) {
     ranks[r] = (thread_rank){.w = w, .rank = r};
@@ -437,10 +448,64 @@ static void test_sync_split_phases_sequential(void **state) {
 
 /* ---- failures on every rank --------------------------------------------- */
 
+/* A failure of one rank's own (its arguments), in the forward or the
+ * backward. */
+typedef enum fault {
+  FAULT_NONE,
+  FAULT_FWD_NULL_OP,   /* op NULL: FBN_STATUS_NULL_POINTER */
+  FAULT_FWD_ARG,       /* factor = 2: FBN_STATUS_INVALID_VALUE */
+  FAULT_FWD_WORKSPACE, /* 64 bytes: FBN_STATUS_INSUFFICIENT_WORKSPACE */
+  FAULT_FWD_ALIAS,     /* weight inside the workspace's records: FBN_STATUS_ALIASING */
+  FAULT_BWD_ARG,       /* param_grad = 7 */
+  FAULT_BWD_WORKSPACE,
+  FAULT_BWD_ALIAS, /* dy inside the workspace's gradient record */
+  FAULT_COUNT
+} fault;
+
+static fbn_status fault_status(fault f) {
+  switch (f) {
+  case FAULT_FWD_NULL_OP:
+    return FBN_STATUS_NULL_POINTER;
+  case FAULT_FWD_ARG:
+  case FAULT_BWD_ARG:
+    return FBN_STATUS_INVALID_VALUE;
+  case FAULT_FWD_WORKSPACE:
+  case FAULT_BWD_WORKSPACE:
+    return FBN_STATUS_INSUFFICIENT_WORKSPACE;
+  case FAULT_FWD_ALIAS:
+  case FAULT_BWD_ALIAS:
+    return FBN_STATUS_ALIASING;
+  default:
+    return FBN_STATUS_SUCCESS;
+  }
+}
+
+/* A world of one (the forward of ranks that disagree on C, run alone). */
+static fbn_status solo_allgather(void *context, const void *send, void *recv, size_t bytes,
+                                 char *error, size_t error_size) {
+  (void)context;
+  (void)error;
+  (void)error_size;
+  memcpy(recv, send, bytes);
+  return FBN_STATUS_SUCCESS;
+}
+
+static fbn_status solo_allreduce(void *context, double *data, size_t count, char *error,
+                                 size_t error_size) {
+  (void)context;
+  (void)data;
+  (void)count;
+  (void)error;
+  (void)error_size;
+  return FBN_STATUS_SUCCESS;
+}
+
 typedef struct fail_job {
   thread_rank *t;
   const fbn_op *op;
   fbn_tensor_desc d;
+  fault fault;       /* this rank's own failure */
+  bool solo_forward; /* the forward on a world of one, the backward on all */
   bool backward_too;
   fbn_status fwd, bwd;
   char fwd_msg[512], bwd_msg[512];
@@ -483,8 +548,12 @@ static void *fail_thread(void *arg) {
   memcpy(rv0, rv, sizeof rv);
   memset(y, 0xff, (numel + 1) * 4);
   memset(dx, 0xff, (numel + 1) * 4);
-  j->fwd = fbn_sync_forward(op, &j->t->comm, &j->d, x, z, y, wt, bs, rm, rv, 0.1, saved,
-                            saved_bytes, ws, ws_bytes);
+  const fault f = j->fault;
+  const fbn_sync_comm solo = {1, 0, NULL, solo_allgather, solo_allreduce};
+  j->fwd = fbn_sync_forward(f == FAULT_FWD_NULL_OP ? NULL : op,
+                            j->solo_forward ? &solo : &j->t->comm, &j->d, x, z, y,
+                            f == FAULT_FWD_ALIAS ? ws : wt, bs, rm, rv, f == FAULT_FWD_ARG ? 2.0 : 0.1,
+                            saved, saved_bytes, ws, f == FAULT_FWD_WORKSPACE ? 64 : ws_bytes);
   snprintf(j->fwd_msg, sizeof j->fwd_msg, "%s", fbn_last_error_message());
   bool ok = same_floats(rm, rm0, c) && same_floats(rv, rv0, c);
   if (j->fwd != FBN_STATUS_SUCCESS)
@@ -492,9 +561,10 @@ static void *fail_thread(void *arg) {
       ok = ok && isnan(y[i]);
   if (j->backward_too && j->fwd == FBN_STATUS_SUCCESS) {
     ok = true; /* the forward succeeded: what the backward must leave */
-    j->bwd =
-        fbn_sync_backward(op, &j->t->comm, &j->d, x, y, dy, saved, saved_bytes, wt, bs, dx, NULL,
-                          dw, db, FBN_PARAM_GRAD_ACCUMULATE, FBN_SYNC_GRAD_LOCAL, ws, ws_bytes);
+    j->bwd = fbn_sync_backward(op, &j->t->comm, &j->d, x, y, f == FAULT_BWD_ALIAS ? ws : dy, saved,
+                               saved_bytes, wt, bs, dx, NULL, dw, db,
+                               f == FAULT_BWD_ARG ? (fbn_param_grad)7 : FBN_PARAM_GRAD_ACCUMULATE,
+                               FBN_SYNC_GRAD_LOCAL, ws, f == FAULT_BWD_WORKSPACE ? 64 : ws_bytes);
     snprintf(j->bwd_msg, sizeof j->bwd_msg, "%s", fbn_last_error_message());
     for (size_t i = 0; i < numel; i++)
       ok = ok && isnan(dx[i]);
@@ -525,12 +595,14 @@ static fbn_op *f32_op(int64_t c) { return dtype_op(FBN_DTYPE_FLOAT32, c); }
 
 /* Run fail_thread on `world` ranks; rank r has channels cs[r], N ns[r] and
  * dtype dts[r] (dts NULL: float32). */
-static void run_fail(int world, const int64_t *cs, const int64_t *ns, const fbn_dtype *dts,
-                     int64_t hw, int fail_at, bool backward_too, fail_job *jobs) {
+static void run_fail_ex(int world, const int64_t *cs, const int64_t *ns, const fbn_dtype *dts,
+                        int64_t hw, int fail_at, int fail_rank, const fault *faults,
+                        bool solo_forward, bool backward_too, fail_job *jobs) {
   thread_world w;
   thread_rank ranks[SYNC_MAX_RANKS];
   world_init(&w, ranks, world);
   w.fail_at = fail_at;
+  w.fail_rank = fail_rank;
   w.fail_status = FBN_STATUS_IO_ERROR;
   fbn_op *ops[SYNC_MAX_RANKS];
   pthread_t th[SYNC_MAX_RANKS];
@@ -542,6 +614,8 @@ static void run_fail(int world, const int64_t *cs, const int64_t *ns, const fbn_
         .t = &ranks[r],
         .op = ops[r],
         .backward_too = backward_too,
+        .fault = faults != NULL ? faults[r] : FAULT_NONE,
+        .solo_forward = solo_forward,
         .d = fbn_tensor_desc_make(ns[r], cs[r], hw, 1, dt, FBN_LAYOUT_NCHW)};
     assert_int_equal(pthread_create(&th[r], NULL, fail_thread, &jobs[r]), 0);
   }
@@ -550,6 +624,11 @@ static void run_fail(int world, const int64_t *cs, const int64_t *ns, const fbn_
     fbn_op_destroy(ops[r]);
   }
   pthread_barrier_destroy(&w.barrier);
+}
+
+static void run_fail(int world, const int64_t *cs, const int64_t *ns, const fbn_dtype *dts,
+                     int64_t hw, int fail_at, bool backward_too, fail_job *jobs) {
+  run_fail_ex(world, cs, ns, dts, hw, fail_at, -1, NULL, false, backward_too, jobs);
 }
 
 static void test_sync_disagreeing_channels(void **state) {
@@ -594,9 +673,9 @@ static void test_sync_total_count_one(void **state) {
 static void test_sync_failing_callback(void **state) {
   (void)state;
   const int64_t cs[] = {3, 3}, ns[] = {2, 0};
-  /* 0: the check headers' allgather, 1: the records', 2: the backward's
-   * allreduce */
-  for (int at = 0; at < 3; at++) {
+  /* 0: the forward's check headers' allgather, 1: the records', 2: the
+   * backward's check headers' allgather, 3: its allreduce */
+  for (int at = 0; at < 4; at++) {
     fail_job jobs[2];
     run_fail(2, cs, ns, NULL, 5, at, true, jobs);
     for (int r = 0; r < 2; r++) {
@@ -604,11 +683,87 @@ static void test_sync_failing_callback(void **state) {
       const char *msg = at < 2 ? jobs[r].fwd_msg : jobs[r].bwd_msg;
       assert_int_equal(st, FBN_STATUS_IO_ERROR);
       assert_non_null(
-          strstr(msg, at < 2 ? "allgather callback failed" : "allreduce_sum callback failed"));
+          strstr(msg, at < 3 ? "allgather callback failed" : "allreduce_sum callback failed"));
       assert_non_null(strstr(msg, "injected failure"));
       if (!jobs[r].untouched)
         fail_msg("collective %d failing: rank %d wrote outputs or state", at, r);
     }
+  }
+}
+
+/* One rank fails on its own (an argument, its workspace, an overlap, a NULL
+ * op) in the forward or the backward: it returns its own status and message,
+ * every other rank the same status naming it; nothing is written on any
+ * rank and no rank waits (the suite's timeout catches a hang). */
+static void test_sync_one_rank_fails(void **state) {
+  (void)state;
+  const int64_t cs[] = {3, 3, 3}, ns[] = {2, 1, 3};
+  for (int f = FAULT_FWD_NULL_OP; f < FAULT_COUNT; f++)
+    for (int bad = 0; bad < 3; bad++) {
+      fault faults[3] = {FAULT_NONE, FAULT_NONE, FAULT_NONE};
+      faults[bad] = (fault)f;
+      fail_job jobs[3];
+      run_fail_ex(3, cs, ns, NULL, 4, -1, -1, faults, false, true, jobs);
+      const bool in_fwd = f < FAULT_BWD_ARG;
+      char named[64];
+      snprintf(named, sizeof named, "rank %d failed with %s", bad,
+               fbn_status_string(fault_status((fault)f)));
+      for (int r = 0; r < 3; r++) {
+        const fbn_status st = in_fwd ? jobs[r].fwd : jobs[r].bwd;
+        const char *msg = in_fwd ? jobs[r].fwd_msg : jobs[r].bwd_msg;
+        if (!in_fwd)
+          assert_int_equal(jobs[r].fwd, FBN_STATUS_SUCCESS);
+        if (st != fault_status((fault)f) || (r != bad && strstr(msg, named) == NULL) ||
+            (r == bad && strstr(msg, "failed with") != NULL))
+          fail_msg("fault %d on rank %d: rank %d returned %s: %s", f, bad, r,
+                   fbn_status_string(st), msg);
+        if (!jobs[r].untouched)
+          fail_msg("fault %d on rank %d: rank %d wrote outputs or state", f, bad, r);
+      }
+    }
+}
+
+/* The callback of the last collective of a call (the forward's records
+ * all-gather, the backward's all-reduce) fails on one rank only: that rank
+ * returns its status with nothing written, the others finish. */
+static void test_sync_one_rank_callback_fails(void **state) {
+  (void)state;
+  const int64_t cs[] = {3, 3}, ns[] = {2, 3};
+  for (int at = 1; at < 4; at += 2)
+    for (int bad = 0; bad < 2; bad++) {
+      fail_job jobs[2];
+      /* after a forward that failed on one rank only the others would go
+       * on to a backward that rank never enters: the forward case stops */
+      run_fail_ex(2, cs, ns, NULL, 5, at, bad, NULL, false, at == 3, jobs);
+      for (int r = 0; r < 2; r++) {
+        const fbn_status st = at == 1 ? jobs[r].fwd : jobs[r].bwd;
+        if (r == bad) {
+          assert_int_equal(st, FBN_STATUS_IO_ERROR);
+          assert_non_null(strstr(at == 1 ? jobs[r].fwd_msg : jobs[r].bwd_msg,
+                                 "injected failure"));
+          assert_true(jobs[r].untouched);
+        } else {
+          assert_int_equal(st, FBN_STATUS_SUCCESS);
+        }
+      }
+    }
+}
+
+/* Ranks whose C differs (2, 4, 3) in the backward (each forward run alone):
+ * the backward's check round finds it on every rank, before an all-reduce
+ * of different sizes (whose summed C entry, 9 = 3 * 3, would pass for C =
+ * 3), with nothing written. */
+static void test_sync_backward_disagreeing_channels(void **state) {
+  (void)state;
+  const int64_t cs[] = {2, 4, 3}, ns[] = {2, 3, 1};
+  fail_job jobs[3];
+  run_fail_ex(3, cs, ns, NULL, 4, -1, -1, NULL, true, true, jobs);
+  for (int r = 0; r < 3; r++) {
+    assert_int_equal(jobs[r].fwd, FBN_STATUS_SUCCESS);
+    assert_int_equal(jobs[r].bwd, FBN_STATUS_SHAPE_MISMATCH);
+    assert_non_null(strstr(jobs[r].bwd_msg, r == 0 ? "rank 1 has C = 4" : "rank 0 has C = 2"));
+    assert_non_null(strstr(jobs[r].bwd_msg, "fbn_sync_backward"));
+    assert_true(jobs[r].untouched);
   }
 }
 
@@ -794,6 +949,9 @@ int main(int argc, char **argv) {
       cmocka_unit_test(test_sync_disagreeing_dtype),
       cmocka_unit_test(test_sync_total_count_one),
       cmocka_unit_test(test_sync_failing_callback),
+      cmocka_unit_test(test_sync_one_rank_fails),
+      cmocka_unit_test(test_sync_one_rank_callback_fails),
+      cmocka_unit_test(test_sync_backward_disagreeing_channels),
       cmocka_unit_test(test_sync_split_phase_errors),
   };
   if (argc > 1)

@@ -6,7 +6,9 @@
  * fbn_mpi_sync_forward/backward and checks its slice; the ranks' local
  * dweight/dbias are summed with MPI_Allreduce and checked against the whole
  * batch's. Every dtype, layout and operation, momentum and the cumulative
- * average, three steps. Exit status 0 on every rank when every rank passed.
+ * average, three steps; then one rank's own failure and C disagreeing in the
+ * backward, a status on every rank (fail_checks). Exit status 0 on every
+ * rank when every rank passed.
  */
 #include <math.h>
 #include <stdio.h>
@@ -15,6 +17,90 @@
 
 #include "fusedbn/fusedbn_mpi.h"
 #include "sync_case.h"
+
+/* Failures that every rank must see, under MPI_ERRORS_RETURN: the last
+ * rank alone passes too small a workspace to the forward (it returns
+ * INSUFFICIENT_WORKSPACE, the others the same status naming it), then the
+ * ranks' C differs (2, 4, 3) in the backward of forwards run alone on
+ * MPI_COMM_SELF (SHAPE_MISMATCH on every rank). Running statistics, dx and
+ * dweight/dbias untouched. 0 when this rank saw what it should. */
+static int fail_checks(int rank, int world, char *why, size_t why_size) {
+  static const int64_t cs[] = {2, 4, 3};
+  const int64_t c = world == 1 ? 3 : cs[rank % 3];
+  sync_case k = {.dtype = FBN_DTYPE_FLOAT32,
+                 .layout = FBN_LAYOUT_NCHW,
+                 .operation = FBN_OPERATION_BN_RELU,
+                 .affine = true};
+  fbn_op *op = sync_case_op(&k, "fast", c);
+  if (op == NULL) {
+    snprintf(why, why_size, "op: %s", fbn_last_error_message());
+    return 1;
+  }
+  const fbn_tensor_desc d = fbn_tensor_desc_make(2, c, 3, 2, FBN_DTYPE_FLOAT32, FBN_LAYOUT_NCHW);
+  const size_t numel = (size_t)(2 * c * 3 * 2);
+  size_t saved_bytes = 0, ws_bytes = 0;
+  fbn_sync_saved_size(op, &d, &saved_bytes);
+  fbn_mpi_sync_workspace_size(op, MPI_COMM_WORLD, &d, &ws_bytes);
+  void *saved = aligned_alloc(64, (saved_bytes + 63) / 64 * 64);
+  void *ws = aligned_alloc(64, (ws_bytes + 63) / 64 * 64);
+  float x[64], y[64], dy[64], dx[64], wt[4], bs[4], rm[4], rv[4], dw[4], db[4];
+  for (size_t i = 0; i < numel; i++) {
+    x[i] = (float)sin(1.0 + (double)i * (rank + 1));
+    dy[i] = (float)cos(0.5 * (double)i);
+    y[i] = dx[i] = -777.0f;
+  }
+  for (int64_t i = 0; i < c; i++) {
+    wt[i] = 1.0f;
+    bs[i] = 0.5f;
+    rm[i] = 0.25f;
+    rv[i] = 2.0f;
+    dw[i] = 7.0f;
+    db[i] = -3.0f;
+  }
+  int rc = 0;
+  /* one rank's own failure: every rank gets a status */
+  const bool bad = rank == world - 1;
+  fbn_status st = fbn_mpi_sync_forward(op, MPI_COMM_WORLD, &d, x, NULL, y, wt, bs, rm, rv, 0.1,
+                                       saved, saved_bytes, ws, bad ? 64 : ws_bytes);
+  char named[64];
+  snprintf(named, sizeof named, "rank %d failed with FBN_STATUS_INSUFFICIENT_WORKSPACE",
+           world - 1);
+  if (world > 1 && (st != FBN_STATUS_INSUFFICIENT_WORKSPACE ||
+                    (!bad && strstr(fbn_last_error_message(), named) == NULL))) {
+    snprintf(why, why_size, "one rank's small workspace: %s: %s", fbn_status_string(st),
+             fbn_last_error_message());
+    rc = 1;
+  }
+  for (int64_t i = 0; i < c && rc == 0; i++)
+    if (rm[i] != 0.25f || rv[i] != 2.0f || y[i] != -777.0f) {
+      snprintf(why, why_size, "one rank's small workspace: state written");
+      rc = 1;
+    }
+  /* C disagreeing in the backward */
+  st = fbn_mpi_sync_forward(op, MPI_COMM_SELF, &d, x, NULL, y, wt, bs, rm, rv, 0.1, saved,
+                            saved_bytes, ws, ws_bytes);
+  if (rc == 0 && st != FBN_STATUS_SUCCESS) {
+    snprintf(why, why_size, "forward alone: %s", fbn_last_error_message());
+    rc = 1;
+  }
+  st = fbn_mpi_sync_backward(op, MPI_COMM_WORLD, &d, x, y, dy, saved, saved_bytes, wt, bs, dx, NULL,
+                             dw, db, FBN_PARAM_GRAD_ACCUMULATE, FBN_SYNC_GRAD_LOCAL, ws, ws_bytes);
+  if (rc == 0 && world > 1 &&
+      (st != FBN_STATUS_SHAPE_MISMATCH || strstr(fbn_last_error_message(), "has C = ") == NULL)) {
+    snprintf(why, why_size, "backward, C disagreeing: %s: %s", fbn_status_string(st),
+             fbn_last_error_message());
+    rc = 1;
+  }
+  for (int64_t i = 0; i < c && rc == 0 && world > 1; i++)
+    if (dw[i] != 7.0f || db[i] != -3.0f || dx[i] != -777.0f) {
+      snprintf(why, why_size, "backward, C disagreeing: gradients written");
+      rc = 1;
+    }
+  free(saved);
+  free(ws);
+  fbn_op_destroy(op);
+  return rc;
+}
 
 int main(int argc, char **argv) {
   MPI_Init(&argc, &argv);
@@ -82,6 +168,14 @@ int main(int argc, char **argv) {
           fbn_op_destroy(op);
           sync_data_free(&d);
         }
+  {
+    char why[512] = "";
+    if (fail_checks(rank, world, why, sizeof why) != 0) {
+      fprintf(stderr, "rank %d/%d: failures seen on every rank: %s\n", rank, world, why);
+      failures++;
+    }
+    cases++;
+  }
   int all = 0;
   MPI_Allreduce(&failures, &all, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
   if (rank == 0)
