@@ -80,15 +80,6 @@ static fbn_status check_device(const char *fn, const fbn_op *op, const char *nam
   return st == FBN_STATUS_SUCCESS ? st : fbn_error_prefix(st, fn);
 }
 
-static fbn_status check_spans(const char *fn, const fbn_span_check *s, size_t outputs,
-                              size_t all) {
-  for (size_t i = 0; i < outputs; i++)
-    for (size_t j = 0; j < all; j++)
-      if (i != j && fbn_overlap(s[i].ptr, s[i].bytes, s[j].ptr, s[j].bytes))
-        return fbn_error(FBN_STATUS_ALIASING, "%s: %s overlaps %s", fn, s[i].name, s[j].name);
-  return FBN_STATUS_SUCCESS;
-}
-
 static fbn_status callback_failed(const char *fn, const char *which, fbn_status st, char *error) {
   error[ERROR_BYTES - 1] = '\0';
   if (st == FBN_STATUS_SUCCESS)
@@ -262,7 +253,7 @@ fbn_status fbn_cuda_sync_forward(const fbn_op *op, const fbn_cuda_exec *exec,
     if (st != FBN_STATUS_SUCCESS)
       return st;
   }
-  st = check_spans(fn, spans, 5, sizeof spans / sizeof spans[0]);
+  st = fbn_sync_check_spans(fn, spans, 5, sizeof spans / sizeof spans[0]);
   if (st != FBN_STATUS_SUCCESS)
     return st;
 
@@ -356,7 +347,7 @@ fbn_status fbn_cuda_sync_backward(const fbn_op *op, const fbn_cuda_exec *exec,
     if (st != FBN_STATUS_SUCCESS)
       return st;
   }
-  st = check_spans(fn, spans, 5, sizeof spans / sizeof spans[0]);
+  st = fbn_sync_check_spans(fn, spans, 5, sizeof spans / sizeof spans[0]);
   if (st != FBN_STATUS_SUCCESS)
     return st;
 
