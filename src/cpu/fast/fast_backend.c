@@ -16,7 +16,8 @@
  *   backward      one reduction pass (sum g, sum g*(x - mean)) and one pass
  *                 writing dx and daddend; eval-mode backward without affine
  *                 gradients skips the reduction
- *   pipelines     NCHW with long rows, float32, large (AVX2): the first
+ *   pipelines     NCHW with long rows, float32, large (AVX2; the training
+ *                 forward for half tensors too): the first
  *                 pass of channel group k+1 runs inside the loop of group
  *                 k's second pass (fbn_fast_forward_nchw_pipe,
  *                 fbn_fast_backward_nchw_pipe): a pass that only reads gets
@@ -138,6 +139,28 @@
 #undef FBN_T
 #undef FBN_SFX
 #undef FBN_HALF_BF16
+
+/* The pipelined NCHW training forward for half tensors (fast_half_impl.h):
+ * long rows of a multiple of 16 elements, batch statistics, streamed output
+ * 16-byte aligned, the vector conversions. */
+#if FBN_FAST_PIPE && FBN_FAST_HALF_AVX2
+static bool fbn_fast_half_pipe_usable(const fbn_bk_forward_args *a, const uint8_t *bits,
+                                      int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t hw = d->h * d->w;
+  return (d->dtype == FBN_DTYPE_FLOAT16 || d->dtype == FBN_DTYPE_BFLOAT16) && fbn_fast_full(a) &&
+         hw >= FBN_FAST_NCHW_VEC_HW && hw % 16 == 0 && (bits == NULL || bpr == hw / 8) &&
+         ((uintptr_t)a->y & 15) == 0 &&
+         fbn_fast_stream_output(fbn_desc_numel(d) * (int64_t)sizeof(uint16_t)) &&
+         fbn_fast_half_vec();
+}
+#define fbn_fast_half_forward_nchw_pipe(d, ...)                                                  \
+  ((d)->dtype == FBN_DTYPE_BFLOAT16 ? forward_nchw_pipe_bf16(__VA_ARGS__)                      \
+                                    : forward_nchw_pipe_f16(__VA_ARGS__))
+#else
+#define fbn_fast_half_pipe_usable(...) false
+#define fbn_fast_half_forward_nchw_pipe(...) ((void)0)
+#endif
 
 /* fn's instance for d's dtype, called with the arguments that follow. */
 #define FBN_FAST_BY_DTYPE(d, fn, ...)                                                            \
@@ -296,6 +319,8 @@ static fbn_status fast_forward(const fbn_bk_forward_args *a) {
   case FBN_FAST_ROUTE_NCHW:
     if (fbn_fast_pipe_usable(a, bits, bpr))
       fbn_fast_forward_nchw_pipe(m, a, nt, bits, bpr);
+    else if (fbn_fast_half_pipe_usable(a, bits, bpr))
+      fbn_fast_half_forward_nchw_pipe(d, m, a, nt, bits, bpr);
     else
       FBN_FAST_BY_DTYPE(d, forward_nchw, m, a, nt, bits, bpr);
     break;

@@ -364,6 +364,79 @@ FBN_FH_FN void fbn_fast_half_norm_avx2(bool bf16, bool relu, const uint16_t *x, 
   }
 }
 
+/*
+ * One row of the pipelined NCHW training forward for half tensors
+ * (forward_nchw_pipe in fast_half_impl.h): y <- x normalized with the row's
+ * coefficients (fbn_fh_norm8, non-temporal stores: y 16-byte aligned), the
+ * mask byte of every 8 elements into bits (not NULL), while the statistics
+ * of the row xs of the same length are accumulated into acc as
+ * fbn_fh_stats_rows_body sums the staged loops' chunks of that row (pieces
+ * of `piece` elements, or the whole row when it is no longer): the same
+ * sums, bit for bit. len % 16 == 0, piece % 16 == 0.
+ */
+FBN_FH_BODY void fbn_fh_pipe_row_body(const bool BF16, const bool RELU, const uint16_t *x,
+                                      const uint16_t *z, uint16_t *y, int64_t len, float m,
+                                      float a, float b, uint8_t *bits, const uint16_t *xs,
+                                      double k, double *acc, int64_t piece) {
+  const __m256 mv = _mm256_set1_ps(m), av = _mm256_set1_ps(a), bv = _mm256_set1_ps(b);
+  const __m256d kv = _mm256_set1_pd(k);
+  for (int64_t p0 = 0; p0 < len; p0 += piece) {
+    const int64_t pe = len - p0 < piece ? len : p0 + piece;
+    __m256d p1[4], p2[4];
+    for (int q = 0; q < 4; q++)
+      p1[q] = p2[q] = _mm256_setzero_pd();
+    for (int64_t i = p0; i < pe; i += 16) {
+      const __m256 lo = fbn_fh_widen8(BF16, fbn_fh_load8(xs + i));
+      const __m256 hi = fbn_fh_widen8(BF16, fbn_fh_load8(xs + i + 8));
+      __m256d d[4];
+      d[0] = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(lo)), kv);
+      d[1] = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(lo, 1)), kv);
+      d[2] = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(hi)), kv);
+      d[3] = _mm256_sub_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(hi, 1)), kv);
+      for (int q = 0; q < 4; q++) {
+        p1[q] = _mm256_add_pd(p1[q], d[q]);
+        p2[q] = _mm256_add_pd(p2[q], _mm256_mul_pd(d[q], d[q]));
+      }
+      const unsigned k0 = fbn_fh_norm8(BF16, RELU, x + i, z != NULL ? z + i : NULL, y + i, 8, mv,
+                                       av, bv, true);
+      const unsigned k1 = fbn_fh_norm8(BF16, RELU, x + i + 8, z != NULL ? z + i + 8 : NULL,
+                                       y + i + 8, 8, mv, av, bv, true);
+      if (RELU && bits != NULL) {
+        bits[i / 8] = (uint8_t)k0;
+        bits[i / 8 + 1] = (uint8_t)k1;
+      }
+    }
+    double l1[16], l2[16], s1 = 0.0, s2 = 0.0;
+    for (int q = 0; q < 4; q++) {
+      _mm256_storeu_pd(l1 + 4 * q, p1[q]);
+      _mm256_storeu_pd(l2 + 4 * q, p2[q]);
+    }
+    for (int l = 0; l < 16; l++) {
+      s1 += l1[l];
+      s2 += l2[l];
+    }
+    acc[0] += s1;
+    acc[1] += s2;
+  }
+}
+
+FBN_FH_FN void fbn_fast_half_pipe_row_avx2(bool bf16, bool relu, const uint16_t *x,
+                                           const uint16_t *z, uint16_t *y, int64_t len, float m,
+                                           float a, float b, uint8_t *bits, const uint16_t *xs,
+                                           double k, double *acc, int64_t piece) {
+  if (bf16) {
+    if (relu)
+      fbn_fh_pipe_row_body(true, true, x, z, y, len, m, a, b, bits, xs, k, acc, piece);
+    else
+      fbn_fh_pipe_row_body(true, false, x, z, y, len, m, a, b, NULL, xs, k, acc, piece);
+  } else {
+    if (relu)
+      fbn_fh_pipe_row_body(false, true, x, z, y, len, m, a, b, bits, xs, k, acc, piece);
+    else
+      fbn_fh_pipe_row_body(false, false, x, z, y, len, m, a, b, NULL, xs, k, acc, piece);
+  }
+}
+
 /* Whether the process's conversions are a vector path (AVX2 and F16C). */
 static inline bool fbn_fast_half_vec(void) {
   return fbn_half_convert_get()->path != FBN_HALF_PATH_PORTABLE;

@@ -183,6 +183,99 @@ static void FBN_K(norm_block)(bool relu, const FBN_T *x, const FBN_T *z, FBN_T *
     fbn_fast_stream_fence();
 }
 
+/* ---- NCHW training forward: statistics pipelined into normalization ---- */
+
+#if FBN_FAST_PIPE && FBN_FAST_HALF_AVX2
+/*
+ * fbn_fast_forward_nchw_pipe (fast_pipe.h) for half tensors, where the
+ * conversion path is a vector one: the statistics of group k+1 are summed
+ * in the loop that normalizes group k (fbn_fast_half_pipe_row_avx2), one
+ * row at a time, so that every channel's sums are those of forward_nchw
+ * (rows n = 0..N-1 in turn, each in the staged loops' chunks): the results
+ * are the staged path's, bit for bit. Where fbn_fast_half_pipe_usable.
+ */
+static void FBN_K(pipe_unit)(fbn_fast_call *m, const fbn_bk_forward_args *a,
+                             const fbn_fast_pipe_plan *p, int64_t u, uint8_t *bits, int64_t bpr) {
+  const fbn_tensor_desc *d = a->desc;
+  const int64_t n_ = d->n, c_ = d->c, hw = d->h * d->w, g_ = p->group;
+  int64_t gi0, gi1;
+  fbn_fast_pipe_groups(p, u, &gi0, &gi1);
+  const FBN_T *x = a->x, *z = a->addend;
+  FBN_T *y = a->y;
+  const bool relu = fbn_fast_relu(a);
+  fbn_fast_pipe_group grp[2];
+  grp[1].c0 = grp[1].gc = 0; /* set before use; said for the static analyzer */
+  double mean[FBN_FAST_MAX_GROUP], invstd[FBN_FAST_MAX_GROUP];
+  float cm[FBN_FAST_MAX_GROUP], ca[FBN_FAST_MAX_GROUP], cb[FBN_FAST_MAX_GROUP];
+  bool fast[FBN_FAST_MAX_GROUP];
+
+  fbn_fast_pipe_group *cur = &grp[0], *next = &grp[1];
+  const int64_t first = gi0 * g_;
+  cur->c0 = first;
+  cur->gc = c_ - first < g_ ? c_ - first : g_;
+  for (int64_t j = 0; j < cur->gc; j++) {
+    cur->acc[j][0] = cur->acc[j][1] = 0.0;
+    cur->shift[j] = fbn_fast_shift_of(d, x, first + j);
+  }
+  for (int64_t n = 0; n < n_; n++)
+    FBN_K(stats_rows)(x + (n * c_ + cur->c0) * hw, cur->gc, hw, cur->shift, cur->acc);
+  for (int64_t gi = gi0; gi < gi1; gi++) {
+    const int64_t c0 = cur->c0, gc = cur->gc;
+    for (int64_t j = 0; j < gc; j++) {
+      fbn_fast_batch_stats(m, a, c0 + j, cur->shift[j], cur->acc[j][0], cur->acc[j][1],
+                           &mean[j], &invstd[j]);
+      fast[j] = forward_coef_f32(mean[j], invstd[j], fbn_fast_weight(m, c0 + j),
+                                 fbn_fast_bias(m, c0 + j), &cm[j], &ca[j], &cb[j]);
+    }
+    const bool more = gi + 1 < gi1;
+    const int64_t c1 = c0 + gc, gc1 = !more ? 0 : c_ - c1 < g_ ? c_ - c1 : g_;
+    next->c0 = c1;
+    next->gc = gc1;
+    for (int64_t j = 0; j < gc1; j++) {
+      next->acc[j][0] = next->acc[j][1] = 0.0;
+      next->shift[j] = fbn_fast_shift_of(d, x, c1 + j);
+    }
+    for (int64_t n = 0; n < n_; n++) {
+      const int64_t off = (n * c_ + c0) * hw, off1 = (n * c_ + c1) * hw;
+      uint8_t *bn = bits != NULL ? bits + (n * c_ + c0) * bpr : NULL;
+      /* gc1 <= gc: only the tensor's last group is smaller */
+      for (int64_t j = 0; j < gc1; j++) {
+        const int64_t o = off + j * hw;
+        fbn_fast_half_pipe_row_avx2(FBN_HALF_BF16, relu, x + o, FBN_FAST_AT(z, o), y + o, hw,
+                                    cm[j], ca[j], cb[j], FBN_FAST_AT(bn, j * bpr),
+                                    x + off1 + j * hw, next->shift[j], next->acc[j],
+                                    FBN_HALF_CHUNK);
+      }
+      if (gc > gc1) {
+        const int64_t o = off + gc1 * hw;
+        FBN_K(norm_block)(relu, x + o, FBN_FAST_AT(z, o), y + o, gc - gc1, hw, true, cm + gc1,
+                          ca + gc1, cb + gc1, FBN_FAST_AT(bn, gc1 * bpr), bpr, true);
+      }
+    }
+    fbn_fast_stream_fence();
+    for (int64_t j = 0; j < gc; j++)
+      if (!fast[j])
+        fbn_fast_exact_normalize(m, a, c0 + j, mean[j], invstd[j], bits, bpr);
+    fbn_fast_pipe_group *t = cur;
+    cur = next;
+    next = t;
+  }
+}
+
+static void FBN_K(forward_nchw_pipe)(fbn_fast_call *m, const fbn_bk_forward_args *a, int nt,
+                                     uint8_t *bits, int64_t bpr) {
+  const fbn_fast_pipe_plan p = fbn_fast_pipe_plan_of(a->desc, (int64_t)sizeof(FBN_T), nt);
+  if (nt > 1) {
+    FBN_OMP(omp parallel for schedule(dynamic, 1) num_threads(nt))
+    for (int64_t u = 0; u < p.units; u++)
+      FBN_K(pipe_unit)(m, a, &p, u, bits, bpr);
+  } else {
+    for (int64_t u = 0; u < p.units; u++)
+      FBN_K(pipe_unit)(m, a, &p, u, bits, bpr);
+  }
+}
+#endif
+
 /* ---- backward ----------------------------------------------------------- */
 
 /* bwd_reduce_block for half tensors (gout: g, exact). */
