@@ -48,9 +48,15 @@
  * The callback adapter (fbn_sync_comm: allgather / allreduce-sum function
  * pointers and a context) runs the whole synchronized forward
  * (fbn_sync_forward()) or backward (fbn_sync_backward()) through a
- * framework's own communicator.  It exchanges a fixed-size check header
- * first, so that ranks whose records would differ in size (C disagreeing)
- * fail with a status instead of entering a collective of mismatched size.
+ * framework's own communicator.  Each call exchanges a fixed-size check
+ * header first (forward and backward), so that ranks whose records would
+ * differ in size (C disagreeing) fail with a status instead of entering a
+ * collective of mismatched size, and a rank that fails on its own (an
+ * argument, its workspace, an overlap, its local phase) still sends its
+ * header, carrying its status: it returns its status, every other rank the
+ * same status naming it, and no rank waits.  Only a rank whose comm is
+ * unusable (NULL, world_size or rank out of range, a NULL callback)
+ * returns at once, leaving the others in the collective.
  *
  * Shards: N may be 0 (that rank contributes count 0; x, addend, y, dy, dx,
  * daddend may then be NULL); the total count over the ranks must be > 1

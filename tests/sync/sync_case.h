@@ -60,8 +60,9 @@ fbn_op *sync_case_op(const sync_case *k, const char *backend, int64_t c);
 int sync_rank_run(const sync_data *d, const fbn_op *op, int rank, const fbn_sync_comm *comm,
                   double *dw_out, double *db_out, char *why, size_t why_size);
 
-/* Tolerance of the comparisons: float64 1e-12, float32 2e-5, relative to
- * max(1, |expected|). */
+/* Tolerance of the comparisons: float64 1e-12, float32 2e-5, float16 2e-3,
+ * bfloat16 1.6e-2, relative to max(1, |expected|) (four times it for the
+ * ranks' local parameter gradients summed). */
 double sync_tolerance(fbn_dtype dtype);
 
 /* Load element i of a dtype array as double. */
