@@ -8,6 +8,7 @@
 
 #include "bench_parallel.h"
 #include "bench_unfused_cpu.h"
+#include "core/half.h"
 
 /* The three elementwise passes for element type T (suffix S): each one
  * loop over [begin, end) of the flat tensor, threaded over contiguous
@@ -60,30 +61,20 @@ BENCH_ELEMENTWISE(double, f64)
  * (nearest even), as a framework's half-precision add. The ReLU and the
  * ReLU backward's gate work on the bits: a value is kept unless it is a
  * zero, or negative and not NaN, which is !(v <= 0) exactly. */
-static BENCH_ALWAYS_INLINE float bf16_to_float(uint16_t b) {
-  const uint32_t u = (uint32_t)b << 16;
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-}
+static BENCH_ALWAYS_INLINE float bf16_to_float(uint16_t b) { return fbn_bfloat16_to_float(b); }
 
-static BENCH_ALWAYS_INLINE uint16_t bf16_from_float(float f) {
-  uint32_t u;
-  memcpy(&u, &f, sizeof u);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t quiet = (u >> 16) | 0x40u;
-  return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
-}
+static BENCH_ALWAYS_INLINE uint16_t bf16_from_float(float f) { return fbn_float_to_bfloat16(f); }
 
-/* GCC's _Float16 converts with F16C instructions in the x86-64-v3 clones;
- * elsewhere the harness's scalar conversions. */
+/* GCC's _Float16 converts with F16C instructions in the x86-64-v3 clones
+ * (one rounding, nearest even, NaN quiet: the core rule); elsewhere the
+ * core conversions (src/core/half.h). */
 static BENCH_ALWAYS_INLINE float f16_to_float(uint16_t b) {
 #ifdef __FLT16_MAX__
   _Float16 h;
   memcpy(&h, &b, sizeof h);
   return (float)h;
 #else
-  return (float)bench_half_to_double(b);
+  return fbn_half_to_float(b);
 #endif
 }
 
@@ -94,7 +85,7 @@ static BENCH_ALWAYS_INLINE uint16_t f16_from_float(float f) {
   memcpy(&b, &h, sizeof b);
   return b;
 #else
-  return bench_float_to_half(f);
+  return fbn_float_to_half(f);
 #endif
 }
 
