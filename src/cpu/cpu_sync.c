@@ -101,14 +101,16 @@ SYNC_LOOPS(float, f32)
 SYNC_LOOPS(double, f64)
 
 /* dx of n elements from x and g (of type T) into D, with one channel's
- * coefficients (…_one) or a slot's (…_block). */
+ * coefficients (…_one) or a slot's (…_block): fbn_bn_dx()'s batch-statistics
+ * arithmetic, written out (GCC does not vectorize the loops with the call). */
 #define SYNC_DX(T, D, S)                                                                         \
   static FBN_FAST_CLONES void dx_one_##S(const T *restrict x, const T *restrict g,               \
                                          D *restrict dx, int64_t n, sync_coef c) {               \
+    const double mean = c.mean, invstd = c.invstd, k = c.k, mg = c.mg, mgx = c.mgx;              \
     FBN_SIMD                                                                                     \
     for (int64_t i = 0; i < n; i++) {                                                            \
-      const double xhat = ((double)x[i] - c.mean) * c.invstd;                                    \
-      dx[i] = (D)fbn_bn_dx(c.k, (double)g[i], xhat, c.mg, c.mgx, true);                          \
+      const double xhat = ((double)x[i] - mean) * invstd;                                        \
+      dx[i] = (D)(k * ((double)g[i] - mg - xhat * mgx));                                         \
     }                                                                                            \
   }                                                                                              \
   static FBN_FAST_CLONES void dx_block_##S(const T *restrict x, const T *restrict g,             \
@@ -117,7 +119,7 @@ SYNC_LOOPS(double, f64)
     FBN_SIMD                                                                                     \
     for (int64_t i = 0; i < n; i++) {                                                            \
       const double xhat = ((double)x[i] - c->mean[i]) * c->invstd[i];                            \
-      dx[i] = (D)fbn_bn_dx(c->k[i], (double)g[i], xhat, c->mg[i], c->mgx[i], true);              \
+      dx[i] = (D)(c->k[i] * ((double)g[i] - c->mg[i] - xhat * c->mgx[i]));                       \
     }                                                                                            \
   }
 
