@@ -13,7 +13,10 @@
  * N = 1, C > 1024 in NHWC, tensors on several threads, outputs large
  * enough to be streamed); then NaN and infinity in x, values that overflow
  * float16 after normalization, constant and near-constant channels and
- * channels with |mean| >> std. The conversion path is the process's
+ * channels with |mean| >> std, channels whose positive pre-activations
+ * round to +0 in the dtype (the ReLU mask must come from the rounded y:
+ * one packed from the float32 y would keep dy there, which dbias, dweight
+ * and daddend show). The conversion path is the process's
  * (FBN_CPU_HALF_PATH: meson runs this file once per path; a path the CPU
  * lacks is skipped visibly).
  *
@@ -53,6 +56,7 @@ enum special {
   SPECIAL_OVERFLOW,  /* weight of channel 0 large: y beyond float16's range */
   SPECIAL_CONSTANT,  /* channel 0 constant, channel 1 two neighbouring values */
   SPECIAL_BIG_MEAN,  /* every channel: |mean| >> std (a few ulps of spread) */
+  SPECIAL_TINY,      /* even channels: y > 0 in float32 that rounds to +0 (below) */
 };
 
 typedef struct hcase {
@@ -218,6 +222,8 @@ static void run_case(const hcase *k, fbnt_rng *rng) {
           v = 0.75;
         if (k->special == SPECIAL_CONSTANT && c == 1)
           v = fbnt_rng_u32(rng) % 2 ? 3.0 : 3.0 + (t == FBN_DTYPE_FLOAT16 ? 0x1p-9 : 0x1p-6);
+        if (k->special == SPECIAL_TINY && t == FBN_DTYPE_BFLOAT16 && c % 2 == 0)
+          v = fbnt_rng_u32(rng) % 2 ? 0x1p-4 : 0x1p-4 + 0x1p-11; /* neighbours */
         x[index_of(k, n, c, s)] = from_d(t, v);
         z[index_of(k, n, c, s)] = from_d(t, fbnt_rng_uniform(rng, -1.0, 1.0));
         dy[index_of(k, n, c, s)] = from_d(t, fbnt_rng_uniform(rng, -1.0, 1.0));
@@ -240,6 +246,52 @@ static void run_case(const hcase *k, fbnt_rng *rng) {
   }
   if (k->special == SPECIAL_OVERFLOW && k->affine)
     w[0] = 4.0e4f;
+  /* SPECIAL_TINY (affine): in the even channels y > 0 in float32 but at
+   * most half the dtype's smallest subnormal s, so it rounds to +0. The
+   * channel's float32 factor a = w invstd stays a normal float32 (else the
+   * fast backend takes the channel off its vectorized loops).
+   *   float16 (s = 2^-24): w = s / 16, b = s / 4: y = b (1 + xhat / 4) > 0
+   *     for xhat > -4 and < s / 2 for xhat < 4.
+   *   bfloat16 (s = 2^-133, float32's normal range ends at 2^-126): x takes
+   *     two neighbours 2^-4 and 2^-4 + 2^-11, so |x - m| <= d <= 2^-11; w
+   *     makes a = 2^-125 and b = 1.25 d a: y in [0.25, 2.25] d a, at most
+   *     2.25 2^-136 < s / 2.
+   * With the addend z = -s there and b + s for the bias, the float32 sum is
+   * the same y (exact: subnormal float32 has 2^-149 steps). */
+  const double tiny_s = t == FBN_DTYPE_FLOAT16 ? 0x1p-24 : 0x1p-133;
+  const bool tiny = k->special == SPECIAL_TINY && k->affine;
+  if (tiny)
+    for (int64_t c = 0; c < c_; c += 2) {
+      const bool addz = k->operation == FBN_OPERATION_BN_ADD_RELU;
+      if (t == FBN_DTYPE_FLOAT16) {
+        w[c] = (float)(tiny_s / 16.0);
+        b[c] = (float)(tiny_s / 4.0 + (addz ? tiny_s : 0.0));
+      } else {
+        rm[0][c] = rm[1][c] = (float)(0x1p-4 + 0x1p-12);
+        rv[0][c] = rv[1][c] = 0x1p-24f;
+        double m = rm[0][c], var = rv[0][c];
+        if (k->statistics == FBN_STATISTICS_BATCH) {
+          double s1 = 0.0, s2 = 0.0;
+          for (int64_t n = 0; n < k->n; n++)
+            for (int64_t e = 0; e < hw; e++)
+              s1 += to_d(t, x[index_of(k, n, c, e)]);
+          m = s1 / (double)(k->n * hw);
+          for (int64_t n = 0; n < k->n; n++)
+            for (int64_t e = 0; e < hw; e++)
+              s2 += (to_d(t, x[index_of(k, n, c, e)]) - m) * (to_d(t, x[index_of(k, n, c, e)]) - m);
+          var = s2 / (double)(k->n * hw);
+        }
+        double dmax = 0.0;
+        for (int64_t n = 0; n < k->n; n++)
+          for (int64_t e = 0; e < hw; e++)
+            dmax = fmax(dmax, fabs(to_d(t, x[index_of(k, n, c, e)]) - m));
+        w[c] = (float)(0x1p-125 * sqrt(var + 1e-5));
+        b[c] = (float)(1.25 * fmax(dmax, 0x1p-12) * 0x1p-125 + (addz ? tiny_s : 0.0));
+      }
+      for (int64_t n = 0; n < k->n; n++)
+        for (int64_t e = 0; e < hw; e++)
+          z[index_of(k, n, c, e)] = from_d(t, addz ? -tiny_s : 0.0);
+    }
   const bool batch = k->statistics == FBN_STATISTICS_BATCH;
   const bool upd = batch && k->update;
   const bool add = k->operation == FBN_OPERATION_BN_ADD_RELU;
@@ -269,6 +321,19 @@ static void run_case(const hcase *k, fbnt_rng *rng) {
   }
   const bool nchw = k->layout == FBN_LAYOUT_NCHW;
   bool ok = check_half("y", name, t, yf, yr, numel, false, NULL, hw, c_, nchw);
+  if (tiny) {
+    /* the setup does what it says: most of the even channels' y is +0 */
+    int64_t zeros = 0, all = 0;
+    for (int64_t c = 0; c < c_; c += 2)
+      for (int64_t n = 0; n < k->n; n++)
+        for (int64_t s = 0; s < hw; s++, all++)
+          zeros += yf[index_of(k, n, c, s)] == 0;
+    if (zeros * 4 < all * 3) {
+      printf("  %s: only %lld of %lld tiny-channel y are +0\n", name, (long long)zeros,
+             (long long)all);
+      ok = false;
+    }
+  }
   if (upd) {
     ok &= check_f32("running_mean", name, rm[1], rm[0], c_);
     ok &= check_f32("running_var", name, rv[1], rv[0], c_);
@@ -322,6 +387,23 @@ static void run_case(const hcase *k, fbnt_rng *rng) {
       if (st != FBN_STATUS_SUCCESS)
         fail_msg("%s: backward (%s) = %s: %s", name, i ? "fast" : "reference",
                  fbn_status_string(st), fbn_last_error_message());
+    }
+    if (tiny) {
+      /* where y is a zero and dy finite, the gate is off: daddend is a
+       * zero; with running statistics dx = k dy gated, a zero too */
+      int bad = 0;
+      for (int64_t i = 0; i < numel && bad < 5; i++) {
+        if ((yf[i] & 0x7fffu) != 0 || !isfinite(to_d(t, dy[i])))
+          continue;
+        const bool dz_bad = want_dz && (dzf[i] & 0x7fffu) != 0;
+        const bool dx_bad = want_dx && !batch && (dxf[i] & 0x7fffu) != 0;
+        if (dz_bad || dx_bad) {
+          printf("  %s: y[%lld] = 0 but daddend 0x%04x, dx 0x%04x (dy 0x%04x)\n", name,
+                 (long long)i, dzf[i], dxf[i], dy[i]);
+          bad++;
+        }
+      }
+      ok &= bad == 0;
     }
     if (want_dx)
       ok &= check_half("dx", name, t, dxf, dxr, numel, false, dx_tol, hw, c_, nchw);
@@ -434,7 +516,7 @@ static void test_cpu_fast_half_special_values(void **state) {
   fbnt_rng_for_test(&rng, __func__);
   const int64_t sp_shapes[][4] = {{3, 5, 7, 7}, {2, 4, 17, 19}, {2, 6, 1, 1}, {4, 5, 20, 20}};
   const enum special sps[] = {SPECIAL_NAN_INF, SPECIAL_OVERFLOW, SPECIAL_CONSTANT,
-                              SPECIAL_BIG_MEAN};
+                              SPECIAL_BIG_MEAN, SPECIAL_TINY};
   int variant = 0;
   for (int t = 0; t < 2; t++)
     for (int l = 0; l < 2; l++)
