@@ -21,6 +21,9 @@
 /* Elements of one piece of an NCHW run widened (half dtypes) or gated in
  * an L1 buffer. */
 #define SYNC_PIECE 512
+/* Elements of one tile of rows of the NHWC dx pass with more than
+ * SYNC_BLOCK channels. */
+#define SYNC_TILE ((int64_t)32 * 1024)
 /* Rows of NHWC (or elements of NCHW) below which a thread is not worth it. */
 #define SYNC_MIN_PARALLEL ((int64_t)64 * 1024)
 
@@ -466,9 +469,9 @@ static void bwd_nchw_run(const sync_bwd *b, const sync_bwd_sums *s, int64_t pair
     bwd_seg(b, base + o, hw - o < SYNC_PIECE ? hw - o : SYNC_PIECE, k, NULL);
 }
 
-/* NHWC: rows [r0, r1), a block of channels (or of P whole rows) at a time,
- * with the block's coefficients in slots. */
-static void bwd_nhwc_rows(const sync_bwd *b, const sync_bwd_sums *s, int64_t r0, int64_t r1) {
+/* Rows [r0, r1) of an NHWC tensor, a block of channels (or of P whole
+ * rows) at a time, with the block's coefficients in slots. */
+static void bwd_nhwc_tile(const sync_bwd *b, const sync_bwd_sums *s, int64_t r0, int64_t r1) {
   const int64_t c_ = b->a->desc->c;
   const int64_t cb = c_ <= SYNC_BLOCK ? c_ : SYNC_BLOCK;
   sync_coefs k;
@@ -492,6 +495,21 @@ static void bwd_nhwc_rows(const sync_bwd *b, const sync_bwd_sums *s, int64_t r0,
     for (; r < r1; r++)
       bwd_seg(b, r * c_ + c0, cw, none, &k);
   }
+}
+
+/* NHWC: rows [r0, r1), a block of channels (or of P whole rows) at a time,
+ * with the block's coefficients in slots. With more than SYNC_BLOCK
+ * channels, tiles of rows (about SYNC_TILE elements) take every block in
+ * turn, so that the rows are read in order at that grain. */
+static void bwd_nhwc_rows(const sync_bwd *b, const sync_bwd_sums *s, int64_t r0, int64_t r1) {
+  const int64_t c_ = b->a->desc->c;
+  if (c_ > SYNC_BLOCK) {
+    const int64_t tile = SYNC_TILE / c_ > 0 ? SYNC_TILE / c_ : 1;
+    for (int64_t t0 = r0; t0 < r1; t0 += tile)
+      bwd_nhwc_tile(b, s, t0, r1 - t0 < tile ? r1 : t0 + tile);
+    return;
+  }
+  bwd_nhwc_tile(b, s, r0, r1);
 }
 
 /* dx = k (g - sum_g / total - xhat sum_gxhat / total), daddend = g, with the
