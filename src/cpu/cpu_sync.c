@@ -178,7 +178,7 @@ static double seg_sq(const void *x, fbn_dtype dt, const fbn_half_convert *hc, bo
 }
 
 /* acc[j] += x[i + r * stride + j] (mean == NULL) or (x - mean[j])²,
- * rows r, slots j < width <= SYNC_BLOCK. */
+ * rows r, slots j < width. */
 static void rows_acc(const void *x, fbn_dtype dt, const fbn_half_convert *hc, int64_t i,
                      int64_t stride, int64_t width, int64_t rows, const double *mean,
                      double *acc) {
@@ -201,13 +201,15 @@ static void rows_acc(const void *x, fbn_dtype dt, const fbn_half_convert *hc, in
   const uint16_t *h = (const uint16_t *)x + i;
   const fbn_half_widen_fn widen = widen_of(hc, dt);
   float buf[SYNC_BLOCK];
-  for (int64_t r = 0; r < rows; r++) {
-    widen(h + r * stride, buf, width);
-    if (mean == NULL)
-      sum_rows_f32(buf, 0, width, 1, acc);
-    else
-      sq_rows_f32(buf, 0, width, 1, mean, acc);
-  }
+  for (int64_t r = 0; r < rows; r++)
+    for (int64_t o = 0; o < width; o += SYNC_BLOCK) {
+      const int64_t m = width - o < SYNC_BLOCK ? width - o : SYNC_BLOCK;
+      widen(h + r * stride + o, buf, m);
+      if (mean == NULL)
+        sum_rows_f32(buf, 0, m, 1, acc + o);
+      else
+        sq_rows_f32(buf, 0, m, 1, mean + o, acc + o);
+    }
 }
 
 /* What the backward writes, and how. */
@@ -369,6 +371,14 @@ static void stats_nhwc_pass(const fbn_tensor_desc *d, const void *x, const fbn_h
     cb = cb > SYNC_BLOCK ? SYNC_BLOCK : cb;
   }
   const int64_t blocks = (c_ + cb - 1) / cb;
+  if (nt <= 1 && c_ > SYNC_BLOCK) {
+    /* one thread: whole rows, out itself the accumulators (each channel's
+     * sum in row order) */
+    for (int64_t c = 0; c < c_; c++)
+      out[c] = 0.0;
+    rows_acc(x, d->dtype, hc, 0, c_, c_, rows, mean, out);
+    return;
+  }
   if (nt <= 1 || exact) {
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
