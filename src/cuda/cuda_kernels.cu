@@ -20,8 +20,16 @@ constexpr unsigned kMaxElementwiseBlocks = 65536;
 
 // ---- element types ---------------------------------------------------------
 
+// Arithmetic of the elementwise kernels: float64 for float32 and float64
+// tensors (x - mean and the backward coefficients of channels whose spread
+// is near float32's range neither overflow nor underflow), float32 for
+// float16/bfloat16 (docs/semantics.md: computed in float32, rounded once).
+// The per-channel coefficients are stored in float64 for every dtype
+// (Coef) and converted to A where they are used.
 template <typename T> struct AccOf { typedef float type; };
+template <> struct AccOf<float> { typedef double type; };
 template <> struct AccOf<double> { typedef double type; };
+typedef double Coef;
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }
@@ -29,7 +37,7 @@ __device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 template <typename T> __device__ __forceinline__ T from_acc(typename AccOf<T>::type v);
-template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ float from_acc<float>(double v) { return (float)v; }
 template <> __device__ __forceinline__ double from_acc<double>(double v) { return v; }
 template <> __device__ __forceinline__ __half from_acc<__half>(float v) {
   return __float2half_rn(v);
@@ -465,9 +473,8 @@ __global__ void stats_finalize_kernel(int64_t C, int64_t count, bool nhwc, int64
                                       typename ParamOf<T>::type *running_var,
                                       typename ParamOf<T>::type *save_mean,
                                       typename ParamOf<T>::type *save_invstd,
-                                      typename AccOf<T>::type *coef) {
+                                      Coef *coef) {
   typedef typename ParamOf<T>::type P;
-  typedef typename AccOf<T>::type A;
   const int64_t c = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   if (c >= C)
     return; // the whole warp: c is the warp's channel
@@ -488,15 +495,15 @@ __global__ void stats_finalize_kernel(int64_t C, int64_t count, bool nhwc, int64
   }
   const double w = weight != nullptr ? (double)weight[c] : 1.0;
   const double b = bias != nullptr ? (double)bias[c] : 0.0;
-  coef[c] = (A)st.mean;
-  coef[C + c] = (A)(w * invstd);
-  coef[2 * C + c] = (A)b;
+  coef[c] = st.mean;
+  coef[C + c] = w * invstd;
+  coef[2 * C + c] = b;
 }
 
-template <typename P, typename A>
+template <typename P>
 __global__ void eval_prepare_kernel(int64_t C, double eps, const P *weight, const P *bias,
                                     const P *running_mean, const P *running_var, P *save_mean,
-                                    P *save_invstd, A *coef) {
+                                    P *save_invstd, Coef *coef) {
   const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C)
     return;
@@ -508,16 +515,16 @@ __global__ void eval_prepare_kernel(int64_t C, double eps, const P *weight, cons
   }
   const double w = weight != nullptr ? (double)weight[c] : 1.0;
   const double b = bias != nullptr ? (double)bias[c] : 0.0;
-  coef[c] = (A)mean;
-  coef[C + c] = (A)(w * invstd);
-  coef[2 * C + c] = (A)b;
+  coef[c] = mean;
+  coef[C + c] = w * invstd;
+  coef[2 * C + c] = b;
 }
 
-template <typename P, typename A>
+template <typename P>
 __global__ void grad_finalize_kernel(int64_t C, int64_t count, const double *partials, int slices,
                                      bool batch_stats, const P *weight, const P *mean,
                                      const P *invstd, P *dweight, P *dbias, bool accumulate,
-                                     A *coef) {
+                                     Coef *coef) {
   const int64_t c = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
   if (c >= C)
     return; // the whole warp: c is the warp's channel
@@ -536,10 +543,10 @@ __global__ void grad_finalize_kernel(int64_t C, int64_t count, const double *par
   const double w = weight != nullptr ? (double)weight[c] : 1.0;
   const fbn_bn_grad_coef k =
       fbn_bn_grad_coef_make(w, (double)invstd[c], sum_g, sum_gx, count, batch_stats ? 1 : 0);
-  coef[c] = (A)k.k;
-  coef[C + c] = (A)mean[c];
-  coef[2 * C + c] = (A)k.b;
-  coef[3 * C + c] = (A)k.d;
+  coef[c] = k.k;
+  coef[C + c] = (double)mean[c];
+  coef[2 * C + c] = k.b;
+  coef[3 * C + c] = k.d;
 }
 
 // ---- elementwise -------------------------------------------------------------------
@@ -548,7 +555,7 @@ __global__ void grad_finalize_kernel(int64_t C, int64_t count, const double *par
 
 template <typename T, bool NHWC, typename I>
 __global__ void apply_kernel(I numel, I C, I hw, const T *x, const T *z, T *y, uint32_t *mask,
-                             const typename AccOf<T>::type *coef, bool with_relu) {
+                             const Coef *coef, bool with_relu) {
   typedef typename AccOf<T>::type A;
   const I stride = (I)gridDim.x * blockDim.x;
   for (I base = (I)blockIdx.x * blockDim.x; base < numel; base += stride) {
@@ -556,7 +563,7 @@ __global__ void apply_kernel(I numel, I C, I hw, const T *x, const T *z, T *y, u
     bool positive = false;
     if (i < numel) {
       const I c = channel_of<NHWC>(i, C, hw);
-      A v = (to_acc(x[i]) - coef[c]) * coef[C + c] + coef[2 * C + c];
+      A v = ((A)to_acc(x[i]) - (A)coef[c]) * (A)coef[C + c] + (A)coef[2 * C + c];
       if (z != nullptr)
         v += to_acc(z[i]);
       const T out = from_acc<T>(with_relu ? relu(v) : v);
@@ -599,7 +606,7 @@ __global__ void mask_grad_kernel(I numel, const T *dy, Gate<T, I> gate, T *dz) {
 
 template <typename T, bool NHWC, typename I>
 __global__ void grad_apply_kernel(I numel, I C, I hw, const T *x, const T *dy, Gate<T, I> gate,
-                                  const typename AccOf<T>::type *coef, T *dx, T *dz) {
+                                  const Coef *coef, T *dx, T *dz) {
   typedef typename AccOf<T>::type A;
   const I stride = (I)gridDim.x * blockDim.x;
   for (I i = (I)blockIdx.x * blockDim.x + threadIdx.x; i < numel; i += stride) {
@@ -608,8 +615,8 @@ __global__ void grad_apply_kernel(I numel, I C, I hw, const T *x, const T *dy, G
       dz[i] = from_acc<T>(g);
     if (dx != nullptr) {
       const I c = channel_of<NHWC>(i, C, hw);
-      dx[i] = from_acc<T>(coef[c] * g + coef[2 * C + c] * (to_acc(x[i]) - coef[C + c]) +
-                          coef[3 * C + c]);
+      dx[i] = from_acc<T>((A)coef[c] * g + (A)coef[2 * C + c] * ((A)to_acc(x[i]) - (A)coef[C + c]) +
+                          (A)coef[3 * C + c]);
     }
   }
 }
@@ -617,15 +624,20 @@ __global__ void grad_apply_kernel(I numel, I C, I hw, const T *x, const T *dy, G
 // Vector versions: thread vi of the grid handles elements vi*V .. vi*V+V-1
 // (V divides 32 and numel: hw or C is a multiple of V).
 
-// Coefficients of row k (coef + k*C) for the V elements at offset i: V
-// consecutive channels from i % C (NHWC, C % V == 0, coef 16-byte aligned)
-// or channel (i / hw) % C for all (NCHW, hw % V == 0).
-template <bool NHWC, int V, typename A, typename I>
-__device__ __forceinline__ Pack<A, V> coef_pack(const A *row, I i, I C, I hw) {
-  if (NHWC)
-    return load_pack<V>(row + i % C);
+// Coefficients of row k (coef + k*C) for the V elements at offset i, as
+// A: V consecutive channels from i % C (NHWC, C % V == 0) or channel
+// (i / hw) % C for all (NCHW, hw % V == 0).
+template <typename A, bool NHWC, int V, typename I>
+__device__ __forceinline__ Pack<A, V> coef_pack(const Coef *row, I i, I C, I hw) {
   Pack<A, V> r;
-  const A v = row[(i / hw) % C];
+  if (NHWC) {
+    const Coef *p = row + i % C;
+#pragma unroll
+    for (int j = 0; j < V; j++)
+      r.v[j] = (A)p[j];
+    return r;
+  }
+  const A v = (A)row[(i / hw) % C];
 #pragma unroll
   for (int j = 0; j < V; j++)
     r.v[j] = v;
@@ -652,7 +664,7 @@ __device__ __forceinline__ void store_mask_bits(uint32_t *mask, unsigned bits, I
 
 template <typename T, bool NHWC, typename I, int V>
 __global__ void apply_vec_kernel(I nvec, I C, I hw, const T *x, const T *z, T *y, uint32_t *mask,
-                                 const typename AccOf<T>::type *coef, bool with_relu) {
+                                 const Coef *coef, bool with_relu) {
   typedef typename AccOf<T>::type A;
   const I stride = (I)gridDim.x * blockDim.x;
   for (I base = (I)blockIdx.x * blockDim.x; base < nvec; base += stride) {
@@ -664,13 +676,13 @@ __global__ void apply_vec_kernel(I nvec, I C, I hw, const T *x, const T *z, T *y
       Pack<T, V> zv{};
       if (z != nullptr)
         zv = load_pack<V>(z + i);
-      const Pack<A, V> mean = coef_pack<NHWC, V>(coef, i, C, hw);
-      const Pack<A, V> scale = coef_pack<NHWC, V>(coef + C, i, C, hw);
-      const Pack<A, V> shift = coef_pack<NHWC, V>(coef + 2 * C, i, C, hw);
+      const Pack<A, V> mean = coef_pack<A, NHWC, V>(coef, i, C, hw);
+      const Pack<A, V> scale = coef_pack<A, NHWC, V>(coef + C, i, C, hw);
+      const Pack<A, V> shift = coef_pack<A, NHWC, V>(coef + 2 * C, i, C, hw);
       Pack<T, V> out;
 #pragma unroll
       for (int j = 0; j < V; j++) {
-        A v = (to_acc(xv.v[j]) - mean.v[j]) * scale.v[j] + shift.v[j];
+        A v = ((A)to_acc(xv.v[j]) - mean.v[j]) * scale.v[j] + shift.v[j];
         if (z != nullptr)
           v += to_acc(zv.v[j]);
         out.v[j] = from_acc<T>(with_relu ? relu(v) : v);
@@ -729,7 +741,7 @@ __global__ void mask_grad_vec_kernel(I nvec, const T *dy, Gate<T, I> gate, T *dz
 
 template <typename T, bool NHWC, typename I, int V>
 __global__ void grad_apply_vec_kernel(I nvec, I C, I hw, const T *x, const T *dy,
-                                      Gate<T, I> gate, const typename AccOf<T>::type *coef, T *dx,
+                                      Gate<T, I> gate, const Coef *coef, T *dx,
                                       T *dz) {
   typedef typename AccOf<T>::type A;
   const I stride = (I)gridDim.x * blockDim.x;
@@ -753,14 +765,15 @@ __global__ void grad_apply_vec_kernel(I nvec, I C, I hw, const T *x, const T *dy
       store_pack<V>(dz + i, out);
     }
     if (dx != nullptr) {
-      const Pack<A, V> k = coef_pack<NHWC, V>(coef, i, C, hw);
-      const Pack<A, V> mean = coef_pack<NHWC, V>(coef + C, i, C, hw);
-      const Pack<A, V> b = coef_pack<NHWC, V>(coef + 2 * C, i, C, hw);
-      const Pack<A, V> d = coef_pack<NHWC, V>(coef + 3 * C, i, C, hw);
+      const Pack<A, V> k = coef_pack<A, NHWC, V>(coef, i, C, hw);
+      const Pack<A, V> mean = coef_pack<A, NHWC, V>(coef + C, i, C, hw);
+      const Pack<A, V> b = coef_pack<A, NHWC, V>(coef + 2 * C, i, C, hw);
+      const Pack<A, V> d = coef_pack<A, NHWC, V>(coef + 3 * C, i, C, hw);
       Pack<T, V> out;
 #pragma unroll
       for (int j = 0; j < V; j++)
-        out.v[j] = from_acc<T>(k.v[j] * g[j] + b.v[j] * (to_acc(xv.v[j]) - mean.v[j]) + d.v[j]);
+        out.v[j] =
+            from_acc<T>(k.v[j] * g[j] + b.v[j] * ((A)to_acc(xv.v[j]) - mean.v[j]) + d.v[j]);
       store_pack<V>(dx + i, out);
     }
   }
@@ -862,11 +875,10 @@ extern "C" cudaError_t fbn_k_stats_finalize(const fbn_k_shape *s, const void *x,
   return dispatch_dtype(s->dtype, [&](auto tag) {
     typedef decltype(tag) T;
     typedef typename ParamOf<T>::type P;
-    typedef typename AccOf<T>::type A;
     stats_finalize_kernel<T><<<warp_channel_blocks(s->c), kThreads, 0, stream>>>(
         s->c, s->n * s->hw, s->nhwc != 0, s->hw, (const T *)x, partials, fbn_k_reduce_slices(s),
         eps, factor, (const P *)weight, (const P *)bias, (P *)running_mean, (P *)running_var,
-        (P *)save_mean, (P *)save_invstd, (A *)coef);
+        (P *)save_mean, (P *)save_invstd, (Coef *)coef);
     return cudaGetLastError();
   });
 }
@@ -877,13 +889,13 @@ extern "C" cudaError_t fbn_k_eval_prepare(const fbn_k_shape *s, double eps, cons
                                           void *save_invstd, void *coef, cudaStream_t stream) {
   const unsigned blocks = channel_blocks(s->c);
   if (s->dtype == FBN_DTYPE_FLOAT64)
-    eval_prepare_kernel<double, double><<<blocks, kThreads, 0, stream>>>(
+    eval_prepare_kernel<double><<<blocks, kThreads, 0, stream>>>(
         s->c, eps, (const double *)weight, (const double *)bias, (const double *)running_mean,
-        (const double *)running_var, (double *)save_mean, (double *)save_invstd, (double *)coef);
+        (const double *)running_var, (double *)save_mean, (double *)save_invstd, (Coef *)coef);
   else
-    eval_prepare_kernel<float, float><<<blocks, kThreads, 0, stream>>>(
+    eval_prepare_kernel<float><<<blocks, kThreads, 0, stream>>>(
         s->c, eps, (const float *)weight, (const float *)bias, (const float *)running_mean,
-        (const float *)running_var, (float *)save_mean, (float *)save_invstd, (float *)coef);
+        (const float *)running_var, (float *)save_mean, (float *)save_invstd, (Coef *)coef);
   return cudaGetLastError();
 }
 
@@ -893,14 +905,11 @@ extern "C" cudaError_t fbn_k_apply(const fbn_k_shape *s, const void *x, const vo
   const bool relu_on = with_relu != 0;
   return dispatch_dtype(s->dtype, [&](auto tag) {
     typedef decltype(tag) T;
-    typedef typename AccOf<T>::type A;
     const T *xt = (const T *)x, *zt = (const T *)z;
     T *yt = (T *)y;
-    const A *ct = (const A *)coef;
-    // NHWC reads V channels' coefficients as one vector (16 bytes or less).
+    const Coef *ct = (const Coef *)coef;
     const int width = pick_width<T>(vec_run(s), 16, [&](unsigned bytes) {
-      return aligned(x, bytes) && aligned_or_null(z, bytes) && aligned(y, bytes) &&
-             (!s->nhwc || aligned(coef, 16));
+      return aligned(x, bytes) && aligned_or_null(z, bytes) && aligned(y, bytes);
     });
     auto run = [&](auto itag) {
       typedef decltype(itag) I;
@@ -1012,15 +1021,15 @@ extern "C" cudaError_t fbn_k_grad_finalize(const fbn_k_shape *s, const double *p
   const unsigned blocks = warp_channel_blocks(s->c);
   const int slices = fbn_k_reduce_slices(s);
   if (s->dtype == FBN_DTYPE_FLOAT64)
-    grad_finalize_kernel<double, double><<<blocks, kThreads, 0, stream>>>(
+    grad_finalize_kernel<double><<<blocks, kThreads, 0, stream>>>(
         s->c, s->n * s->hw, partials, slices, batch_stats != 0, (const double *)weight,
         (const double *)mean, (const double *)invstd, (double *)dweight, (double *)dbias,
-        accumulate != 0, (double *)coef);
+        accumulate != 0, (Coef *)coef);
   else
-    grad_finalize_kernel<float, float><<<blocks, kThreads, 0, stream>>>(
+    grad_finalize_kernel<float><<<blocks, kThreads, 0, stream>>>(
         s->c, s->n * s->hw, partials, slices, batch_stats != 0, (const float *)weight,
         (const float *)mean, (const float *)invstd, (float *)dweight, (float *)dbias,
-        accumulate != 0, (float *)coef);
+        accumulate != 0, (Coef *)coef);
   return cudaGetLastError();
 }
 
@@ -1029,9 +1038,8 @@ extern "C" cudaError_t fbn_k_grad_apply(const fbn_k_shape *s, const void *x, con
                                         void *dx, void *dz, cudaStream_t stream) {
   return dispatch_dtype(s->dtype, [&](auto tag) {
     typedef decltype(tag) T;
-    typedef typename AccOf<T>::type A;
     const T *xt = (const T *)x, *dyt = (const T *)dy;
-    const A *ct = (const A *)coef;
+    const Coef *ct = (const Coef *)coef;
     auto run = [&](auto itag) {
       typedef decltype(itag) I;
       const I C = (I)s->c, hw = (I)s->hw;
@@ -1039,8 +1047,7 @@ extern "C" cudaError_t fbn_k_grad_apply(const fbn_k_shape *s, const void *x, con
       // x and coef are read only for dx.
       const int width = pick_width<T>(vec_run(s), 16, [&](unsigned bytes) {
         return aligned(dy, bytes) && gate.vec_ok(bytes) && aligned_or_null(dz, bytes) &&
-               (dx == nullptr ||
-                (aligned(dx, bytes) && aligned(x, bytes) && (!s->nhwc || aligned(coef, 16))));
+               (dx == nullptr || (aligned(dx, bytes) && aligned(x, bytes)));
       });
       return with_width<T>(width, [&](auto w) {
         constexpr int V = decltype(w)::value;

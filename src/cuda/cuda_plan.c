@@ -31,8 +31,10 @@ size_t fbn_cuda_stats_bytes(const fbn_tensor_desc *d) {
   return fbn_cuda_align_up((size_t)d->c * param_size_of(d));
 }
 
+/* The kernels keep their per-channel coefficients in float64 for every
+ * dtype (cuda_kernels.cu: Coef). */
 size_t fbn_cuda_coef_bytes(const fbn_tensor_desc *d, int coefs) {
-  return fbn_cuda_align_up((size_t)coefs * (size_t)d->c * param_size_of(d));
+  return fbn_cuda_align_up((size_t)coefs * (size_t)d->c * sizeof(double));
 }
 
 size_t fbn_cuda_own_backward_ws(const fbn_tensor_desc *d) {

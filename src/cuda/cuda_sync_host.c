@@ -72,7 +72,7 @@ fbn_cuda_sync_ws_parts fbn_cuda_sync_ws_layout(const fbn_tensor_desc *d, int wor
   p.record = FBN_CS_STATUS_BYTES;
   p.records = p.record + up(p.record_bytes);
   p.coef = p.records + up((size_t)world_size * p.record_bytes);
-  p.partials = p.coef + up(4 * c * param_size(d));
+  p.partials = p.coef + up(4 * c * sizeof(double)); /* the kernels' float64 coefficients */
   p.grad = p.partials + up(gp > mp ? gp : mp);
   p.grad_local = p.grad + up((FBN_CS_GRAD_HEAD + 2 * c) * sizeof(double));
   p.bytes = p.grad_local + up((FBN_CS_GRAD_HEAD + 2 * c) * sizeof(double));

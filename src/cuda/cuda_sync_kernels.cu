@@ -135,7 +135,7 @@ template <typename P>
 __global__ void combine_kernel(const unsigned char *records, int world_size, size_t stride,
                                fbn_cs_header self, double factor, P *running_mean, P *running_var,
                                const P *weight, const P *bias, P *save_mean, P *save_invstd,
-                               P *coef, fbn_cs_status *status, fbn_cs_status *status2) {
+                               double *coef, fbn_cs_status *status, fbn_cs_status *status2) {
   __shared__ fbn_cs_status s;
   if (threadIdx.x == 0) {
     fbn_cs_check_headers(records, world_size, stride, &self, &s);
@@ -173,9 +173,9 @@ __global__ void combine_kernel(const unsigned char *records, int world_size, siz
       save_invstd[c] = (P)invstd;
     }
     if (coef != nullptr) {
-      coef[c] = (P)mean;
-      coef[C + c] = (P)(w * invstd);
-      coef[2 * C + c] = (P)b;
+      coef[c] = mean;
+      coef[C + c] = w * invstd;
+      coef[2 * C + c] = b;
     }
   }
 }
@@ -211,7 +211,8 @@ template <typename P>
 __global__ void grad_coef_kernel(int64_t C, int64_t local, const double *rec,
                                  const double *rec_local, const fbn_cs_status *forward,
                                  const P *weight, const P *mean, const P *invstd, P *dweight,
-                                 P *dbias, bool accumulate, P *coef, fbn_cs_status *status) {
+                                 P *dbias, bool accumulate, double *coef,
+                                 fbn_cs_status *status) {
   const int64_t c = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   fbn_cs_status s;
   if (forward->magic != FBN_CS_STATUS_MAGIC) {
@@ -244,19 +245,19 @@ __global__ void grad_coef_kernel(int64_t C, int64_t local, const double *rec,
   if (coef == nullptr)
     return;
   if (!ok) {
-    coef[c] = (P)NAN;
-    coef[C + c] = (P)NAN;
-    coef[2 * C + c] = (P)NAN;
-    coef[3 * C + c] = (P)NAN;
+    coef[c] = NAN;
+    coef[C + c] = NAN;
+    coef[2 * C + c] = NAN;
+    coef[3 * C + c] = NAN;
     return;
   }
   const double w = weight != nullptr ? (double)weight[c] : 1.0;
   const fbn_bn_grad_coef k =
       fbn_bn_grad_coef_make(w, (double)invstd[c], sum_g, sum_gx, s.total, 1);
-  coef[c] = (P)k.k;
-  coef[C + c] = mean[c];
-  coef[2 * C + c] = (P)k.b;
-  coef[3 * C + c] = (P)k.d;
+  coef[c] = k.k;
+  coef[C + c] = (double)mean[c];
+  coef[2 * C + c] = k.b;
+  coef[3 * C + c] = k.d;
 }
 
 template <typename F> cudaError_t dispatch_dtype(int dtype, F f) {
@@ -332,7 +333,7 @@ extern "C" cudaError_t fbn_ks_combine(const void *records, int world_size, size_
     combine_kernel<float><<<1, kThreads, 0, stream>>>(
         rec, world_size, stride, self, factor, (float *)running_mean, (float *)running_var,
         (const float *)weight, (const float *)bias, (float *)save_mean, (float *)save_invstd,
-        (float *)coef, status, status2);
+        (double *)coef, status, status2);
   return cudaGetLastError();
 }
 
@@ -360,7 +361,7 @@ extern "C" cudaError_t fbn_ks_grad_coef(int64_t c, int64_t local, const double *
   else
     grad_coef_kernel<float><<<blocks, kThreads, 0, stream>>>(
         c, local, rec, rec_local, forward, (const float *)weight, (const float *)mean,
-        (const float *)invstd, (float *)dweight, (float *)dbias, accumulate != 0, (float *)coef,
+        (const float *)invstd, (float *)dweight, (float *)dbias, accumulate != 0, (double *)coef,
         status);
   return cudaGetLastError();
 }
