@@ -155,6 +155,27 @@ bool fbnt_check_modules_agree(const char *name, const fbn_module *got, const fbn
   return ok;
 }
 
+/*
+ * Tolerances of a tensor of the dtype against the float64 reference (the
+ * float64 result on the same widened inputs, not rounded):
+ *   float64  1e-10, float32 2e-5: the float64/float32 loops' arithmetic;
+ *   float16 (u = 2^-11) and bfloat16 (u = 2^-8): every output is rounded
+ *     once. From float64 (the reference backend) it lies within u |want|
+ *     of the float64 value; from float32 (the fast backend, whose float32
+ *     value is within 2^-22 of its terms' size) the rounding can cross one
+ *     more boundary: at most one ulp, 2u |want|, relative. The absolute
+ *     part, 2^-14 max|want| of the tensor, covers the results that cancel
+ *     below their terms' size: the float32 error of y = (x - m) a + b + z
+ *     is ~2^-22 of |a (x - m)| + |b| + |z|, of dx = k (g - mean g - xhat
+ *     mean(g xhat)) ~2^-22 |k| max|g| (1 + max|xhat|); both stay below
+ *     2^-14 max|want| while those terms are below 2^8 max|want| (the test
+ *     data's: |xhat| < 2^5, |mean(g xhat)| and |mean g| below max|g|), and
+ *     the subnormal spacing (2^-25 / 2^-134) below it while max|want| >=
+ *     2^-11 / 2^-120. A coefficient off by 1% fails it.
+ * Parameters, running statistics and parameter gradients are float32
+ * buffers: their checks take float32's tolerance whatever the tensor's
+ * dtype (fixture.c: param_rtol).
+ */
 fbnt_tol fbnt_tol_for(fbn_dtype dtype, double scale) {
   double r;
   switch (dtype) {
@@ -165,14 +186,15 @@ fbnt_tol fbnt_tol_for(fbn_dtype dtype, double scale) {
     r = 2e-5;
     break;
   case FBN_DTYPE_FLOAT16:
-    r = 5e-3;
+    r = 0x1p-10; /* 2u */
     break;
   case FBN_DTYPE_BFLOAT16:
   default:
-    r = 4e-2;
+    r = 0x1p-7; /* 2u */
     break;
   }
-  fbnt_tol t = {r, r * (scale > 0.0 ? scale : 1e-6)};
+  const bool half = dtype == FBN_DTYPE_FLOAT16 || dtype == FBN_DTYPE_BFLOAT16;
+  fbnt_tol t = {r, (half ? 0x1p-14 : r) * (scale > 0.0 ? scale : 1e-6)};
   return t;
 }
 
