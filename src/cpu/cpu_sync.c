@@ -35,10 +35,15 @@ typedef struct sync_coef {
   double mean, invstd, k, mg, mgx;
 } sync_coef;
 
-/* The same, one slot per element of an NHWC block. */
+/* The same, one slot per element of a piece of NHWC rows (pointers to the
+ * slot of the piece's first element). */
 typedef struct sync_coefs {
-  double mean[SYNC_BLOCK], invstd[SYNC_BLOCK], k[SYNC_BLOCK], mg[SYNC_BLOCK], mgx[SYNC_BLOCK];
+  const double *mean, *invstd, *k, *mg, *mgx;
 } sync_coefs;
+
+/* Channels of the NHWC dx pass's whole-row coefficients (five stack arrays
+ * of this length, 80 KiB); more channels take blocks of SYNC_BLOCK. */
+#define SYNC_ROW_MAX 2048
 
 #define SYNC_LOOPS(T, S)                                                                         \
   static FBN_FAST_CLONES double sum_##S(const T *restrict p, int64_t n) {                        \
@@ -118,11 +123,13 @@ SYNC_LOOPS(double, f64)
   }                                                                                              \
   static FBN_FAST_CLONES void dx_block_##S(const T *restrict x, const T *restrict g,             \
                                            D *restrict dx, int64_t n,                            \
-                                           const sync_coefs *restrict c) {                       \
+                                           const sync_coefs *c) {                                \
+    const double *restrict mean = c->mean, *restrict invstd = c->invstd, *restrict k = c->k;     \
+    const double *restrict mg = c->mg, *restrict mgx = c->mgx;                                   \
     FBN_SIMD                                                                                     \
     for (int64_t i = 0; i < n; i++) {                                                            \
-      const double xhat = ((double)x[i] - c->mean[i]) * c->invstd[i];                            \
-      dx[i] = (D)(c->k[i] * ((double)g[i] - c->mg[i] - xhat * c->mgx[i]));                       \
+      const double xhat = ((double)x[i] - mean[i]) * invstd[i];                                  \
+      dx[i] = (D)(k[i] * ((double)g[i] - mg[i] - xhat * mgx[i]));                                \
     }                                                                                            \
   }
 
@@ -484,18 +491,19 @@ static void bwd_nchw_run(const sync_bwd *b, const sync_bwd_sums *s, int64_t pair
 static void bwd_nhwc_tile(const sync_bwd *b, const sync_bwd_sums *s, int64_t r0, int64_t r1) {
   const int64_t c_ = b->a->desc->c;
   const int64_t cb = c_ <= SYNC_BLOCK ? c_ : SYNC_BLOCK;
-  sync_coefs k;
+  double km[SYNC_BLOCK], ki[SYNC_BLOCK], kk[SYNC_BLOCK], kg[SYNC_BLOCK], kx[SYNC_BLOCK];
+  const sync_coefs k = {km, ki, kk, kg, kx};
   for (int64_t c0 = 0; c0 < c_; c0 += cb) {
     const int64_t cw = c_ - c0 < cb ? c_ - c0 : cb;
     const int64_t p = cw == c_ ? SYNC_BLOCK / c_ : 1;
     for (int64_t j = 0; j < cw; j++) {
       const sync_coef one = coef_of(b, s, c0 + j);
       for (int64_t q = 0; q < p; q++) {
-        k.mean[q * cw + j] = one.mean;
-        k.invstd[q * cw + j] = one.invstd;
-        k.k[q * cw + j] = one.k;
-        k.mg[q * cw + j] = one.mg;
-        k.mgx[q * cw + j] = one.mgx;
+        km[q * cw + j] = one.mean;
+        ki[q * cw + j] = one.invstd;
+        kk[q * cw + j] = one.k;
+        kg[q * cw + j] = one.mg;
+        kx[q * cw + j] = one.mgx;
       }
     }
     const sync_coef none = {0.0, 0.0, 0.0, 0.0, 0.0};
@@ -508,11 +516,30 @@ static void bwd_nhwc_tile(const sync_bwd *b, const sync_bwd_sums *s, int64_t r0,
 }
 
 /* NHWC: rows [r0, r1), a block of channels (or of P whole rows) at a time,
- * with the block's coefficients in slots. With more than SYNC_BLOCK
- * channels, tiles of rows (about SYNC_TILE elements) take every block in
+ * with the block's coefficients in slots. With up to SYNC_ROW_MAX channels,
+ * whole rows with every channel's coefficients; with more, tiles of rows (about SYNC_TILE elements) take every block in
  * turn, so that the rows are read in order at that grain. */
 static void bwd_nhwc_rows(const sync_bwd *b, const sync_bwd_sums *s, int64_t r0, int64_t r1) {
   const int64_t c_ = b->a->desc->c;
+  if (c_ > SYNC_BLOCK && c_ <= SYNC_ROW_MAX) {
+    /* whole rows, pieces of SYNC_PIECE channels */
+    double km[SYNC_ROW_MAX], ki[SYNC_ROW_MAX], kk[SYNC_ROW_MAX], kg[SYNC_ROW_MAX], kx[SYNC_ROW_MAX];
+    for (int64_t c = 0; c < c_; c++) {
+      const sync_coef one = coef_of(b, s, c);
+      km[c] = one.mean;
+      ki[c] = one.invstd;
+      kk[c] = one.k;
+      kg[c] = one.mg;
+      kx[c] = one.mgx;
+    }
+    const sync_coef none = {0.0, 0.0, 0.0, 0.0, 0.0};
+    for (int64_t r = r0; r < r1; r++)
+      for (int64_t o = 0; o < c_; o += SYNC_PIECE) {
+        const sync_coefs k = {km + o, ki + o, kk + o, kg + o, kx + o};
+        bwd_seg(b, r * c_ + o, c_ - o < SYNC_PIECE ? c_ - o : SYNC_PIECE, none, &k);
+      }
+    return;
+  }
   if (c_ > SYNC_BLOCK) {
     const int64_t tile = SYNC_TILE / c_ > 0 ? SYNC_TILE / c_ : 1;
     for (int64_t t0 = r0; t0 < r1; t0 += tile)

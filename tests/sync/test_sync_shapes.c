@@ -2,7 +2,7 @@
  * Synchronized batch norm on shards large enough for the CPU backends'
  * threaded statistics and dx loops (at least 64 Ki elements on a rank), with
  * shapes that take every branch of those loops: NHWC with more than 256
- * channels (blocks of channels and a partial block), NHWC with few channels
+ * and more than 2048 channels (blocks of channels and a partial block), NHWC with few channels
  * and a row count that leaves a tail, NCHW runs of H*W longer than one
  * widening piece; every dtype (float16 and bfloat16 included), both CPU
  * backends, two ranks as threads (the callback adapter over a barrier),
@@ -172,11 +172,13 @@ static void run_shapes(const shape *shapes, size_t count) {
 }
 
 /* NHWC, C = 300: a block of 256 channels and one of 44, rows split over
- * the threads; 7 * 300 * 35 = 73500 elements on rank 0. */
+ * the threads; 7 * 300 * 35 = 73500 elements on rank 0. C = 2100: more
+ * channels than the dx pass takes in whole rows (tiles of rows, nine
+ * blocks of channels). */
 static void test_sync_nhwc_many_channels(void **state) {
   (void)state;
-  const shape shapes[] = {{FBN_LAYOUT_NHWC, 7, 2, 300, 5, 7}};
-  run_shapes(shapes, 1);
+  const shape shapes[] = {{FBN_LAYOUT_NHWC, 7, 2, 300, 5, 7}, {FBN_LAYOUT_NHWC, 3, 1, 2100, 3, 4}};
+  run_shapes(shapes, 2);
 }
 
 /* NHWC, C = 7: 36 rows per block of 252 slots, 2257 rows per sample (a
