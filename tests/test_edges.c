@@ -11,11 +11,12 @@
  * "running_var 0"; each with an ordinary channel beside the edge ones; NCHW
  * with long rows, NCHW with short rows and NHWC, so that every driver of
  * the fast backend runs):
- *   huge spread      float32 channels of 1e19 * randn and of random-sign
+ *   huge spread      float32 and bfloat16 (float32's exponent range)
+ *                    channels of 1e19 * randn and of random-sign
  *                    values of magnitude FLT_MAX/1e3 * [0.5, 1]: the
  *                    x̂·mean(g·x̂) term of dx has a coefficient ~ invstd^2
  *                    below float32's normal range
- *   near FLT_MAX     a float32 channel of random-sign values of magnitude
+ *   near FLT_MAX     a float32 or bfloat16 channel of random-sign values of magnitude
  *                    0.9 * FLT_MAX * [0.5, 1] (70% positive: the mean is far
  *                    from 0, x - mean beyond FLT_MAX), weight in [-16, -8]
  *                    (its coefficient weight * invstd stays normal), dy
@@ -25,7 +26,7 @@
  *                    second channel the middle value (n = N/2, h*W + w =
  *                    H*W/2) too, so that the median of the first, middle
  *                    and last values is an outlier as well
- *   constant, eps 0  a channel of 0.75 with eps = 0: invstd = 0, so y =
+ *   constant, eps 0  every dtype, a channel of 0.75 with eps = 0: invstd = 0, so y =
  *                    ReLU(bias + addend), dx = 0, dweight = 0 (PyTorch's
  *                    InvStd rule), checked exactly as well; and the CUDA
  *                    kernels' invstd from src/cuda/bn_math.h (host-compiled)
@@ -58,6 +59,7 @@
 
 #include <cmocka.h>
 
+#include "core/half.h"
 #include "cuda/bn_math.h" /* host-compilable: the CUDA kernels' per-channel math */
 #include "fbn_testutil.h"
 
@@ -86,10 +88,35 @@ static fbn_dtype param_dtype_of(fbn_dtype t) {
 }
 
 static double round_to(fbn_dtype t, long double v) {
-  return t == FBN_DTYPE_FLOAT64 ? (double)v : (double)(float)v;
+  switch (t) {
+  case FBN_DTYPE_FLOAT64:
+    return (double)v;
+  case FBN_DTYPE_FLOAT16:
+    return fbn_half_to_double(fbn_double_to_half((double)v));
+  case FBN_DTYPE_BFLOAT16:
+    return fbn_bfloat16_to_double(fbn_double_to_bfloat16((double)v));
+  default:
+    return (double)(float)v;
+  }
 }
 
-static double tol_of(fbn_dtype t) { return t == FBN_DTYPE_FLOAT64 ? 1e-12 : 2e-5; }
+/* float16/bfloat16 (u = 2^-11 / 2^-8): each output rounded once, from
+ * float64 or from float32 (within 2^-22 of its terms): one ulp, 2u, of the
+ * value plus 2u of the channel's rms (the float32 cancellation terms and
+ * the subnormal spacing); float32 buffers (statistics, parameter
+ * gradients) take float32's tolerance (check_channels). */
+static double tol_of(fbn_dtype t) {
+  switch (t) {
+  case FBN_DTYPE_FLOAT64:
+    return 1e-12;
+  case FBN_DTYPE_FLOAT16:
+    return 0x1p-10;
+  case FBN_DTYPE_BFLOAT16:
+    return 0x1p-7;
+  default:
+    return 2e-5;
+  }
+}
 
 static size_t numel(const edge_case *k) { return fbnt_desc_numel(&k->d); }
 
@@ -374,7 +401,7 @@ static bool check_tensor(const edge_case *k, const char *backend, const char *wh
 /* Per channel: rtol, atol = rtol * mag[c] (0 when mag is NULL). */
 static bool check_channels(const edge_case *k, const char *backend, const char *what,
                            const double *got, const double *want, const double *mag) {
-  const double tol = tol_of(k->d.dtype);
+  const double tol = tol_of(param_dtype_of(k->d.dtype));
   bool ok = true;
   for (int64_t c = 0; c < k->d.c; c++) {
     char label[256];
@@ -426,25 +453,27 @@ static const shape small_shapes[] = {
 
 /* ---- tests ------------------------------------------------------------------ */
 
-static void test_edges_huge_spread_float32(void **state) {
+static void test_edges_huge_spread(void **state) {
   (void)state;
   fbnt_tally t;
   fbnt_tally_begin(&t, __func__);
-  FOR_SHAPES(s) {
-    const shape *sh = &small_shapes[s];
-    edge_case k;
-    case_init(&k, "huge spread", FBN_DTYPE_FLOAT32, sh->layout, sh->n, 3, sh->h, sh->w, 1e-5,
-              &t.rng);
-    const int64_t hw = sh->h * sh->w;
-    for (int64_t n = 0; n < sh->n; n++)
-      for (int64_t i = 0; i < hw; i++) {
-        chan_x(&k, n, 0)[i] = 1e19 * fbnt_rng_normal(&t.rng);
-        chan_x(&k, n, 1)[i] = fbnt_rng_signed(&t.rng, 0.5 * FLT_MAX / 1e3, FLT_MAX / 1e3);
-      }
-    case_round(&k);
-    fbnt_tally_add(&t, case_check(&k));
-    case_free(&k);
-  }
+  static const fbn_dtype dtypes[] = {FBN_DTYPE_FLOAT32, FBN_DTYPE_BFLOAT16};
+  for (size_t dt = 0; dt < 2; dt++)
+    FOR_SHAPES(s) {
+      const shape *sh = &small_shapes[s];
+      edge_case k;
+      case_init(&k, "huge spread", dtypes[dt], sh->layout, sh->n, 3, sh->h, sh->w, 1e-5,
+                &t.rng);
+      const int64_t hw = sh->h * sh->w;
+      for (int64_t n = 0; n < sh->n; n++)
+        for (int64_t i = 0; i < hw; i++) {
+          chan_x(&k, n, 0)[i] = 1e19 * fbnt_rng_normal(&t.rng);
+          chan_x(&k, n, 1)[i] = fbnt_rng_signed(&t.rng, 0.5 * FLT_MAX / 1e3, FLT_MAX / 1e3);
+        }
+      case_round(&k);
+      fbnt_tally_add(&t, case_check(&k));
+      case_free(&k);
+    }
   fbnt_tally_end(&t, "cases");
 }
 
@@ -452,24 +481,26 @@ static void test_edges_near_flt_max(void **state) {
   (void)state;
   fbnt_tally t;
   fbnt_tally_begin(&t, __func__);
-  FOR_SHAPES(s) {
-    const shape *sh = &small_shapes[s];
-    edge_case k;
-    case_init(&k, "near FLT_MAX", FBN_DTYPE_FLOAT32, sh->layout, sh->n, 2, sh->h, sh->w, 1e-5,
-              &t.rng);
-    const int64_t hw = sh->h * sh->w;
-    for (int64_t n = 0; n < sh->n; n++)
-      for (int64_t i = 0; i < hw; i++) {
-        const double m = fbnt_rng_uniform(&t.rng, 0.45, 0.9) * FLT_MAX;
-        chan_x(&k, n, 0)[i] = fbnt_rng_unit(&t.rng) < 0.7 ? m : -m;
-      }
-    k.weight[0] = -fbnt_rng_uniform(&t.rng, 8.0, 16.0);
-    for (size_t i = 0; i < numel(&k); i++)
-      k.dy[i] *= 1e20;
-    case_round(&k);
-    fbnt_tally_add(&t, case_check(&k));
-    case_free(&k);
-  }
+  static const fbn_dtype dtypes[] = {FBN_DTYPE_FLOAT32, FBN_DTYPE_BFLOAT16};
+  for (size_t dt = 0; dt < 2; dt++)
+    FOR_SHAPES(s) {
+      const shape *sh = &small_shapes[s];
+      edge_case k;
+      case_init(&k, "near FLT_MAX", dtypes[dt], sh->layout, sh->n, 2, sh->h, sh->w, 1e-5,
+                &t.rng);
+      const int64_t hw = sh->h * sh->w;
+      for (int64_t n = 0; n < sh->n; n++)
+        for (int64_t i = 0; i < hw; i++) {
+          const double m = fbnt_rng_uniform(&t.rng, 0.45, 0.9) * FLT_MAX;
+          chan_x(&k, n, 0)[i] = fbnt_rng_unit(&t.rng) < 0.7 ? m : -m;
+        }
+      k.weight[0] = -fbnt_rng_uniform(&t.rng, 8.0, 16.0);
+      for (size_t i = 0; i < numel(&k); i++)
+        k.dy[i] *= 1e20;
+      case_round(&k);
+      fbnt_tally_add(&t, case_check(&k));
+      case_free(&k);
+    }
   fbnt_tally_end(&t, "cases");
 }
 
@@ -531,8 +562,9 @@ static void test_edges_constant_channel_eps_zero(void **state) {
   (void)state;
   fbnt_tally t;
   fbnt_tally_begin(&t, __func__);
-  static const fbn_dtype dtypes[] = {FBN_DTYPE_FLOAT32, FBN_DTYPE_FLOAT64};
-  for (size_t dt = 0; dt < 2; dt++)
+  static const fbn_dtype dtypes[] = {FBN_DTYPE_FLOAT32, FBN_DTYPE_FLOAT64, FBN_DTYPE_FLOAT16,
+                                     FBN_DTYPE_BFLOAT16};
+  for (size_t dt = 0; dt < 4; dt++)
     FOR_SHAPES(s) {
       const shape *sh = &small_shapes[s];
       edge_case k;
@@ -588,7 +620,7 @@ static void test_edges_cuda_kernels_invstd(void **state) {
 int main(int argc, char **argv) {
   fbnt_parse_args(argc, argv);
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_edges_huge_spread_float32),
+      cmocka_unit_test(test_edges_huge_spread),
       cmocka_unit_test(test_edges_near_flt_max),
       cmocka_unit_test(test_edges_outlying_first_value_float64),
       cmocka_unit_test(test_edges_constant_channel_eps_zero),
