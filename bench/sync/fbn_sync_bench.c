@@ -20,9 +20,10 @@
  * Bytes exchanged per step and rank, from the record sizes of
  * <fusedbn/fusedbn_sync.h>: the forward all-gathers the 64-byte check
  * headers, then the statistics records (fbn_sync_stats_record_size(), 64 +
- * 16 C bytes): W (64 + 64 + 16 C) bytes gathered on every rank, 128 + 16 C
- * of them its own; the backward all-reduces (sums) fbn_sync_grad_record_size()
- * = (4 + 2 C) * 8 bytes. With W = 1 the collectives run but nothing leaves
+ * 16 C bytes); the backward all-gathers the 64-byte check headers, then
+ * all-reduces (sums) fbn_sync_grad_record_size() = (4 + 2 C) * 8 bytes:
+ * W (64 + 64 + 16 C + 64) bytes gathered on every rank and (4 + 2 C) * 8
+ * reduced. With W = 1 the collectives run but nothing leaves
  * the process.
  *
  * The library's threads: whatever OMP_NUM_THREADS says (scripts/sync-bench
@@ -421,7 +422,8 @@ static void run_case(const sync_config *cfg, const sync_shape *s, fbn_layout lay
   size_t rec = 0, grad = 0;
   check(fbn_sync_stats_record_size(k.op, &rec), "fbn_sync_stats_record_size");
   check(fbn_sync_grad_record_size(k.op, &grad), "fbn_sync_grad_record_size");
-  const size_t gathered = (size_t)world_size * (SYNC_CHECK_HEADER_BYTES + rec);
+  /* forward: W headers + W records; backward: W headers before the all-reduce */
+  const size_t gathered = (size_t)world_size * (2 * SYNC_CHECK_HEADER_BYTES + rec);
   if (rank_id == 0) {
     double *col = malloc((size_t)reps * sizeof *col);
     if (col == NULL)

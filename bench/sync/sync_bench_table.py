@@ -122,9 +122,9 @@ def main():
     out.append("")
 
     # Bytes exchanged per step and rank (they depend on C and W only).
-    out += ["Bytes exchanged per synchronized step and rank: the forward's all-gather (W check headers of 64 "
-            "bytes and W records of 64 + 16·C bytes, gathered on every rank) and the backward's all-reduce "
-            "of (4 + 2·C) doubles:", ""]
+    out += ["Bytes exchanged per synchronized step and rank: the all-gathers (forward: W check headers of 64 "
+            "bytes and W records of 64 + 16·C bytes; backward: W check headers of 64 bytes; gathered on every "
+            "rank) and the backward's all-reduce of (4 + 2·C) doubles:", ""]
     head = "| C |" + "".join(" W=%d all-gather | W=%d all-reduce | W=%d per step |" % (w, w, w) for w in worlds)
     sep = "|---|" + "---|---|---|" * len(worlds)
     out += [head, sep]
