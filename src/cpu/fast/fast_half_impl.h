@@ -305,10 +305,13 @@ static void FBN_K(bwd_reduce_block)(bool relu, const FBN_T *x, const FBN_T *y,
     const uint8_t *bc = relu ? FBN_K(half_bits)(bits, &ck, bpr) : NULL;
     if (per_row)
       bwd_reduce_block_f32(relu, xt, from_y ? yt : NULL, bc, bpr, dyt,
+                           /* gt is an output buffer, written by the call */
+                           // cppcheck-suppress legacyUninitvar
                            gout != NULL ? gt : NULL, nr, nl, true, mean + ck.row, acc + ck.row,
                            NULL, NULL, false);
     else
       bwd_reduce_block_f32(relu, xt, from_y ? yt : NULL, bc, bpr, dyt,
+                           // cppcheck-suppress legacyUninitvar
                            gout != NULL ? gt : NULL, nr, nl, false, mean + ck.off, NULL,
                            sg + ck.off, sgx + ck.off, false);
     if (gout != NULL)
