@@ -141,8 +141,6 @@ SYNC_DX(float, double, f32d) /* half tensors: widened x and g, dx rounded once f
 
 /* ---- one contiguous segment, every dtype --------------------------------- */
 
-static bool is_half(fbn_dtype dt) { return dt == FBN_DTYPE_FLOAT16 || dt == FBN_DTYPE_BFLOAT16; }
-
 static fbn_half_widen_fn widen_of(const fbn_half_convert *hc, fbn_dtype dt) {
   return dt == FBN_DTYPE_FLOAT16 ? hc->f16_to_f32 : hc->bf16_to_f32;
 }
@@ -421,7 +419,7 @@ static void stats_nhwc_pass(const fbn_tensor_desc *d, const void *x, const fbn_h
  * and rows split over the threads. */
 static fbn_status sync_stats(const fbn_tensor_desc *d, const void *x, bool exact, double *mean_out,
                              double *m2_out) {
-  const fbn_half_convert *hc = is_half(d->dtype) ? fbn_half_convert_get() : NULL;
+  const fbn_half_convert *hc = fbn_half_convert_get(); /* used by half tensors only */
   const int64_t hw = d->h * d->w, count = d->n * hw, c_ = d->c;
   if (d->layout == FBN_LAYOUT_NCHW) {
     const int nt = threads_for(d, c_);
@@ -563,7 +561,7 @@ static fbn_status sync_backward_apply(const fbn_bk_backward_args *a, const doubl
   b.a = a;
   b.dt = d->dtype;
   b.relu = fbn_operation_has_relu(a->op->operation);
-  b.hc = is_half(d->dtype) ? fbn_half_convert_get() : NULL;
+  b.hc = fbn_half_convert_get(); /* used by half tensors only */
   sync_bwd_sums s;
   s.saved_mean = fbn_cpu_saved_stats_const(a->saved);
   s.saved_invstd = s.saved_mean + d->c;
