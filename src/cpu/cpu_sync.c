@@ -347,9 +347,7 @@ static void stats_nhwc_part(const fbn_tensor_desc *d, const void *x,
   const int64_t c_ = d->c;
   const int64_t p = cw == c_ && !exact ? SYNC_BLOCK / c_ : 1;
   const int64_t width = p * cw, rows = r1 - r0, full = rows / p;
-  double acc[SYNC_BLOCK], mrep[SYNC_BLOCK];
-  for (int64_t j = 0; j < width; j++)
-    acc[j] = 0.0;
+  double acc[SYNC_BLOCK] = {0}, mrep[SYNC_BLOCK];
   if (mean != NULL)
     for (int64_t j = 0; j < width; j++)
       mrep[j] = mean[j % cw];
